@@ -1,0 +1,116 @@
+"""LatentDiffusion: learning on a fixed batch, CFG caption dropout, checkpoints without frozen parts, export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ldm.io import PartError
+from ldm.models.latent_diffusion import LatentDiffusion, pad_tokens, sample_timesteps
+from ldm.pipeline import TextToImagePipeline
+from tiny_parts import TINY_UNET, export_tiny_parts
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    return export_tiny_parts(tmp_path_factory.mktemp("parts"))
+
+
+def make_model(parts, **kwargs):
+    vae_dir, te_dir = parts
+    torch.manual_seed(0)
+    return LatentDiffusion(vae_path=str(vae_dir), text_encoder_path=str(te_dir), unet=dict(TINY_UNET),
+                           resolution=16, warmup_steps=1, **kwargs)
+
+
+def image_batch(n=8):
+    g = torch.Generator().manual_seed(0)
+    return {"image": torch.rand(n, 3, 16, 16, generator=g) * 2 - 1,
+            "caption": [f"a {c} circle on the left" for c in ["red", "blue", "green", "pink"] * (n // 4)]}
+
+
+def test_missing_parts_say_which_training_to_run(tmp_path, parts):
+    with pytest.raises(PartError, match="make train-vae"):
+        LatentDiffusion(vae_path=str(tmp_path / "nope"), text_encoder_path=str(parts[1]))
+    with pytest.raises(PartError, match="make train-clip"):
+        LatentDiffusion(vae_path=str(parts[0]), text_encoder_path=None)
+
+
+def test_unet_takes_its_geometry_from_the_parts(parts):
+    model = make_model(parts)
+    assert model.unet.config.in_channels == 4 and model.unet.config.context_dim == 32
+    assert not any(p.requires_grad for p in model.vae.parameters())
+    assert not any(p.requires_grad for p in model.text_encoder.parameters())
+
+
+def test_a_few_steps_reduce_the_loss_on_a_fixed_batch(parts):
+    model = make_model(parts, p_uncond=0.0, lr=3e-3)
+    batch = image_batch()
+    opt = torch.optim.Adam(model.unet.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(1)
+    z0, ctx, mask = model.latents_and_context(batch)
+    z0 = model.vae.encode_latents(batch["image"])  # fixed latents: the posterior mode
+    t = torch.randint(0, 1000, (8,), generator=g)
+    noise = torch.randn(z0.shape, generator=g)
+
+    def loss():
+        return model.loss(z0, ctx, mask, t, noise)
+
+    first = loss().item()
+    for _ in range(25):
+        opt.zero_grad()
+        value = loss()
+        value.backward()
+        opt.step()
+    assert loss().item() < 0.5 * first
+
+
+def test_caption_dropout_rate_and_replacement(parts):
+    model = make_model(parts)
+    _, ctx, mask = model.latents_and_context(image_batch(8))
+    ctx = ctx.repeat(250, 1, 1)
+    mask = mask.repeat(250, 1)
+    torch.manual_seed(0)
+    dropped_ctx, dropped_mask = model.drop_captions(ctx, mask, 0.1)
+    empty_ctx, empty_mask = model.empty_context()
+    empty_ctx, empty_mask = pad_tokens(empty_ctx, empty_mask, ctx.shape[1])
+    is_empty = (dropped_ctx == empty_ctx).flatten(1).all(1) & (dropped_mask == empty_mask).all(1)
+    assert 0.08 < is_empty.float().mean().item() < 0.12
+    kept = ~is_empty
+    assert torch.equal(dropped_ctx[kept], ctx[kept])
+    assert model.drop_captions(ctx, mask, 0.0)[0] is ctx
+
+
+def test_stratified_timesteps_cover_every_stratum():
+    torch.manual_seed(0)
+    t = sample_timesteps(10, 1000, stratified=True, device=torch.device("cpu"))
+    assert sorted((t // 100).tolist()) == list(range(10))
+    assert t.min() >= 0 and t.max() <= 999
+
+
+def test_checkpoint_excludes_frozen_parts_and_reloads(parts):
+    model = make_model(parts)
+    ckpt = {"state_dict": model.state_dict()}
+    model.on_save_checkpoint(ckpt)
+    assert ckpt["state_dict"] and not any(k.startswith(("vae.", "text_encoder.")) for k in ckpt["state_dict"])
+    assert any(k.startswith("ema.") for k in ckpt["state_dict"])
+    other = make_model(parts)
+    with torch.no_grad():
+        for p in other.unet.parameters():
+            p.add_(1.0)
+    other.load_state_dict(ckpt["state_dict"])
+    for a, b in zip(model.unet.parameters(), other.unet.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_export_writes_a_pipeline_with_the_ema_weights(parts, tmp_path):
+    model = make_model(parts)
+    with torch.no_grad():
+        for p in model.unet.parameters():
+            p.add_(0.01)
+    model.ema.update(model.unet)
+    model.export(tmp_path / "pipe")
+    pipe = TextToImagePipeline.from_pretrained(tmp_path / "pipe")
+    for (name, p), shadow in zip(pipe.unet.named_parameters(), model.ema.shadow):
+        torch.testing.assert_close(p, shadow, msg=name)
+    assert pipe.config.height == 16
