@@ -1,0 +1,275 @@
+"""The Latent Diffusion cross-attention U-Net denoiser (Rombach et al. 2022, sec. 3.3, eq. 3).
+
+``UNet(config)(x, t, context, context_mask=None)`` predicts eps (or v / x0, whatever it is trained for)
+for latents ``x`` (B, C, H, W) at (possibly fractional) timesteps ``t`` (B,) conditioned on text
+tokens ``context`` (B, L, D). The layout is the ADM/LDM U-Net (Ho et al. 2020 appendix B,
+Dhariwal & Nichol 2021):
+
+    conv_in -> [ResBlock (+ SpatialTransformer)] x num_res_blocks, Downsample     per level (encoder)
+            -> ResBlock, SpatialTransformer, ResBlock                            (middle)
+            -> [concat skip, ResBlock (+ SpatialTransformer)] x (num_res_blocks+1), Upsample  per level
+            -> GroupNorm, SiLU, conv_out (zero-initialised)
+
+Every ResBlock adds a projection of the timestep embedding. ``UNetConfig.sd15()`` is the released
+Stable Diffusion v1.5 geometry (859,520,964 parameters); ``ldm.interop.diffusers_unet`` converts weights
+to and from diffusers' ``UNet2DConditionModel`` exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ldm.modules.attention import SpatialTransformer
+from ldm.modules.embeddings import TimestepEmbedding
+
+
+@dataclass
+class UNetConfig:
+    """Geometry of the U-Net. Defaults are Stable Diffusion 1.5 (see :meth:`sd15`).
+
+    Heads are set by exactly one of ``num_heads`` (same count at every level, SD 1.x style) or
+    ``head_dim`` (channels per head; count grows with width, SD 2.x style); set the other to None.
+    ``attention_resolutions`` are the *downsampling factors* (1 = the latent's own resolution,
+    2 = one level down, ...) whose levels get a SpatialTransformer after each ResBlock; the middle
+    block always has one.
+    """
+
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (4, 2, 1)
+    num_heads: int | None = 8
+    head_dim: int | None = None
+    transformer_depth: int = 1
+    context_dim: int = 768
+    dropout: float = 0.0
+    num_groups: int = 32
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        self.channel_mult = tuple(int(m) for m in self.channel_mult)
+        self.attention_resolutions = tuple(sorted({int(r) for r in self.attention_resolutions}, reverse=True))
+        if (self.num_heads is None) == (self.head_dim is None):
+            raise ValueError(f"UNetConfig: set exactly one of num_heads or head_dim (got num_heads={self.num_heads}, "
+                             f"head_dim={self.head_dim}); set the other to null")
+        if not self.channel_mult or self.num_res_blocks < 1 or self.transformer_depth < 1:
+            raise ValueError("UNetConfig: channel_mult must be non-empty, num_res_blocks and transformer_depth >= 1")
+        factors = {2**i for i in range(len(self.channel_mult))}
+        bad = sorted(set(self.attention_resolutions) - factors)
+        if bad:
+            raise ValueError(f"UNetConfig: attention_resolutions {bad} are not downsampling factors of this U-Net; "
+                             f"use values from {sorted(factors)} (1 = full latent resolution)")
+        for width in self.level_channels:
+            if width % self.num_groups:
+                raise ValueError(f"UNetConfig: {width} channels are not divisible by num_groups={self.num_groups}; "
+                                 "change model_channels, channel_mult or num_groups")
+            if width % (self.head_dim or self.num_heads):
+                raise ValueError(f"UNetConfig: {width} channels do not split into heads of "
+                                 f"{'head_dim' if self.head_dim else 'num_heads'}={self.head_dim or self.num_heads}")
+
+    @property
+    def level_channels(self) -> list[int]:
+        return [self.model_channels * m for m in self.channel_mult]
+
+    def heads_for(self, channels: int) -> int:
+        """Number of attention heads of a SpatialTransformer with ``channels`` channels."""
+        return self.num_heads if self.num_heads is not None else channels // self.head_dim
+
+    @classmethod
+    def sd15(cls, **overrides) -> "UNetConfig":
+        """Stable Diffusion v1.5 (the released LDM text-to-image config): 320 ch, mult 1,2,4,4,
+        attention at 4,2,1, 8 heads, 768-d text tokens."""
+        return cls(**{**dict(in_channels=4, out_channels=4, model_channels=320, channel_mult=(1, 2, 4, 4),
+                             num_res_blocks=2, attention_resolutions=(4, 2, 1), num_heads=8, head_dim=None,
+                             transformer_depth=1, context_dim=768, dropout=0.0, num_groups=32), **overrides})
+
+    @classmethod
+    def shapes(cls, **overrides) -> "UNetConfig":
+        """Small U-Net for 8x8x4 latents of 32 px shapes images: 32-64 ch, attention at 8x8 and 4x4 (1.6 M params).
+
+        Sized for CPU training steps, not capacity (see ``python -m ldm.bench.unet``)."""
+        return cls(**{**dict(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2, 2),
+                             num_res_blocks=1, attention_resolutions=(1, 2), num_heads=None, head_dim=32,
+                             transformer_depth=1, context_dim=256, dropout=0.0, num_groups=32), **overrides})
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv, + timestep projection, GroupNorm-SiLU-dropout-conv, + (1x1-projected) input (ADM)."""
+
+    def __init__(self, in_channels: int, out_channels: int, emb_dim: int, dropout: float = 0.0, num_groups: int = 32):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(num_groups, in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_proj = nn.Linear(emb_dim, out_channels)
+        self.norm2 = nn.GroupNorm(num_groups, out_channels)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """``emb`` is SiLU(time embedding), shared by every block (computed once per forward)."""
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time_proj(emb)[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class Downsample(nn.Module):
+    """3x3 convolution with stride 2 (halves H and W, rounding up)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour upsampling to the matching skip's size (2x for even sizes), then a 3x3 convolution."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size: torch.Size | tuple[int, int]) -> torch.Tensor:
+        return self.conv(F.interpolate(x, size=tuple(size), mode="nearest"))
+
+
+class Level(nn.Module):
+    """One resolution of the encoder or decoder: ResBlocks, each followed by a SpatialTransformer when
+    the level has attention (``attn`` is None otherwise), then an optional resampler."""
+
+    def __init__(self, in_channels: list[int], channels: int, config: UNetConfig, attention: bool,
+                 resample: nn.Module | None):
+        super().__init__()
+        emb_dim = 4 * config.model_channels
+        self.res = nn.ModuleList(ResBlock(c, channels, emb_dim, config.dropout, config.num_groups) for c in in_channels)
+        self.attn = nn.ModuleList(
+            SpatialTransformer(channels, config.context_dim, config.heads_for(channels), config.transformer_depth,
+                               config.num_groups)
+            for _ in in_channels) if attention else None
+        self.resample = resample
+
+
+class MidBlock(nn.Module):
+    """ResBlock, SpatialTransformer, ResBlock at the lowest resolution."""
+
+    def __init__(self, channels: int, config: UNetConfig):
+        super().__init__()
+        emb_dim = 4 * config.model_channels
+        self.res = nn.ModuleList(ResBlock(channels, channels, emb_dim, config.dropout, config.num_groups)
+                                 for _ in range(2))
+        self.attn = SpatialTransformer(channels, config.context_dim, config.heads_for(channels),
+                                       config.transformer_depth, config.num_groups)
+
+
+class UNet(nn.Module):
+    """Cross-attention U-Net ``eps_theta(z_t, t, tau(y))`` of LDM eq. 3; output has the shape of ``x``."""
+
+    config_class = UNetConfig
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = config
+        self.gradient_checkpointing = config.gradient_checkpointing
+        mc, widths, nrb = config.model_channels, config.level_channels, config.num_res_blocks
+        self.conv_in = nn.Conv2d(config.in_channels, mc, 3, padding=1)
+        self.time_embed = TimestepEmbedding(mc, 4 * mc)
+
+        skip_channels = [mc]  # channels of every tensor the encoder hands to the decoder, in order
+        ch = mc
+        self.down = nn.ModuleList()
+        for i, width in enumerate(widths):
+            last = i == len(widths) - 1
+            level = Level([ch] + [width] * (nrb - 1), width, config, 2**i in config.attention_resolutions,
+                          None if last else Downsample(width))
+            self.down.append(level)
+            ch = width
+            skip_channels += [width] * nrb + ([] if last else [width])
+
+        self.mid = MidBlock(ch, config)
+
+        self.up = nn.ModuleList()
+        for i, width in reversed(list(enumerate(widths))):
+            in_channels = []
+            for _ in range(nrb + 1):
+                in_channels.append(ch + skip_channels.pop())
+                ch = width
+            self.up.append(Level(in_channels, width, config, 2**i in config.attention_resolutions,
+                                 Upsample(width) if i > 0 else None))
+
+        self.norm_out = nn.GroupNorm(config.num_groups, mc)
+        self.conv_out = nn.Conv2d(mc, config.out_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def _block(self, block: nn.Module, *args) -> torch.Tensor:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor,
+                      context_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cfg = self.config
+        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
+            raise ValueError(f"UNet: x must be (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
+        batch = x.shape[0]
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(batch)
+        if t.shape != (batch,):
+            raise ValueError(f"UNet: t must be a (B,) = ({batch},) tensor of timesteps, got shape {tuple(t.shape)}")
+        if context.ndim != 3 or context.shape[0] != batch or context.shape[2] != cfg.context_dim:
+            raise ValueError(f"UNet: context must be (B={batch}, L, context_dim={cfg.context_dim}), "
+                             f"got {tuple(context.shape)}; check the text encoder's width against unet context_dim")
+        if context_mask is None:
+            return t, None
+        if context_mask.shape != context.shape[:2]:
+            raise ValueError(f"UNet: context_mask must be (B, L) = {tuple(context.shape[:2])}, "
+                             f"got {tuple(context_mask.shape)}")
+        mask = context_mask.to(device=x.device, dtype=torch.bool)
+        if not bool(mask.any(dim=1).all()):
+            raise ValueError("UNet: a context_mask row masks every token; keep at least one (e.g. the BOS/EOS token)")
+        return t, mask[:, None, None, :]  # (B, 1, 1, L): broadcast over heads and queries
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Denoiser output for latents ``x`` (B,C,H,W) at timesteps ``t`` (B,) given tokens ``context`` (B,L,D).
+
+        ``context_mask`` (B, L) bool, True = attend to the token; padding tokens marked False are ignored
+        by every cross-attention (LDM sec. 3.3, keys/values restricted to the kept tokens).
+        """
+        t, attn_mask = self._check_inputs(x, t, context, context_mask)
+        emb = F.silu(self.time_embed(t))  # every ResBlock projects SiLU(emb): compute it once
+        h = self.conv_in(x)
+        skips = [h]
+        for level in self.down:
+            for i, res in enumerate(level.res):
+                h = self._block(res, h, emb)
+                if level.attn is not None:
+                    h = self._block(level.attn[i], h, context, attn_mask)
+                skips.append(h)
+            if level.resample is not None:
+                h = level.resample(h)
+                skips.append(h)
+
+        h = self._block(self.mid.res[0], h, emb)
+        h = self._block(self.mid.attn, h, context, attn_mask)
+        h = self._block(self.mid.res[1], h, emb)
+
+        for level in self.up:
+            for i, res in enumerate(level.res):
+                h = self._block(res, torch.cat([h, skips.pop()], dim=1), emb)
+                if level.attn is not None:
+                    h = self._block(level.attn[i], h, context, attn_mask)
+            if level.resample is not None:
+                h = level.resample(h, skips[-1].shape[-2:])
+        return self.conv_out(F.silu(self.norm_out(h)))

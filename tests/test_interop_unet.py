@@ -1,0 +1,112 @@
+"""Parity with diffusers' UNet2DConditionModel (the Stable Diffusion U-Net) through the weight converter,
+and a smoke run of the speed benchmark."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ldm.interop.diffusers_unet import config_from_diffusers, diffusers_config, diffusers_to_ldm, ldm_to_diffusers
+from ldm.modules.unet import UNet, UNetConfig
+
+diffusers = pytest.importorskip("diffusers")
+
+CONFIGS = {
+    "num_heads": UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1, 2),
+                            num_heads=2, context_dim=12, num_groups=8),
+    # SD-like: no attention at the deepest level, head_dim instead of heads, depth 2, 2 res blocks
+    "head_dim": UNetConfig(model_channels=8, channel_mult=(1, 2, 2), num_res_blocks=2, attention_resolutions=(1, 2),
+                           num_heads=None, head_dim=4, transformer_depth=2, context_dim=10, num_groups=4),
+}
+
+
+def diffusers_unet(config: UNetConfig, seed: int = 0, **overrides) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return diffusers.UNet2DConditionModel(**{**diffusers_config(config), **overrides}).eval()
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_same_output_as_diffusers_with_converted_weights(name: str):
+    config = CONFIGS[name]
+    theirs = diffusers_unet(config)
+    ours = UNet(config).eval()
+    ours.load_state_dict(diffusers_to_ldm(theirs.state_dict()), strict=True)
+    g = torch.Generator().manual_seed(1)
+    x, ctx = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 6, config.context_dim, generator=g)
+    t = torch.tensor([0.0, 17.25, 999.0])  # fractional timesteps too
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1] * 6, [1, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    with torch.no_grad():
+        expected = theirs(x, t, ctx).sample
+        expected_masked = theirs(x, t, ctx, encoder_attention_mask=mask).sample
+        assert expected.abs().max() > 0.1  # diffusers' random init is not zero: a real comparison
+        torch.testing.assert_close(ours(x, t, ctx), expected, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(ours(x, t, ctx, mask), expected_masked, atol=2e-5, rtol=1e-4)
+
+
+def test_linear_projection_checkpoints_convert_too():
+    config = CONFIGS["num_heads"]
+    theirs = diffusers_unet(config, use_linear_projection=True)
+    ours = UNet(config).eval()
+    ours.load_state_dict(diffusers_to_ldm(theirs.state_dict()))
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([3.0, 500.0]), torch.randn(2, 4, config.context_dim)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, t, ctx), theirs(x, t, ctx).sample, atol=2e-5, rtol=1e-4)
+    back = ldm_to_diffusers(ours.state_dict(), linear_projection=True)
+    assert all(torch.equal(back[k], v) for k, v in theirs.state_dict().items())
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_state_dict_round_trip_is_exact(name: str):
+    theirs = diffusers_unet(CONFIGS[name]).state_dict()
+    back = ldm_to_diffusers(diffusers_to_ldm(theirs))
+    assert back.keys() == theirs.keys()
+    assert all(torch.equal(back[k], theirs[k]) for k in theirs)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_config_round_trip(name: str):
+    config = CONFIGS[name]
+    assert config_from_diffusers(dict(diffusers_unet(config).config)) == config
+
+
+def test_sd15_matches_diffusers_key_for_key_on_meta():
+    config = UNetConfig.sd15()
+    with torch.device("meta"):
+        theirs = diffusers.UNet2DConditionModel(**diffusers_config(config))
+        ours = UNet(config)
+    assert sum(p.numel() for p in theirs.parameters()) == 859_520_964
+    converted = diffusers_to_ldm(theirs.state_dict())
+    expected = ours.state_dict()
+    assert converted.keys() == expected.keys()
+    assert all(converted[k].shape == expected[k].shape for k in expected)
+    # the diffusers SD 1.5 config (attention_head_dim = 8 *heads*) maps back to ours
+    sd15_diffusers = {"block_out_channels": [320, 640, 1280, 1280], "attention_head_dim": 8,
+                      "cross_attention_dim": 768, "layers_per_block": 2, "norm_num_groups": 32,
+                      "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]}
+    assert config_from_diffusers(sd15_diffusers) == config
+
+
+def test_unsupported_diffusers_options_are_named():
+    with pytest.raises(ValueError, match="class_embed_type"):
+        config_from_diffusers({"block_out_channels": [32, 64], "class_embed_type": "timestep"})
+    with pytest.raises(ValueError, match="upcast_attention"):
+        config_from_diffusers({"block_out_channels": [32, 64], "upcast_attention": True})
+
+
+def test_benchmark_runs_and_writes_json(tmp_path):
+    from ldm.bench import unet as bench
+
+    tiny = CONFIGS["num_heads"]
+    result = bench.run(tiny, batch=2, steps=1, warmup=0, rounds=1)
+    assert result["params"] == sum(p.numel() for p in UNet(tiny).parameters())
+    for model in ("ldm", "diffusers"):
+        assert result[model]["train_img_s"] > 0 and result[model]["sample_img_s"] > 0
+    ratio = result["ldm"]["train_img_s"] / result["diffusers"]["train_img_s"]
+    assert result["train_img_s_ratio"] == pytest.approx(ratio)
+    out = tmp_path / "unet.json"
+    assert bench.main(["--config", "shapes-s", "--batch", "2", "--steps", "1", "--warmup", "0", "--rounds", "1",
+                       "--no-diffusers", "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["results"][0]["name"] == "shapes-s" and "diffusers" not in saved["results"][0]
