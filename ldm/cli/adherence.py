@@ -1,0 +1,60 @@
+"""``ldm adherence``: how often a shapes pipeline draws the colour, shape and position it was asked for."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+HELP = "measure prompt adherence (colour/shape/position) of a shapes pipeline with the shapes probe"
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pipeline", default="checkpoints/shapes/pipeline", help="pipeline folder to evaluate")
+    parser.add_argument("--probe", default="checkpoints/shapes/parts/probe",
+                        help="shapes probe part; trained on --data and saved there if it does not exist yet")
+    parser.add_argument("--data", default="datasets/shapes", help="shapes shards (only used to train a missing probe)")
+    parser.add_argument("--n", type=int, default=200, help="number of prompts (balanced over colours, shapes, positions)")
+    parser.add_argument("--steps", type=_ints, default=[20], help="sampling steps; a comma list sweeps (e.g. 5,10,20,50)")
+    parser.add_argument("--guidance", type=_floats, default=[4.0], help="guidance scales; a comma list sweeps (e.g. 1,2,4,7)")
+    parser.add_argument("--sampler", default="dpmpp-2m", help="sampler name(s), comma-separated to sweep")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and the noise")
+    parser.add_argument("--batch-size", type=int, default=100, help="images sampled together")
+    parser.add_argument("--grid", default=None, help="also write a grid PNG of the first 40 prompts' images here")
+    parser.add_argument("--out", default=None, help="JSON file for the results (default: <pipeline>/adherence.json)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ldm.evaluation.adherence import format_table, sweep_adherence
+    from ldm.evaluation.shapes_probe import load_or_train_probe
+    from ldm.pipeline import TextToImagePipeline
+
+    pipe = TextToImagePipeline.from_pretrained(args.pipeline)
+    probe = load_or_train_probe(args.data, args.probe)
+    rows = sweep_adherence(pipe, probe, args.steps, args.guidance, args.sampler.split(","), n=args.n,
+                           seed=args.seed, batch_size=args.batch_size)
+    print(format_table(rows))
+    out = Path(args.out) if args.out else Path(args.pipeline) / "adherence.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"pipeline": str(args.pipeline), "n": args.n, "results": rows}, indent=2) + "\n")
+    print(f"wrote {out}")
+    if args.grid:
+        from ldm.data.shapes import eval_prompts
+        from ldm.pipeline import image_grid
+
+        prompts = [p for p, _ in eval_prompts(args.n, args.seed)][:40]
+        images = pipe(prompts, steps=args.steps[0], guidance=args.guidance[0], sampler=args.sampler.split(",")[0],
+                      seed=args.seed, n_per_prompt=4, progress=False)
+        Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
+        image_grid(images, rows=len(prompts), scale=2).save(args.grid)
+        Path(args.grid).with_suffix(".txt").write_text("\n".join(prompts) + "\n")
+        print(f"wrote grid {args.grid} (rows = prompts in {Path(args.grid).with_suffix('.txt')})")
+    return 0

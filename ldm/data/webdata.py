@@ -1,0 +1,395 @@
+"""Stream image-caption shards into training batches: ``ShardDataset`` and the ``WebDataModule``.
+
+Batches are dicts::
+
+    {"image": FloatTensor (B, 3, H, W) in [-1, 1], "caption": list[str], "meta": list[dict],
+     "key": list[str], "skipped": LongTensor ()}
+
+``skipped`` is the number of bad inputs (corrupt/truncated image, missing caption, bad json, unreadable
+shard) the producing worker skipped since its previous batch, so summing it over batches counts every
+skip exactly once; ``log_skipped(module, batch)`` logs that sum as a metric from a LightningModule.
+
+Splitting: shards are shuffled with a seed shared by every rank (per epoch), then dealt out by node
+(``rank::world_size``) and by DataLoader worker (``worker::num_workers``), so ranks and workers read
+disjoint shards and together read every shard once. In *resampled* mode (``samples_per_epoch`` set)
+each worker instead draws shards with replacement and yields a fixed number of samples, so every DDP
+rank sees the same number of batches and stays in step.
+
+Images are resized (shorter side) and centre-cropped to ``resolution``; a random crop and a horizontal
+flip are available but off, and the flip is refused when captions speak of left or right.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+import re
+import warnings
+from typing import Any, Iterator
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset
+
+from ldm.data.shards import IMAGE_EXTS, Sample, list_shards, read_info, read_shard
+
+LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+# Lightning warns that an IterableDataset's __len__ may be wrong with several workers; ShardDataset deals
+# shards out per worker and computes its length from that split, so the warning does not apply.
+warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined", category=UserWarning)
+MAX_WARNINGS_PER_WORKER = 20
+
+
+class DataSkipWarning(UserWarning):
+    """A sample or shard was skipped (it is counted in the batches' ``skipped`` field)."""
+
+
+class DecodeError(ValueError):
+    """One sample cannot be used (bad image, missing caption, bad json)."""
+
+
+def decode_image(data: bytes, resolution: int, rng: random.Random | None = None) -> np.ndarray:
+    """Decode image bytes to a uint8 (resolution, resolution, 3) array: shorter side resized, then cropped.
+
+    The crop is centred, or uniformly placed when ``rng`` is given (random crop).
+    """
+    with Image.open(io.BytesIO(data)) as im:
+        if im.format == "JPEG":
+            im.draft("RGB", (resolution, resolution))  # decode JPEGs at reduced scale when possible
+        im = im.convert("RGB")
+    w, h = im.size
+    if (w, h) != (resolution, resolution):
+        scale = resolution / min(w, h)
+        nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+        if (nw, nh) != (w, h):
+            im = im.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0)
+        left = (nw - resolution) // 2 if rng is None else rng.randint(0, nw - resolution)
+        top = (nh - resolution) // 2 if rng is None else rng.randint(0, nh - resolution)
+        im = im.crop((left, top, left + resolution, top + resolution))
+    return np.asarray(im, dtype=np.uint8)
+
+
+def images_to_tensor(arrays: list[np.ndarray]) -> torch.Tensor:
+    """Stack uint8 HWC arrays into a float NCHW tensor in [-1, 1] (x / 127.5 - 1).
+
+    Done in numpy: single-threaded and fast, where torch's intra-op threads only add overhead here.
+    """
+    batch = np.stack(arrays).transpose(0, 3, 1, 2).astype(np.float32, order="C")
+    batch *= 1 / 127.5
+    batch -= 1.0
+    return torch.from_numpy(batch)
+
+
+def mentions_left_right(caption: str) -> bool:
+    """Whether flipping the image would make ``caption`` wrong."""
+    return LEFT_RIGHT.search(caption) is not None
+
+
+def _identity(batch: Any) -> Any:
+    return batch
+
+
+def _worker() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class ShardDataset(IterableDataset):
+    """Batches decoded from tar shards, split by node and worker (see the module docstring).
+
+    ``rank``/``world_size`` default to torch.distributed's (0/1 without a process group). ``epoch`` is
+    set by ``EpochLoader`` before every pass so shard order and shuffling change between epochs.
+    """
+
+    def __init__(self, urls: list[str], resolution: int, batch_size: int, shuffle_buffer: int = 0,
+                 samples_per_epoch: int | None = None, random_crop: bool = False, hflip: bool = False,
+                 seed: int = 0, rank: int | None = None, world_size: int | None = None,
+                 num_workers: int = 0, require_caption: bool = True,
+                 shard_counts: dict[str, int] | None = None) -> None:
+        super().__init__()
+        if not urls:
+            raise ValueError("ShardDataset needs at least one shard")
+        if batch_size < 1 or resolution < 1:
+            raise ValueError(f"batch_size and resolution must be >= 1, got {batch_size} and {resolution}")
+        if samples_per_epoch is not None and samples_per_epoch < 1:
+            raise ValueError(f"samples_per_epoch must be >= 1 or None, got {samples_per_epoch}")
+        dist_rank, dist_world = _dist_rank_world()
+        self.urls = list(urls)
+        self.resolution, self.batch_size, self.shuffle_buffer = resolution, batch_size, shuffle_buffer
+        self.samples_per_epoch, self.random_crop, self.hflip = samples_per_epoch, random_crop, hflip
+        self.seed, self.require_caption = seed, require_caption
+        self.rank = dist_rank if rank is None else rank
+        self.world_size = dist_world if world_size is None else world_size
+        self.num_workers = num_workers  # only used by __len__; iteration asks torch for the real count
+        self.shard_counts = shard_counts
+        self.epoch = 0
+        self._pending_skips = 0
+        self._warned = 0
+
+    # ---- splitting ---------------------------------------------------------------------------------
+    def shards_for(self, worker: int, num_workers: int) -> list[str]:
+        """This rank's and worker's shards for a non-resampled pass (shuffled per epoch if shuffling)."""
+        order = list(self.urls)
+        if self.shuffle_buffer > 0:
+            random.Random(f"shards/{self.seed}/{self.epoch}").shuffle(order)  # same on every rank
+        return order[self.rank::self.world_size][worker::num_workers]
+
+    def samples_per_worker(self, num_workers: int) -> int:
+        """Resampled mode: samples each worker yields per epoch (``samples_per_epoch`` split evenly)."""
+        per_rank = math.ceil(self.samples_per_epoch / self.world_size)
+        return math.ceil(per_rank / max(1, num_workers))
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank: exact in resampled mode, from info.json shard counts otherwise."""
+        workers = max(1, self.num_workers)
+        if self.samples_per_epoch is not None:
+            return workers * math.ceil(self.samples_per_worker(workers) / self.batch_size)
+        if self.shard_counts is None or any(u not in self.shard_counts for u in self.urls):
+            raise TypeError("length unknown: no per-shard counts (set samples_per_epoch for a fixed length)")
+        return sum(math.ceil(sum(self.shard_counts[u] for u in self.shards_for(w, workers)) / self.batch_size)
+                   for w in range(workers))
+
+    # ---- reading -----------------------------------------------------------------------------------
+    def _skip(self, what: str) -> None:
+        self._pending_skips += 1
+        if self._warned < MAX_WARNINGS_PER_WORKER:
+            self._warned += 1
+            suffix = " (further skips are counted without warning)" if self._warned == MAX_WARNINGS_PER_WORKER else ""
+            warnings.warn(f"skipped {what}{suffix}", DataSkipWarning, stacklevel=2)
+
+    def _shard_stream(self, rng: random.Random, worker: int, num_workers: int) -> Iterator[str]:
+        if self.samples_per_epoch is None:
+            yield from self.shards_for(worker, num_workers)
+            return
+        while True:
+            yield rng.choice(self.urls)
+
+    def _raw_samples(self, shards: Iterator[str]) -> Iterator[Sample]:
+        failures_in_a_row = 0
+        for url in shards:
+            try:
+                for sample in read_shard(url):
+                    failures_in_a_row = 0
+                    yield sample
+            except Exception as e:  # noqa: BLE001 - unreadable/truncated shard: skip, warn, count
+                self._skip(f"the rest of shard {url}: {type(e).__name__}: {e}")
+                failures_in_a_row += 1
+                if failures_in_a_row > 2 * len(self.urls) + 8:
+                    raise RuntimeError(f"{failures_in_a_row} shards in a row were unreadable "
+                                       f"(last: {url}); check the dataset at --data.data_dir") from e
+
+    def _shuffled(self, samples: Iterator[Sample], rng: random.Random) -> Iterator[Sample]:
+        if self.shuffle_buffer <= 1:
+            yield from samples
+            return
+        buffer: list[Sample] = []
+        for sample in samples:
+            if len(buffer) < self.shuffle_buffer:
+                buffer.append(sample)
+                continue
+            i = rng.randrange(len(buffer))
+            buffer[i], sample = sample, buffer[i]
+            yield sample
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def decode(self, key: str, files: dict[str, bytes], rng: random.Random) -> tuple[np.ndarray, str, dict]:
+        """One sample's (uint8 HWC image, caption, metadata); raises ``DecodeError`` when it is unusable."""
+        ext = next((e for e in IMAGE_EXTS if e in files), None)
+        if ext is None:
+            raise DecodeError(f"sample {key} has no image ({'/'.join(IMAGE_EXTS)}); files: {sorted(files)}")
+        text = files.get("txt")
+        caption = "" if text is None else text.decode("utf-8", errors="replace").strip()
+        if self.require_caption and not caption:
+            raise DecodeError(f"sample {key} has {'an empty' if text is not None else 'no'} caption (.txt)")
+        meta: dict[str, Any] = {}
+        if "json" in files:
+            try:
+                meta = json.loads(files["json"])
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise DecodeError(f"sample {key} has invalid json: {e}") from e
+        try:
+            image = decode_image(files[ext], self.resolution, rng if self.random_crop else None)
+        except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
+            raise DecodeError(f"sample {key}: corrupt image .{ext} ({type(e).__name__}: {e})") from e
+        if self.hflip and not mentions_left_right(caption) and rng.random() < 0.5:
+            image = image[:, ::-1]
+        return image, caption, meta
+
+    def _batch(self, items: list[tuple[str, np.ndarray, str, dict]]) -> dict[str, Any]:
+        skipped, self._pending_skips = self._pending_skips, 0
+        return {"image": images_to_tensor([it[1] for it in items]), "caption": [it[2] for it in items],
+                "meta": [it[3] for it in items], "key": [it[0] for it in items],
+                "skipped": torch.tensor(skipped, dtype=torch.long)}
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker, num_workers = _worker()
+        self._pending_skips, self._warned = 0, 0
+        rng = random.Random(f"samples/{self.seed}/{self.epoch}/{self.rank}/{worker}")
+        limit = self.samples_per_worker(num_workers) if self.samples_per_epoch is not None else None
+        samples = self._shuffled(self._raw_samples(self._shard_stream(rng, worker, num_workers)), rng)
+        items: list[tuple[str, np.ndarray, str, dict]] = []
+        produced = 0
+        for key, files in samples:
+            if limit is not None and produced >= limit:
+                break
+            try:
+                image, caption, meta = self.decode(key, files, rng)
+            except DecodeError as e:
+                self._skip(str(e))
+                continue
+            items.append((key, image, caption, meta))
+            produced += 1
+            if len(items) == self.batch_size:
+                yield self._batch(items)
+                items = []
+        if items:
+            yield self._batch(items)
+
+
+class EpochLoader(DataLoader):
+    """A DataLoader that tells its ``ShardDataset`` which pass this is, so every epoch reshuffles.
+
+    Workers are (re)started at each ``iter()`` (no persistent workers), so they see the new epoch.
+    """
+
+    def __init__(self, dataset: ShardDataset, **kwargs: Any) -> None:
+        kwargs.setdefault("batch_size", None)
+        kwargs.setdefault("collate_fn", _identity)
+        super().__init__(dataset, **kwargs)
+        self._passes = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.dataset.epoch = self._passes
+        self._passes += 1
+        return super().__iter__()
+
+
+def skipped_count(batch: dict[str, Any]) -> int:
+    """Bad inputs skipped by the batch's worker since its previous batch (0 if the batch has no count)."""
+    value = batch.get("skipped", 0)
+    return int(value.item() if isinstance(value, torch.Tensor) else value)
+
+
+def log_skipped(module: pl.LightningModule, batch: dict[str, Any], split: str = "train") -> int:
+    """Log ``{split}/skipped_samples``: the epoch's skipped inputs, summed over batches and DDP ranks."""
+    n = skipped_count(batch)
+    module.log(f"{split}/skipped_samples", float(n), on_step=False, on_epoch=True, reduce_fx="sum",
+               sync_dist=True, batch_size=1)
+    return n
+
+
+class WebDataModule(pl.LightningDataModule):
+    """Image-caption shards (``data_dir/train/*.tar``, ``data_dir/val/*.tar``) as Lightning dataloaders.
+
+    Args:
+        data_dir: dataset folder, a single .tar, or a glob/brace pattern of shards (then used for training).
+        resolution: output side; images are resized on the shorter side and centre-cropped.
+        batch_size: training batch size (``val_batch_size`` defaults to it).
+        num_workers: DataLoader worker processes per rank.
+        shuffle_buffer: samples held for shuffling (training only; shard order is shuffled too).
+        samples_per_epoch: resampled mode: draw shards with replacement and yield this many samples per
+            epoch over all ranks (use it under DDP so ranks stay in step). ``None``: one pass over the shards.
+        train_split / val_split: sub-folder names; ``val_split=None`` disables validation.
+        random_crop: crop at a random offset instead of the centre (only matters for non-square images).
+        hflip: random horizontal flips; refused (with a warning) when the captions mention left/right.
+        seed: seeds shard order, the shuffle buffer, crops and flips (with epoch, rank and worker).
+        require_caption: skip (and count) samples without a caption.
+    """
+
+    def __init__(self, data_dir: str = "datasets/shapes", resolution: int = 32, batch_size: int = 64,
+                 num_workers: int = 2, shuffle_buffer: int = 2000, samples_per_epoch: int | None = None,
+                 train_split: str = "train", val_split: str | None = "val", val_batch_size: int | None = None,
+                 random_crop: bool = False, hflip: bool = False, seed: int = 0, require_caption: bool = True,
+                 pin_memory: bool = False) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.data_dir, self.resolution, self.batch_size = data_dir, resolution, batch_size
+        self.num_workers, self.shuffle_buffer, self.samples_per_epoch = num_workers, shuffle_buffer, samples_per_epoch
+        self.train_split, self.val_split = train_split, val_split
+        self.val_batch_size = val_batch_size or batch_size
+        self.random_crop, self.hflip, self.seed = random_crop, hflip, seed
+        self.require_caption, self.pin_memory = require_caption, pin_memory
+        self.train_urls: list[str] = []
+        self.val_urls: list[str] = []
+        self.info: dict[str, Any] = {}
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is not None:
+            return trainer.global_rank, trainer.world_size
+        return _dist_rank_world()
+
+    def _counts(self, split: str) -> dict[str, int] | None:
+        per_shard = self.info.get("shards", {}).get(split)
+        if not per_shard:
+            return None
+        return {u: per_shard[name] for u in (self.train_urls if split == self.train_split else self.val_urls)
+                if (name := u.replace("\\", "/").rpartition("/")[2]) in per_shard}
+
+    def setup(self, stage: str | None = None) -> None:
+        """Find the shards (a clear error if there are none) and check the flip against the captions."""
+        self.train_urls = list_shards(self.data_dir, self.train_split)
+        self.val_urls = list_shards(self.data_dir, self.val_split) if self.val_split else []
+        try:
+            self.info = read_info(self.data_dir)
+        except (OSError, ValueError):
+            self.info = {}
+        if self.hflip and self._captions_mention_left_right():
+            warnings.warn("hflip=True refused: captions mention left/right, so a flipped image would contradict "
+                          "its caption; training without horizontal flips", UserWarning, stacklevel=2)
+            self.hflip = False
+
+    def _captions_mention_left_right(self, limit: int = 500) -> bool:
+        seen = 0
+        for url in self.train_urls[:3]:
+            try:
+                for _, files in read_shard(url):
+                    if mentions_left_right(files.get("txt", b"").decode("utf-8", errors="replace")):
+                        return True
+                    seen += 1
+                    if seen >= limit:
+                        return False
+            except Exception:  # noqa: BLE001 - an unreadable shard is reported when it is streamed
+                continue
+        return False
+
+    def _dataset(self, urls: list[str], split: str, train: bool) -> ShardDataset:
+        rank, world = self._rank_world()
+        if train and world > 1 and self.samples_per_epoch is None:
+            warnings.warn(f"training on {world} ranks without samples_per_epoch: ranks read different shards and "
+                          "may see different numbers of batches (DDP then waits forever at the epoch end); "
+                          "set --data.samples_per_epoch for resampled, equal-length epochs", UserWarning, stacklevel=2)
+        return ShardDataset(urls, self.resolution, self.batch_size if train else self.val_batch_size,
+                            shuffle_buffer=self.shuffle_buffer if train else 0,
+                            samples_per_epoch=self.samples_per_epoch if train else None,
+                            random_crop=self.random_crop and train, hflip=self.hflip and train, seed=self.seed,
+                            rank=rank, world_size=world, num_workers=self.num_workers,
+                            require_caption=self.require_caption, shard_counts=self._counts(split))
+
+    def _loader(self, dataset: ShardDataset) -> EpochLoader:
+        return EpochLoader(dataset, num_workers=self.num_workers, pin_memory=self.pin_memory)
+
+    def _ensure_setup(self) -> None:
+        if not self.train_urls:
+            self.setup("fit")
+
+    def train_dataloader(self) -> EpochLoader:
+        self._ensure_setup()
+        return self._loader(self._dataset(self.train_urls, self.train_split, train=True))
+
+    def val_dataloader(self) -> EpochLoader | list:
+        self._ensure_setup()
+        if not self.val_urls:
+            return []
+        return self._loader(self._dataset(self.val_urls, self.val_split, train=False))

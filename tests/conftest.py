@@ -1,0 +1,17 @@
+"""Shared pytest fixtures (keep small: each fixture is used by several test files)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny shapes dataset: 240 train samples in 8 shards of 30, 64 val samples in 8 shards of 8."""
+    from ldm.data.shapes import build_shapes
+
+    out = tmp_path_factory.mktemp("shapes")
+    build_shapes(out, train=240, val=64, size=32, seed=0, shard_size=30, processes=1)
+    return out
