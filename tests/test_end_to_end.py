@@ -69,3 +69,19 @@ def test_tiny_demo_trains_exports_and_generates(tmp_path, shapes_dir):
     assert ldm_main(["generate", "--pipeline", str(pipe_dir), "--prompt", "a red circle", "--n", "2",
                      "--steps", "2", "--out", str(out)]) == 0
     assert out.is_file()
+
+
+def test_adherence_command_writes_figures_for_a_sweep(tmp_path, shapes_dir):
+    from tiny_parts import tiny_pipeline
+
+    tiny_pipeline().save_pretrained(tmp_path / "pipe")
+    out = tmp_path / "adherence.json"
+    assert ldm_main(["adherence", "--pipeline", str(tmp_path / "pipe"), "--probe", str(tmp_path / "probe"),
+                     "--data", str(shapes_dir), "--probe-steps", "10", "--n", "10", "--steps", "1,2", "--guidance", "4",
+                     "--out", str(out), "--grid", str(tmp_path / "grid.png")]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert [(r["steps"], r["guidance"]) for r in results] == [(1, 4.0), (2, 4.0)]
+    for r in results:
+        assert r["n"] == 10 and all(0.0 <= r[k] <= 1.0 for k in ("color", "shape", "position", "all_three"))
+    assert (tmp_path / "probe" / "model.safetensors").is_file()  # trained on demand, then reused
+    assert (tmp_path / "grid.png").is_file()

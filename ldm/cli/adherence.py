@@ -22,6 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--probe", default="checkpoints/shapes/parts/probe",
                         help="shapes probe part; trained on --data and saved there if it does not exist yet")
     parser.add_argument("--data", default="datasets/shapes", help="shapes shards (only used to train a missing probe)")
+    parser.add_argument("--probe-steps", type=int, default=1500, help="training steps of a missing probe")
     parser.add_argument("--n", type=int, default=200, help="number of prompts (balanced over colours, shapes, positions)")
     parser.add_argument("--steps", type=_ints, default=[20], help="sampling steps; a comma list sweeps (e.g. 5,10,20,50)")
     parser.add_argument("--guidance", type=_floats, default=[4.0], help="guidance scales; a comma list sweeps (e.g. 1,2,4,7)")
@@ -38,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from ldm.pipeline import TextToImagePipeline
 
     pipe = TextToImagePipeline.from_pretrained(args.pipeline)
-    probe = load_or_train_probe(args.data, args.probe)
+    probe = load_or_train_probe(args.data, args.probe, steps=args.probe_steps)
     rows = sweep_adherence(pipe, probe, args.steps, args.guidance, args.sampler.split(","), n=args.n,
                            seed=args.seed, batch_size=args.batch_size)
     print(format_table(rows))
