@@ -64,12 +64,16 @@ adherence: $(STAMP)
 	  --grid $(RUN_DIR)/samples/demo.png --out $(RUN_DIR)/adherence.json
 
 # From nothing to a sample grid and its prompt-adherence figures (shapes, CPU budget ≈ 15 min).
+# Each training stops at its step count or its wall-clock budget, whichever comes first.
+DEMO_VAE_TIME ?= 00:00:03:00
+DEMO_CLIP_TIME ?= 00:00:01:30
+DEMO_LDM_TIME ?= 00:00:06:00
 demo: $(STAMP)
 	@start=$$(date +%s); \
 	$(MAKE) --no-print-directory data DATA=shapes && \
-	$(MAKE) --no-print-directory train-vae DATA=shapes && \
-	$(MAKE) --no-print-directory train-clip DATA=shapes && \
-	$(MAKE) --no-print-directory train-ldm DATA=shapes && \
+	$(MAKE) --no-print-directory train-vae DATA=shapes ARGS="--trainer.max_time $(DEMO_VAE_TIME)" && \
+	$(MAKE) --no-print-directory train-clip DATA=shapes ARGS="--trainer.max_time $(DEMO_CLIP_TIME)" && \
+	$(MAKE) --no-print-directory train-ldm DATA=shapes ARGS="--trainer.max_time $(DEMO_LDM_TIME)" && \
 	$(MAKE) --no-print-directory adherence DATA=shapes && \
 	echo "demo: done in $$(( $$(date +%s) - start )) s; grid: checkpoints/shapes/samples/demo.png, figures: checkpoints/shapes/adherence.json"
 

@@ -1,0 +1,379 @@
+"""Contrastive training of a tiny CLIP whose text tower becomes the LDM text conditioner.
+
+CLIP (Radford et al. 2021): an image encoder and a text encoder are trained jointly so that the N true
+(image, caption) pairs of a batch score higher than the N² − N wrong ones, with the symmetric
+cross-entropy over scaled cosine similarities of CLIP fig. 3. The towers are open_clip's
+(``VisionTransformer``, ``TextTransformer``, wrapped as the exportable parts of
+``ldm.modules.text_encoder``), the tokenizer is open_clip's BPE and the loss is open_clip's ``ClipLoss``
+with ``gather_with_grad`` + ``local_loss``, so under DDP every rank scores its rows against the whole
+global batch and gradients flow through the gather (the mean over ranks equals the single-process loss
+on the concatenated batch). The temperature is learnt as ``logit_scale = log(1/τ)``, initialised at
+τ = 0.07 and clipped so the logits are never scaled by more than 100 (CLIP sec. 2.5).
+
+Logged: ``train/loss``, ``train/logit_scale`` (exp), ``val/loss``, val retrieval recall@1/5 in both
+directions, and on ``shapes`` zero-shot accuracy of colour, shape and position (val images classified
+against prompt ensembles, CLIP sec. 3.1.4). :meth:`ContrastiveCLIP.export` writes the text conditioner
+part and, inside it, the image tower as its own part (``image_encoder/``) for CLIP score / FD.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from open_clip.loss import ClipLoss
+from torch import nn
+
+from ldm.io import config_from_dict, save_part
+from ldm.models.base import PartModule
+from ldm.modules.text_encoder import (CLIPImageEncoder, CLIPImageEncoderConfig, CLIPTextConditioner,
+                                      CLIPTextConditionerConfig)
+
+IMAGE_ENCODER_DIR = "image_encoder"
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP sec. 2.5: logits never scaled by more than 100
+
+# Tiny towers for 32 px shapes (the defaults; a config overrides any key).
+DEFAULT_TEXT = {"context_length": 24, "width": 128, "heads": 4, "layers": 2, "embed_dim": 128}
+DEFAULT_IMAGE = {"image_size": 32, "patch_size": 8, "width": 128, "heads": 4, "layers": 2, "embed_dim": 128}
+
+
+def make_clip_loss(rank: int = 0, world_size: int = 1) -> ClipLoss:
+    """open_clip's symmetric InfoNCE (CLIP fig. 3) with ``gather_with_grad`` + ``local_loss`` for DDP.
+
+    Each rank computes ``(CE(s·I_r Tᵀ, y) + CE(s·T_r Iᵀ, y)) / 2`` for its own rows against the gathered
+    global batch; DDP's gradient average then equals the gradient of the single-process loss.
+    """
+    return ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True, rank=rank, world_size=world_size)
+
+
+def hard_negative_loss(image_features: torch.Tensor, text_features: torch.Tensor, negative_features: torch.Tensor,
+                       owner: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Each image must score its caption above each of that caption's hard negatives.
+
+    For every negative n of caption i (``owner[n] = i``): CE over the pair of scaled cosines
+    ``s·(⟨I_i, T_i⟩, ⟨I_i, N_n⟩)`` with the true caption as target, averaged over negatives (NegCLIP's
+    extra negatives, Yuksekgonul et al. 2023, kept per sample so no gather is needed under DDP).
+    Features are L2-normalized: images/texts (B, E), negatives (M, E); ``logit_scale`` is exp(log-scale).
+    """
+    image = image_features[owner]
+    logits = logit_scale * torch.stack([(image * text_features[owner]).sum(-1), (image * negative_features).sum(-1)], 1)
+    return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
+
+
+def caption_ids(captions: Sequence[str]) -> torch.Tensor:
+    """A stable 63-bit id per caption text (equal texts ↔ equal ids), so captions can be all-gathered."""
+    return torch.tensor([int.from_bytes(hashlib.blake2b(c.encode(), digest_size=8).digest(), "little") >> 1
+                         for c in captions], dtype=torch.long)
+
+
+def retrieval_recall(query: torch.Tensor, keys: torch.Tensor, query_group: torch.Tensor, key_group: torch.Tensor,
+                     ks: Sequence[int] = (1, 5)) -> dict[int, float]:
+    """Recall@k of cosine retrieval: a hit when one of the top-k keys has the query's group.
+
+    Groups are caption ids, so a caption shared by several images (common on shapes) retrieves any of
+    them correctly. ``query``/``keys`` are L2-normalized (Q, E) / (N, E).
+    """
+    sim = query @ keys.T
+    top = sim.topk(min(max(ks), keys.shape[0]), dim=1).indices
+    hits = key_group[top] == query_group[:, None]
+    return {k: hits[:, :k].any(dim=1).float().mean().item() for k in ks}
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
+
+
+def shapes_zero_shot_prompts() -> dict[str, dict[str, list[str]]] | None:
+    """Prompt ensembles per attribute value of the shapes vocabulary (``ldm.data.shapes``), or None.
+
+    Every prompt is the dataset's canonical caption "a {size} {colour} {shape} {where}"; the class
+    embedding of a colour averages the prompts over all sizes, shapes and positions, and likewise for
+    shape and position (CLIP sec. 3.1.4, prompt ensembling), so the other attributes cancel out.
+    """
+    try:
+        from ldm.data.shapes import COLORS, PHRASES, POSITIONS, SHAPES, SIZES
+    except ImportError:
+        return None
+    prompts = {"color": {c: [] for c in COLORS}, "shape": {s: [] for s in SHAPES},
+               "position": {p: [] for p in POSITIONS}}
+    for size in SIZES:
+        for color in COLORS:
+            for shape in SHAPES:
+                for position in POSITIONS:
+                    text = f"{_article(size)} {size} {color} {shape} {PHRASES[position]}"
+                    prompts["color"][color].append(text)
+                    prompts["shape"][shape].append(text)
+                    prompts["position"][position].append(text)
+    return prompts
+
+
+def zero_shot_classifier(text_encoder: CLIPTextConditioner, prompts: dict[str, list[str]]) -> torch.Tensor:
+    """(C, E) class embeddings: the normalized mean of each class's normalized prompt embeddings."""
+    rows = []
+    for class_prompts in prompts.values():
+        pooled = text_encoder.encode_text(class_prompts)[1]
+        rows.append(F.normalize(F.normalize(pooled.float(), dim=-1).mean(dim=0), dim=0))
+    return torch.stack(rows)
+
+
+def single_object_labels(metas: Sequence[dict[str, Any]], vocab: dict[str, dict[str, list[str]]]) -> torch.Tensor:
+    """(B, A) class index of each attribute of single-object shapes scenes; −1 elsewhere."""
+    names = {attr: list(classes) for attr, classes in vocab.items()}
+    labels = torch.full((len(metas), len(names)), -1, dtype=torch.long)
+    for i, meta in enumerate(metas):
+        objects = meta.get("objects") if isinstance(meta, dict) else None
+        if not objects or len(objects) != 1:
+            continue
+        for j, (attr, classes) in enumerate(names.items()):
+            value = objects[0].get(attr)
+            labels[i, j] = classes.index(value) if value in classes else -1
+    return labels
+
+
+def shapes_swap_groups() -> dict[str, list[str]]:
+    """Interchangeable words of shapes captions (``ldm.data.shapes``): colour, shape, position, relation.
+
+    Position phrases ("in the top left") and relations ("left of") come before bare position names
+    ("top left", terse template), so a phrase is swapped for a phrase and the negative stays grammatical.
+    """
+    from ldm.data.shapes import COLORS, PHRASES, POSITIONS, SHAPES
+
+    return {"color": list(COLORS), "shape": list(SHAPES), "position_phrase": list(PHRASES.values()),
+            "relation": ["left of", "right of", "above", "below"], "position": list(POSITIONS)}
+
+
+def swap_attribute(caption: str, groups: dict[str, list[str]], rng: random.Random) -> list[str]:
+    """Hard negative captions: for each group present, its word or phrase replaced by another member.
+
+    NegCLIP (Yuksekgonul et al. 2023, sec. 4) adds such minimally different captions as negatives so
+    the model cannot match captions as bags of easy words; one negative per group present gives every
+    attribute (colour, shape, position, …) a direct training signal at every step. Matches are whole
+    words, longest first (first occurrence); a match overlapping one of an earlier group is skipped;
+    "a"/"an" are fixed after the swap, so the article never gives a negative away. [] when none occurs.
+    """
+    taken: list[tuple[int, int]] = []
+    negatives = []
+    for words in groups.values():
+        for word in sorted(words, key=len, reverse=True):
+            match = re.search(rf"\b{re.escape(word)}\b", caption)
+            if match and not any(match.start() < e and s < match.end() for s, e in taken):
+                taken.append(match.span())
+                others = [w for w in words if w != word]
+                if others:
+                    negatives.append(_fix_articles(caption[: match.start()] + rng.choice(others) + caption[match.end():]))
+                break
+    return negatives
+
+
+def _fix_articles(text: str) -> str:
+    return re.sub(r"\b([Aa])n? (?=(\w))", lambda m: m.group(1) + ("n " if m.group(2) in "aeiou" else " "), text)
+
+
+class ContrastiveCLIP(PartModule):
+    """LightningModule: image tower + text tower + learnable temperature, trained with ``ClipLoss``.
+
+    ``text`` / ``image`` are dicts of :class:`CLIPTextConditionerConfig` / :class:`CLIPImageEncoderConfig`
+    fields over the tiny defaults; ``text["layer"]`` picks the token states the exported conditioner gives.
+    """
+
+    def __init__(
+        self,
+        text: dict | None = None,
+        image: dict | None = None,
+        lr: float = 2e-3,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.98),
+        eps: float = 1e-6,
+        warmup_steps: int = 50,
+        init_logit_scale: float = math.log(1 / 0.07),
+        zero_shot: bool = True,
+        hard_negatives: str | dict | None = None,
+        hard_negative_weight: float = 1.0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        text_config = config_from_dict(CLIPTextConditionerConfig, {**DEFAULT_TEXT, **(text or {})}, "model.text")
+        if text_config.backend != "open_clip":
+            raise ValueError("ContrastiveCLIP trains the open_clip backend; set model.text.backend: open_clip")
+        self.text = CLIPTextConditioner(text_config).unfreeze()
+        self.image = CLIPImageEncoder(config_from_dict(CLIPImageEncoderConfig, {**DEFAULT_IMAGE, **(image or {})},
+                                                       "model.image"))
+        if self.text.pooled_dim != self.image.config.embed_dim:
+            raise ValueError(f"text embed_dim {self.text.pooled_dim} ≠ image embed_dim {self.image.config.embed_dim}: "
+                             "set model.text.embed_dim and model.image.embed_dim equal")
+        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+        self.loss_fn = make_clip_loss()
+        self.zero_shot_prompts = shapes_zero_shot_prompts() if zero_shot else None
+        if hard_negatives == "shapes":
+            self.swap_groups: dict[str, list[str]] | None = shapes_swap_groups()
+        elif isinstance(hard_negatives, dict):
+            self.swap_groups = {str(k): [str(w) for w in v] for k, v in hard_negatives.items()}
+        elif hard_negatives is None:
+            self.swap_groups = None
+        else:
+            raise ValueError(f"model.hard_negatives must be 'shapes', a dict of word groups or null, got {hard_negatives!r}")
+        self._rng = random.Random(0)
+        self._dropped = 0
+        self._val: dict[str, list[torch.Tensor]] = {}
+
+    # -- forward -----------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            self.loss_fn = make_clip_loss(trainer.global_rank, trainer.world_size)
+
+    def encode(self, images: torch.Tensor, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """L2-normalized image and text embeddings (B, E) each (CLIP fig. 3: ``l2_normalize(I_e)``…)."""
+        image_features = self.image.encode_image(images, normalize=True)
+        ids, mask = self.text.tokenize(captions)
+        text_features = F.normalize(self.text.pooled_embedding(ids, mask), dim=-1)
+        return image_features, text_features
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        images, captions = self._equal_across_ranks(batch["image"], list(batch["caption"]))
+        negatives = self._hard_negatives(captions)
+        flat = [n for per_caption in negatives for n in per_caption]
+        image_features = self.image.encode_image(images, normalize=True)
+        ids, mask = self.text.tokenize(captions + flat)  # one text forward for captions and negatives
+        text_features = F.normalize(self.text.pooled_embedding(ids, mask), dim=-1)
+        text_features, negative_features = text_features[: len(captions)], text_features[len(captions):]
+        scale = self.logit_scale.exp()
+        loss = clip_loss = self.loss_fn(image_features, text_features, scale)
+        batch_size = len(captions)
+        if flat:
+            owner = torch.tensor([i for i, per in enumerate(negatives) for _ in per], device=image_features.device)
+            hard = hard_negative_loss(image_features, text_features, negative_features, owner, scale)
+            loss = clip_loss + self.hparams.hard_negative_weight * hard
+            self.log("train/hard_negative_loss", hard, batch_size=batch_size)
+            self.log("train/clip_loss", clip_loss, batch_size=batch_size)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log("train/logit_scale", scale.detach(), batch_size=batch_size)
+        return loss
+
+    def _equal_across_ranks(self, images: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, list[str]]:
+        """Cut this rank's batch to the smallest across ranks (ClipLoss all-gathers equal shapes only).
+
+        Only an epoch's last, partial batch can differ; the samples cut are counted in ``train/dropped``.
+        """
+        if len(captions) != images.shape[0]:
+            raise ValueError(f"batch has {images.shape[0]} images but {len(captions)} captions")
+        trainer = self._trainer
+        if trainer is None or trainer.world_size <= 1 or not torch.distributed.is_initialized():
+            return images, captions
+        smallest = torch.tensor(len(captions), device=images.device)
+        torch.distributed.all_reduce(smallest, op=torch.distributed.ReduceOp.MIN)
+        n = int(smallest)
+        if n < len(captions):
+            self._dropped += len(captions) - n
+            self.log("train/dropped", float(self._dropped), reduce_fx="max", batch_size=n)
+        return images[:n], captions[:n]
+
+    def _hard_negatives(self, captions: Sequence[str]) -> list[list[str]]:
+        if self.swap_groups is None or self.hparams.hard_negative_weight <= 0:
+            return []
+        return [swap_attribute(caption, self.swap_groups, self._rng) for caption in captions]
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        with torch.no_grad():  # CLIP sec. 2.5: clip the temperature so logits stay ≤ 100× the cosine
+            self.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
+
+    # -- validation --------------------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val = {"image": [], "text": [], "caption": [], "labels": []}
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        image_features, text_features = self.encode(batch["image"], batch["caption"])
+        scale = self.logit_scale.exp()
+        loss = ClipLoss()(image_features, text_features, scale)  # within this rank's batch: sizes may differ
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["caption"]))
+        self._val["image"].append(image_features.float())
+        self._val["text"].append(text_features.float())
+        self._val["caption"].append(caption_ids(batch["caption"]).to(self.device))
+        if self.zero_shot_prompts is not None:
+            self._val["labels"].append(single_object_labels(batch["meta"], self.zero_shot_prompts).to(self.device))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val.get("image"):
+            return
+        gathered = {k: self._gather(torch.cat(v)) for k, v in self._val.items() if v}
+        self._val = {}
+        images, texts, groups = gathered["image"], gathered["text"], gathered["caption"]
+        metrics = {}
+        for k, r in retrieval_recall(texts, images, groups, groups).items():
+            metrics[f"val/recall_t2i@{k}"] = r
+        for k, r in retrieval_recall(images, texts, groups, groups).items():
+            metrics[f"val/recall_i2t@{k}"] = r
+        if "labels" in gathered:
+            metrics.update(self._zero_shot(images, gathered["labels"]))
+        self.log_dict(metrics, rank_zero_only=False)
+
+    @torch.no_grad()
+    def _zero_shot(self, image_features: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        out = {}
+        for j, (attr, prompts) in enumerate(self.zero_shot_prompts.items()):
+            keep = labels[:, j] >= 0
+            if not bool(keep.any()):
+                continue
+            classifier = zero_shot_classifier(self.text, prompts).to(image_features)
+            predicted = (image_features[keep] @ classifier.T).argmax(dim=1)
+            out[f"val/zeroshot_{attr}"] = (predicted == labels[keep, j]).float().mean().item()
+        return out
+
+    def _gather(self, x: torch.Tensor) -> torch.Tensor:
+        """All ranks' rows of ``x`` concatenated (ranks may hold different row counts)."""
+        if self._trainer is None or self._trainer.world_size <= 1:
+            return x
+        sizes = self.all_gather(torch.tensor(x.shape[0], device=x.device)).flatten().tolist()
+        padded = torch.zeros((max(sizes), *x.shape[1:]), dtype=x.dtype, device=x.device)
+        padded[: x.shape[0]] = x
+        everything = self.all_gather(padded)
+        return torch.cat([everything[r, :n] for r, n in enumerate(sizes)])
+
+    # -- optimisation ------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW; no weight decay on gains, biases, embeddings and the temperature (as in open_clip)."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            skip = p.ndim < 2 or "embedding" in name or "logit_scale" in name or "class_embedding" in name
+            (no_decay if skip else decay).append(p)
+        hp = self.hparams
+        fused = all(p.device.type in ("cpu", "cuda") for p in decay + no_decay)  # ~9x faster step on CPU here
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=fused or None,
+        )
+        total = self._trainer.estimated_stepping_batches if self._trainer is not None else float("inf")
+        warmup = max(1, int(hp.warmup_steps))
+
+        def schedule(step: int) -> float:  # linear warm-up, then cosine to 0 (constant if length unknown)
+            if step < warmup:
+                return (step + 1) / warmup
+            if not math.isfinite(total) or total <= warmup:
+                return 1.0
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / (total - warmup))))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- export ------------------------------------------------------------------------------------------
+    def export(self, out_dir: str | Path, datamodule: pl.LightningDataModule | None = None) -> Path:
+        """Write the frozen text conditioner part to ``out_dir`` and the image tower to ``out_dir/image_encoder``.
+
+        Both are ``config.json`` + ``model.safetensors`` parts (``ldm.io.load_part`` rebuilds them).
+        """
+        out = Path(out_dir)
+        text = CLIPTextConditioner(self.text.config)
+        text.load_state_dict(self.text.state_dict())
+        save_part(text, out)
+        save_part(self.image, out / IMAGE_ENCODER_DIR)
+        return out
