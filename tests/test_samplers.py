@@ -21,14 +21,6 @@ SCHEDULE = DiscreteSchedule.from_name("scaled_linear")
 DATA = GaussianData([0.5, -1.0], [1.0, 1.5])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def exact_moments(name: str, steps: int, data: GaussianData = DATA, schedule: DiscreteSchedule = SCHEDULE,
                   spacing: str = "trailing", prediction_type: str = "eps") -> tuple[torch.Tensor, torch.Tensor]:
     """Output mean and variance of a deterministic sampler with the exact (affine) Gaussian model, from

@@ -16,14 +16,6 @@ diffusers = pytest.importorskip("diffusers")
 DIFFUSERS_NAME = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("name", SCHEDULES)
 @pytest.mark.parametrize("zero_snr", [False, True])
 def test_alphas_cumprod_strictly_decreasing_in_unit_interval(name: str, zero_snr: bool) -> None:

@@ -17,14 +17,6 @@ SCHEDULE = DiscreteSchedule.from_name("scaled_linear")
 DATA = GaussianData([0.5, -1.0], [1.0, 1.5])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_beta_integrates_to_the_discrete_steps() -> None:
     """∫_k^{k+1} β(τ) dτ = −log(ᾱ_{k+1}/ᾱ_k): the SDE's marginals are the schedule's (Song et al. 2021b eq. 29)."""
     sde = VPSDE(SCHEDULE)

@@ -15,14 +15,6 @@ from ldm.diffusion.toy import GaussianData, format_table, gaussian_error_table, 
 SCHEDULE = DiscreteSchedule.from_name("scaled_linear")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_gaussian_eps_model_is_the_regression_of_eps_on_xt() -> None:
     """E[ε | x_t] is linear in x_t for Gaussian data; least squares on samples recovers its slope/intercept."""
     data = GaussianData([0.7], [0.4])
