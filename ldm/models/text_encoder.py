@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 from torch import nn
 
+from ldm.data.webdata import log_skipped
 from ldm.io import config_from_dict, save_part
 from ldm.models.base import PartModule
 from ldm.modules.text_encoder import (CLIPImageEncoder, CLIPImageEncoderConfig, CLIPTextConditioner,
@@ -150,26 +151,33 @@ def shapes_swap_groups() -> dict[str, list[str]]:
             "relation": ["left of", "right of", "above", "below"], "position": list(POSITIONS)}
 
 
-def swap_attribute(caption: str, groups: dict[str, list[str]], rng: random.Random) -> list[str]:
-    """Hard negative captions: for each group present, its word or phrase replaced by another member.
+def swap_attribute(caption: str, groups: dict[str, list[str]], rng: random.Random,
+                   max_negatives: int | None = None) -> list[str]:
+    """Hard negative captions: a group's word or phrase in ``caption`` replaced by another member of the group.
 
     NegCLIP (Yuksekgonul et al. 2023, sec. 4) adds such minimally different captions as negatives so
-    the model cannot match captions as bags of easy words; one negative per group present gives every
-    attribute (colour, shape, position, …) a direct training signal at every step. Matches are whole
-    words, longest first (first occurrence); a match overlapping one of an earlier group is skipped;
+    the model cannot match captions as bags of easy words. One negative per group present, or per
+    ``max_negatives`` groups drawn at random among them. A group's match is its earliest whole-word
+    occurrence (the longest word there); matches overlapping one of an earlier group are skipped;
     "a"/"an" are fixed after the swap, so the article never gives a negative away. [] when none occurs.
     """
     taken: list[tuple[int, int]] = []
-    negatives = []
+    found: list[tuple[list[str], str, int, int]] = []
     for words in groups.values():
-        for word in sorted(words, key=len, reverse=True):
-            match = re.search(rf"\b{re.escape(word)}\b", caption)
-            if match and not any(match.start() < e and s < match.end() for s, e in taken):
-                taken.append(match.span())
-                others = [w for w in words if w != word]
-                if others:
-                    negatives.append(_fix_articles(caption[: match.start()] + rng.choice(others) + caption[match.end():]))
-                break
+        matches = [(m.start(), -len(w), w, m.end()) for w in words
+                   for m in re.finditer(rf"\b{re.escape(w)}\b", caption)
+                   if not any(m.start() < e and s < m.end() for s, e in taken)]
+        if matches:  # the earliest occurrence, the longest word there ("top left" over "top")
+            start, _, word, end = min(matches)
+            taken.append((start, end))
+            if len(words) > 1:
+                found.append((words, word, start, end))
+    if max_negatives is not None and len(found) > max_negatives:
+        found = rng.sample(found, max_negatives)
+    negatives = []
+    for words, word, start, end in found:
+        replacement = rng.choice([w for w in words if w != word])
+        negatives.append(_fix_articles(caption[:start] + replacement + caption[end:]))
     return negatives
 
 
@@ -197,6 +205,7 @@ class ContrastiveCLIP(PartModule):
         zero_shot: bool = True,
         hard_negatives: str | dict | None = None,
         hard_negative_weight: float = 1.0,
+        hard_negatives_per_caption: int | None = 1,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -238,6 +247,7 @@ class ContrastiveCLIP(PartModule):
         return image_features, text_features
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        log_skipped(self, batch, "train")  # bad samples the data loader skipped, counted per epoch
         images, captions = self._equal_across_ranks(batch["image"], list(batch["caption"]))
         negatives = self._hard_negatives(captions)
         flat = [n for per_caption in negatives for n in per_caption]
@@ -279,7 +289,8 @@ class ContrastiveCLIP(PartModule):
     def _hard_negatives(self, captions: Sequence[str]) -> list[list[str]]:
         if self.swap_groups is None or self.hparams.hard_negative_weight <= 0:
             return []
-        return [swap_attribute(caption, self.swap_groups, self._rng) for caption in captions]
+        k = self.hparams.hard_negatives_per_caption
+        return [swap_attribute(caption, self.swap_groups, self._rng, k) for caption in captions]
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         with torch.no_grad():  # CLIP sec. 2.5: clip the temperature so logits stay ≤ 100× the cosine
@@ -290,6 +301,7 @@ class ContrastiveCLIP(PartModule):
         self._val = {"image": [], "text": [], "caption": [], "labels": []}
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        log_skipped(self, batch, "val")
         image_features, text_features = self.encode(batch["image"], batch["caption"])
         scale = self.logit_scale.exp()
         loss = ClipLoss()(image_features, text_features, scale)  # within this rank's batch: sizes may differ
