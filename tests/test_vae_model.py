@@ -139,6 +139,7 @@ def test_bf16_mixed_runs(tmp_path):  # every other test trains in 32-true
 
 def test_validation_metrics_and_image_grid(tmp_path):
     model = module(disc_start=None, image_every_n_steps=1, num_images=4)
+    assert not any(p.requires_grad for p in model.discriminator.parameters())  # GAN off: frozen (DDP-safe)
     t = fit(model, tmp_path, steps=2, limit_val_batches=1)  # validation at the end of the 2-batch epoch
     m = t.callback_metrics
     for key in ("val/loss", "val/rec_loss", "val/psnr", "val/ssim", "val/kl_loss", "val/nll_loss"):

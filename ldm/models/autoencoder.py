@@ -150,6 +150,8 @@ class AutoencoderModule(PartModule):
                 self.vae.quant_conv.bias[self.vae.config.z_channels:] = posterior_logvar_init
         self.discriminator = PatchDiscriminator(**{"in_channels": self.vae.config.out_channels,
                                                    **(discriminator or {})})
+        if disc_start is None:  # never trained: frozen, so DDP does not wait for its gradients
+            self.discriminator.requires_grad_(False)
         self.logvar = torch.nn.Parameter(torch.tensor(float(logvar_init)), requires_grad=learn_logvar)
         self.perceptual = None
         if perceptual_weight > 0:

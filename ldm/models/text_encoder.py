@@ -18,6 +18,7 @@ part and, inside it, the image tower as its own part (``image_encoder/``) for CL
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import random
@@ -92,50 +93,65 @@ def _article(word: str) -> str:
     return "an" if word[:1] in "aeiou" else "a"
 
 
-def shapes_zero_shot_prompts() -> dict[str, dict[str, list[str]]] | None:
-    """Prompt ensembles per attribute value of the shapes vocabulary (``ldm.data.shapes``), or None.
+@dataclasses.dataclass
+class ZeroShotPrompts:
+    """Prompts covering a label space: ``labels[p, a]`` is prompt p's class index for attribute a."""
 
-    Every prompt is the dataset's canonical caption "a {size} {colour} {shape} {where}"; the class
-    embedding of a colour averages the prompts over all sizes, shapes and positions, and likewise for
-    shape and position (CLIP sec. 3.1.4, prompt ensembling), so the other attributes cancel out.
+    prompts: list[str]
+    labels: torch.Tensor
+    classes: dict[str, list[str]]
+
+
+def shapes_zero_shot_prompts() -> ZeroShotPrompts | None:
+    """Every single-object caption "a {size} {colour} {shape} {where}" of the shapes vocabulary, or None.
+
+    The canonical template of ``ldm.data.shapes`` over all 2 × 10 × 5 × 9 attribute combinations.
     """
     try:
         from ldm.data.shapes import COLORS, PHRASES, POSITIONS, SHAPES, SIZES
     except ImportError:
         return None
-    prompts = {"color": {c: [] for c in COLORS}, "shape": {s: [] for s in SHAPES},
-               "position": {p: [] for p in POSITIONS}}
+    classes = {"color": list(COLORS), "shape": list(SHAPES), "position": list(POSITIONS)}
+    prompts, labels = [], []
     for size in SIZES:
-        for color in COLORS:
-            for shape in SHAPES:
-                for position in POSITIONS:
-                    text = f"{_article(size)} {size} {color} {shape} {PHRASES[position]}"
-                    prompts["color"][color].append(text)
-                    prompts["shape"][shape].append(text)
-                    prompts["position"][position].append(text)
-    return prompts
+        for i, color in enumerate(COLORS):
+            for j, shape in enumerate(SHAPES):
+                for k, position in enumerate(POSITIONS):
+                    prompts.append(f"{_article(size)} {size} {color} {shape} {PHRASES[position]}")
+                    labels.append((i, j, k))
+    return ZeroShotPrompts(prompts, torch.tensor(labels, dtype=torch.long), classes)
 
 
-def zero_shot_classifier(text_encoder: CLIPTextConditioner, prompts: dict[str, list[str]]) -> torch.Tensor:
-    """(C, E) class embeddings: the normalized mean of each class's normalized prompt embeddings."""
-    rows = []
-    for class_prompts in prompts.values():
-        pooled = text_encoder.encode_text(class_prompts)[1]
-        rows.append(F.normalize(F.normalize(pooled.float(), dim=-1).mean(dim=0), dim=0))
-    return torch.stack(rows)
+@torch.no_grad()
+def zero_shot_predictions(text_encoder: CLIPTextConditioner, image_features: torch.Tensor, zs: ZeroShotPrompts
+                          ) -> dict[str, torch.Tensor]:
+    """Zero-shot class predictions (N, A) for L2-normalized image features (CLIP sec. 3.1.4).
+
+    ``"joint"``: the attributes of the single best-matching prompt (classification over the whole label
+    space). ``"ensemble"``: per attribute, the class whose prompt ensemble (normalized mean of its
+    prompts' normalized embeddings, so the other attributes average out) is nearest.
+    """
+    texts = torch.cat([F.normalize(text_encoder.encode_text(zs.prompts[i:i + 512])[1].float(), dim=-1)
+                       for i in range(0, len(zs.prompts), 512)]).to(image_features)
+    labels = zs.labels.to(image_features.device)
+    joint = labels[(image_features @ texts.T).argmax(dim=1)]
+    ensemble = []
+    for a, names in enumerate(zs.classes.values()):
+        centroids = torch.stack([F.normalize(texts[labels[:, a] == c].mean(dim=0), dim=0) for c in range(len(names))])
+        ensemble.append((image_features @ centroids.T).argmax(dim=1))
+    return {"joint": joint, "ensemble": torch.stack(ensemble, dim=1)}
 
 
-def single_object_labels(metas: Sequence[dict[str, Any]], vocab: dict[str, dict[str, list[str]]]) -> torch.Tensor:
+def single_object_labels(metas: Sequence[dict[str, Any]], classes: dict[str, list[str]]) -> torch.Tensor:
     """(B, A) class index of each attribute of single-object shapes scenes; −1 elsewhere."""
-    names = {attr: list(classes) for attr, classes in vocab.items()}
-    labels = torch.full((len(metas), len(names)), -1, dtype=torch.long)
+    labels = torch.full((len(metas), len(classes)), -1, dtype=torch.long)
     for i, meta in enumerate(metas):
         objects = meta.get("objects") if isinstance(meta, dict) else None
         if not objects or len(objects) != 1:
             continue
-        for j, (attr, classes) in enumerate(names.items()):
+        for j, (attr, names) in enumerate(classes.items()):
             value = objects[0].get(attr)
-            labels[i, j] = classes.index(value) if value in classes else -1
+            labels[i, j] = names.index(value) if value in names else -1
     return labels
 
 
@@ -310,7 +326,8 @@ class ContrastiveCLIP(PartModule):
         self._val["text"].append(text_features.float())
         self._val["caption"].append(caption_ids(batch["caption"]).to(self.device))
         if self.zero_shot_prompts is not None:
-            self._val["labels"].append(single_object_labels(batch["meta"], self.zero_shot_prompts).to(self.device))
+            labels = single_object_labels(batch["meta"], self.zero_shot_prompts.classes)
+            self._val["labels"].append(labels.to(self.device))
 
     def on_validation_epoch_end(self) -> None:
         if not self._val.get("image"):
@@ -327,16 +344,16 @@ class ContrastiveCLIP(PartModule):
             metrics.update(self._zero_shot(images, gathered["labels"]))
         self.log_dict(metrics, rank_zero_only=False)
 
-    @torch.no_grad()
     def _zero_shot(self, image_features: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        single = (labels >= 0).all(dim=1)
+        if not bool(single.any()):
+            return {}
+        predictions = zero_shot_predictions(self.text, image_features[single], self.zero_shot_prompts)
         out = {}
-        for j, (attr, prompts) in enumerate(self.zero_shot_prompts.items()):
-            keep = labels[:, j] >= 0
-            if not bool(keep.any()):
-                continue
-            classifier = zero_shot_classifier(self.text, prompts).to(image_features)
-            predicted = (image_features[keep] @ classifier.T).argmax(dim=1)
-            out[f"val/zeroshot_{attr}"] = (predicted == labels[keep, j]).float().mean().item()
+        for mode, predicted in predictions.items():
+            suffix = "" if mode == "joint" else f"_{mode}"
+            for a, attr in enumerate(self.zero_shot_prompts.classes):
+                out[f"val/zeroshot_{attr}{suffix}"] = (predicted[:, a] == labels[single, a]).float().mean().item()
         return out
 
     def _gather(self, x: torch.Tensor) -> torch.Tensor:
