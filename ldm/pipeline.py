@@ -65,6 +65,9 @@ class TextToImagePipeline:
         if uc.context_dim != self.text_encoder.token_dim:
             raise PartError(f"unet cross-attends to {uc.context_dim}-d tokens but the text_encoder gives "
                             f"{self.text_encoder.token_dim}-d tokens: these parts were not trained together")
+        if uc.pooled_dim and uc.pooled_dim != self.text_encoder.pooled_dim:
+            raise PartError(f"unet is conditioned on {uc.pooled_dim}-d pooled text embeddings but the text_encoder "
+                            f"gives {self.text_encoder.pooled_dim}-d ones: these parts were not trained together")
         f = vc.downsample_factor
         if self.config.height % f or self.config.width % f:
             raise PartError(f"pipeline size {self.config.height}x{self.config.width} is not divisible by the vae factor {f}")
@@ -145,7 +148,8 @@ class TextToImagePipeline:
         gen = torch.Generator().manual_seed(seed)
         noise = torch.randn((len(all_prompts), zc, height // f, width // f), generator=gen)
         sample_gen = torch.Generator(device=self.device).manual_seed(seed + 1)
-        uncond, _, uncond_mask = self.text_encoder.encode_text([negative_prompt or ""], return_mask=True)
+        uncond, uncond_pooled, uncond_mask = self.text_encoder.encode_text([negative_prompt or ""], return_mask=True)
+        use_pooled = bool(getattr(self.unet.config, "pooled_dim", None))
         batches = range(0, len(all_prompts), batch_size)
         if progress:
             from tqdm.auto import tqdm
@@ -154,13 +158,14 @@ class TextToImagePipeline:
         images = []
         for start in batches:
             chunk = all_prompts[start:start + batch_size]
-            cond, _, cond_mask = self.text_encoder.encode_text(chunk, return_mask=True)
+            cond, cond_pooled, cond_mask = self.text_encoder.encode_text(chunk, return_mask=True)
             # Cut padding columns no mask keeps: exact, since cross-attention ignores masked keys and the
             # causal text tower makes real tokens independent of the padding after them.
             keep = max(int(cond_mask.sum(1).max()), int(uncond_mask.sum(1).max()))
             model_fn = classifier_free_guidance(
                 self.unet, cond[:, :keep], uncond[:, :keep], guidance, rescale,
-                cond_mask=cond_mask[:, :keep], uncond_mask=uncond_mask[:, :keep])
+                cond_mask=cond_mask[:, :keep], uncond_mask=uncond_mask[:, :keep],
+                cond_pooled=cond_pooled if use_pooled else None, uncond_pooled=uncond_pooled if use_pooled else None)
             x_T = noise[start:start + batch_size].to(self.device, self.dtype)
             z0 = sample(model_fn, x_T, self.schedule, steps, sampler=sampler, generator=sample_gen, **sampler_options)
             images.append(self.vae.decode_latents(z0).clamp(-1, 1).float().cpu())

@@ -21,6 +21,9 @@ def tiny(**kw) -> AutoencoderKLConfig:
     (dict(ch_mult=[1, 1, 2, 2], num_res_blocks=2, attn_resolutions=[4], resolution=32), 32, (4, 4, 4)),  # f=8
     (dict(double_z=False, mid_attention=False), 16, (4, 8, 8)),                     # deterministic
     (dict(in_channels=1, out_channels=1), 16, (4, 8, 8)),                            # grayscale
+    (dict(patch_size=2), 16, (4, 4, 4)),                                             # f=2*2
+    (dict(patch_size=4, ch_mult=[1], mid_attention=False), 32, (4, 8, 8)),          # f=4*1
+    (dict(patch_size=2, ch_mult=[1, 2, 2], in_channels=1, out_channels=1), 32, (4, 4, 4)),  # f=2*4, grayscale
 ])
 def test_encoder_decoder_shapes(kw, size, latent):
     torch.manual_seed(0)
@@ -57,6 +60,50 @@ def test_bad_input_gives_clear_errors():
         AutoencoderKLConfig(ch=12, norm_groups=8)
     with pytest.raises(ValueError, match="num_res_blocks"):
         AutoencoderKLConfig(num_res_blocks=0)
+
+
+@pytest.mark.parametrize("patch_size,ch_mult,f", [(1, [1, 2], 2), (2, [1, 2], 4), (4, [1], 4), (2, [1, 1, 2], 8)])
+def test_patch_size_sets_the_downsampling_factor(patch_size, ch_mult, f):
+    cfg = tiny(patch_size=patch_size, ch_mult=ch_mult, resolution=32)
+    vae = AutoencoderKL(cfg)
+    assert cfg.downsample_factor == vae.downsample_factor == f
+    assert vae.encoder.conv_in.in_channels == 3 * patch_size**2 and vae.decoder.conv_out.out_channels == 3 * patch_size**2
+    assert vae.encode(torch.randn(1, 3, 32, 32)).mean.shape[-2:] == (32 // f, 32 // f)
+
+
+def test_patch_size_wraps_the_conv_stack_in_pixel_unshuffle_and_shuffle():
+    """The encoder's first conv sees space-to-depth input; the decoder's output is depth-to-space of its
+    last conv (Shi et al. 2016, sub-pixel layout: channel c*p^2 + i*p + j -> pixel (p*y + i, p*x + j))."""
+    torch.manual_seed(0)
+    vae = AutoencoderKL(tiny(patch_size=2)).eval()
+    seen = {}
+    vae.encoder.conv_in.register_forward_hook(lambda m, args, out: seen.update(enc_in=args[0]))
+    vae.decoder.conv_out.register_forward_hook(lambda m, args, out: seen.update(dec_out=out))
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        recon, _ = vae(x, sample_posterior=False)
+    assert seen["enc_in"].shape == (2, 12, 8, 8)
+    torch.testing.assert_close(seen["enc_in"][:, 4 * 1 + 2 * 1 + 0], x[:, 1, 1::2, 0::2], rtol=0, atol=0)
+    assert seen["dec_out"].shape == (2, 12, 8, 8)
+    torch.testing.assert_close(recon[:, 2, 0::2, 1::2], seen["dec_out"][:, 4 * 2 + 2 * 0 + 1], rtol=0, atol=0)
+
+
+def test_patch_size_places_attention_by_feature_size():
+    # 32 px, patch 2: encoder levels run at 16 and 8 px, so attn_resolutions=[8] is the second level
+    vae = AutoencoderKL(tiny(patch_size=2, ch_mult=[1, 2], resolution=32, attn_resolutions=[8], mid_attention=False))
+    assert [lvl.attns is not None for lvl in vae.encoder.down] == [False, True]
+    assert [lvl.attns is not None for lvl in vae.decoder.up] == [True, False]  # deepest first
+
+
+def test_patch_size_bad_input_gives_clear_errors():
+    vae = AutoencoderKL(tiny(patch_size=2, ch_mult=[1, 2], resolution=32))  # f=4
+    with pytest.raises(ValueError, match="not divisible by the downsampling factor 4"):
+        vae.encode(torch.randn(1, 3, 30, 32))  # divisible by the patch, not by f
+    with pytest.raises(ValueError, match="not divisible by the downsampling factor 4"):
+        vae.encode(torch.randn(1, 3, 32, 34))
+    for bad in (0, -2):
+        with pytest.raises(ValueError, match="patch_size must be >= 1"):
+            AutoencoderKLConfig(patch_size=bad)
 
 
 def test_scaled_latents_apply_scale_and_shift():

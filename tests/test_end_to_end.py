@@ -7,7 +7,7 @@ import json
 import torch
 
 from ldm.cli import main as ldm_main
-from ldm.data.latents import LatentDataModule, LatentDataset, load_empty_context
+from ldm.data.latents import LatentDataModule, LatentDataset, load_empty_context, load_empty_pooled
 from ldm.io import load_part
 from ldm.modules.autoencoder import AutoencoderKL
 from ldm.modules.text_encoder import CLIPTextConditioner
@@ -33,15 +33,17 @@ def test_cache_matches_the_encoders(tmp_path, shapes_dir):
     assert [first["caption"][0], first["caption"][5]] == batch["caption"]
     with torch.no_grad():
         post = vae.encode(first["image"][[0, 5]])
-        tokens, _, mask = te.encode_text(batch["caption"], return_mask=True)
+        tokens, pooled, mask = te.encode_text(batch["caption"], return_mask=True)
     scale, shift = vae.config.scaling_factor, vae.config.shift_factor
     torch.testing.assert_close(batch["latent_mean"], (post.mean - shift) * scale, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(batch["latent_std"], post.std * scale, atol=1e-5, rtol=1e-5)
     keep = batch["context"].shape[1]
     assert torch.equal(batch["mask"], mask[:, :keep]) and mask[:, keep:].sum() == 0
     torch.testing.assert_close(batch["context"], tokens[:, :keep], atol=2e-3, rtol=2e-3)  # stored as float16
+    torch.testing.assert_close(batch["pooled"], pooled, atol=2e-3, rtol=2e-3)
     ctx, m = load_empty_context(cache)
     assert ctx.shape == (1, keep, 32) and m.sum() == 2  # "" = start + end token
+    torch.testing.assert_close(load_empty_pooled(cache), te.encode_text([""])[1], atol=2e-3, rtol=2e-3)
     dm = LatentDataModule(str(cache), batch_size=32)
     assert next(iter(dm.train_dataloader()))["latent_mean"].shape == (32, 4, 8, 8)
 

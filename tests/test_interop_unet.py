@@ -3,6 +3,7 @@ and a smoke run of the speed benchmark."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -110,3 +111,20 @@ def test_benchmark_runs_and_writes_json(tmp_path):
                        "--no-diffusers", "--out", str(out)]) == 0
     saved = json.loads(out.read_text())
     assert saved["results"][0]["name"] == "shapes-s" and "diffusers" not in saved["results"][0]
+
+
+def test_pooled_conditioning_is_diffusers_projection_class_embedding():
+    config = dataclasses.replace(CONFIGS["num_heads"], pooled_dim=7)
+    theirs = diffusers_unet(config)
+    assert diffusers_config(config)["class_embed_type"] == "projection"
+    assert config_from_diffusers(dict(theirs.config)) == config
+    ours = UNet(config).eval()
+    ours.load_state_dict(diffusers_to_ldm(theirs.state_dict()), strict=True)
+    g = torch.Generator().manual_seed(2)
+    x, ctx, pooled = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 12, generator=g), torch.randn(2, 7, generator=g)
+    t = torch.tensor([3.0, 700.5])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, t, ctx, pooled=pooled), theirs(x, t, ctx, class_labels=pooled).sample,
+                                   atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="position embedding"):
+        diffusers_config(dataclasses.replace(config, position_embedding=True))

@@ -71,7 +71,7 @@ def test_caption_dropout_rate_and_replacement(parts):
     ctx = ctx.repeat(250, 1, 1)
     mask = mask.repeat(250, 1)
     torch.manual_seed(0)
-    dropped_ctx, dropped_mask = model.drop_captions(ctx, mask, 0.1)
+    dropped_ctx, dropped_mask, _ = model.drop_captions(ctx, mask, 0.1)
     empty_ctx, empty_mask = model.empty_context()
     empty_ctx, empty_mask = pad_tokens(empty_ctx, empty_mask, ctx.shape[1])
     is_empty = (dropped_ctx == empty_ctx).flatten(1).all(1) & (dropped_mask == empty_mask).all(1)
@@ -126,3 +126,21 @@ def test_sd15_config_counts_exactly_the_stable_diffusion_parameters():
     with torch.device("meta"):
         unet = UNet(UNetConfig(**config["model"]["init_args"]["unet"]))
     assert sum(p.numel() for p in unet.parameters()) == 859_520_964
+
+
+def test_pooled_conditioning_drops_pooled_with_the_tokens(parts):
+    model = make_model(parts, pooled_conditioning=True)
+    assert model.unet.config.pooled_dim == model.text_encoder.pooled_dim
+    batch = image_batch(8)
+    _, ctx, mask = model.latents_and_context(batch)
+    pooled = model.pooled_text(batch)
+    torch.testing.assert_close(pooled, model.text_encoder.encode_text(batch["caption"])[1])
+    ctx, mask, pooled = ctx.repeat(100, 1, 1), mask.repeat(100, 1), pooled.repeat(100, 1)
+    torch.manual_seed(0)
+    d_ctx, _, d_pooled = model.drop_captions(ctx, mask, 0.5, pooled)
+    empty_ctx, empty_mask = pad_tokens(*model.empty_context(), ctx.shape[1])
+    dropped_tokens = (d_ctx == empty_ctx).flatten(1).all(1)
+    dropped_pooled = (d_pooled == model.empty_pooled()).all(1)
+    assert torch.equal(dropped_tokens, dropped_pooled) and 0.35 < dropped_pooled.float().mean() < 0.65
+    loss = model.training_step(batch, 0)
+    assert torch.isfinite(loss)

@@ -92,3 +92,14 @@ def test_generate_cli_writes_grid_and_images(pipe_dir, tmp_path, capsys):
     grid = Image.open(out)
     assert grid.size == (2 * 18 + 2, 2 * 18 + 2)
     assert len(list((tmp_path / "grid").glob("*.png"))) == 4
+
+
+def test_pooled_conditioned_unet_round_trips_and_guidance_one_is_conditional(tmp_path):
+    pipe = tiny_pipeline(pooled_dim=32)
+    pipe.save_pretrained(tmp_path / "p")
+    prompts = ["a red circle", "a blue square"]
+    a = pipe.generate(prompts, steps=3, seed=1, progress=False)
+    b = TextToImagePipeline.from_pretrained(tmp_path / "p").generate(prompts, steps=3, seed=1, progress=False)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    swapped = pipe.generate(prompts[::-1], steps=3, seed=1, progress=False)
+    assert not torch.allclose(a[0], swapped[1])  # same noise, other prompt: the pooled embedding matters

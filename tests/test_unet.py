@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ldm.io import load_part, save_part
-from ldm.modules.embeddings import timestep_embedding
+from ldm.modules.embeddings import spatial_position_embedding, timestep_embedding
 from ldm.modules.unet import UNet, UNetConfig
 
 TINY = UNetConfig(model_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1, 2),
@@ -166,3 +166,36 @@ def test_channels_last_gives_the_same_output_and_gradients():
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     for p, g in zip(unet_cl.parameters(), ref_grads):
         torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-4)
+
+
+def test_spatial_position_embedding_is_the_2d_sinusoid():
+    emb = spatial_position_embedding(3, 5, 8)  # 4 channels for the row, 4 for the column: [cos w0, cos w1, sin w0, sin w1]
+    assert emb.shape == (8, 3, 5)
+    w1 = 10000.0 ** -0.5
+    torch.testing.assert_close(emb[:, 2, 4], torch.tensor([math.cos(2), math.cos(2 * w1), math.sin(2), math.sin(2 * w1),
+                                                           math.cos(4), math.cos(4 * w1), math.sin(4), math.sin(4 * w1)]))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        spatial_position_embedding(2, 2, 6)
+
+
+def test_position_embedding_and_pooled_conditioning_change_the_output():
+    torch.manual_seed(0)
+    base = dict(model_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1,), num_heads=2,
+                context_dim=6, num_groups=4)
+    plain = UNet(UNetConfig(**base))
+    torch.nn.init.normal_(plain.conv_out.weight, std=0.1)
+    with_pos = UNet(UNetConfig(**base, position_embedding=True))
+    with_pos.load_state_dict(plain.state_dict())
+    pooled = UNet(UNetConfig(**base, pooled_dim=5))
+    pooled.load_state_dict(plain.state_dict(), strict=False)
+    x, ctx, t = torch.randn(2, 4, 8, 8), torch.randn(2, 3, 6), torch.tensor([10.0, 500.0])
+    p = torch.randn(2, 5)
+    with torch.no_grad():
+        assert not torch.allclose(with_pos(x, t, ctx), plain(x, t, ctx))
+        a, b = pooled(x, t, ctx, pooled=p), pooled(x, t, ctx, pooled=p.flip(0))
+        assert not torch.allclose(a[0], b[0])
+        torch.testing.assert_close(pooled(x[:1], t[:1], ctx[:1], pooled=p[:1]), a[:1], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="pooled="):
+        pooled(x, t, ctx)
+    with pytest.raises(ValueError, match="no pooled_dim"):
+        plain(x, t, ctx, pooled=p)

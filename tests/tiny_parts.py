@@ -36,9 +36,9 @@ def export_tiny_parts(root: Path, seed: int = 0) -> tuple[Path, Path]:
     return vae_dir, te_dir
 
 
-def tiny_pipeline(seed: int = 0) -> TextToImagePipeline:
+def tiny_pipeline(seed: int = 0, **unet_options) -> TextToImagePipeline:
     torch.manual_seed(seed)
-    unet = UNet(UNetConfig(in_channels=4, out_channels=4, context_dim=32, **TINY_UNET))
+    unet = UNet(UNetConfig(in_channels=4, out_channels=4, context_dim=32, **{**TINY_UNET, **unet_options}))
     with torch.no_grad():  # zero-initialised output conv would make every sample identical: randomise it
         for p in unet.parameters():
             if p.abs().sum() == 0:

@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "cache": "cache",
     "generate": "generate",
     "adherence": "adherence",
+    "fid": "fid",
     "toy": "toy",
 }
 

@@ -7,6 +7,7 @@ Layout written by ``ldm cache`` (``build_latent_cache``)::
     OUT/{train,val}/chunk-NNNNN.safetensors
         mean, std   (N, C, h, w) float32 — the posterior q(z|x) in diffusion space: (μ − shift)·scale, σ·scale
         context     (N, L, D) float16   — token embeddings, L trimmed to the longest caption (exact under masking)
+        pooled      (N, E) float16      — the pooled text embedding (for U-Nets with pooled_dim)
         mask        (N, L) uint8        — 1 on real tokens
       metadata "captions": JSON list of the N captions
 
@@ -29,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from ldm.data.shards import list_shards
 from ldm.data.webdata import ShardDataset
 from ldm.io import module_config, read_json, write_json
+from ldm.training.resume import ResumableLoader
 
 CHUNK = "chunk-{:05d}.safetensors"
 
@@ -41,12 +43,14 @@ def config_hash(module: torch.nn.Module) -> str:
 @torch.no_grad()
 def encode_split(vae: torch.nn.Module, text_encoder: torch.nn.Module, data_dir: str | Path, split: str,
                  out_dir: Path, resolution: int, batch_size: int = 256, chunk_size: int = 8192,
-                 progress: bool = True) -> dict[str, Any]:
-    """Encode every sample of ``data_dir/split`` in shard order into chunk files; returns counts."""
+                 progress: bool = True, num_workers: int = 1) -> dict[str, Any]:
+    """Encode every sample of ``data_dir/split`` in shard order into chunk files; returns counts.
+
+    Each distinct caption goes through the text encoder once (shapes: 20 k distinct of 50 k)."""
     dataset = ShardDataset(list_shards(data_dir, split), resolution, batch_size, shuffle_buffer=0,
                            rank=0, world_size=1)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pending: dict[str, list] = {"mean": [], "std": [], "context": [], "mask": [], "captions": []}
+    pending: dict[str, list] = {"mean": [], "std": [], "context": [], "pooled": [], "mask": [], "captions": []}
     n_done, n_chunks, skipped, max_len = 0, 0, 0, 0
     scale, shift = vae.config.scaling_factor, vae.config.shift_factor
     bar = None
@@ -59,22 +63,30 @@ def encode_split(vae: torch.nn.Module, text_encoder: torch.nn.Module, data_dir: 
         nonlocal n_chunks, pending
         if not pending["captions"]:
             return
-        tensors = {k: torch.cat(pending[k]) for k in ("mean", "std", "context", "mask")}
+        tensors = {k: torch.cat(pending[k]) for k in ("mean", "std", "context", "pooled", "mask")}
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_dir / CHUNK.format(n_chunks)),
                   metadata={"captions": json.dumps(pending["captions"])})
         n_chunks += 1
         pending = {k: [] for k in pending}
 
     device = next(vae.parameters()).device
-    for batch in dataset:
+    memo: dict[str, tuple[torch.Tensor, ...]] = {}  # caption -> (tokens, mask, pooled): encode each text once
+    # one worker decodes PNGs while this process encodes (the dataset yields whole batches)
+    loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False)
+    for batch in loader:
         skipped += int(batch.get("skipped", 0))
         posterior = vae.encode(batch["image"].to(device))
-        tokens, _, mask = text_encoder.encode_text(batch["caption"], return_mask=True)
+        new = [c for c in dict.fromkeys(batch["caption"]) if c not in memo]
+        if new:
+            tokens, pooled, mask = text_encoder.encode_text(new, return_mask=True)
+            memo.update(zip(new, zip(tokens.half().cpu(), mask.to(torch.uint8).cpu(), pooled.half().cpu())))
+        tokens, mask, pooled = (torch.stack([memo[c][i] for c in batch["caption"]]) for i in range(3))
         max_len = max(max_len, int(mask.sum(1).max()))
         pending["mean"].append(((posterior.mean - shift) * scale).float().cpu())
         pending["std"].append((posterior.std * scale).float().cpu())
-        pending["context"].append(tokens.half().cpu())
-        pending["mask"].append(mask.to(torch.uint8).cpu())
+        pending["context"].append(tokens)
+        pending["pooled"].append(pooled)
+        pending["mask"].append(mask)
         pending["captions"].extend(batch["caption"])
         n_done += len(batch["caption"])
         if bar is not None:
@@ -99,9 +111,9 @@ def build_latent_cache(vae: torch.nn.Module, text_encoder: torch.nn.Module, data
     for split in splits:
         info["splits"][split] = encode_split(vae, text_encoder, data_dir, split, out / split, resolution,
                                              batch_size, progress=progress)
-    empty, _, empty_mask = text_encoder.encode_text([""], return_mask=True)
-    save_file({"context": empty.half().cpu().contiguous(), "mask": empty_mask.to(torch.uint8).cpu().contiguous()},
-              str(out / "empty.safetensors"))
+    empty, empty_pooled, empty_mask = text_encoder.encode_text([""], return_mask=True)
+    save_file({"context": empty.half().cpu().contiguous(), "mask": empty_mask.to(torch.uint8).cpu().contiguous(),
+               "pooled": empty_pooled.half().cpu().contiguous()}, str(out / "empty.safetensors"))
     info["max_tokens"] = max([s["max_tokens"] for s in info["splits"].values()] + [int(empty_mask.sum())])
     write_json(out / "info.json", info)
     return info
@@ -118,23 +130,30 @@ class LatentDataset(Dataset):
             raise FileNotFoundError(f"latent cache {self.dir / split} has no chunks; run `ldm cache` first")
         keep = int(info["max_tokens"])
         parts: dict[str, list[torch.Tensor]] = {"mean": [], "std": [], "context": [], "mask": []}
+        pooled: list[torch.Tensor] = []
         self.captions: list[str] = []
         for path in chunks:
             with safe_open(str(path), framework="pt") as f:
                 for k in parts:
                     t = f.get_tensor(k)
                     parts[k].append(t[:, :keep] if k in ("context", "mask") else t)
+                if "pooled" in f.keys():  # caches written before pooled conditioning lack it
+                    pooled.append(f.get_tensor("pooled"))
                 self.captions.extend(json.loads(f.metadata()["captions"]))
         self.mean, self.std = torch.cat(parts["mean"]), torch.cat(parts["std"])
         self.context, self.mask = torch.cat(parts["context"]), torch.cat(parts["mask"]).bool()
+        self.pooled = torch.cat(pooled) if len(pooled) == len(chunks) else None
 
     def __len__(self) -> int:
         return len(self.captions)
 
     def __getitems__(self, indices: list[int]) -> dict[str, Any]:
         idx = torch.as_tensor(indices)
-        return {"latent_mean": self.mean[idx], "latent_std": self.std[idx], "context": self.context[idx].float(),
-                "mask": self.mask[idx], "caption": [self.captions[i] for i in indices]}
+        batch = {"latent_mean": self.mean[idx], "latent_std": self.std[idx], "context": self.context[idx].float(),
+                 "mask": self.mask[idx], "caption": [self.captions[i] for i in indices]}
+        if self.pooled is not None:
+            batch["pooled"] = self.pooled[idx].float()
+        return batch
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.__getitems__([index])
@@ -152,8 +171,14 @@ def load_empty_context(cache_dir: str | Path) -> tuple[torch.Tensor, torch.Tenso
         return f.get_tensor("context")[:, :keep].float(), f.get_tensor("mask")[:, :keep].bool()
 
 
+def load_empty_pooled(cache_dir: str | Path) -> torch.Tensor | None:
+    """The "" prompt's pooled embedding (1, E) float32, or None for a cache written without it."""
+    with safe_open(str(Path(cache_dir) / "empty.safetensors"), framework="pt") as f:
+        return f.get_tensor("pooled").float() if "pooled" in f.keys() else None
+
+
 class LatentDataModule(pl.LightningDataModule):
-    """Batches ``{"latent_mean", "latent_std", "context", "mask", "caption"}`` from a latent cache.
+    """Batches ``{"latent_mean", "latent_std", "context", "mask", "caption"}`` (+ ``"pooled"``) from a latent cache.
 
     Map-style, so under DDP Lightning's DistributedSampler gives each rank a disjoint share.
     """
@@ -179,11 +204,14 @@ class LatentDataModule(pl.LightningDataModule):
     def empty_context(self) -> tuple[torch.Tensor, torch.Tensor]:
         return load_empty_context(self.cache_dir)
 
+    def empty_pooled(self) -> torch.Tensor | None:
+        return load_empty_pooled(self.cache_dir)
+
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
-        gen = torch.Generator().manual_seed(self.hparams.seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          collate_fn=_as_batch, num_workers=self.num_workers, generator=gen)
+        # pass e is shuffled with a seed of (seed, e) alone and its position is checkpointed: exact resume
+        return ResumableLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
+                               collate_fn=_as_batch, num_workers=self.num_workers, seed=self.hparams.seed)
 
     def val_dataloader(self) -> DataLoader | list:
         self.setup("fit")

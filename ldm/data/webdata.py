@@ -33,9 +33,10 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import IterableDataset
 
 from ldm.data.shards import IMAGE_EXTS, Sample, list_shards, read_info, read_shard
+from ldm.training.resume import ResumableLoader
 
 LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)
 # Lightning warns that an IterableDataset's __len__ may be wrong with several workers; ShardDataset deals
@@ -137,12 +138,13 @@ class ShardDataset(IterableDataset):
         self._warned = 0
 
     # ---- splitting ---------------------------------------------------------------------------------
-    def shards_for(self, worker: int, num_workers: int) -> list[str]:
-        """This rank's and worker's shards for a non-resampled pass (shuffled per epoch if shuffling)."""
+    def shards_for(self, worker: int, num_workers: int, rank: int | None = None) -> list[str]:
+        """This (or ``rank``'s) worker's shards for a non-resampled pass (shuffled per epoch if shuffling)."""
         order = list(self.urls)
         if self.shuffle_buffer > 0:
             random.Random(f"shards/{self.seed}/{self.epoch}").shuffle(order)  # same on every rank
-        return order[self.rank::self.world_size][worker::num_workers]
+        rank = self.rank if rank is None else rank
+        return order[rank::self.world_size][worker::num_workers]
 
     def samples_per_worker(self, num_workers: int) -> int:
         """Resampled mode: samples each worker yields per epoch (``samples_per_epoch`` split evenly)."""
@@ -150,14 +152,18 @@ class ShardDataset(IterableDataset):
         return math.ceil(per_rank / max(1, num_workers))
 
     def __len__(self) -> int:
-        """Batches per epoch on this rank: exact in resampled mode, from info.json shard counts otherwise."""
+        """Batches per epoch on this rank: exact in resampled mode, from info.json shard counts otherwise.
+
+        In a one-pass epoch under DDP it is the longest rank's count: ``EpochLoader`` pads the other ranks
+        to it, so every rank runs the same number of steps.
+        """
         workers = max(1, self.num_workers)
         if self.samples_per_epoch is not None:
             return workers * math.ceil(self.samples_per_worker(workers) / self.batch_size)
         if self.shard_counts is None or any(u not in self.shard_counts for u in self.urls):
             raise TypeError("length unknown: no per-shard counts (set samples_per_epoch for a fixed length)")
-        return sum(math.ceil(sum(self.shard_counts[u] for u in self.shards_for(w, workers)) / self.batch_size)
-                   for w in range(workers))
+        return max(sum(math.ceil(sum(self.shard_counts[u] for u in self.shards_for(w, workers, r)) / self.batch_size)
+                       for w in range(workers)) for r in range(self.world_size))
 
     # ---- reading -----------------------------------------------------------------------------------
     def _skip(self, what: str) -> None:
@@ -257,22 +263,47 @@ class ShardDataset(IterableDataset):
             yield self._batch(items)
 
 
-class EpochLoader(DataLoader):
+class EpochLoader(ResumableLoader):
     """A DataLoader that tells its ``ShardDataset`` which pass this is, so every epoch reshuffles.
 
-    Workers are (re)started at each ``iter()`` (no persistent workers), so they see the new epoch.
+    Workers are (re)started at each ``iter()`` (no persistent workers), so they see the new epoch. The pass
+    and the batches already trained are saved in Lightning checkpoints (``ResumableLoader``), so a resumed
+    run continues the same stream.
     """
 
     def __init__(self, dataset: ShardDataset, **kwargs: Any) -> None:
         kwargs.setdefault("batch_size", None)
         kwargs.setdefault("collate_fn", _identity)
         super().__init__(dataset, **kwargs)
-        self._passes = 0
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        self.dataset.epoch = self._passes
-        self._passes += 1
-        return super().__iter__()
+    def _source(self) -> Iterator[dict[str, Any]]:
+        dataset = self.dataset
+        if dataset.world_size == 1 or dataset.samples_per_epoch is not None:
+            return super()._source()
+        try:
+            target = len(dataset)
+        except TypeError:  # no shard counts: ranks may run different step counts (WebDataModule warns)
+            return super()._source()
+        return self._padded(target)
+
+    def _padded(self, target: int) -> Iterator[dict[str, Any]]:
+        """Exactly ``target`` batches under DDP: a rank whose pass is shorter (fewer samples in its shards,
+        skipped samples, a vanished shard) starts its own shards again, so no rank waits for the others
+        forever. Repeated batches carry ``skipped = 0``: skips are counted once."""
+        produced, repeating = 0, False
+        while produced < target:
+            fresh = 0
+            for batch in super()._source():
+                if repeating:
+                    batch["skipped"] = torch.zeros_like(batch["skipped"])
+                yield batch
+                produced, fresh = produced + 1, fresh + 1
+                if produced == target:
+                    return
+            if fresh == 0:
+                raise RuntimeError(f"rank {self.dataset.rank} read no usable sample from its shards; it cannot keep "
+                                   "step with the other ranks. Check the dataset at --data.data_dir")
+            repeating = True
 
 
 def skipped_count(batch: dict[str, Any]) -> int:
@@ -366,16 +397,17 @@ class WebDataModule(pl.LightningDataModule):
 
     def _dataset(self, urls: list[str], split: str, train: bool) -> ShardDataset:
         rank, world = self._rank_world()
-        if train and world > 1 and self.samples_per_epoch is None:
-            warnings.warn(f"training on {world} ranks without samples_per_epoch: ranks read different shards and "
-                          "may see different numbers of batches (DDP then waits forever at the epoch end); "
+        counts = self._counts(split)
+        if train and world > 1 and self.samples_per_epoch is None and (counts is None or len(counts) < len(urls)):
+            warnings.warn(f"training on {world} ranks without samples_per_epoch or per-shard counts in info.json: "
+                          "ranks may see different numbers of batches (DDP then waits forever at the epoch end); "
                           "set --data.samples_per_epoch for resampled, equal-length epochs", UserWarning, stacklevel=2)
         return ShardDataset(urls, self.resolution, self.batch_size if train else self.val_batch_size,
                             shuffle_buffer=self.shuffle_buffer if train else 0,
                             samples_per_epoch=self.samples_per_epoch if train else None,
                             random_crop=self.random_crop and train, hflip=self.hflip and train, seed=self.seed,
                             rank=rank, world_size=world, num_workers=self.num_workers,
-                            require_caption=self.require_caption, shard_counts=self._counts(split))
+                            require_caption=self.require_caption, shard_counts=counts)
 
     def _loader(self, dataset: ShardDataset) -> EpochLoader:
         return EpochLoader(dataset, num_workers=self.num_workers, pin_memory=self.pin_memory)

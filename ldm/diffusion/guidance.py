@@ -33,15 +33,19 @@ def guided_output(uncond: Tensor, cond: Tensor, scale: float, rescale: float = 0
 
 def classifier_free_guidance(denoiser: Denoiser, cond: Tensor, uncond: Tensor, scale: float,
                              rescale: float = 0.0, cond_mask: Tensor | None = None,
-                             uncond_mask: Tensor | None = None) -> Callable[[Tensor, Tensor], Tensor]:
+                             uncond_mask: Tensor | None = None, cond_pooled: Tensor | None = None,
+                             uncond_pooled: Tensor | None = None) -> Callable[[Tensor, Tensor], Tensor]:
     """Wrap ``denoiser`` so each ``model_fn(x, t)`` call evaluates cond and uncond in ONE batched forward
     of size 2B and returns :func:`guided_output`. ``scale`` = 1 gives the conditional model, 0 the
     unconditional one.
 
     ``cond``/``uncond`` are (B, L, D) token embeddings (a batch of 1 is broadcast to B). With masks
     (B, L) the denoiser is called as ``denoiser(x, t, context, mask)``, else ``denoiser(x, t, context)``;
-    a missing mask for one branch counts as all tokens valid.
+    a missing mask for one branch counts as all tokens valid. ``cond_pooled``/``uncond_pooled`` (B or 1, E),
+    given together, are passed as ``pooled=`` (a U-Net conditioned on the pooled text embedding).
     """
+    if (cond_pooled is None) != (uncond_pooled is None):
+        raise ValueError("pass both cond_pooled and uncond_pooled, or neither")
     if cond.ndim < 2 or uncond.shape[1:] != cond.shape[1:]:
         raise ValueError(f"cond {tuple(cond.shape)} and uncond {tuple(uncond.shape)} contexts must share (L, D): "
                          "encode the empty prompt padded to the same length")
@@ -66,7 +70,10 @@ def classifier_free_guidance(denoiser: Denoiser, cond: Tensor, uncond: Tensor, s
             if masks[0].dtype != masks[1].dtype:
                 masks = [m.to(torch.bool) for m in masks]
             args.append(torch.cat(masks))
-        out_uncond, out_cond = denoiser(*args).chunk(2)
+        kwargs = {}
+        if cond_pooled is not None:
+            kwargs["pooled"] = torch.cat([batch(uncond_pooled, b), batch(cond_pooled, b)]).to(device=x.device)
+        out_uncond, out_cond = denoiser(*args, **kwargs).chunk(2)
         return guided_output(out_uncond, out_cond, scale, rescale)
 
     return model_fn

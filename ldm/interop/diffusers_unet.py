@@ -25,6 +25,7 @@ Tensor = torch.Tensor
 # (diffusers pattern, ldm replacement), applied in order to every key; the inverse table goes back.
 _BLOCKS = [
     (r"^time_embedding\.", "time_embed."),
+    (r"^class_embedding\.", "pooled_embed."),
     (r"^conv_norm_out\.", "norm_out."),
     (r"^down_blocks\.(\d+)\.resnets\.(\d+)\.", r"down.\1.res.\2."),
     (r"^down_blocks\.(\d+)\.attentions\.(\d+)\.", r"down.\1.attn.\2."),
@@ -43,6 +44,7 @@ _BLOCKS = [
 ]
 _BLOCKS_BACK = [
     (r"^time_embed\.", "time_embedding."),
+    (r"^pooled_embed\.", "class_embedding."),
     (r"^norm_out\.", "conv_norm_out."),
     (r"^down\.(\d+)\.res\.(\d+)\.", r"down_blocks.\1.resnets.\2."),
     (r"^down\.(\d+)\.attn\.(\d+)\.", r"down_blocks.\1.attentions.\2."),
@@ -104,6 +106,9 @@ def ldm_to_diffusers(state_dict: dict[str, Tensor], linear_projection: bool = Fa
 
 def diffusers_config(config: UNetConfig) -> dict[str, Any]:
     """Keyword arguments for ``diffusers.UNet2DConditionModel(**kw)`` with the same architecture."""
+    if config.position_embedding:
+        raise ValueError("diffusers' UNet2DConditionModel has no spatial position embedding; "
+                         "only position_embedding=False converts")
     widths = config.level_channels
     attn = [2**i in config.attention_resolutions for i in range(len(widths))]
     return {
@@ -127,6 +132,9 @@ def diffusers_config(config: UNetConfig) -> dict[str, Any]:
         "downsample_padding": 1,
         "act_fn": "silu",
         "use_linear_projection": False,
+        # the pooled text embedding is diffusers' "projection" class embedding (added to the time embedding)
+        **({"class_embed_type": "projection", "projection_class_embeddings_input_dim": config.pooled_dim}
+           if config.pooled_dim else {}),
     }
 
 
@@ -138,7 +146,10 @@ def config_from_diffusers(dconfig: dict[str, Any]) -> UNetConfig:
     def get(name: str, default: Any) -> Any:
         return dconfig.get(name, default)
 
-    unsupported = {"class_embed_type": None, "addition_embed_type": None, "time_cond_proj_dim": None,
+    pooled_dim = None
+    if get("class_embed_type", None) == "projection" and not get("class_embeddings_concat", False):
+        pooled_dim = int(get("projection_class_embeddings_input_dim", 0)) or None
+    unsupported = {"class_embed_type": "projection" if pooled_dim else None, "addition_embed_type": None, "time_cond_proj_dim": None,
                    "encoder_hid_dim": None, "only_cross_attention": False, "upcast_attention": False,
                    "resnet_time_scale_shift": "default", "center_input_sample": False, "dual_cross_attention": False,
                    "act_fn": "silu", "flip_sin_to_cos": True, "freq_shift": 0, "downsample_padding": 1,
@@ -182,5 +193,5 @@ def config_from_diffusers(dconfig: dict[str, Any]) -> UNetConfig:
                       channel_mult=tuple(w // base for w in widths), num_res_blocks=layers,
                       attention_resolutions=attention, num_heads=num_heads, head_dim=head_dim,
                       transformer_depth=depth, context_dim=get("cross_attention_dim", 768),
-                      dropout=get("dropout", 0.0), num_groups=get("norm_num_groups", 32))
+                      dropout=get("dropout", 0.0), num_groups=get("norm_num_groups", 32), pooled_dim=pooled_dim)
 

@@ -94,6 +94,8 @@ def check_diffusers_expressible(config: AutoencoderKLConfig) -> None:
         raise ValueError("diffusers' AutoencoderKL always predicts mean and logvar; set double_z=True to convert")
     if config.dropout:
         raise ValueError("diffusers' VAE blocks have no dropout; set dropout=0 to convert")
+    if config.patch_size != 1:
+        raise ValueError("diffusers' AutoencoderKL has no pixel (un)shuffle; only patch_size=1 converts")
 
 
 def _level_sizes(config: AutoencoderKLConfig) -> list[int]:

@@ -35,7 +35,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from ldm.data.webdata import log_skipped
 from ldm.io import save_part
-from ldm.models.base import PartModule
+from ldm.models.base import PartModule, local_log_dir, rank_zero_write
 from ldm.modules.autoencoder import AutoencoderKL, AutoencoderKLConfig
 from ldm.modules.discriminator import (GAN_LOSSES, PatchDiscriminator, adaptive_weight, discriminator_loss,
                                        generator_loss)
@@ -274,7 +274,7 @@ class AutoencoderModule(PartModule):
                 experiment.add_image(tag, np.asarray(grid), step, dataformats="HWC")
                 logged = True
         if not logged and self._trainer is not None:
-            folder = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "images"
+            folder = local_log_dir(self.trainer) / "images"  # not trainer.log_dir: a collective, rank 0 only here
             folder.mkdir(parents=True, exist_ok=True)
             grid.save(folder / f"{tag.replace('/', '_')}_{step:07d}.png")
 
@@ -353,11 +353,7 @@ class AutoencoderModule(PartModule):
         part = AutoencoderKL(dataclasses.replace(self.vae.config, scaling_factor=scale, shift_factor=shift))
         part.load_state_dict(self.vae.state_dict())
         out = Path(out_dir)
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        if not distributed or dist.get_rank() == 0:
-            save_part(part, out)
-        if distributed:
-            dist.barrier()
+        rank_zero_write(lambda: save_part(part, out))  # every rank measured the same scale; rank 0 writes
         return out
 
 

@@ -11,6 +11,7 @@ at fixed timesteps with fixed noise, and a sample grid of ``val_prompts`` from t
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from torch import nn
 from ldm.diffusion.objectives import diffusion_loss, offset_noise
 from ldm.diffusion.schedules import DiscreteSchedule, ScheduleConfig
 from ldm.io import PartError, load_part
-from ldm.models.base import PartModule
+from ldm.models.base import PartModule, local_log_dir, rank_zero_write
 from ldm.modules.autoencoder import AutoencoderKL
 from ldm.modules.ema import EMA
 from ldm.modules.text_encoder import CLIPTextConditioner
@@ -64,6 +65,8 @@ class LatentDiffusion(PartModule):
         stratified_timesteps: stratified t sampling per batch.
         resolution: image size (the U-Net runs at resolution / vae factor).
         val_prompts / sample_every_n_val / sample_steps / sample_guidance: the validation sample grid.
+        pooled_conditioning: also condition on the prompt's pooled embedding, added to the time embedding
+            (``UNetConfig.pooled_dim`` = the text encoder's; GLIDE sec. 2.3, SDXL sec. 2.1).
     """
 
     def __init__(self, vae_path: str | None = None, text_encoder_path: str | None = None,
@@ -73,7 +76,7 @@ class LatentDiffusion(PartModule):
                  betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 100, min_lr_ratio: float = 0.05,
                  ema_decay: float = 0.999, stratified_timesteps: bool = True, resolution: int = 32,
                  val_prompts: list[str] | None = None, sample_every_n_val: int = 1, sample_steps: int = 10,
-                 sample_guidance: float = 4.0, val_timesteps: int = 8):
+                 sample_guidance: float = 4.0, val_timesteps: int = 8, pooled_conditioning: bool = False):
         super().__init__()
         self.save_hyperparameters()
         if not 0.0 <= p_uncond <= 1.0:
@@ -83,12 +86,14 @@ class LatentDiffusion(PartModule):
         if hasattr(self.text_encoder, "freeze"):
             self.text_encoder.freeze()
         z = self.vae.config.z_channels
-        unet_cfg = {"in_channels": z, "out_channels": z, "context_dim": self.text_encoder.token_dim, **(unet or {})}
+        unet_cfg = {"in_channels": z, "out_channels": z, "context_dim": self.text_encoder.token_dim,
+                    **({"pooled_dim": self.text_encoder.pooled_dim} if pooled_conditioning else {}), **(unet or {})}
         self.unet = UNet(UNetConfig(**unet_cfg))
         self.schedule = DiscreteSchedule(ScheduleConfig(**(schedule or {})))
         self.ema = EMA(self.unet, ema_decay)
         self.val_prompts = list(val_prompts or DEFAULT_VAL_PROMPTS)
         self._empty: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._empty_pooled: torch.Tensor | None = None
         self._val_runs = 0
 
     # ---- frozen parts stay out of checkpoints: they are exported parts with their own files ----------
@@ -122,6 +127,28 @@ class LatentDiffusion(PartModule):
             self._empty = (ctx[:, :keep].to(self.device, self.dtype), mask[:, :keep].to(self.device))
         return self._empty
 
+    def empty_pooled(self) -> torch.Tensor:
+        """The "" prompt's pooled embedding (1, E), for caption dropout of a pooled-conditioned U-Net."""
+        if self._empty_pooled is None or self._empty_pooled.device != self.device:
+            dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+            pooled = dm.empty_pooled() if dm is not None and hasattr(dm, "empty_pooled") else None
+            if pooled is None:
+                pooled = self.text_encoder.encode_text([""])[1]
+            self._empty_pooled = pooled.to(self.device, self.dtype)
+        return self._empty_pooled
+
+    @torch.no_grad()
+    def pooled_text(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        """The captions' pooled embeddings (B, E) when the U-Net is conditioned on them, else None."""
+        if not self.unet.config.pooled_dim:
+            return None
+        if "pooled" in batch:
+            return batch["pooled"].to(self.dtype)
+        if "latent_mean" in batch:
+            raise ValueError("this U-Net is conditioned on the pooled text embedding but the latent cache has none: "
+                             "rebuild it with `ldm cache` (make train-ldm does)")
+        return self.text_encoder.encode_text(batch["caption"])[1].to(self.dtype)
+
     @torch.no_grad()
     def latents_and_context(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(z0 scaled latents, context, mask) from a cached or an image batch."""
@@ -134,10 +161,12 @@ class LatentDiffusion(PartModule):
         keep = int(mask.sum(1).max())
         return z0, context[:, :keep], mask[:, :keep]
 
-    def drop_captions(self, context: torch.Tensor, mask: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Replace each caption's tokens by the empty prompt's with probability ``p`` (CFG training)."""
+    def drop_captions(self, context: torch.Tensor, mask: torch.Tensor, p: float, pooled: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Replace each caption's tokens (and pooled embedding) by the empty prompt's with probability ``p``
+        (classifier-free guidance training, Ho & Salimans 2022 algorithm 1)."""
         if p <= 0:
-            return context, mask
+            return context, mask, pooled
         empty_ctx, empty_mask = self.empty_context()
         length = max(context.shape[1], empty_ctx.shape[1])
         context, mask = pad_tokens(context, mask, length)
@@ -145,24 +174,26 @@ class LatentDiffusion(PartModule):
         drop = torch.rand(context.shape[0], device=context.device) < p
         context = torch.where(drop[:, None, None], empty_ctx.to(context.dtype), context)
         mask = torch.where(drop[:, None], empty_mask, mask)
-        return context, mask
+        if pooled is not None:
+            pooled = torch.where(drop[:, None], self.empty_pooled().to(pooled.dtype), pooled)
+        return context, mask, pooled
 
     # ---- training ----------------------------------------------------------------------------------
     def loss(self, z0: torch.Tensor, context: torch.Tensor, mask: torch.Tensor, t: torch.Tensor,
-             noise: torch.Tensor) -> torch.Tensor:
+             noise: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:
         """Weighted denoising loss of the U-Net at timesteps ``t`` with ``noise`` (objectives.diffusion_loss)."""
         x_t = self.schedule.q_sample(z0, t, noise)
-        out = self.unet(x_t, t.to(z0.dtype), context, mask)
+        out = self.unet(x_t, t.to(z0.dtype), context, mask, pooled=pooled)
         h = self.hparams
         return diffusion_loss(out, z0, noise, t, self.schedule, self.schedule.prediction_type,
                               h.loss_weighting, h.min_snr_gamma)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         z0, context, mask = self.latents_and_context(batch)
-        context, mask = self.drop_captions(context, mask, self.hparams.p_uncond)
+        context, mask, pooled = self.drop_captions(context, mask, self.hparams.p_uncond, self.pooled_text(batch))
         noise = offset_noise(z0, self.hparams.offset_noise) if self.hparams.offset_noise else torch.randn_like(z0)
         t = sample_timesteps(z0.shape[0], self.schedule.num_train_timesteps, self.hparams.stratified_timesteps, z0.device)
-        loss = self.loss(z0, context, mask, t, noise)
+        loss = self.loss(z0, context, mask, t, noise, pooled)
         self.log("train/loss", loss, prog_bar=True, batch_size=z0.shape[0])
         return loss
 
@@ -195,13 +226,14 @@ class LatentDiffusion(PartModule):
         else:
             z0 = self.vae.encode_latents(batch["image"])
             context, _, mask = self.text_encoder.encode_text(batch["caption"], return_mask=True)
+        pooled = self.pooled_text(batch)
         T, n = self.schedule.num_train_timesteps, self.hparams.val_timesteps
         losses = []
         with self.ema.swapped_into(self.unet):
             for t_val in torch.linspace(0, T - 1, n).round().long().tolist():
                 noise = torch.randn(z0.shape, generator=gen).to(z0)
                 t = torch.full((z0.shape[0],), t_val, device=z0.device, dtype=torch.long)
-                losses.append(self.loss(z0, context, mask, t, noise))
+                losses.append(self.loss(z0, context, mask, t, noise, pooled))
         loss = torch.stack(losses).mean()
         self.log("val/loss", loss, prog_bar=True, batch_size=z0.shape[0], sync_dist=True)
         return loss
@@ -228,7 +260,7 @@ class LatentDiffusion(PartModule):
         pipe = self.pipeline()
         images = pipe(self.val_prompts, steps=self.hparams.sample_steps, n_per_prompt=4, seed=0, progress=False)
         grid = image_grid(images, rows=len(self.val_prompts), scale=2)
-        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        log_dir = local_log_dir(self.trainer)  # not trainer.log_dir: a collective, and only rank 0 is here
         (log_dir / "samples").mkdir(parents=True, exist_ok=True)
         grid.save(log_dir / "samples" / f"step_{self.global_step:06d}.png")
         for logger in self.loggers:
@@ -245,7 +277,16 @@ class LatentDiffusion(PartModule):
     # ---- export ------------------------------------------------------------------------------------
     def export(self, out_dir: str | Path, datamodule: Any = None) -> Path:
         """Write the pipeline folder (vae/, text_encoder/, unet/ with EMA weights, scheduler/, pipeline.json)."""
-        return self.pipeline(use_ema=True).save_pretrained(out_dir)
+        pipe = self.pipeline(use_ema=True)
+        image_encoder = Path(self.hparams.text_encoder_path or "") / "image_encoder"
+
+        def write() -> None:
+            pipe.save_pretrained(out_dir)
+            if image_encoder.is_dir():  # the CLIP image tower travels along for FD-CLIP / CLIP score
+                shutil.copytree(image_encoder, Path(out_dir) / "text_encoder" / "image_encoder", dirs_exist_ok=True)
+
+        rank_zero_write(write)  # under DDP: rank 0 writes, the others wait
+        return Path(out_dir)
 
 
 def pad_tokens(context: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:

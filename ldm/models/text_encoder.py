@@ -35,7 +35,7 @@ from torch import nn
 
 from ldm.data.webdata import log_skipped
 from ldm.io import config_from_dict, save_part
-from ldm.models.base import PartModule
+from ldm.models.base import PartModule, rank_zero_write
 from ldm.modules.text_encoder import (CLIPImageEncoder, CLIPImageEncoderConfig, CLIPTextConditioner,
                                       CLIPTextConditionerConfig)
 
@@ -306,6 +306,8 @@ class ContrastiveCLIP(PartModule):
         if self.swap_groups is None or self.hparams.hard_negative_weight <= 0:
             return []
         k = self.hparams.hard_negatives_per_caption
+        # drawn from the global stream, which SeedEveryStep reseeds per batch and rank: resumes exactly
+        self._rng.seed(random.getrandbits(63))
         return [swap_attribute(caption, self.swap_groups, self._rng, k) for caption in captions]
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -403,6 +405,10 @@ class ContrastiveCLIP(PartModule):
         out = Path(out_dir)
         text = CLIPTextConditioner(self.text.config)
         text.load_state_dict(self.text.state_dict())
-        save_part(text, out)
-        save_part(self.image, out / IMAGE_ENCODER_DIR)
+
+        def write() -> None:
+            save_part(text, out)
+            save_part(self.image, out / IMAGE_ENCODER_DIR)
+
+        rank_zero_write(write)  # under DDP every rank holds the same weights: rank 0 writes, the others wait
         return out

@@ -1,4 +1,4 @@
-"""The KL-regularized autoencoder of Latent Diffusion: image x <-> latent z, f = 2^(len(ch_mult)-1).
+"""The KL-regularized autoencoder of Latent Diffusion: image x <-> latent z, f = patch_size * 2^(len(ch_mult)-1).
 
 Rombach et al., "High-Resolution Image Synthesis with Latent Diffusion Models" (CVPR 2022), Sec. 3.1
 and appendix G: a convolutional encoder E and decoder D built from ResNet blocks (GroupNorm + SiLU,
@@ -6,6 +6,11 @@ He et al. 2016), strided-conv downsampling / nearest-neighbour + conv upsampling
 with single-head self-attention, and a diagonal-Gaussian posterior q(z|x) (KL-reg). The Stable
 Diffusion "kl-f8" VAE is ``AutoencoderKLConfig(ch=128, ch_mult=[1, 2, 4, 4], num_res_blocks=2,
 z_channels=4)``.
+
+``patch_size`` p > 1 wraps the conv stack in a space-to-depth / depth-to-space pair (pixel unshuffle at the
+encoder's input, pixel shuffle at the decoder's output, as in the "space-to-channel" autoencoders of
+Chen et al. 2024, DC-AE): the full-resolution level, the most expensive one on a CPU, is replaced by
+p² channels, and the downsampling factor becomes f = p * 2^(len(ch_mult)-1).
 
 The part also owns its latent normalization: ``encode_latents(x) = (z - shift_factor) * scaling_factor``
 and ``decode_latents`` inverts it, with both constants measured at export (see
@@ -42,6 +47,7 @@ class AutoencoderKLConfig:
     double_z: bool = True              # encoder predicts mean and logvar (False: deterministic)
     norm_groups: int = 32
     dropout: float = 0.0
+    patch_size: int = 1                # pixel (un)shuffle factor around the conv stack (1 = LDM as published)
     scaling_factor: float = 1.0        # 1 / std of the training latents (set at export)
     shift_factor: float = 0.0          # mean of the training latents (set at export)
 
@@ -58,10 +64,12 @@ class AutoencoderKLConfig:
                              "change ch, ch_mult or norm_groups")
         if self.scaling_factor <= 0:
             raise ValueError(f"scaling_factor must be > 0, got {self.scaling_factor}")
+        if self.patch_size < 1:
+            raise ValueError(f"patch_size must be >= 1, got {self.patch_size}")
 
     @property
     def downsample_factor(self) -> int:
-        return 2 ** (len(self.ch_mult) - 1)
+        return self.patch_size * 2 ** (len(self.ch_mult) - 1)
 
 
 def group_norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -168,9 +176,10 @@ class Encoder(nn.Module):
     def __init__(self, cfg: AutoencoderKLConfig) -> None:
         super().__init__()
         g, widths = cfg.norm_groups, [cfg.ch * m for m in cfg.ch_mult]
-        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        self.patch_size = cfg.patch_size
+        self.conv_in = nn.Conv2d(cfg.in_channels * cfg.patch_size**2, cfg.ch, 3, padding=1)
         self.down = nn.ModuleList()
-        in_ch, res = cfg.ch, cfg.resolution
+        in_ch, res = cfg.ch, cfg.resolution // cfg.patch_size
         for i, out_ch in enumerate(widths):
             last = i == len(widths) - 1
             self.down.append(Level(in_ch, out_ch, cfg.num_res_blocks, res in cfg.attn_resolutions,
@@ -181,7 +190,7 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(in_ch, (2 if cfg.double_z else 1) * cfg.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(x)
+        h = self.conv_in(F.pixel_unshuffle(x, self.patch_size) if self.patch_size > 1 else x)
         for level in self.down:
             h = level(h)
         h = self.mid(h)
@@ -204,13 +213,15 @@ class Decoder(nn.Module):
                                  Upsample(out_ch) if i > 0 else None, g, cfg.dropout))
             in_ch, res = out_ch, res * 2 if i > 0 else res
         self.norm_out = group_norm(in_ch, g)
-        self.conv_out = nn.Conv2d(in_ch, cfg.out_channels, 3, padding=1)
+        self.patch_size = cfg.patch_size
+        self.conv_out = nn.Conv2d(in_ch, cfg.out_channels * cfg.patch_size**2, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(z))
         for level in self.up:
             h = level(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        h = self.conv_out(F.silu(self.norm_out(h)))
+        return F.pixel_shuffle(h, self.patch_size) if self.patch_size > 1 else h
 
 
 class AutoencoderKL(nn.Module):

@@ -43,3 +43,32 @@ class TimestepEmbedding(nn.Module):
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         emb = timestep_embedding(t, self.channels).to(self.linear_1.weight.dtype)
         return self.linear_2(F.silu(self.linear_1(emb)))
+
+
+class PooledTextEmbedding(nn.Module):
+    """``pooled -> Linear(SiLU(Linear(pooled)))``, added to the time embedding: a global text signal for every
+    ResBlock, as GLIDE feeds the final token's embedding in place of the class embedding (Nichol et al.
+    2022, sec. 2.3) and SDXL adds its pooled CLIP embedding (Podell et al. 2023, sec. 2.1)."""
+
+    def __init__(self, pooled_dim: int, embed_dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(pooled_dim, embed_dim)
+        self.linear_2 = nn.Linear(embed_dim, embed_dim)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(pooled.to(self.linear_1.weight.dtype))))
+
+
+def spatial_position_embedding(height: int, width: int, dim: int, max_period: float = 10000.0,
+                               device: torch.device | None = None) -> torch.Tensor:
+    """Fixed 2-D sin-cos position features (dim, height, width): half the channels encode the row, half the
+    column, each with the 1-D sinusoid of ``timestep_embedding`` (MAE, He et al. 2022; DiT, Peebles & Xie 2023).
+
+    ``dim`` must be divisible by 4 (cos and sin for each of the two axes).
+    """
+    if dim % 4:
+        raise ValueError(f"a 2-D sin-cos position embedding needs dim divisible by 4, got {dim}")
+    rows = timestep_embedding(torch.arange(height, device=device, dtype=torch.float32), dim // 2, max_period)
+    cols = timestep_embedding(torch.arange(width, device=device, dtype=torch.float32), dim // 2, max_period)
+    return torch.cat([rows[:, None, :].expand(height, width, dim // 2),
+                      cols[None, :, :].expand(height, width, dim // 2)], dim=-1).permute(2, 0, 1)

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ldm.modules.attention import SpatialTransformer
-from ldm.modules.embeddings import TimestepEmbedding
+from ldm.modules.embeddings import PooledTextEmbedding, TimestepEmbedding, spatial_position_embedding
 
 
 @dataclass
@@ -52,6 +52,8 @@ class UNetConfig:
     dropout: float = 0.0
     num_groups: int = 32
     gradient_checkpointing: bool = False
+    position_embedding: bool = False   # add fixed 2-D sin-cos features to conv_in's output (not in SD)
+    pooled_dim: int | None = None      # width of the pooled text embedding added to the time embedding (None: off)
 
     def __post_init__(self) -> None:
         self.channel_mult = tuple(int(m) for m in self.channel_mult)
@@ -183,6 +185,7 @@ class UNet(nn.Module):
         mc, widths, nrb = config.model_channels, config.level_channels, config.num_res_blocks
         self.conv_in = nn.Conv2d(config.in_channels, mc, 3, padding=1)
         self.time_embed = TimestepEmbedding(mc, 4 * mc)
+        self.pooled_embed = PooledTextEmbedding(config.pooled_dim, 4 * mc) if config.pooled_dim else None
 
         skip_channels = [mc]  # channels of every tensor the encoder hands to the decoder, in order
         ch = mc
@@ -217,8 +220,15 @@ class UNet(nn.Module):
         return block(*args)
 
     def _check_inputs(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor,
-                      context_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      context_mask: torch.Tensor | None, pooled: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
         cfg = self.config
+        if cfg.pooled_dim and (pooled is None or pooled.shape != (x.shape[0], cfg.pooled_dim)):
+            got = None if pooled is None else tuple(pooled.shape)
+            raise ValueError(f"UNet: this U-Net is conditioned on the pooled text embedding: pass pooled="
+                             f"(B={x.shape[0]}, pooled_dim={cfg.pooled_dim}), got {got}")
+        if not cfg.pooled_dim and pooled is not None:
+            raise ValueError("UNet: pooled was given but the U-Net has no pooled_dim (set pooled_dim in its config)")
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"UNet: x must be (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
         batch = x.shape[0]
@@ -241,15 +251,21 @@ class UNet(nn.Module):
         return t, mask[:, None, None, :]  # (B, 1, 1, L): broadcast over heads and queries
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor,
-                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+                context_mask: torch.Tensor | None = None, pooled: torch.Tensor | None = None) -> torch.Tensor:
         """Denoiser output for latents ``x`` (B,C,H,W) at timesteps ``t`` (B,) given tokens ``context`` (B,L,D).
 
         ``context_mask`` (B, L) bool, True = attend to the token; padding tokens marked False are ignored
         by every cross-attention (LDM sec. 3.3, keys/values restricted to the kept tokens).
+        ``pooled`` (B, pooled_dim): the prompt's pooled embedding, required iff ``config.pooled_dim`` is set.
         """
-        t, attn_mask = self._check_inputs(x, t, context, context_mask)
-        emb = F.silu(self.time_embed(t))  # every ResBlock projects SiLU(emb): compute it once
+        t, attn_mask = self._check_inputs(x, t, context, context_mask, pooled)
+        emb = self.time_embed(t)
+        if self.pooled_embed is not None:
+            emb = emb + self.pooled_embed(pooled)
+        emb = F.silu(emb)  # every ResBlock projects SiLU(emb): compute it once
         h = self.conv_in(x)
+        if self.config.position_embedding:  # lets cross-attention queries know where they are (e.g. "top left")
+            h = h + spatial_position_embedding(h.shape[2], h.shape[3], h.shape[1], device=h.device).to(h.dtype)
         skips = [h]
         for level in self.down:
             for i, res in enumerate(level.res):

@@ -1,0 +1,198 @@
+"""Data-parallel throughput on this machine: 2 DDP processes vs 1, same per-process batch, with a breakdown.
+
+    python -m ldm.bench.ddp                       # LDM U-Net of configs/ldm/shapes.yaml, batch 32 per process
+    python -m ldm.bench.ddp --batch 64 --steps 30 --layouts 1x1 2x1
+
+Each layout ``PxT`` is P processes with T intra-op threads each (``1x2`` uses both cores in one process,
+``2x1`` one core per DDP rank on gloo). A layout trains the LatentDiffusion U-Net through Lightning exactly
+as ``ldm fit`` does (AdamW, EMA, LR schedule, min-SNR loss) on synthetic cached latents (8×8×4, 12 tokens of
+a random 128-wide text encoder), started like torchrun starts ranks. Per layout: global img/s over the timed
+steps (P × batch / step time), the step time breakdown of :class:`ldm.training.StepTimer` (data, forward,
+backward, optimizer) and the gradient all-reduce time per step (:class:`ldm.training.AllReduceTimer`;
+it overlaps the backward pass). The speed-up of each layout is its img/s over the first layout's, measured
+in the same invocation. Results: a table on stdout and JSON in ``checkpoints/bench/ddp.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ldm.io import write_json
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "ldm" / "shapes.yaml"
+
+
+def unet_settings(config: Path) -> dict[str, Any]:
+    """The U-Net, schedule and loss settings of an LDM config (``model.init_args``), without the part paths."""
+    import yaml
+
+    init = yaml.safe_load(config.read_text())["model"]["init_args"]
+    keep = ("unet", "schedule", "loss_weighting", "min_snr_gamma", "p_uncond", "lr", "warmup_steps", "ema_decay")
+    return {k: init[k] for k in keep if k in init}
+
+
+def random_parts(folder: Path) -> tuple[str, str]:
+    """Random-weight VAE (f=4, 4 latent channels) and text encoder (128-wide tokens) exported to ``folder``."""
+    from ldm.io import save_part
+    from ldm.modules.autoencoder import AutoencoderKL, AutoencoderKLConfig
+    from ldm.modules.text_encoder import CLIPTextConditioner, CLIPTextConditionerConfig
+
+    torch.manual_seed(0)
+    save_part(AutoencoderKL(AutoencoderKLConfig(ch=8, ch_mult=[1, 2, 2], num_res_blocks=1, z_channels=4,
+                                                norm_groups=4, resolution=32, mid_attention=False)), folder / "vae")
+    save_part(CLIPTextConditioner(CLIPTextConditionerConfig(context_length=24, width=128, heads=4, layers=1,
+                                                            embed_dim=128)), folder / "text_encoder")
+    return str(folder / "vae"), str(folder / "text_encoder")
+
+
+def synthetic_latents(n: int, tokens: int = 12, dim: int = 128) -> list[dict[str, Any]]:
+    g = torch.Generator().manual_seed(0)
+    return [{"latent_mean": torch.randn(4, 8, 8, generator=g), "latent_std": 0.1 * torch.ones(4, 8, 8),
+             "context": torch.randn(tokens, dim, generator=g), "mask": torch.arange(tokens) < 8, "caption": "x"}
+            for _ in range(n)]
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    return {k: torch.stack([it[k] for it in items]) if torch.is_tensor(items[0][k]) else [it[k] for it in items]
+            for k in items[0]}
+
+
+def rank_main(args: argparse.Namespace) -> None:
+    """One rank of one layout: fit ``warmup + steps`` batches, rank 0 writes the timings to ``args.result``."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import Callback
+
+    from ldm.models.latent_diffusion import LatentDiffusion
+    from ldm.training import AllReduceTimer, ResumableLoader, StepTimer
+
+    torch.set_num_threads(args.threads)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    comm = AllReduceTimer()
+
+    class ResetComm(Callback):  # all-reduce time over the timed batches only
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if batch_idx == args.warmup:
+                comm.seconds, comm.calls, comm.bytes = 0.0, 0, 0
+
+    vae, text = json.loads(args.parts)
+    model = LatentDiffusion(vae_path=vae, text_encoder_path=text, resolution=32, val_prompts=None,
+                            sample_every_n_val=0, **json.loads(args.settings))
+    loader = ResumableLoader(synthetic_latents(args.batch * world * (args.warmup + args.steps)), batch_size=args.batch,
+                             shuffle=True, drop_last=True, collate_fn=collate)
+    strategy: Any = "auto"
+    if world > 1:
+        strategy = pl.strategies.DDPStrategy(process_group_backend="gloo", ddp_comm_state=comm,
+                                             ddp_comm_hook=AllReduceTimer.hook)
+    timer = StepTimer(skip_first=args.warmup)
+    trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=args.warmup + args.steps,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, callbacks=[timer, ResetComm()])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, loader)
+    if trainer.is_global_zero:
+        ms = timer.summary()
+        ms["allreduce"] = 1000 * comm.seconds / max(1, timer.batches)
+        write_json(args.result, {"processes": world, "threads": args.threads, "batch": args.batch,
+                                 "timed_steps": timer.batches, "ms": ms,
+                                 "img_per_s": world * args.batch * 1000 / ms["step"],
+                                 "allreduce_mb_per_step": comm.bytes / max(1, timer.batches) / 2**20})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_layout(processes: int, threads: int, args: argparse.Namespace, parts: tuple[str, str], settings: dict,
+               folder: Path) -> dict[str, Any]:
+    """Start ``processes`` ranks the way torchrun does and return rank 0's timings."""
+    result = folder / f"{processes}x{threads}.json"
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(processes),
+           "LOCAL_WORLD_SIZE": str(processes), "GROUP_RANK": "0", "TORCHELASTIC_RUN_ID": "ldm-bench",
+           "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"}
+    command = [sys.executable, "-m", "ldm.bench.ddp", "--rank-of", str(result), "--threads", str(threads),
+               "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--parts", json.dumps(parts), "--settings", json.dumps(settings)]
+    procs = [subprocess.Popen(command, cwd=REPO_ROOT, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in range(processes)]
+    errors = [p.communicate()[1] for p in procs]
+    if any(p.returncode for p in procs):
+        raise RuntimeError(f"layout {processes}x{threads} failed:\n" + "\n".join(e[-3000:] for e in errors))
+    return json.loads(result.read_text())
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    head = f"{'layout':>7} {'batch':>5} {'img/s':>7} {'speedup':>7} {'step ms':>8} {'data':>6} {'fwd':>6} {'bwd':>6} " \
+           f"{'optim':>6} {'allred':>6}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        ms = r["ms"]
+        lines.append(f"{r['processes']}x{r['threads']:<5} {r['batch']:>5} {r['img_per_s']:>7.1f} {r['speedup']:>7.2f} "
+                     f"{ms['step']:>8.1f} {ms['data']:>6.1f} {ms['forward']:>6.1f} {ms['backward']:>6.1f} "
+                     f"{ms['optimizer']:>6.1f} {ms['allreduce']:>6.1f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ldm.bench.ddp", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="LDM config whose U-Net is measured")
+    parser.add_argument("--layouts", nargs="+", default=["1x1", "2x1", "1x2"],
+                        help="PxT: P processes with T threads each; the first is the speed-up reference")
+    parser.add_argument("--batch", type=int, default=32, help="images per process per step")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per layout")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per layout")
+    parser.add_argument("--out", type=Path, default=Path("checkpoints/bench/ddp.json"), help="JSON results file")
+    parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--rank-of", type=Path, default=None, help=argparse.SUPPRESS)  # internal: run one rank
+    parser.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--parts", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--settings", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.rank_of is not None:
+        args.result = args.rank_of
+        rank_main(args)
+        return 0
+    layouts = []
+    for layout in args.layouts:
+        p, _, t = layout.partition("x")
+        if not (p.isdigit() and t.isdigit() and int(p) > 0 and int(t) > 0):
+            raise SystemExit(f"--layouts: expected PxT such as 2x1, got {layout!r}")
+        layouts.append((int(p), int(t)))
+    settings = unet_settings(args.config)
+    rows, load = [], os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        parts = random_parts(Path(tmp))
+        for processes, threads in layouts:
+            start = time.perf_counter()
+            row = run_layout(processes, threads, args, parts, settings, Path(tmp))
+            row["wall_s"] = time.perf_counter() - start
+            rows.append(row)
+    for row in rows:
+        row["speedup"] = row["img_per_s"] / rows[0]["img_per_s"]
+    print(format_table(rows))
+    write_json(args.out, {"benchmark": "ddp-train-step", "config": str(args.config), "unet": settings.get("unet"),
+                          "torch": torch.__version__, "machine": platform.machine(), "cpus": os.cpu_count(),
+                          "load_average_before": load, "load_average_after": os.getloadavg(), "results": rows})
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

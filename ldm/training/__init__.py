@@ -1,0 +1,26 @@
+"""Training at scale and through faults: Lightning callbacks and plugins for any ldm LightningModule.
+
+``configs/trainer/*.yaml`` switch them on for every ``ldm fit``:
+
+- :class:`AtomicCheckpointIO` (plugin): checkpoints are written to a temp file and renamed, so a crash never
+  leaves a corrupt ``last.ckpt``; loads are ``weights_only=True`` and a failure names the file.
+- :class:`PreemptionCheckpoint`: SIGTERM/SIGUSR1 → ``last.ckpt`` at the next batch end on all ranks → exit.
+- :class:`SkipNonFiniteSteps`: a NaN/inf loss or gradient skips the optimizer step on all ranks (counted);
+  too many in a row stop the run with the last good weights in ``last.ckpt``.
+- :class:`SeedEveryStep` and :class:`ResumableLoader`: random and data streams that resume exactly.
+- :class:`StepTimer` and :class:`AllReduceTimer`: step time breakdown (data/forward/backward/optimizer/all-reduce).
+- :class:`CompileModules`: ``torch.compile`` the U-Net (or any submodule) in place, from YAML.
+"""
+
+from ldm.training.checkpoint_io import (AtomicCheckpointIO, CheckpointLoadError, atomic_torch_save,
+                                        load_training_checkpoint, resume_checkpoint_path, save_resume_checkpoint)
+from ldm.training.compile import CompileModules
+from ldm.training.nonfinite import NonFiniteLossError, SkipNonFiniteSteps
+from ldm.training.preemption import Preempted, PreemptionCheckpoint
+from ldm.training.profiling import AllReduceTimer, StepTimer
+from ldm.training.resume import ResumableLoader, SeedEveryStep, step_seed
+
+__all__ = ["AtomicCheckpointIO", "CheckpointLoadError", "atomic_torch_save", "load_training_checkpoint",
+           "resume_checkpoint_path", "save_resume_checkpoint", "NonFiniteLossError", "SkipNonFiniteSteps",
+           "Preempted", "PreemptionCheckpoint", "AllReduceTimer", "StepTimer", "ResumableLoader", "SeedEveryStep",
+           "step_seed", "CompileModules"]
