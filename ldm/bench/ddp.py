@@ -74,43 +74,33 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 def rank_main(args: argparse.Namespace) -> None:
     """One rank of one layout: fit ``warmup + steps`` batches, rank 0 writes the timings to ``args.result``."""
     import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import Callback
 
     from ldm.models.latent_diffusion import LatentDiffusion
     from ldm.training import AllReduceTimer, ResumableLoader, StepTimer
 
     torch.set_num_threads(args.threads)
     world = int(os.environ.get("WORLD_SIZE", 1))
-    comm = AllReduceTimer()
-
-    class ResetComm(Callback):  # all-reduce time over the timed batches only
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            if batch_idx == args.warmup:
-                comm.seconds, comm.calls, comm.bytes = 0.0, 0, 0
-
     vae, text = json.loads(args.parts)
     model = LatentDiffusion(vae_path=vae, text_encoder_path=text, resolution=32, val_prompts=None,
                             sample_every_n_val=0, **json.loads(args.settings))
     loader = ResumableLoader(synthetic_latents(args.batch * world * (args.warmup + args.steps)), batch_size=args.batch,
                              shuffle=True, drop_last=True, collate_fn=collate)
-    strategy: Any = "auto"
-    if world > 1:
-        strategy = pl.strategies.DDPStrategy(process_group_backend="gloo", ddp_comm_state=comm,
-                                             ddp_comm_hook=AllReduceTimer.hook)
-    timer = StepTimer(skip_first=args.warmup)
+    strategy: Any = pl.strategies.DDPStrategy(process_group_backend="gloo") if world > 1 else "auto"
+    timer, comm = StepTimer(skip_first=args.warmup), AllReduceTimer(skip_first=args.warmup)
     trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=args.warmup + args.steps,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, limit_val_batches=0, callbacks=[timer, ResetComm()])
+                         enable_model_summary=False, limit_val_batches=0, callbacks=[timer, comm])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(model, loader)
     if trainer.is_global_zero:
-        ms = timer.summary()
-        ms["allreduce"] = 1000 * comm.seconds / max(1, timer.batches)
+        ms, reduced = timer.summary(), comm.summary()
+        ms["allreduce"] = reduced["allreduce"]
         write_json(args.result, {"processes": world, "threads": args.threads, "batch": args.batch,
                                  "timed_steps": timer.batches, "ms": ms,
                                  "img_per_s": world * args.batch * 1000 / ms["step"],
-                                 "allreduce_mb_per_step": comm.bytes / max(1, timer.batches) / 2**20})
+                                 "allreduce_mib_per_step": reduced["allreduce_mib"],
+                                 "allreduce_calls_per_step": reduced["allreduce_calls"]})
 
 
 def free_port() -> int:

@@ -11,14 +11,12 @@ previous mark to the phase that was running:
 
 On CUDA every mark synchronizes the device (``synchronize=True``), or the times would measure kernel
 launches. The all-reduce itself runs on a communication thread/stream, so it cannot be cut out of the
-backward by hooks; :class:`AllReduceTimer` is a DDP communication hook (``DDPStrategy(ddp_comm_hook=...)``)
-that does the same averaging all-reduce as DDP's default and records each bucket's time from launch to
-completion (overlapped with backward, so it is not additive with the phases above).
+backward by hooks; :class:`AllReduceTimer` registers a DDP communication hook that does the same averaging
+all-reduce as DDP's default and records each bucket's time from launch to completion (overlapped with
+backward, so it is not additive with the phases above).
 """
 
-from __future__ import annotations
-
-import time
+import time  # no `from __future__ import annotations`: DDP checks the comm hook's annotations as real types
 from collections import defaultdict
 from typing import Any
 
@@ -94,17 +92,41 @@ class StepTimer(Callback):
         return out
 
 
-class AllReduceTimer:
-    """A DDP communication hook: average gradients like DDP's default, timing every bucket's all-reduce.
+class AllReduceTimer(Callback):
+    """Time the gradient all-reduce: a DDP communication hook doing DDP's default math (``all_reduce`` of
+    ``grad / world_size``) that records each bucket's time from launch to completion.
 
-    Pass the instance as both ``ddp_comm_state`` and ``ddp_comm_hook``:
-    ``DDPStrategy(ddp_comm_state=timer, ddp_comm_hook=AllReduceTimer.hook)``.
+    Add it as a callback: at train start it registers itself on the DDP-wrapped model (Lightning's own
+    ``ddp_comm_hook`` option only registers hooks on CUDA; this works on gloo/CPU too). Without DDP it
+    does nothing. ``skip_first`` batches are not counted.
     """
 
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        self.calls = 0
-        self.bytes = 0
+    def __init__(self, skip_first: int = 2) -> None:
+        self.skip_first = skip_first
+        self.seconds, self.calls, self.bytes, self.batches = 0.0, 0, 0, 0
+        self._seen = 0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        model = trainer.strategy.model
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model.register_comm_hook(self, AllReduceTimer.hook)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._seen += 1
+        if self._seen == self.skip_first + 1:
+            self.seconds, self.calls, self.bytes, self.batches = 0.0, 0, 0, 0
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._seen > self.skip_first:
+            self.batches += 1
+
+    def summary(self) -> dict[str, float]:
+        """Per timed batch: all-reduce milliseconds (overlapped with backward), calls and MiB reduced."""
+        n = max(1, self.batches)
+        return {"allreduce": 1000 * self.seconds / n, "allreduce_calls": self.calls / n,
+                "allreduce_mib": self.bytes / n / 2**20}
 
     @staticmethod
     def hook(state: "AllReduceTimer", bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
