@@ -128,3 +128,20 @@ def test_pooled_conditioning_is_diffusers_projection_class_embedding():
                                    atol=2e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="position embedding"):
         diffusers_config(dataclasses.replace(config, position_embedding=True))
+
+
+def test_scale_shift_norm_is_diffusers_scale_shift_resnets():
+    config = dataclasses.replace(CONFIGS["head_dim"], scale_shift_norm=True)
+    theirs = diffusers_unet(config)
+    assert config_from_diffusers(dict(theirs.config)) == config
+    ours = UNet(config).eval()
+    ours.load_state_dict(diffusers_to_ldm(theirs.state_dict()), strict=True)
+    g = torch.Generator().manual_seed(3)
+    x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, config.context_dim, generator=g)
+    t = torch.tensor([5.0, 801.0])
+    with torch.no_grad():
+        expected = theirs(x, t, ctx).sample
+        assert expected.abs().max() > 0.1
+        torch.testing.assert_close(ours(x, t, ctx), expected, atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="resnet_time_scale_shift"):
+        config_from_diffusers({"block_out_channels": [32, 64], "resnet_time_scale_shift": "ada_group"})

@@ -132,6 +132,7 @@ def diffusers_config(config: UNetConfig) -> dict[str, Any]:
         "downsample_padding": 1,
         "act_fn": "silu",
         "use_linear_projection": False,
+        "resnet_time_scale_shift": "scale_shift" if config.scale_shift_norm else "default",
         # the pooled text embedding is diffusers' "projection" class embedding (added to the time embedding)
         **({"class_embed_type": "projection", "projection_class_embeddings_input_dim": config.pooled_dim}
            if config.pooled_dim else {}),
@@ -151,7 +152,7 @@ def config_from_diffusers(dconfig: dict[str, Any]) -> UNetConfig:
         pooled_dim = int(get("projection_class_embeddings_input_dim", 0)) or None
     unsupported = {"class_embed_type": "projection" if pooled_dim else None, "addition_embed_type": None, "time_cond_proj_dim": None,
                    "encoder_hid_dim": None, "only_cross_attention": False, "upcast_attention": False,
-                   "resnet_time_scale_shift": "default", "center_input_sample": False, "dual_cross_attention": False,
+                   "center_input_sample": False, "dual_cross_attention": False,
                    "act_fn": "silu", "flip_sin_to_cos": True, "freq_shift": 0, "downsample_padding": 1,
                    "conv_in_kernel": 3, "conv_out_kernel": 3, "time_embedding_type": "positional",
                    "mid_block_type": "UNetMidBlock2DCrossAttn", "num_attention_heads": None}
@@ -162,6 +163,10 @@ def config_from_diffusers(dconfig: dict[str, Any]) -> UNetConfig:
         if value != expected:
             raise ValueError(f"diffusers option {name}={get(name, expected)!r} is not supported by ldm's UNet "
                              f"(it needs {expected!r})")
+    scale_shift = get("resnet_time_scale_shift", "default")
+    if scale_shift not in ("default", "scale_shift"):
+        raise ValueError(f"diffusers option resnet_time_scale_shift={scale_shift!r} is not supported by ldm's UNet "
+                         "(it needs 'default' or 'scale_shift')")
     if abs(get("norm_eps", 1e-5) - 1e-5) > 1e-12:
         raise ValueError(f"diffusers norm_eps={get('norm_eps', None)} is not supported (ldm's UNet uses 1e-5)")
     widths = list(get("block_out_channels", (320, 640, 1280, 1280)))
@@ -193,5 +198,6 @@ def config_from_diffusers(dconfig: dict[str, Any]) -> UNetConfig:
                       channel_mult=tuple(w // base for w in widths), num_res_blocks=layers,
                       attention_resolutions=attention, num_heads=num_heads, head_dim=head_dim,
                       transformer_depth=depth, context_dim=get("cross_attention_dim", 768),
-                      dropout=get("dropout", 0.0), num_groups=get("norm_num_groups", 32), pooled_dim=pooled_dim)
+                      dropout=get("dropout", 0.0), num_groups=get("norm_num_groups", 32), pooled_dim=pooled_dim,
+                      scale_shift_norm=scale_shift == "scale_shift")
 

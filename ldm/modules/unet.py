@@ -54,6 +54,7 @@ class UNetConfig:
     gradient_checkpointing: bool = False
     position_embedding: bool = False   # add fixed 2-D sin-cos features to conv_in's output (not in SD)
     pooled_dim: int | None = None      # width of the pooled text embedding added to the time embedding (None: off)
+    scale_shift_norm: bool = False     # ADM's AdaGN: the embedding scales and shifts norm2 (False: adds, as SD)
 
     def __post_init__(self) -> None:
         self.channel_mult = tuple(int(m) for m in self.channel_mult)
@@ -103,13 +104,19 @@ class UNetConfig:
 
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv, + timestep projection, GroupNorm-SiLU-dropout-conv, + (1x1-projected) input (ADM)."""
+    """GroupNorm-SiLU-conv, + timestep projection, GroupNorm-SiLU-dropout-conv, + (1x1-projected) input (ADM).
 
-    def __init__(self, in_channels: int, out_channels: int, emb_dim: int, dropout: float = 0.0, num_groups: int = 32):
+    With ``scale_shift_norm`` the embedding enters as AdaGN instead of a sum (Dhariwal & Nichol 2021, sec. 3:
+    ``AdaGN(h, y) = y_s · GroupNorm(h) + y_b``, with ``y_s = 1 + scale`` so a zero projection is the identity).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, emb_dim: int, dropout: float = 0.0, num_groups: int = 32,
+                 scale_shift_norm: bool = False):
         super().__init__()
         self.norm1 = nn.GroupNorm(num_groups, in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.time_proj = nn.Linear(emb_dim, out_channels)
+        self.scale_shift_norm = scale_shift_norm
+        self.time_proj = nn.Linear(emb_dim, 2 * out_channels if scale_shift_norm else out_channels)
         self.norm2 = nn.GroupNorm(num_groups, out_channels)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
@@ -118,8 +125,12 @@ class ResBlock(nn.Module):
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """``emb`` is SiLU(time embedding), shared by every block (computed once per forward)."""
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.time_proj(emb)[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        if self.scale_shift_norm:
+            scale, shift = self.time_proj(emb)[:, :, None, None].chunk(2, dim=1)
+            h = torch.addcmul(shift, self.norm2(h), 1 + scale)
+        else:
+            h = self.norm2(h + self.time_proj(emb)[:, :, None, None])
+        h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
 
@@ -153,7 +164,8 @@ class Level(nn.Module):
                  resample: nn.Module | None):
         super().__init__()
         emb_dim = 4 * config.model_channels
-        self.res = nn.ModuleList(ResBlock(c, channels, emb_dim, config.dropout, config.num_groups) for c in in_channels)
+        self.res = nn.ModuleList(ResBlock(c, channels, emb_dim, config.dropout, config.num_groups, config.scale_shift_norm)
+                                 for c in in_channels)
         self.attn = nn.ModuleList(
             SpatialTransformer(channels, config.context_dim, config.heads_for(channels), config.transformer_depth,
                                config.num_groups)
@@ -167,8 +179,8 @@ class MidBlock(nn.Module):
     def __init__(self, channels: int, config: UNetConfig):
         super().__init__()
         emb_dim = 4 * config.model_channels
-        self.res = nn.ModuleList(ResBlock(channels, channels, emb_dim, config.dropout, config.num_groups)
-                                 for _ in range(2))
+        self.res = nn.ModuleList(ResBlock(channels, channels, emb_dim, config.dropout, config.num_groups,
+                                          config.scale_shift_norm) for _ in range(2))
         self.attn = SpatialTransformer(channels, config.context_dim, config.heads_for(channels),
                                        config.transformer_depth, config.num_groups)
 
