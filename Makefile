@@ -67,7 +67,7 @@ adherence: $(STAMP)
 fid: $(STAMP)
 	$(LDM) fid --pipeline $(PIPELINE) --data $(DATA_DIR) --image-encoder $(PARTS)/text_encoder/image_encoder \
 	  --probe $(PARTS)/probe --n 200 --sweep guidance=1,2,4,7 steps=5,10,20,50 sampler=ddim,dpmpp-2m \
-	  --out $(RUN_DIR)/fid/fid.json
+	  --out $(RUN_DIR)/fid/fid.json $(ARGS)
 
 # From nothing to a sample grid and its prompt-adherence figures (shapes, CPU budget ≈ 15 min).
 # Each training stops at its step count or its wall-clock budget, whichever comes first; the step counts

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -16,24 +17,8 @@ import torch.nn.functional as F
 from ldm.cli import main as ldm_main
 from ldm.evaluation import fid
 from ldm.evaluation.sweep import adherence_targets, model_evaluations, sweep_grid
-from ldm.io import PartError, save_part
-from ldm.modules.text_encoder import CLIPImageEncoder, CLIPImageEncoderConfig
-from tiny_parts import tiny_pipeline, tiny_text_encoder
-
-
-def tiny_image_encoder(seed: int = 0, embed_dim: int = 32) -> CLIPImageEncoder:
-    """A conv CLIP image tower whose embedding matches tiny_text_encoder's pooled size (32)."""
-    torch.manual_seed(seed)
-    config = CLIPImageEncoderConfig(tower="conv", image_size=16, width=16, layers=2, embed_dim=embed_dim)
-    return CLIPImageEncoder(config)
-
-
-def tiny_pipeline_dir(root, with_image_encoder: bool = True):
-    """tiny_pipeline() saved as a folder, with the CLIP image tower at text_encoder/image_encoder."""
-    tiny_pipeline().save_pretrained(root)
-    if with_image_encoder:
-        save_part(tiny_image_encoder(), root / "text_encoder" / "image_encoder")
-    return root
+from ldm.io import PartError
+from tiny_parts import random_inception, tiny_image_encoder, tiny_pipeline_dir, tiny_text_encoder
 
 
 def with_moments(n: int, mean: np.ndarray, cov: np.ndarray, seed: int) -> torch.Tensor:
@@ -149,6 +134,115 @@ def test_missing_inception_weights_name_the_file_and_the_flag(tmp_path, capsys):
     code = ldm_main(["fid", "--pipeline", str(tmp_path / "no_pipeline"), "--features", "inception"])
     out = capsys.readouterr().out
     assert code == 2 and fid.INCEPTION_FILE in out and "--features clip" in out
+
+
+# --------------------------------------------------------------------------- Inception-v3 (FID), offline
+class NotATensor:
+    """A picklable non-tensor object: torch.load(weights_only=True) must refuse a file that holds one."""
+
+
+@pytest.fixture(scope="module")
+def inception(tmp_path_factory):
+    """torch-fidelity's Inception-v3 with random weights, and its state dict saved as a .pth (no download)."""
+    net = random_inception(0)
+    path = tmp_path_factory.mktemp("inception") / "inception-random.pth"
+    torch.save(net.state_dict(), path)
+    return net, path
+
+
+def reference_features(net, images: torch.Tensor) -> torch.Tensor:
+    """torch-fidelity's own forward (TF1 bilinear resize to 299, pool3): the features FID is defined on."""
+    with torch.no_grad():
+        return net(images)[0].double()
+
+
+def test_inception_features_come_from_the_given_file_and_match_torch_fidelity(inception, tmp_path):
+    net, path = inception
+    images = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    extractor = fid.inception_features(path)
+    assert extractor.num_features == 2048 and fid.metric_name(extractor) == "fid" and not extractor.training
+    features = fid.extract_features(extractor, images, batch_size=2)
+    expected = reference_features(net, images)
+    assert features.shape == (3, 2048) and expected.std() > 0.1  # the random net's features are not degenerate
+    torch.testing.assert_close(features, expected, rtol=1e-6, atol=1e-6)
+    # other weights in the file → other features and another cache identity
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    state["Mixed_7c.branch_pool.bn.running_mean"] += 0.5
+    torch.save(state, tmp_path / "other.pth")
+    other = fid.inception_features(tmp_path / "other.pth")
+    assert (fid.extract_features(other, images) - features).abs().max() > 0.1
+    assert fid.extractor_fingerprint(other) != fid.extractor_fingerprint(extractor)
+
+
+def test_inception_weights_with_wrong_keys_shapes_or_objects_are_refused_naming_the_file(inception, tmp_path,
+                                                                                         capsys):
+    net, _ = inception
+    wrong_shape = {k: v.clone() for k, v in net.state_dict().items()}
+    wrong_shape["fc.weight"] = torch.zeros(10, 2048)
+    files = {"wrong_shape.pth": (wrong_shape, r"size mismatch for fc\.weight"),
+             "wrong_keys.pth": ({"fc.w": torch.zeros(1008, 2048)}, r"Missing key"),
+             "object.pth": ({"fc.weight": torch.zeros(1), "x": NotATensor()}, r"weights_only=True.*Unsupported global"),
+             "tensor.pth": (torch.zeros(3), r"holds a Tensor, not a state dict")}
+    for name, (content, reason) in files.items():
+        torch.save(content, tmp_path / name)
+        with pytest.raises(PartError, match=re.escape(str(tmp_path / name)) + ".*" + reason):
+            fid.inception_features(tmp_path / name)
+    # through the CLI: exit code 2 and the message, before any pipeline is loaded
+    code = ldm_main(["fid", "--pipeline", str(tmp_path / "no_pipeline"), "--features", "inception",
+                     "--inception-weights", str(tmp_path / "wrong_keys.pth")])
+    out = capsys.readouterr().out
+    assert code == 2 and str(tmp_path / "wrong_keys.pth") in out and fid.INCEPTION_FILE in out
+
+
+def nuclear_fd(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Closed-form FD for n < d (Heusel et al. 2017, eq. 6): with centred features A, B and Σ = AᵀA / (n − 1),
+    the non-zero eigenvalues of Σ_x Σ_y are those of (A Bᵀ)(B Aᵀ) / ((n_x − 1)(n_y − 1)), so
+    Tr (Σ_x Σ_y)^{1/2} is the nuclear norm of A Bᵀ / √((n_x − 1)(n_y − 1))."""
+    a, b = x - x.mean(0), y - y.mean(0)
+    nx, ny = len(x) - 1, len(y) - 1
+    trace_sqrt = torch.linalg.svdvals(a @ b.T).sum() / (nx * ny) ** 0.5
+    return float((x.mean(0) - y.mean(0)).square().sum() + a.square().sum() / nx + b.square().sum() / ny
+                 - 2 * trace_sqrt)
+
+
+def unbiased_mmd2(x: torch.Tensor, y: torch.Tensor) -> float:
+    """KID's statistic (Bińkowski et al. 2018, sec. 4): unbiased MMD² of two sets, k(x, y) = (xᵀy / d + 1)³."""
+    def kernel(a, b):
+        return (a @ b.T / a.shape[1] + 1) ** 3
+
+    def within(a):
+        return (kernel(a, a).sum() - kernel(a, a).diagonal().sum()) / (len(a) * (len(a) - 1))
+
+    return float(within(x) + within(y) - 2 * kernel(x, y).mean())
+
+
+def test_fid_command_with_inception_weights_computes_fid_on_the_files_features(inception, tmp_path, shapes_dir):
+    from safetensors.torch import load_file
+
+    from ldm.evaluation.sweep import generate_for
+    from ldm.pipeline import TextToImagePipeline
+
+    net, path = inception
+    pipe_dir, cache, out = tiny_pipeline_dir(tmp_path / "pipe"), tmp_path / "cache", tmp_path / "fid.json"
+    assert ldm_main(["fid", "--pipeline", str(pipe_dir), "--data", str(shapes_dir), "--n", "4", "--steps", "1",
+                     "--features", "inception", "--inception-weights", str(path), "--no-references",
+                     "--probe", str(tmp_path / "probe"), "--probe-steps", "5", "--cache-dir", str(cache),
+                     "--batch-size", "4", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["metric"] == "fid" and r["features"] == "inception" and "fd_clip" not in r and r["n"] == 4
+    assert np.isfinite(r["fid"]) and r["fid"] > 0 and np.isfinite(r["kid"]) and np.isfinite(r["kid_std"])
+    # the cached real features are torch-fidelity's forward of the real images with the file's weights
+    real = fid.load_split(shapes_dir, "val", 4, 16)
+    (cached,) = cache.glob("val-fid-n4-*.safetensors")
+    real_features = reference_features(net, real.images)
+    torch.testing.assert_close(load_file(str(cached))["features"], real_features, rtol=1e-6, atol=1e-6)
+    # and the reported FID is the Fréchet distance between them and the generated images' features
+    pipe = TextToImagePipeline.from_pretrained(pipe_dir)
+    images, _ = generate_for(pipe, real.captions, r["sampler"], 1, r["guidance"], seed=0, batch_size=4)
+    fake_features = reference_features(net, images)
+    assert r["fid"] == pytest.approx(nuclear_fd(real_features, fake_features), rel=1e-4)
+    # KID's subsets of min(1000, n) = 4 samples are the whole sets: every subset gives the full unbiased MMD²
+    assert r["kid"] == pytest.approx(unbiased_mmd2(real_features, fake_features), rel=1e-6)
 
 
 # -------------------------------------------------------------------------------------- real data, cache

@@ -14,8 +14,7 @@ from ldm.evaluation import fid
 from ldm.evaluation.callback import FDCallback
 from ldm.evaluation.sweep import caption_adherence
 from ldm.io import save_part
-from test_fid import tiny_image_encoder
-from tiny_parts import tiny_pipeline
+from tiny_parts import tiny_image_encoder, tiny_pipeline
 
 
 class PipelineModule(pl.LightningModule):

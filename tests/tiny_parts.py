@@ -1,15 +1,20 @@
-"""Tiny random-init parts (VAE, text encoder, U-Net) exported to a folder, for fast end-to-end tests."""
+"""Tiny random-init parts (VAE, text encoder, U-Net, CLIP image tower) exported to a folder, for fast end-to-end
+tests; and torch-fidelity's Inception-v3 with random weights, for the FID path without its download."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import io
+
 import torch
+from torch import nn
 
 from ldm.diffusion.schedules import DiscreteSchedule, ScheduleConfig
 from ldm.io import save_part
 from ldm.modules.autoencoder import AutoencoderKL, AutoencoderKLConfig
-from ldm.modules.text_encoder import CLIPTextConditioner, CLIPTextConditionerConfig
+from ldm.modules.text_encoder import (CLIPImageEncoder, CLIPImageEncoderConfig, CLIPTextConditioner,
+                                      CLIPTextConditionerConfig)
 from ldm.modules.unet import UNet, UNetConfig
 from ldm.pipeline import PipelineConfig, TextToImagePipeline
 
@@ -45,3 +50,50 @@ def tiny_pipeline(seed: int = 0, **unet_options) -> TextToImagePipeline:
                 p.normal_(0, 0.02)
     return TextToImagePipeline(tiny_vae(seed), tiny_text_encoder(seed), unet,
                                DiscreteSchedule(ScheduleConfig(name="scaled_linear")), PipelineConfig(height=16, width=16))
+
+
+def tiny_image_encoder(seed: int = 0, embed_dim: int = 32) -> CLIPImageEncoder:
+    """A conv CLIP image tower whose embedding matches tiny_text_encoder's pooled size (32)."""
+    torch.manual_seed(seed)
+    config = CLIPImageEncoderConfig(tower="conv", image_size=16, width=16, layers=2, embed_dim=embed_dim)
+    return CLIPImageEncoder(config)
+
+
+def tiny_pipeline_dir(root: Path, with_image_encoder: bool = True) -> Path:
+    """tiny_pipeline() saved as a folder, with the CLIP image tower at text_encoder/image_encoder."""
+    tiny_pipeline().save_pretrained(root)
+    if with_image_encoder:
+        save_part(tiny_image_encoder(), root / "text_encoder" / "image_encoder")
+    return root
+
+
+def random_inception(seed: int = 0) -> nn.Module:
+    """torch-fidelity's ``FeatureExtractorInceptionV3`` (2048 pool features, eval mode) with random weights.
+
+    Its constructor always loads a state dict (downloading one when given no path), so this subclass hands it an
+    empty one and ignores it. Convolutions are re-drawn He-normal (He et al. 2015, eq. 10) so the 2048 features
+    keep O(1) scale through the ~50 layers, and every BatchNorm gets random affine parameters and running
+    statistics, so each tensor of the state dict changes the features.
+    """
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class RandomInception(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True, assign=False):  # keep the random init
+            return None
+
+    empty = io.BytesIO()
+    torch.save({}, empty)
+    empty.seek(0)
+    torch.manual_seed(seed)
+    net = RandomInception("inception-v3-compat", ["2048"], feature_extractor_weights_path=empty)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+        nn.init.normal_(net.fc.weight, std=0.02)
+    return net.eval()

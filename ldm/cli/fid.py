@@ -34,12 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="val", help="real split whose images and captions are compared")
     parser.add_argument("--n", type=int, default=2000,
                         help="images: the first n samples of the split, one generated per caption")
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: pipeline.json's)")
-    parser.add_argument("--sampler", default=None, help="sampler (default: pipeline.json's)")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps; None: pipeline.json's")
+    parser.add_argument("--sampler", default=None, help="sampler (ddim, dpmpp-2m, heun, …); None: pipeline.json's")
     parser.add_argument("--guidance", type=float, default=None,
-                        help="classifier-free guidance scale (default: pipeline.json's)")
+                        help="classifier-free guidance scale; None: pipeline.json's")
     parser.add_argument("--sweep", nargs="+", type=_sweep_item, default=None, metavar="KEY=V1,V2",
-                        help="grid to run, e.g. --sweep guidance=1,2,4,7 steps=5,10,20,50 sampler=ddim,dpmpp-2m")
+                        help="grid to run instead of one point, "
+                             "e.g. --sweep guidance=1,2,4,7 steps=5,10,20,50 sampler=ddim,dpmpp-2m")
     parser.add_argument("--features", choices=("clip", "inception"), default="clip",
                         help="feature space: clip = FD in the project's CLIP image space (fd_clip, offline default); "
                              "inception = FID (needs --inception-weights and torch-fidelity)")
@@ -48,9 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(for --features inception)")
     parser.add_argument("--image-encoder", default=None,
                         help="CLIP image encoder part for fd_clip and CLIP score "
-                             "(default: PIPELINE/text_encoder/image_encoder)")
+                             "(None: PIPELINE/text_encoder/image_encoder)")
     parser.add_argument("--clip-score-model", default=None,
-                        help="local transformers CLIP folder for the CLIP score instead of the project CLIP")
+                        help="local transformers CLIP folder for the CLIP score (None: the project CLIP)")
     parser.add_argument("--probe", default="checkpoints/shapes/parts/probe",
                         help="shapes probe for adherence (shapes data only); trained on --data if missing")
     parser.add_argument("--probe-steps", type=int, default=1500, help="training steps of a missing probe")
@@ -60,8 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=100, help="images sampled / featurized together")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise and of KID's subsets")
     parser.add_argument("--out", default=None,
-                        help="results JSON (default: PIPELINE/fid.json); a sweep adds OUT.csv and OUT_*.png plots")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+                        help="results JSON (None: PIPELINE/fid.json); a sweep adds OUT.csv and OUT_*.png plots")
+    parser.add_argument("--device", default=None, help="torch device (None: cuda if available, else cpu)")
 
 
 def folder_hash(path: Path) -> str:

@@ -19,8 +19,10 @@ by (data, split, size, n, extractor) so repeated runs only generate.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,9 +91,34 @@ class CLIPImageFeatures(nn.Module):
         return F.normalize(features, dim=-1) * self.num_features ** 0.5 if self.normalize else features
 
 
+def read_inception_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The Inception-v3 state dict in ``path``, read with ``torch.load(weights_only=True)``: a file that pickles
+    anything but tensors (or is not a state dict) is refused with an error naming it."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, truncated, or a pickle of non-tensor objects
+        # torch's own text advises weights_only=False; keep only the cause (e.g. "Unsupported global: GLOBAL x.Y")
+        cause = re.search(r"WeightsUnpickler error:\s*([^\n]+?)(?: Please use|\n|$)", str(e))
+        reason = (cause.group(1) if cause else (str(e).splitlines() or [type(e).__name__])[0]).rstrip(". ")
+        raise PartError(f"--inception-weights {path} cannot be read safely as a state dict (torch.load with "
+                        f"weights_only=True): {reason}. Pass torch-fidelity's {INCEPTION_FILE}") from e
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise PartError(f"--inception-weights {path} holds a {type(state).__name__}, not a state dict of tensors; "
+                        f"pass torch-fidelity's {INCEPTION_FILE}")
+    return state
+
+
 def inception_features(weights: str | Path | None, dims: int = 2048) -> nn.Module:
     """torchmetrics' FID Inception-v3 (torch-fidelity's port of the TF graph of Heusel et al. 2017), read from
-    a local weight file; ``dims`` = 2048 is the pool layer FID uses. Nothing is downloaded."""
+    a local weight file; ``dims`` = 2048 is the pool3 coding layer FID uses (Heusel et al. 2017). Nothing is
+    downloaded.
+
+    Images are resized to 299 px with TF1's bilinear resize (``antialias=False``), as in the reference TF FID
+    and torch-fidelity, so the features are those FID values in the literature are computed on (torchmetrics'
+    default antialiased resize gives different ones). The file is read here with ``weights_only=True``;
+    torch-fidelity's constructor, which unpickles without that guard, only sees the verified tensors,
+    re-serialized in memory.
+    """
     if weights is None or not Path(weights).is_file():
         where = "no --inception-weights given" if weights is None else f"--inception-weights {weights} does not exist"
         raise PartError(f"FID needs the Inception-v3 weights as a local file and {where}. Download torch-fidelity's "
@@ -104,8 +131,19 @@ def inception_features(weights: str | Path | None, dims: int = 2048) -> nn.Modul
                         "--features clip works without it") from e
     from torchmetrics.image.fid import NoTrainInceptionV3
 
-    net = NoTrainInceptionV3("inception-v3-compat", [str(dims)], feature_extractor_weights_path=str(weights))
+    buffer = io.BytesIO()
+    torch.save(read_inception_weights(weights), buffer)
+    buffer.seek(0)
+    try:
+        net = NoTrainInceptionV3("inception-v3-compat", [str(dims)], feature_extractor_weights_path=buffer,
+                                 antialias=False)
+    except RuntimeError as e:  # load_state_dict(strict=True): missing / unexpected keys, wrong shapes
+        lines = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+        detail = "; ".join(line if len(line) < 200 else line[:200] + " …" for line in lines[:3])
+        raise PartError(f"--inception-weights {weights} does not fit torch-fidelity's Inception-v3 ({detail}); "
+                        f"pass its {INCEPTION_FILE}") from e
     net.num_features, net.kind, net.metric_name = dims, "inception", "fid"
+    net.transform = "tf1 bilinear resize to 299, no antialias"  # part of the cache key, like CLIPImageFeatures'
     return net
 
 
