@@ -1,6 +1,7 @@
 # ldm — the two commands a new user needs are `make demo` and `make test`.
 # Variables: DATA (dataset name: shapes | openmoji | folder), DATA_DIR, RUN_DIR, PROMPT, ARGS (extra
-# flags for the `ldm fit` call of a train-* target, e.g. ARGS="--trainer.max_steps 100").
+# flags for the `ldm fit` call of a train-* target, e.g. ARGS="--trainer.max_steps 100"), CACHE_ARGS
+# (extra flags of `ldm cache`, e.g. CACHE_ARGS="--max-samples 20000").
 SHELL := /bin/bash
 # Idle OpenMP threads sleep instead of spinning: on a shared or small CPU, spinning made steps 15-25x slower.
 export OMP_WAIT_POLICY ?= PASSIVE
@@ -15,6 +16,7 @@ RUN_DIR ?= checkpoints/$(DATA)
 PARTS := $(RUN_DIR)/parts
 PIPELINE := $(RUN_DIR)/pipeline
 DATA_ARGS ?=
+CACHE_ARGS ?=
 ARGS ?=
 PROMPT ?= a large red circle on the left
 # test selection: `make test PYTEST_ARGS="-k vae"`
@@ -49,7 +51,7 @@ train-clip: $(STAMP) $(DATA_DIR)/info.json
 	$(LDM) export --ckpt $(RUN_DIR)/clip/checkpoints/last.ckpt --out $(PARTS)/text_encoder
 
 cache: $(STAMP)
-	$(LDM) cache --vae $(PARTS)/vae --text-encoder $(PARTS)/text_encoder --data $(DATA_DIR) --out $(RUN_DIR)/cache
+	$(LDM) cache --vae $(PARTS)/vae --text-encoder $(PARTS)/text_encoder --data $(DATA_DIR) --out $(RUN_DIR)/cache $(CACHE_ARGS)
 
 train-ldm: $(STAMP) cache
 	$(LDM) fit --config configs/ldm/$(DATA).yaml $(ARGS)
@@ -73,13 +75,15 @@ fid: $(STAMP)
 # Each training stops at its step count or its wall-clock budget, whichever comes first; the step counts
 # are what one core of a 2-core CPU does in that time, so the LR schedules run to their end.
 # The VAE and the text encoder train side by side (one core each; the VAE's log goes to a file), the probe
-# trains beside the latent cache, and the U-Net trains data-parallel in 2 processes (configs/trainer/ddp-cpu.yaml).
+# trains beside the latent cache (the first DEMO_CACHE_SAMPLES training images: the U-Net sees fewer than
+# 60 k samples in its budget), and the U-Net trains data-parallel in 2 processes (configs/trainer/ddp-cpu.yaml).
 DEMO_VAE_TIME ?= 00:00:02:45
-DEMO_VAE_STEPS ?= 1100
+DEMO_VAE_STEPS ?= 880
 DEMO_CLIP_TIME ?= 00:00:02:45
-DEMO_CLIP_STEPS ?= 230
-DEMO_LDM_TIME ?= 00:00:05:30
-DEMO_LDM_STEPS ?= 520
+DEMO_CLIP_STEPS ?= 210
+DEMO_CACHE_SAMPLES ?= 30000
+DEMO_LDM_TIME ?= 00:00:06:30
+DEMO_LDM_STEPS ?= 800
 DEMO_LOGS := checkpoints/shapes/logs
 demo: $(STAMP)
 	@start=$$(date +%s); mkdir -p $(DEMO_LOGS); \
@@ -95,7 +99,7 @@ demo: $(STAMP)
 	echo "demo: training the shapes probe (log: $(DEMO_LOGS)/probe.log) beside the latent cache"; \
 	OMP_NUM_THREADS=1 $(PY) -m ldm.evaluation.shapes_probe --data-dir datasets/shapes --out checkpoints/shapes/parts/probe \
 	  > $(DEMO_LOGS)/probe.log 2>&1 & probe=$$!; \
-	OMP_NUM_THREADS=1 $(MAKE) --no-print-directory train-ldm DATA=shapes \
+	OMP_NUM_THREADS=1 $(MAKE) --no-print-directory train-ldm DATA=shapes CACHE_ARGS="--max-samples $(DEMO_CACHE_SAMPLES)" \
 	  ARGS="--config configs/trainer/ddp-cpu.yaml --trainer.max_time $(DEMO_LDM_TIME) --trainer.max_steps $(DEMO_LDM_STEPS)" \
 	  || { kill $$probe; exit 1; }; \
 	wait $$probe || { tail -n 20 $(DEMO_LOGS)/probe.log; echo "demo: the probe training failed (log above)"; exit 1; }; \

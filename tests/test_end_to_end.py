@@ -46,6 +46,15 @@ def test_cache_matches_the_encoders(tmp_path, shapes_dir):
     torch.testing.assert_close(load_empty_pooled(cache), te.encode_text([""])[1], atol=2e-3, rtol=2e-3)
     dm = LatentDataModule(str(cache), batch_size=32)
     assert next(iter(dm.train_dataloader()))["latent_mean"].shape == (32, 4, 8, 8)
+    # --max-samples keeps each split's first N samples (cutting inside a batch), the same values
+    capped = tmp_path / "capped"
+    assert ldm_main(["cache", "--vae", str(vae_dir), "--text-encoder", str(te_dir), "--data", str(shapes_dir),
+                     "--out", str(capped), "--batch-size", "50", "--max-samples", "70"]) == 0
+    info = json.loads((capped / "info.json").read_text())
+    assert info["splits"]["train"]["samples"] == 70 and info["splits"]["val"]["samples"] == 64
+    full, cut = LatentDataset(cache, "train"), LatentDataset(capped, "train")
+    assert len(cut) == 70 and cut.__getitems__([69])["caption"] == full.__getitems__([69])["caption"]
+    assert torch.equal(cut.__getitems__([0, 69])["latent_mean"], full.__getitems__([0, 69])["latent_mean"])
 
 
 def test_tiny_demo_trains_exports_and_generates(tmp_path, shapes_dir):

@@ -251,3 +251,18 @@ def test_image_encoder_part_round_trip_and_resize(tower, tmp_path):
     assert torch.equal(load_part(tmp_path / "img", CLIPImageEncoder).encode_image(images, normalize=True), features)
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         encoder(torch.zeros(3, 32, 32))
+
+
+def test_conv_tower_pools_the_final_map_by_mean_or_max():
+    torch.manual_seed(0)
+    towers = {pool: CLIPImageEncoder(CLIPImageEncoderConfig(tower="conv", width=16, layers=2, embed_dim=8, pool=pool))
+              for pool in ("mean", "max")}
+    towers["max"].load_state_dict(towers["mean"].state_dict())  # same weights: only the pooling differs
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    visual = towers["mean"].visual.eval()
+    fmap = visual.stages(images)
+    for pool, summary in (("mean", fmap.mean(dim=(2, 3))), ("max", fmap.amax(dim=(2, 3)))):
+        expected = visual.proj(visual.ln_post(torch.cat([summary, fmap.flatten(1)], dim=1)))
+        torch.testing.assert_close(towers[pool].eval()(images), expected)
+    with pytest.raises(ValueError, match="pool must be 'mean' or 'max'"):
+        CLIPImageEncoder(CLIPImageEncoderConfig(tower="conv", width=16, layers=2, embed_dim=8, pool="sum"))

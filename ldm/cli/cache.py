@@ -16,6 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resolution", type=int, default=32, help="image size the shards are decoded at")
     parser.add_argument("--splits", default="train,val", help="comma-separated splits to encode")
     parser.add_argument("--batch-size", type=int, default=256, help="images encoded per forward pass")
+    parser.add_argument("--max-samples", type=int, default=None,
+                        help="encode at most this many samples per split, the first in shard order (default: all); "
+                             "a short training sees only a fraction of a large dataset")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
 
@@ -32,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
     text_encoder = load_part(args.text_encoder, CLIPTextConditioner).to(device)
     start = time.perf_counter()
     splits = tuple(s for s in args.splits.split(",") if s)
-    info = build_latent_cache(vae, text_encoder, args.data, args.out, args.resolution, splits, args.batch_size)
+    info = build_latent_cache(vae, text_encoder, args.data, args.out, args.resolution, splits, args.batch_size,
+                              max_samples=args.max_samples)
     seconds = time.perf_counter() - start
     n = sum(s["samples"] for s in info["splits"].values())
     skipped = sum(s["skipped"] for s in info["splits"].values())

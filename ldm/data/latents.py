@@ -43,10 +43,13 @@ def config_hash(module: torch.nn.Module) -> str:
 @torch.no_grad()
 def encode_split(vae: torch.nn.Module, text_encoder: torch.nn.Module, data_dir: str | Path, split: str,
                  out_dir: Path, resolution: int, batch_size: int = 256, chunk_size: int = 8192,
-                 progress: bool = True, num_workers: int = 1) -> dict[str, Any]:
-    """Encode every sample of ``data_dir/split`` in shard order into chunk files; returns counts.
+                 progress: bool = True, num_workers: int = 1, max_samples: int | None = None) -> dict[str, Any]:
+    """Encode every sample of ``data_dir/split`` (or its first ``max_samples``) in shard order into chunk
+    files; returns counts.
 
     Each distinct caption goes through the text encoder once (shapes: 20 k distinct of 50 k)."""
+    if max_samples is not None and max_samples < 1:
+        raise ValueError(f"max_samples must be >= 1 (or None for all), got {max_samples}")
     dataset = ShardDataset(list_shards(data_dir, split), resolution, batch_size, shuffle_buffer=0,
                            rank=0, world_size=1)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -75,6 +78,11 @@ def encode_split(vae: torch.nn.Module, text_encoder: torch.nn.Module, data_dir: 
     loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False)
     for batch in loader:
         skipped += int(batch.get("skipped", 0))
+        if max_samples is not None:
+            room = max_samples - n_done
+            if room <= 0:
+                break
+            batch = {**batch, "image": batch["image"][:room], "caption": list(batch["caption"])[:room]}
         posterior = vae.encode(batch["image"].to(device))
         new = [c for c in dict.fromkeys(batch["caption"]) if c not in memo]
         if new:
@@ -101,8 +109,11 @@ def encode_split(vae: torch.nn.Module, text_encoder: torch.nn.Module, data_dir: 
 
 def build_latent_cache(vae: torch.nn.Module, text_encoder: torch.nn.Module, data_dir: str | Path,
                        out_dir: str | Path, resolution: int, splits: tuple[str, ...] = ("train", "val"),
-                       batch_size: int = 256, progress: bool = True) -> dict[str, Any]:
-    """Write the cache for ``splits`` (see module docstring) and return its info.json contents."""
+                       batch_size: int = 256, progress: bool = True, max_samples: int | None = None
+                       ) -> dict[str, Any]:
+    """Write the cache for ``splits`` (see module docstring) and return its info.json contents.
+
+    ``max_samples`` caps each split at its first that many samples (None: all)."""
     out = Path(out_dir)
     vae.eval()
     text_encoder.eval()
@@ -110,7 +121,7 @@ def build_latent_cache(vae: torch.nn.Module, text_encoder: torch.nn.Module, data
                             "vae": config_hash(vae), "text_encoder": config_hash(text_encoder), "splits": {}}
     for split in splits:
         info["splits"][split] = encode_split(vae, text_encoder, data_dir, split, out / split, resolution,
-                                             batch_size, progress=progress)
+                                             batch_size, progress=progress, max_samples=max_samples)
     empty, empty_pooled, empty_mask = text_encoder.encode_text([""], return_mask=True)
     save_file({"context": empty.half().cpu().contiguous(), "mask": empty_mask.to(torch.uint8).cpu().contiguous(),
                "pooled": empty_pooled.half().cpu().contiguous()}, str(out / "empty.safetensors"))

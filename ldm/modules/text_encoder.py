@@ -466,7 +466,8 @@ class CLIPImageEncoderConfig:
     """Constructor arguments of :class:`CLIPImageEncoder`.
 
     ``tower="vit"``: open_clip's ``VisionTransformer`` (``patch_size``, ``width``, ``layers``, ``heads``).
-    ``tower="conv"``: :class:`ConvImageTower`, ``layers`` stride-2 conv stages ending at ``width`` channels.
+    ``tower="conv"``: :class:`ConvImageTower`, ``layers`` stride-2 conv stages ending at ``width`` channels;
+    ``pool`` ("mean" or "max") is how it summarises the final map over space.
     """
 
     tower: str = "vit"
@@ -478,21 +479,26 @@ class CLIPImageEncoderConfig:
     mlp_ratio: float = 4.0
     embed_dim: int = 128
     quick_gelu: bool = False
+    pool: str = "mean"
 
 
 class ConvImageTower(nn.Module):
     """A small convolutional image encoder for tiny images (a ResNet-style stem without the residuals).
 
     ``layers`` stages of [3×3 conv stride 2, BatchNorm, GELU] take (3, S, S) to (width, S/2^layers, S/2^layers),
-    doubling channels up to ``width``. The head sees both the global average of the final map (what is
-    there, wherever it is) and the flattened map (where it is, which captions name); the concatenation is
+    doubling channels up to ``width``. The head sees both the global average (``pool="mean"``) or maximum
+    (``pool="max"``: a small object is not diluted by the background around it) of the final map — what is
+    there, wherever it is — and the flattened map (where it is, which captions name); the concatenation is
     layer-normalized and linearly projected to the embedding (CLIP sec. 2.4: encoder + linear projection).
     """
 
-    def __init__(self, image_size: int, width: int, layers: int, output_dim: int):
+    def __init__(self, image_size: int, width: int, layers: int, output_dim: int, pool: str = "mean"):
         super().__init__()
         if layers < 1 or image_size % (2 ** layers):
             raise ValueError(f"conv tower: image_size {image_size} must be divisible by 2**layers ({2 ** layers})")
+        if pool not in ("mean", "max"):
+            raise ValueError(f"conv tower pool must be 'mean' or 'max', got {pool!r}")
+        self.pool = pool
         channels = [3] + [max(8, width >> (layers - 1 - i)) for i in range(layers)]
         stages = []
         for c_in, c_out in zip(channels[:-1], channels[1:]):
@@ -504,7 +510,8 @@ class ConvImageTower(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         fmap = self.stages(images)
-        return self.proj(self.ln_post(torch.cat([fmap.mean(dim=(2, 3)), fmap.flatten(1)], dim=1)))
+        pooled = fmap.amax(dim=(2, 3)) if self.pool == "max" else fmap.mean(dim=(2, 3))
+        return self.proj(self.ln_post(torch.cat([pooled, fmap.flatten(1)], dim=1)))
 
 
 class CLIPImageEncoder(nn.Module):
@@ -528,7 +535,7 @@ class CLIPImageEncoder(nn.Module):
                 act_layer=QuickGELU if config.quick_gelu else nn.GELU,
             )
         elif config.tower == "conv":
-            self.visual = ConvImageTower(config.image_size, config.width, config.layers, config.embed_dim)
+            self.visual = ConvImageTower(config.image_size, config.width, config.layers, config.embed_dim, config.pool)
         else:
             raise ValueError(f"image tower must be 'vit' or 'conv', got {config.tower!r}")
 
