@@ -77,10 +77,10 @@ fid: $(STAMP)
 # The VAE and the text encoder train side by side (one core each; the VAE's log goes to a file), the probe
 # trains beside the latent cache (the first DEMO_CACHE_SAMPLES training images: the U-Net sees fewer than
 # 60 k samples in its budget), and the U-Net trains data-parallel in 2 processes (configs/trainer/ddp-cpu.yaml).
-DEMO_VAE_TIME ?= 00:00:02:45
-DEMO_VAE_STEPS ?= 880
+DEMO_VAE_TIME ?= 00:00:03:00
+DEMO_VAE_STEPS ?= 900
 DEMO_CLIP_TIME ?= 00:00:02:45
-DEMO_CLIP_STEPS ?= 210
+DEMO_CLIP_STEPS ?= 240
 DEMO_CACHE_SAMPLES ?= 30000
 DEMO_LDM_TIME ?= 00:00:06:30
 DEMO_LDM_STEPS ?= 800
