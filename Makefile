@@ -83,7 +83,7 @@ DEMO_CLIP_TIME ?= 00:00:02:45
 DEMO_CLIP_STEPS ?= 240
 DEMO_CACHE_SAMPLES ?= 30000
 DEMO_LDM_TIME ?= 00:00:06:30
-DEMO_LDM_STEPS ?= 800
+DEMO_LDM_STEPS ?= 780
 DEMO_LOGS := checkpoints/shapes/logs
 demo: $(STAMP)
 	@start=$$(date +%s); mkdir -p $(DEMO_LOGS); \
