@@ -98,7 +98,7 @@ class UNetConfig:
         """Small U-Net for 8x8x4 latents of 32 px shapes images: 48-96 ch, attention at 8x8 and 4x4, AdaGN
         ResBlocks, 3 channels per norm group (3.7 M params; configs/ldm/shapes.yaml adds the position and
         pooled-text features). One channel per group (GroupNorm(32) on 32 channels, an instance norm)
-        needed about 3x more steps for the same validation loss in our ablations."""
+        needed about 2x the steps for the same validation loss in our ablations."""
         return cls(**{**dict(in_channels=4, out_channels=4, model_channels=48, channel_mult=(1, 2, 2),
                              num_res_blocks=1, attention_resolutions=(1, 2), num_heads=None, head_dim=16,
                              transformer_depth=1, context_dim=256, dropout=0.0, num_groups=16,
