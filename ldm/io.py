@@ -17,6 +17,7 @@ import dataclasses
 import importlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, TypeVar
@@ -152,15 +153,25 @@ def load_state_dict_checked(module: torch.nn.Module, state: dict[str, torch.Tens
     module.load_state_dict(state, strict=True)
 
 
+def torch_load_safely(path: str | os.PathLike, what: str = "file", map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``; any failure becomes a PartError naming ``what`` and the file.
+
+    The cause is kept without torch's advice to retry with ``weights_only=False`` (never do that on a file
+    you did not write)."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip, pickle of a non-allowed type, not a torch file ...
+        cause = re.search(r"WeightsUnpickler error:\s*([^\n]+?)(?: Please use|\n|$)", str(e))
+        reason = (cause.group(1) if cause else (str(e).splitlines() or [type(e).__name__])[0]).rstrip(". ")
+        raise PartError(f"cannot load {what} {path} safely (torch.load with weights_only=True): {reason}") from e
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a Lightning ``.ckpt`` safely (``weights_only=True``); errors name the file."""
     path = Path(path)
     if not path.is_file():
         raise PartError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated zip, pickle of a non-allowed type, ...
-        raise PartError(f"cannot load checkpoint {path} safely (weights_only=True): {e}") from e
+    ckpt = torch_load_safely(path, "checkpoint", map_location)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise PartError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
     return ckpt

@@ -22,7 +22,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from ldm.data.shards import list_shards
-from ldm.io import PartError, atomic_write_bytes, load_part
+from ldm.io import PartError, atomic_write_bytes, load_part, torch_load_safely
 from ldm.modules.text_encoder import CLIPImageEncoder, CLIPTextConditioner
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -95,13 +94,9 @@ def read_inception_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """The Inception-v3 state dict in ``path``, read with ``torch.load(weights_only=True)``: a file that pickles
     anything but tensors (or is not a state dict) is refused with an error naming it."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # not a torch file, truncated, or a pickle of non-tensor objects
-        # torch's own text advises weights_only=False; keep only the cause (e.g. "Unsupported global: GLOBAL x.Y")
-        cause = re.search(r"WeightsUnpickler error:\s*([^\n]+?)(?: Please use|\n|$)", str(e))
-        reason = (cause.group(1) if cause else (str(e).splitlines() or [type(e).__name__])[0]).rstrip(". ")
-        raise PartError(f"--inception-weights {path} cannot be read safely as a state dict (torch.load with "
-                        f"weights_only=True): {reason}. Pass torch-fidelity's {INCEPTION_FILE}") from e
+        state = torch_load_safely(path, "--inception-weights")
+    except PartError as e:
+        raise PartError(f"{e}. Pass torch-fidelity's {INCEPTION_FILE}") from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise PartError(f"--inception-weights {path} holds a {type(state).__name__}, not a state dict of tensors; "
                         f"pass torch-fidelity's {INCEPTION_FILE}")

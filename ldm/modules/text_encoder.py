@@ -33,7 +33,7 @@ from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transformer import QuickGELU, TextTransformer, VisionTransformer
 from torch import nn
 
-from ldm.io import PartError
+from ldm.io import PartError, torch_load_safely
 
 BACKENDS = ("open_clip", "transformers")
 LAYERS = ("last", "penultimate")
@@ -434,10 +434,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise PartError(f"cannot read {path} safely (weights_only=True): {e}") from e
+    state = torch_load_safely(path, "checkpoint")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
