@@ -39,6 +39,7 @@ from ldm.models.base import PartModule, local_log_dir, rank_zero_write
 from ldm.modules.autoencoder import AutoencoderKL, AutoencoderKLConfig
 from ldm.modules.discriminator import (GAN_LOSSES, PatchDiscriminator, adaptive_weight, discriminator_loss,
                                        generator_loss)
+from ldm.training.budget import warmup_cosine
 
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -294,14 +295,8 @@ class AutoencoderModule(PartModule):
 
     def lr_factor(self, batch: int, total: int | None) -> float:
         """Multiplier of the base LR after ``batch`` batches: linear warmup, then constant or cosine."""
-        warmup = self.hparams.warmup_steps
-        if warmup and batch < warmup:
-            return (batch + 1) / warmup
-        if self.hparams.lr_schedule == "constant" or not total:
-            return 1.0
-        progress = min(1.0, (batch - warmup) / max(1, total - warmup))
-        floor = self.hparams.lr_min_ratio
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        h = self.hparams
+        return warmup_cosine(batch, h.warmup_steps, total if h.lr_schedule == "cosine" else None, h.lr_min_ratio)
 
     def configure_optimizers(self):
         h = self.hparams
@@ -316,8 +311,9 @@ class AutoencoderModule(PartModule):
         opt_d = torch.optim.AdamW(self.discriminator.parameters(), lr=h.disc_lr or h.lr, betas=betas,
                                   weight_decay=h.weight_decay)
         d_offset = h.disc_start or 0
-        sch_g = torch.optim.lr_scheduler.LambdaLR(opt_g, lambda b: self.lr_factor(b, total))
-        sch_d = torch.optim.lr_scheduler.LambdaLR(opt_d, lambda b: self.lr_factor(b + d_offset, total))
+        # the planned length is read at every step: FitToTimeBudget may shorten the run to fit max_time
+        sch_g = torch.optim.lr_scheduler.LambdaLR(opt_g, lambda b: self.lr_factor(b, self.planned_batches()))
+        sch_d = torch.optim.lr_scheduler.LambdaLR(opt_d, lambda b: self.lr_factor(b + d_offset, self.planned_batches()))
         return ([opt_g, opt_d], [{"scheduler": sch_g, "interval": "step", "name": "lr/vae"},
                                  {"scheduler": sch_d, "interval": "step", "name": "lr/disc"}])
 

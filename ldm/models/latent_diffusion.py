@@ -10,7 +10,6 @@ at fixed timesteps with fixed noise, and a sample grid of ``val_prompts`` from t
 
 from __future__ import annotations
 
-import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,8 @@ from ldm.modules.autoencoder import AutoencoderKL
 from ldm.modules.ema import EMA
 from ldm.modules.text_encoder import CLIPTextConditioner
 from ldm.modules.unet import UNet, UNetConfig
-from ldm.pipeline import PipelineConfig, TextToImagePipeline, image_grid, to_pil
+from ldm.training.budget import planned_steps, warmup_cosine
+from ldm.pipeline import PipelineConfig, TextToImagePipeline, image_grid
 
 DEFAULT_VAL_PROMPTS = ["a large red circle on the left", "a small blue square in the top right",
                        "a green triangle at the bottom", "a yellow star in the centre"]
@@ -205,14 +205,10 @@ class LatentDiffusion(PartModule):
         h = self.hparams
         opt = torch.optim.AdamW(self.unet.parameters(), lr=h.lr, weight_decay=h.weight_decay, betas=tuple(h.betas),
                                 fused=True)  # one kernel per step: ~2.5x faster than foreach on CPU
-        est = self.trainer.estimated_stepping_batches if self._trainer is not None else math.inf
-        total = max(int(est), 1) if math.isfinite(est) else 100 * max(h.warmup_steps, 100)  # max_time-only runs
+        trainer = self._trainer
 
-        def factor(step: int) -> float:
-            if step < h.warmup_steps:
-                return (step + 1) / max(h.warmup_steps, 1)
-            progress = min((step - h.warmup_steps) / max(total - h.warmup_steps, 1), 1.0)
-            return h.min_lr_ratio + (1 - h.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        def factor(step: int) -> float:  # reads the live plan: FitToTimeBudget may shorten the run
+            return warmup_cosine(step, h.warmup_steps, planned_steps(trainer), h.min_lr_ratio)
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -36,6 +36,7 @@ from torch import nn
 from ldm.data.webdata import log_skipped
 from ldm.io import config_from_dict, save_part
 from ldm.models.base import PartModule, rank_zero_write
+from ldm.training.budget import planned_steps, warmup_cosine
 from ldm.modules.text_encoder import (CLIPImageEncoder, CLIPImageEncoderConfig, CLIPTextConditioner,
                                       CLIPTextConditionerConfig)
 
@@ -383,15 +384,10 @@ class ContrastiveCLIP(PartModule):
             [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=fused or None,
         )
-        total = self._trainer.estimated_stepping_batches if self._trainer is not None else float("inf")
-        warmup = max(1, int(hp.warmup_steps))
+        trainer, warmup = self._trainer, max(1, int(hp.warmup_steps))
 
-        def schedule(step: int) -> float:  # linear warm-up, then cosine to 0 (constant if length unknown)
-            if step < warmup:
-                return (step + 1) / warmup
-            if not math.isfinite(total) or total <= warmup:
-                return 1.0
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / (total - warmup))))
+        def schedule(step: int) -> float:  # linear warm-up, then cosine to 0 over the live plan (constant if unbounded)
+            return warmup_cosine(step, warmup, planned_steps(trainer))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -9,9 +9,12 @@
   too many in a row stop the run with the last good weights in ``last.ckpt``.
 - :class:`SeedEveryStep` and :class:`ResumableLoader`: random and data streams that resume exactly.
 - :class:`StepTimer` and :class:`AllReduceTimer`: step time breakdown (data/forward/backward/optimizer/all-reduce).
+- :class:`FitToTimeBudget`: with ``max_time``, re-plans ``max_steps`` from the measured speed so that the run
+  and its LR schedule (:func:`warmup_cosine` over :func:`planned_steps`) end inside the budget.
 - :class:`CompileModules`: ``torch.compile`` the U-Net (or any submodule) in place, from YAML.
 """
 
+from ldm.training.budget import FitToTimeBudget, planned_steps, warmup_cosine
 from ldm.training.checkpoint_io import (AtomicCheckpointIO, CheckpointLoadError, atomic_torch_save,
                                         load_training_checkpoint, resume_checkpoint_path, save_resume_checkpoint)
 from ldm.training.compile import CompileModules
@@ -23,4 +26,4 @@ from ldm.training.resume import ResumableLoader, SeedEveryStep, step_seed
 __all__ = ["AtomicCheckpointIO", "CheckpointLoadError", "atomic_torch_save", "load_training_checkpoint",
            "resume_checkpoint_path", "save_resume_checkpoint", "NonFiniteLossError", "SkipNonFiniteSteps",
            "Preempted", "PreemptionCheckpoint", "AllReduceTimer", "StepTimer", "ResumableLoader", "SeedEveryStep",
-           "step_seed", "CompileModules"]
+           "step_seed", "CompileModules", "FitToTimeBudget", "planned_steps", "warmup_cosine"]
