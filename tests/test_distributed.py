@@ -28,7 +28,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))  # when run as a rank's script
@@ -42,7 +42,9 @@ from ldm.modules.autoencoder import AutoencoderKL  # noqa: E402
 from ldm.modules.distributions import DiagonalGaussian  # noqa: E402
 from ldm.modules.text_encoder import CLIPTextConditioner  # noqa: E402
 from ldm.modules.unet import UNet  # noqa: E402
-from ldm.training import PreemptionCheckpoint, ResumableLoader, SeedEveryStep, SkipNonFiniteSteps  # noqa: E402
+from ldm.training import (FitToTimeBudget, PreemptionCheckpoint, ResumableLoader, SeedEveryStep,  # noqa: E402
+                          SkipNonFiniteSteps)
+from test_budget import SlowRegression  # noqa: E402
 from test_faults import Regression, faulty_copy  # noqa: E402
 from tiny_model import TinyImageModel  # noqa: E402
 from tiny_parts import TINY_UNET, export_tiny_parts  # noqa: E402
@@ -223,6 +225,14 @@ def rank_main(spec_file: str) -> None:
     torch.save(run["model"].state_dict(), out / f"ldm-bf16-rank{rank}.pt")
     print(f"accumulation, bf16: done in {time.perf_counter() - start:.1f} s", flush=True)
 
+    # a wall-clock budget: rank 1 steps slower; the plan is rank 0's, broadcast, so both stop at the same step
+    slow = SlowRegression(delay=0.01 * (1 + rank))
+    trainer = make_trainer(out / "budget", WORLD, 100_000, [FitToTimeBudget(every=10)], max_time={"seconds": 3})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(slow, DataLoader(TensorDataset(torch.randn(64, 2)), batch_size=4))
+    report["budget"] = {"step": trainer.global_step, "max_steps": trainer.max_steps, "last_factor": slow.factors[-1]}
+
     shards = WebDataModule(spec["shapes"], batch_size=16, num_workers=0, shuffle_buffer=32)
     report["shard_keys"] = [k for batch in shards.train_dataloader() for k in batch["key"]]
 
@@ -402,6 +412,13 @@ def test_bf16_autocast_and_activation_checkpointing_run_under_ddp(ddp):
     assert all(torch.isfinite(v).all() for v in runs[0].values() if v.is_floating_point())
     start = initial("ldm", ddp["parts"])
     assert not torch.equal(runs[0]["unet.conv_out.weight"], start["unet.conv_out.weight"])
+
+
+def test_time_budget_plan_is_shared_by_the_ranks(ddp):
+    budgets = [r["budget"] for r in ddp["reports"]]
+    assert budgets[0] == budgets[1]                       # same plan, same last step, same LR on both ranks
+    assert budgets[0]["step"] == budgets[0]["max_steps"] < 100_000
+    assert budgets[0]["last_factor"] < 0.05                # the cosine ran to its end inside max_time
 
 
 def test_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(ddp):
