@@ -7,6 +7,7 @@ import os
 import random
 import socket
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -176,6 +177,27 @@ def test_few_steps_on_a_fixed_batch_reduce_the_loss():
             optimizer.step()
             losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_shapes_config_hard_negatives_swap_only_the_shape():
+    """configs/clip/shapes.yaml: every caption's one hard negative names another shape, nothing else changes."""
+    import re
+
+    import yaml
+
+    from ldm.data.shapes import SHAPES
+
+    init = yaml.safe_load((Path(__file__).parents[1] / "configs" / "clip" / "shapes.yaml").read_text())["model"]["init_args"]
+    module = tiny_module(hard_negatives=init["hard_negatives"], hard_negative_weight=init["hard_negative_weight"])
+    captions = ["a large red circle on the left", "a small blue star at the top, on a gray background",
+                "an orange square in the centre"]
+    random.seed(3)
+    negatives = module._hard_negatives(captions)
+    assert [len(n) for n in negatives] == [1, 1, 1]
+    pattern = "|".join(SHAPES)
+    for caption, (negative,) in zip(captions, negatives):
+        shape, other = re.search(pattern, caption).group(), re.search(pattern, negative).group()
+        assert other != shape and negative == caption.replace(shape, other)
 
 
 def test_logit_scale_is_clamped_at_ln_100():
