@@ -41,6 +41,24 @@ def test_plan_from_measured_rate():
         FitToTimeBudget(every=0)
 
 
+def test_a_resumed_run_keeps_its_plan():
+    from types import SimpleNamespace
+
+    cb = FitToTimeBudget(every=20, margin=0.0)
+    cb.ceiling = 10_000
+    cb.plan(20, 10.0, 90.0)
+    cb.planned = cb.plan(40, 20.0, 80.0)
+    restored = FitToTimeBudget()
+    restored.load_state_dict(cb.state_dict())
+    trainer = SimpleNamespace(max_steps=10_000, global_step=120,
+                              fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(max_steps=10_000)))
+    restored.on_train_start(trainer, None)
+    assert trainer.fit_loop.epoch_loop.max_steps == 200        # not the configured 10,000 until it re-plans
+    fresh = SimpleNamespace(max_steps=500, global_step=0, fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(max_steps=500)))
+    FitToTimeBudget().on_train_start(fresh, None)
+    assert fresh.fit_loop.epoch_loop.max_steps == 500          # nothing saved: the configured ceiling
+
+
 class SlowRegression(pl.LightningModule):
     """Each step sleeps ``delay`` s; the LR schedule is warmup_cosine over planned_steps (as every part's)."""
 

@@ -46,7 +46,8 @@ class FitToTimeBudget(Callback):
     slower first steps) and plans ``max_steps = done + remaining × steps/s × (1 − margin)``, never above the
     configured ``max_steps``; the plan is broadcast, so all ranks stop together and agree on the LR.
     Validation and checkpoint time inside the window count as part of the throughput. Does nothing without
-    ``max_time``. Lightning's own timer still stops the run if the plan overshoots.
+    ``max_time``. Lightning's own timer still stops the run if the plan overshoots. The plan is saved in
+    checkpoints, so a resumed run keeps its LR schedule (Lightning's timer resumes the elapsed time).
 
     Args:
         every: optimizer steps between two plans.
@@ -60,6 +61,7 @@ class FitToTimeBudget(Callback):
         self.ceiling: float = math.inf
         self.reference: tuple[int, float] | None = None
         self.last_step = -1
+        self.planned: int | None = None
 
     @staticmethod
     def timer(trainer: pl.Trainer) -> Timer | None:
@@ -69,6 +71,14 @@ class FitToTimeBudget(Callback):
         configured = trainer.max_steps
         self.ceiling = float(configured) if configured is not None and configured > 0 else math.inf
         self.reference, self.last_step = None, trainer.global_step
+        if self.planned is not None:  # resumed: the plan the checkpoint was written under
+            trainer.fit_loop.epoch_loop.max_steps = int(min(self.ceiling, max(self.planned, trainer.global_step + 1)))
+
+    def state_dict(self) -> dict[str, int | None]:
+        return {"planned": self.planned}
+
+    def load_state_dict(self, state_dict: dict[str, int | None]) -> None:
+        self.planned = state_dict.get("planned")
 
     def plan(self, step: int, elapsed: float, remaining: float) -> int | None:
         """The new max_steps after ``step`` steps in ``elapsed`` s with ``remaining`` s left (None: not yet)."""
@@ -90,5 +100,6 @@ class FitToTimeBudget(Callback):
         planned = self.plan(step, timer.time_elapsed("train"), max(remaining, 0.0))
         planned = trainer.strategy.broadcast(planned, src=0)
         if planned is not None and planned != trainer.max_steps:
+            self.planned = planned
             trainer.fit_loop.epoch_loop.max_steps = planned
             pl_module.log("train/planned_steps", float(planned), rank_zero_only=True)
