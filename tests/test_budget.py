@@ -54,7 +54,8 @@ def test_a_resumed_run_keeps_its_plan():
                               fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(max_steps=10_000)))
     restored.on_train_start(trainer, None)
     assert trainer.fit_loop.epoch_loop.max_steps == 200        # not the configured 10,000 until it re-plans
-    fresh = SimpleNamespace(max_steps=500, global_step=0, fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(max_steps=500)))
+    fresh = SimpleNamespace(max_steps=500, global_step=0,
+                            fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(max_steps=500)))
     FitToTimeBudget().on_train_start(fresh, None)
     assert fresh.fit_loop.epoch_loop.max_steps == 500          # nothing saved: the configured ceiling
 

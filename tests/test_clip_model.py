@@ -187,7 +187,8 @@ def test_shapes_config_hard_negatives_swap_only_the_shape():
 
     from ldm.data.shapes import SHAPES
 
-    init = yaml.safe_load((Path(__file__).parents[1] / "configs" / "clip" / "shapes.yaml").read_text())["model"]["init_args"]
+    config = Path(__file__).parents[1] / "configs" / "clip" / "shapes.yaml"
+    init = yaml.safe_load(config.read_text())["model"]["init_args"]
     module = tiny_module(hard_negatives=init["hard_negatives"], hard_negative_weight=init["hard_negative_weight"])
     captions = ["a large red circle on the left", "a small blue star at the top, on a gray background",
                 "an orange square in the centre"]

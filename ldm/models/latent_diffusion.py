@@ -25,8 +25,8 @@ from ldm.modules.autoencoder import AutoencoderKL
 from ldm.modules.ema import EMA
 from ldm.modules.text_encoder import CLIPTextConditioner
 from ldm.modules.unet import UNet, UNetConfig
-from ldm.training.budget import planned_steps, warmup_cosine
 from ldm.pipeline import PipelineConfig, TextToImagePipeline, image_grid
+from ldm.training.budget import planned_steps, warmup_cosine
 
 DEFAULT_VAL_PROMPTS = ["a large red circle on the left", "a small blue square in the top right",
                        "a green triangle at the bottom", "a yellow star in the centre"]

@@ -36,9 +36,9 @@ from torch import nn
 from ldm.data.webdata import log_skipped
 from ldm.io import config_from_dict, save_part
 from ldm.models.base import PartModule, rank_zero_write
-from ldm.training.budget import planned_steps, warmup_cosine
 from ldm.modules.text_encoder import (CLIPImageEncoder, CLIPImageEncoderConfig, CLIPTextConditioner,
                                       CLIPTextConditionerConfig)
+from ldm.training.budget import planned_steps, warmup_cosine
 
 IMAGE_ENCODER_DIR = "image_encoder"
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP sec. 2.5: logits never scaled by more than 100
