@@ -50,11 +50,11 @@ def test_a_resumed_run_keeps_its_plan():
     cb.planned = cb.plan(40, 20.0, 80.0)
     restored = FitToTimeBudget()
     restored.load_state_dict(cb.state_dict())
-    trainer = SimpleNamespace(max_steps=10_000, global_step=120,
+    trainer = SimpleNamespace(max_steps=10_000, global_step=120, callbacks=[],
                               fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(max_steps=10_000)))
     restored.on_train_start(trainer, None)
     assert trainer.fit_loop.epoch_loop.max_steps == 200        # not the configured 10,000 until it re-plans
-    fresh = SimpleNamespace(max_steps=500, global_step=0,
+    fresh = SimpleNamespace(max_steps=500, global_step=0, callbacks=[],
                             fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(max_steps=500)))
     FitToTimeBudget().on_train_start(fresh, None)
     assert fresh.fit_loop.epoch_loop.max_steps == 500          # nothing saved: the configured ceiling
@@ -84,7 +84,7 @@ class SlowRegression(pl.LightningModule):
 def test_run_and_cosine_end_inside_max_time(tmp_path):
     data = DataLoader(TensorDataset(torch.randn(64, 2)), batch_size=4)
     model = SlowRegression(delay=0.01)
-    trainer = pl.Trainer(max_steps=100_000, max_time={"seconds": 3}, callbacks=[FitToTimeBudget(every=10)],
+    trainer = pl.Trainer(max_steps=100_000, max_time={"seconds": 3}, callbacks=[FitToTimeBudget(every=10, margin=0.1)],
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=tmp_path)
     start = time.monotonic()

@@ -62,12 +62,10 @@ class FitToTimeBudget(Callback):
         self.reference: tuple[int, float] | None = None
         self.last_step = -1
         self.planned: int | None = None
-
-    @staticmethod
-    def timer(trainer: pl.Trainer) -> Timer | None:
-        return next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+        self.timer: Timer | None = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)  # there iff max_time is set
         configured = trainer.max_steps
         self.ceiling = float(configured) if configured is not None and configured > 0 else math.inf
         self.reference, self.last_step = None, trainer.global_step
@@ -92,12 +90,13 @@ class FitToTimeBudget(Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args, **kwargs) -> None:
         step = trainer.global_step
-        timer = self.timer(trainer)
-        remaining = timer.time_remaining("train") if timer is not None else None
-        if remaining is None or step == self.last_step or step % self.every:
+        if self.timer is None or step == self.last_step or step % self.every:
+            return
+        remaining = self.timer.time_remaining("train")
+        if remaining is None:
             return
         self.last_step = step
-        planned = self.plan(step, timer.time_elapsed("train"), max(remaining, 0.0))
+        planned = self.plan(step, self.timer.time_elapsed("train"), max(remaining, 0.0))
         planned = trainer.strategy.broadcast(planned, src=0)
         if planned is not None and planned != trainer.max_steps:
             self.planned = planned
