@@ -94,6 +94,9 @@ def test_unsupported_diffusers_options_are_named():
         config_from_diffusers({"block_out_channels": [32, 64], "class_embed_type": "timestep"})
     with pytest.raises(ValueError, match="upcast_attention"):
         config_from_diffusers({"block_out_channels": [32, 64], "upcast_attention": True})
+    with pytest.raises(ValueError, match="ff_mult=2"):
+        diffusers_config(UNetConfig(model_channels=8, channel_mult=(1,), num_heads=2, context_dim=6, num_groups=4,
+                                    attention_resolutions=(1,), ff_mult=2))
 
 
 def test_benchmark_runs_and_writes_json(tmp_path):

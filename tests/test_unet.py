@@ -86,6 +86,19 @@ def test_head_dim_sets_heads_per_level():
     assert unet.down[1].attn[0].blocks[0].attn1.num_heads == 4
 
 
+def test_ff_mult_sets_the_feed_forward_width():
+    config = UNetConfig(model_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
+                        num_heads=2, context_dim=6, num_groups=4)
+    wide, narrow = UNet(config), UNet(dataclasses.replace(config, ff_mult=2))
+    assert wide.down[1].attn[0].blocks[0].ff.value.out_features == 4 * 16
+    assert narrow.down[1].attn[0].blocks[0].ff.value.out_features == 2 * 16
+    assert narrow.mid.attn.blocks[0].ff.gate.out_features == 2 * 16
+    # value, gate (dim x inner + inner each) and out (inner x dim) lose 2 * 16 inner units in each of the four
+    # 16-channel transformers (down level 1, up level 1 twice, middle)
+    difference = sum(p.numel() for p in wide.parameters()) - sum(p.numel() for p in narrow.parameters())
+    assert difference == 4 * (2 * 16) * (16 + 1 + 16 + 1 + 16)
+
+
 @pytest.mark.parametrize("changes,match", [
     (dict(num_heads=8, head_dim=64), "exactly one of num_heads or head_dim"),
     (dict(num_heads=None, head_dim=None), "exactly one of num_heads or head_dim"),
@@ -93,6 +106,7 @@ def test_head_dim_sets_heads_per_level():
     (dict(attention_resolutions=(16,)), "attention_resolutions"),
     (dict(num_groups=24), "num_groups"),
     (dict(num_heads=7), "num_heads=7"),
+    (dict(ff_mult=0), "ff_mult"),
 ])
 def test_bad_config_is_a_clear_error(changes, match):
     with pytest.raises(ValueError, match=match):

@@ -109,6 +109,9 @@ def diffusers_config(config: UNetConfig) -> dict[str, Any]:
     if config.position_embedding:
         raise ValueError("diffusers' UNet2DConditionModel has no spatial position embedding; "
                          "only position_embedding=False converts")
+    if config.ff_mult != 4:
+        raise ValueError(f"diffusers' UNet2DConditionModel has a fixed 4x GEGLU feed-forward; ff_mult="
+                         f"{config.ff_mult} does not convert (use ff_mult=4)")
     widths = config.level_channels
     attn = [2**i in config.attention_resolutions for i in range(len(widths))]
     return {

@@ -48,6 +48,7 @@ class UNetConfig:
     num_heads: int | None = 8
     head_dim: int | None = None
     transformer_depth: int = 1
+    ff_mult: int = 4                   # GEGLU feed-forward inner width / channels (SD: 4)
     context_dim: int = 768
     dropout: float = 0.0
     num_groups: int = 32
@@ -62,8 +63,9 @@ class UNetConfig:
         if (self.num_heads is None) == (self.head_dim is None):
             raise ValueError(f"UNetConfig: set exactly one of num_heads or head_dim (got num_heads={self.num_heads}, "
                              f"head_dim={self.head_dim}); set the other to null")
-        if not self.channel_mult or self.num_res_blocks < 1 or self.transformer_depth < 1:
-            raise ValueError("UNetConfig: channel_mult must be non-empty, num_res_blocks and transformer_depth >= 1")
+        if not self.channel_mult or min(self.num_res_blocks, self.transformer_depth, self.ff_mult) < 1:
+            raise ValueError("UNetConfig: channel_mult must be non-empty, num_res_blocks, transformer_depth and "
+                             "ff_mult >= 1")
         factors = {2**i for i in range(len(self.channel_mult))}
         bad = sorted(set(self.attention_resolutions) - factors)
         if bad:
@@ -170,7 +172,7 @@ class Level(nn.Module):
                                  for c in in_channels)
         self.attn = nn.ModuleList(
             SpatialTransformer(channels, config.context_dim, config.heads_for(channels), config.transformer_depth,
-                               config.num_groups)
+                               config.num_groups, config.ff_mult)
             for _ in in_channels) if attention else None
         self.resample = resample
 
@@ -184,7 +186,7 @@ class MidBlock(nn.Module):
         self.res = nn.ModuleList(ResBlock(channels, channels, emb_dim, config.dropout, config.num_groups,
                                           config.scale_shift_norm) for _ in range(2))
         self.attn = SpatialTransformer(channels, config.context_dim, config.heads_for(channels),
-                                       config.transformer_depth, config.num_groups)
+                                       config.transformer_depth, config.num_groups, config.ff_mult)
 
 
 class UNet(nn.Module):
