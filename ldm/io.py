@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ldm import __version__
+from ldm.errors import LdmError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -34,7 +35,7 @@ _RESERVED = ("_class_name", "_module", "_ldm_version")
 M = TypeVar("M", bound=torch.nn.Module)
 
 
-class PartError(RuntimeError):
+class PartError(LdmError, RuntimeError):
     """An exported part or checkpoint is missing, unreadable or does not match its module."""
 
 

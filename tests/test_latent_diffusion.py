@@ -119,10 +119,10 @@ def test_export_writes_a_pipeline_with_the_ema_weights(parts, tmp_path):
 def test_sd15_config_counts_exactly_the_stable_diffusion_parameters():
     import yaml
 
-    from ldm.cli.train import REPO_ROOT
+    from ldm.cli.train import CONFIG_ROOT
     from ldm.modules.unet import UNet, UNetConfig
 
-    config = yaml.safe_load((REPO_ROOT / "configs" / "ldm" / "sd15.yaml").read_text())
+    config = yaml.safe_load((CONFIG_ROOT / "ldm" / "sd15.yaml").read_text())
     with torch.device("meta"):
         unet = UNet(UNetConfig(**config["model"]["init_args"]["unet"]))
     assert sum(p.numel() for p in unet.parameters()) == 859_520_964

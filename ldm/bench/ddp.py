@@ -32,8 +32,8 @@ import torch
 
 from ldm.io import write_json
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "ldm" / "shapes.yaml"
+REPO_ROOT = Path.cwd()
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "ldm" / "shapes.yaml"
 
 
 def unet_settings(config: Path) -> dict[str, Any]:

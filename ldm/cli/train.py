@@ -18,8 +18,8 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_TRAINER_CONFIG = REPO_ROOT / "configs" / "trainer" / "cpu.yaml"
+CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"   # ldm/configs, shipped as package data
+DEFAULT_TRAINER_CONFIG = CONFIG_ROOT / "trainer" / "cpu.yaml"
 
 
 def default_config_files() -> list[str]:

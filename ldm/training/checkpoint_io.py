@@ -23,11 +23,13 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from ldm.errors import LdmError
+
 # What Lightning needs to resume a fit (a weights-only checkpoint lacks the rest).
 RESUME_KEYS = ("state_dict", "optimizer_states", "loops", "global_step", "epoch")
 
 
-class CheckpointLoadError(RuntimeError):
+class CheckpointLoadError(LdmError, RuntimeError):
     """A training checkpoint is missing, truncated, corrupt or not a Lightning checkpoint."""
 
 
