@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from ldm.data.shards import list_shards
 from ldm.data.webdata import ShardDataset
 from ldm.io import module_config, read_json, write_json
-from ldm.training.resume import ResumableLoader
+from ldm.data.resumable import ResumableLoader
 
 CHUNK = "chunk-{:05d}.safetensors"
 

@@ -36,7 +36,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset
 
 from ldm.data.shards import IMAGE_EXTS, Sample, list_shards, read_info, read_shard
-from ldm.training.resume import ResumableLoader
+from ldm.data.resumable import ResumableLoader
 
 LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)
 # Lightning warns that an IterableDataset's __len__ may be wrong with several workers; ShardDataset deals

@@ -21,7 +21,8 @@ from ldm.training.compile import CompileModules
 from ldm.training.nonfinite import NonFiniteLossError, SkipNonFiniteSteps
 from ldm.training.preemption import Preempted, PreemptionCheckpoint
 from ldm.training.profiling import AllReduceTimer, StepTimer
-from ldm.training.resume import ResumableLoader, SeedEveryStep, step_seed
+from ldm.data.resumable import ResumableLoader
+from ldm.training.resume import SeedEveryStep, step_seed
 
 __all__ = ["AtomicCheckpointIO", "CheckpointLoadError", "atomic_torch_save", "load_training_checkpoint",
            "resume_checkpoint_path", "save_resume_checkpoint", "NonFiniteLossError", "SkipNonFiniteSteps",
