@@ -45,7 +45,8 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ldm.pipeline import TextToImagePipeline, image_grid, to_pil
+    from ldm.pipeline import TextToImagePipeline
+    from ldm.visual import image_grid, to_pil
 
     prompts = read_prompts(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
