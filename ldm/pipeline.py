@@ -27,6 +27,7 @@ from ldm.conditioning import Conditioning
 from ldm.diffusion.guidance import guided_model
 from ldm.diffusion.samplers import SAMPLERS, sample
 from ldm.diffusion.schedules import DiscreteSchedule
+from ldm.errors import UsageError
 from ldm.io import (CONFIG_NAME, PartError, config_from_dict, load_part, part_metadata, read_json, save_part,
                     weights_hash, write_json)
 from ldm.modules.denoiser import check_compatible, conditioning_for
@@ -47,6 +48,8 @@ class PipelineConfig:
     guidance: float = 4.0
     sampler: str = "dpmpp-2m"
     guidance_rescale: float = 0.0
+    # a consistency model (LCM student, or a base with an LCM-LoRA): maps any x_t to x_0, samples with `lcm`
+    consistency_model: bool = False
 
 
 def save_schedule(schedule: DiscreteSchedule, out_dir: str | Path) -> Path:
@@ -167,6 +170,9 @@ class TextToImagePipeline:
             raise ValueError(f"n_per_prompt must be >= 1, got {n_per_prompt}")
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}: use one of {list(SAMPLERS)}")
+        if sampler == "lcm" and not self.config.consistency_model:
+            raise UsageError("sampler 'lcm' needs a consistency-distilled model (`make train-lcm`, or an LCM-LoRA "
+                             "through --lora); this pipeline is a diffusion model: use dpmpp-2m, ddim, euler, ...")
         f = self.vae.config.downsample_factor
         if height % f or width % f or height < f or width < f:
             raise ValueError(f"height and width must be positive multiples of the VAE factor {f}, got {height}x{width}")
@@ -179,6 +185,8 @@ class TextToImagePipeline:
                  **sampler_options: Any) -> torch.Tensor:
         """Images (len(prompts)·n_per_prompt, 3, H, W) in [-1, 1], prompt-major order.
 
+        A w-conditioned denoiser (a distilled LCM student) gets ``guidance`` as an input and runs without a CFG
+        batch (``ldm.diffusion.guidance.guided_model``); ``sampler="lcm"`` needs ``config.consistency_model``.
         The initial noise of image i depends only on (seed, i), so the batch size does not change it.
         """
         c = self.config

@@ -139,6 +139,8 @@ def diffusers_config(config: UNetConfig) -> dict[str, Any]:
         # the pooled text embedding is diffusers' "projection" class embedding (added to the time embedding)
         **({"class_embed_type": "projection", "projection_class_embeddings_input_dim": config.pooled_dim}
            if config.pooled_dim else {}),
+        # w-conditioning (LCM): the guidance-scale embedding joins the time features through cond_proj
+        **({"time_cond_proj_dim": config.guidance_embed_dim} if config.guidance_embed_dim else {}),
     }
 
 
@@ -153,7 +155,7 @@ def config_from_diffusers(dconfig: dict[str, Any]) -> UNetConfig:
     pooled_dim = None
     if get("class_embed_type", None) == "projection" and not get("class_embeddings_concat", False):
         pooled_dim = int(get("projection_class_embeddings_input_dim", 0)) or None
-    unsupported = {"class_embed_type": "projection" if pooled_dim else None, "addition_embed_type": None, "time_cond_proj_dim": None,
+    unsupported = {"class_embed_type": "projection" if pooled_dim else None, "addition_embed_type": None,
                    "encoder_hid_dim": None, "only_cross_attention": False, "upcast_attention": False,
                    "center_input_sample": False, "dual_cross_attention": False,
                    "act_fn": "silu", "flip_sin_to_cos": True, "freq_shift": 0, "downsample_padding": 1,
@@ -202,5 +204,89 @@ def config_from_diffusers(dconfig: dict[str, Any]) -> UNetConfig:
                       attention_resolutions=attention, num_heads=num_heads, head_dim=head_dim,
                       transformer_depth=depth, context_dim=get("cross_attention_dim", 768),
                       dropout=get("dropout", 0.0), num_groups=get("norm_num_groups", 32), pooled_dim=pooled_dim,
-                      scale_shift_norm=scale_shift == "scale_shift")
+                      scale_shift_norm=scale_shift == "scale_shift",
+                      guidance_embed_dim=get("time_cond_proj_dim", None))
 
+
+
+# ---- LoRA weights (peft format: "<module>.lora_A.weight" (r, in, ...) and "<module>.lora_B.weight" (out, r, ...)) ----
+LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+_GEGLU_HALVES = (".ff.value", ".ff.gate")
+
+
+def _lora_modules(state_dict: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    """``{module: {"A": lora_A, "B": lora_B}}``; anything but lora_A/lora_B weights is refused (DoRA, LoRA bias)."""
+    modules: dict[str, dict[str, Tensor]] = {}
+    for key, value in state_dict.items():
+        suffix = next((s for s in LORA_SUFFIXES if key.endswith(s)), None)
+        if suffix is None:
+            raise ValueError(f"{key!r} is not a LoRA A/B weight: only plain LoRA (no DoRA, no LoRA bias) converts")
+        modules.setdefault(key[: -len(suffix)], {})["A" if suffix == LORA_SUFFIXES[0] else "B"] = value
+    incomplete = sorted(m for m, ab in modules.items() if len(ab) != 2)
+    if incomplete:
+        raise ValueError(f"LoRA weights without their A or B half: {incomplete[:3]}")
+    return modules
+
+
+def _put(out: dict[str, Tensor], module: str, a: Tensor, b: Tensor) -> None:
+    out[module + LORA_SUFFIXES[0]], out[module + LORA_SUFFIXES[1]] = a, b
+
+
+def ldm_lora_to_diffusers(state_dict: dict[str, Tensor], linear_projection: bool = False) -> dict[str, Tensor]:
+    """LoRA weights of ``UNet`` modules renamed to ``UNet2DConditionModel``'s (the same tables as the weights), exact:
+
+    * GEGLU: LoRAs (A_v, B_v) on ``ff.value`` and (A_g, B_g) on ``ff.gate`` become one LoRA on ``ff.net.0.proj``
+      (rows [value | gate]) of rank r_v + r_g with A = [A_v; A_g] and B = [[B_v, 0], [0, B_g]], so that
+      B A = [B_v A_v; B_g A_g] (a missing half contributes zero rows). Its alpha must keep alpha/rank: the
+      caller's metadata does that (``ldm.lora``);
+    * ``proj_in``/``proj_out``: Linear LoRAs become 1x1-conv ones unless ``linear_projection``.
+    """
+    modules = _lora_modules(state_dict)
+    out: dict[str, Tensor] = {}
+    for module, ab in modules.items():
+        half = next((h for h in _GEGLU_HALVES if module.endswith(h)), None)
+        if half is not None:
+            base = module[: -len(half)] + ".ff"
+            if half == ".ff.gate" and base + ".value" in modules:
+                continue  # joined with its value half
+            value, gate = modules.get(base + ".value"), modules.get(base + ".gate")
+            parts = [p for p in (value, gate) if p is not None]
+            a = torch.cat([p["A"] for p in parts], dim=0)
+            inner = parts[0]["B"].shape[0]
+            b = a.new_zeros(2 * inner, a.shape[0])
+            col = 0
+            for row, p in ((0, value), (inner, gate)):
+                if p is not None:
+                    rank = p["B"].shape[1]
+                    b[row:row + inner, col:col + rank] = p["B"]
+                    col += rank
+            _put(out, _rename(base + ".net.0.proj.", _BLOCKS_BACK)[:-1], a, b)
+            continue
+        name = _rename(module + ".", _BLOCKS_BACK)[:-1]
+        a, b = ab["A"], ab["B"]
+        if re.search(r"\.proj_(in|out)$", name) and not linear_projection and a.ndim == 2:
+            a, b = a[:, :, None, None], b[:, :, None, None]
+        _put(out, name, a, b)
+    return out
+
+
+def diffusers_lora_to_ldm(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Inverse of :func:`ldm_lora_to_diffusers`, for any diffusers UNet LoRA in peft format (without the ``unet.``
+    prefix): an ``ff.net.0.proj`` LoRA (A, B) splits exactly into (A, B[:inner]) on ``ff.value`` and (A, B[inner:])
+    on ``ff.gate``, each without the rank components whose B column is zero there (those contribute nothing; an
+    all-zero half is dropped), which undoes the block-diagonal join; 1x1-conv LoRAs become Linear ones."""
+    out: dict[str, Tensor] = {}
+    for module, ab in _lora_modules(state_dict).items():
+        name = _rename(module + ".", _BLOCKS)[:-1]
+        a, b = ab["A"], ab["B"]
+        if name.endswith(".ff.net.0.proj"):
+            base, inner = name[: -len(".net.0.proj")], b.shape[0] // 2
+            for half, rows in ((".value", b[:inner]), (".gate", b[inner:])):
+                used = rows.flatten(2).abs().sum(dim=(0, 2)) > 0 if rows.ndim > 2 else rows.abs().sum(dim=0) > 0
+                if bool(used.any()):
+                    _put(out, base + half, a[used], rows[:, used])
+            continue
+        if re.search(r"\.proj_(in|out)$", name) and a.ndim == 4:
+            a, b = a[:, :, 0, 0], b[:, :, 0, 0]
+        _put(out, name, a, b)
+    return out

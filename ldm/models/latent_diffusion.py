@@ -24,9 +24,13 @@ from torch import nn
 from ldm.conditioning import Conditioning, drop_for_guidance
 from ldm.diffusion.objectives import diffusion_loss, offset_noise
 from ldm.diffusion.schedules import DiscreteSchedule, ScheduleConfig
+from ldm.errors import UsageError
 from ldm.io import PartError, load_part, weights_hash
+from ldm.lora import save_lora
 from ldm.models.base import PartModule
+from ldm.models.init import load_pipeline_start
 from ldm.modules.denoiser import build_denoiser, conditioning_for, copy_denoiser
+from ldm.modules.lora import LoraSpec, add_lora
 from ldm.pipeline import PipelineConfig, TextToImagePipeline
 from ldm.visual import image_grid
 
@@ -71,6 +75,10 @@ class LatentDiffusion(PartModule):
             (``val_prompts`` None: the training dataset's own prompts, when its module has some).
         pooled_conditioning: also condition on the prompt's pooled embedding, added to the time embedding
             (GLIDE sec. 2.3, SDXL sec. 2.1).
+        init_from: a pipeline folder to fine-tune: its vae, text encoder, denoiser (weights and config; a
+            ``denoiser`` block changes fields) and noise schedule (unless ``noise_schedule`` is given) are used.
+        lora: ``{rank, alpha, target_modules, dropout}`` (``ldm.modules.lora.LoraSpec``): train LoRA adapters on
+            the denoiser instead of its weights; the export is then the adapter folder alone (``ldm.lora``).
     """
 
     default_optimizer = {"lr": 1e-3}
@@ -83,29 +91,49 @@ class LatentDiffusion(PartModule):
                  p_uncond: float = 0.1, ema_decay: float = 0.999, stratified_timesteps: bool = True,
                  resolution: int = 32, val_prompts: list[str] | None = None, sample_every_n_val: int = 1,
                  sample_steps: int = 10, sample_guidance: float = 4.0, val_timesteps: int = 8,
-                 pooled_conditioning: bool = False):
+                 pooled_conditioning: bool = False, init_from: str | None = None,
+                 lora: dict[str, Any] | None = None):
         super().__init__(optimizer, lr_schedule)
         self.save_hyperparameters()
         if not 0.0 <= p_uncond <= 1.0:
             raise ValueError(f"p_uncond must be in [0, 1], got {p_uncond}")
-        self.vae = load_frozen_part(vae_path, "vae", "vae", "make train-vae")
-        self.text_encoder = load_frozen_part(text_encoder_path, "text_encoder", "text_encoder", "make train-clip")
+        self.base_hash: str | None = None  # sha256 of the denoiser weights a fine-tuning starts from
+        if init_from:
+            self._start_from_pipeline(init_from, vae_path, text_encoder_path, denoiser, noise_schedule)
+        else:
+            self.vae = load_frozen_part(vae_path, "vae", "vae", "make train-vae")
+            self.text_encoder = load_frozen_part(text_encoder_path, "text_encoder", "text_encoder", "make train-clip")
+            z = self.vae.config.z_channels
+            defaults = {"in_channels": z, "out_channels": z, "context_dim": self.text_encoder.token_dim,
+                        "pooled_dim": self.text_encoder.pooled_dim if pooled_conditioning else None}
+            self.denoiser = build_denoiser(denoiser or {}, defaults, "model.init_args.denoiser")
+            self.schedule = DiscreteSchedule(ScheduleConfig(**(noise_schedule or {})))
         self.text_encoder.freeze()
-        z = self.vae.config.z_channels
-        defaults = {"in_channels": z, "out_channels": z, "context_dim": self.text_encoder.token_dim,
-                    "pooled_dim": self.text_encoder.pooled_dim if pooled_conditioning else None}
-        self.denoiser = build_denoiser(denoiser or {}, defaults, "model.init_args.denoiser")
-        self.schedule = DiscreteSchedule(ScheduleConfig(**(noise_schedule or {})))
+        self.lora = LoraSpec(**lora) if lora else None
+        if self.lora is not None:  # only the adapters train; the EMA below tracks them alone
+            add_lora(self.denoiser, self.lora)
         self.track_ema(self.denoiser, ema_decay)
         self.val_prompts = None if val_prompts is None else list(val_prompts)
         self._empty: Conditioning | None = None
         self._val_runs = 0
 
+    def _start_from_pipeline(self, path: str, vae_path: str | None, text_encoder_path: str | None,
+                             denoiser: dict[str, Any] | None, noise_schedule: dict[str, Any] | None) -> None:
+        """Parts, denoiser and schedule from a pipeline folder (``ldm.models.init``); a ``denoiser`` block changes
+        config fields of its denoiser, a ``noise_schedule`` block replaces its schedule."""
+        if vae_path or text_encoder_path:
+            raise UsageError("model.init_args: give init_from (a pipeline folder, which has its own vae and "
+                             "text_encoder) or vae_path/text_encoder_path, not both")
+        start = load_pipeline_start(path, denoiser)
+        self.vae, self.text_encoder, self.denoiser = start.vae, start.text_encoder, start.denoiser
+        self.schedule = DiscreteSchedule(ScheduleConfig(**noise_schedule)) if noise_schedule else start.schedule
+        self.base_hash = start.base_hash
+
     # ---- frozen parts stay out of checkpoints: they are exported parts with their own files ----------
     _FROZEN = ("vae.", "text_encoder.")
 
     def trainable_parameters(self):
-        return self.denoiser.named_parameters()
+        return ((n, p) for n, p in self.denoiser.named_parameters() if p.requires_grad)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -239,8 +267,12 @@ class LatentDiffusion(PartModule):
 
     # ---- export ------------------------------------------------------------------------------------
     def exporter(self, datamodule: Any = None) -> Callable[[Path], None]:
-        """The pipeline folder: vae/, text_encoder/, unet/ (the denoiser, EMA weights), scheduler/, pipeline.json."""
+        """The pipeline folder: vae/, text_encoder/, unet/ (the denoiser, EMA weights), scheduler/, pipeline.json;
+        with a ``lora`` block, the adapter folder alone (``ldm.lora``, EMA weights)."""
         pipe = self.pipeline(use_ema=True)
+        if self.lora is not None:
+            spec, base_hash, start = self.lora, self.base_hash, self.hparams.init_from
+            return lambda out: save_lora(pipe.denoiser, out, spec, base_hash=base_hash, record={"trained_from": start})
         image_encoder = Path(self.hparams.text_encoder_path or "") / "image_encoder"
 
         def write(out: Path) -> None:
