@@ -22,7 +22,7 @@ PROMPT ?= a large red circle on the left
 # test selection: `make test PYTEST_ARGS="-k vae"`
 PYTEST_ARGS ?=
 
-.PHONY: install data train-vae train-clip train-ldm cache generate adherence fid demo bench test test-slow clean
+.PHONY: install data train-vae train-clip train-ldm train-lcm train-lcm-lora cache generate adherence fid demo bench test test-slow clean
 
 install: $(STAMP)
 
@@ -58,6 +58,21 @@ LDM_CACHE ?= cache
 train-ldm: $(STAMP) $(LDM_CACHE)
 	$(LDM) fit --config configs/ldm/$(DATA).yaml $(ARGS)
 	$(LDM) export --ckpt $(RUN_DIR)/ldm/checkpoints/last.ckpt --out $(PIPELINE)
+
+# ---- few-step students of the pipeline (latent consistency distillation, docs/results/lcm.md) -------------------
+# train-lcm: the full student (w-conditioned U-Net) -> $(RUN_DIR)/lcm/pipeline, sampled with `--sampler lcm --steps 1..8`;
+# train-lcm-lora: an LCM-LoRA of the pipeline -> $(RUN_DIR)/lcm-lora/adapter (ldm generate --lora, ldm lora merge).
+# Both read the latent cache of make demo / make train-ldm (built here when missing).
+$(RUN_DIR)/cache/info.json: | $(STAMP)
+	$(MAKE) --no-print-directory cache DATA=$(DATA)
+
+train-lcm: $(STAMP) $(RUN_DIR)/cache/info.json
+	$(LDM) fit --config configs/lcm/$(DATA).yaml $(ARGS)
+	$(LDM) export --ckpt $(RUN_DIR)/lcm/checkpoints/last.ckpt --out $(RUN_DIR)/lcm/pipeline
+
+train-lcm-lora: $(STAMP) $(RUN_DIR)/cache/info.json
+	$(LDM) fit --config configs/lcm/$(DATA)-lora.yaml $(ARGS)
+	$(LDM) export --ckpt $(RUN_DIR)/lcm-lora/checkpoints/last.ckpt --out $(RUN_DIR)/lcm-lora/adapter
 
 # ---- use the pipeline ---------------------------------------------------------------------------------
 generate: $(STAMP)

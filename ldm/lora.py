@@ -115,8 +115,9 @@ def _weights_file(path: Path) -> Path:
 
 
 def read_lora(path: str | Path, denoiser: nn.Module | None = None) -> LoraFile:
-    """Read an adapter folder (or a diffusers-format ``.safetensors`` file); keys come back in ldm's module names
-    for ``denoiser``'s class (a file without ldm's record is taken to be in diffusers' layout)."""
+    """Read an adapter folder (or a diffusers-format ``.safetensors`` file). With ``denoiser`` the keys come back in
+    ldm's module names for its class (a file without ldm's record is taken to be in diffusers' layout); without,
+    as stored."""
     path = Path(path)
     weights = _weights_file(path)
     folder = weights.parent
@@ -137,8 +138,8 @@ def read_lora(path: str | Path, denoiser: nn.Module | None = None) -> LoraFile:
         rank = int(meta.get(f"{PREFIX}.r", max(set(ranks), key=ranks.count)))
         spec = LoraSpec(rank=rank, alpha=meta.get(f"{PREFIX}.lora_alpha", rank), target_modules=["-"])
     layout = record.get("key_layout", "diffusers")
-    if layout == "diffusers":
-        converters = _converters(denoiser) if denoiser is not None else None
+    if layout == "diffusers" and denoiser is not None:
+        converters = _converters(denoiser)
         if converters is None:
             raise PartError(f"{weights} is in diffusers' layout, which only "
                             f"{sorted(DIFFUSERS_LAYOUT)} denoisers read")
@@ -202,3 +203,18 @@ def parse_lora_argument(text: str) -> tuple[str, float]:
         if Path(text).exists():
             return text, 1.0
         raise UsageError(f"--lora {text!r}: give PATH or PATH:SCALE with a number as SCALE") from None
+
+
+def apply_to_pipeline(pipe: Any, loras: list[tuple[str, float]], merge: bool = True) -> list[LoraFile]:
+    """Apply adapters ``[(path, scale), ...]`` to ``pipe.denoiser`` in order; the sampling defaults an adapter
+    records (an LCM-LoRA: lcm sampler, few steps, guidance 1) become the pipeline's defaults."""
+    import dataclasses
+
+    applied = []
+    fields = {f.name for f in dataclasses.fields(pipe.config)}
+    for path, scale in loras:
+        lora = apply_lora(pipe.denoiser, path, scale, merge=merge)
+        pipe.config = dataclasses.replace(pipe.config, **{k: v for k, v in lora.sampling.items() if k in fields})
+        applied.append(lora)
+    pipe.denoiser.eval().requires_grad_(False)
+    return applied

@@ -32,6 +32,7 @@ TRAINING: dict[str, tuple[str, str]] = {
     "AutoencoderModule": ("ldm.models.autoencoder", "model"),
     "ContrastiveCLIP": ("ldm.models.text_encoder", "model"),
     "LatentDiffusion": ("ldm.models.latent_diffusion", "model"),
+    "LatentConsistencyDistillation": ("ldm.models.lcm", "model"),
     "WebDataModule": ("ldm.data.webdata", "datamodule"),
     "LatentDataModule": ("ldm.data.latents", "datamodule"),
 }

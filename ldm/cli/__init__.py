@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "export": "export",
     "cache": "cache",
     "generate": "generate",
+    "lora": "lora",
     "adherence": "adherence",
     "fid": "fid",
     "toy": "toy",

@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="images sampled together")
     parser.add_argument("--scale", type=int, default=4, help="nearest-neighbour upscaling of the grid for viewing")
     parser.add_argument("--out", default="samples.png", help="grid PNG path; single images go to <out stem>/")
+    parser.add_argument("--lora", action="append", default=None, metavar="PATH[:SCALE]",
+                        help="apply a LoRA adapter folder with weight SCALE (default 1), merged into the denoiser; "
+                             "repeat for several. An LCM-LoRA also sets the sampling defaults (lcm, 4 steps, guidance 1)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
 
@@ -51,6 +54,10 @@ def run(args: argparse.Namespace) -> int:
     prompts = read_prompts(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = TextToImagePipeline.from_pretrained(args.pipeline, device=device)
+    if args.lora:
+        from ldm.lora import apply_to_pipeline, parse_lora_argument
+
+        apply_to_pipeline(pipe, [parse_lora_argument(text) for text in args.lora])
     extra = {} if args.eta is None else {"eta": args.eta}
     images = to_pil(pipe.generate(prompts, negative_prompt=args.negative_prompt, steps=args.steps,
                                   guidance=args.guidance, sampler=args.sampler, seed=args.seed, height=args.height,

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 from torch import nn
 
@@ -54,6 +55,34 @@ def sample_timesteps(batch: int, num_train_timesteps: int, stratified: bool, dev
         return torch.randint(0, num_train_timesteps, (batch,), device=device)
     u = (torch.arange(batch, device=device) + torch.rand(batch, device=device)) / batch
     return (u * num_train_timesteps).long().clamp_(max=num_train_timesteps - 1)[torch.randperm(batch, device=device)]
+
+
+def empty_prompt_conditioning(module: pl.LightningModule, text_encoder: nn.Module) -> Conditioning:
+    """The "" prompt's conditioning (batch 1, on the module's device and dtype): the latent cache's when the run
+    trains on one (``datamodule.empty_conditioning()``), else the text encoder's."""
+    dm = getattr(module.trainer, "datamodule", None) if module._trainer is not None else None
+    empty = dm.empty_conditioning() if dm is not None and hasattr(dm, "empty_conditioning") else None
+    if empty is None:
+        empty = text_encoder.condition([""])
+    return empty.trim().to(module.device, module.dtype)
+
+
+@torch.no_grad()
+def encode_batch(batch: dict[str, Any], vae: nn.Module, text_encoder: nn.Module, denoiser: nn.Module,
+                 sample: bool = True) -> tuple[torch.Tensor, Conditioning]:
+    """(z0 scaled latents, the denoiser's conditioning) from a cached batch (``latent_mean``/``latent_std``/``cond``)
+    or an image batch (``image``/``caption``: both encoders run); ``sample``: a posterior draw, else its mean."""
+    if "latent_mean" in batch:
+        mean = batch["latent_mean"]
+        z0 = mean + batch["latent_std"] * torch.randn_like(mean) if sample else mean
+        cond = batch["cond"]
+    else:
+        z0 = vae.encode_latents(batch["image"], sample=sample)
+        cond = text_encoder.condition(batch["caption"])
+    if denoiser.config.pooled_dim and cond.pooled is None:
+        raise ValueError("this denoiser is conditioned on the pooled text embedding but the latent cache has none: "
+                         "rebuild it with `ldm cache` (make train-ldm does)")
+    return z0, conditioning_for(denoiser, cond.trim())
 
 
 class LatentDiffusion(PartModule):
@@ -174,28 +203,15 @@ class LatentDiffusion(PartModule):
     def empty_conditioning(self) -> Conditioning:
         """The "" prompt's conditioning (batch 1), used for caption dropout: the cache's when training on one."""
         if self._empty is None or self._empty.tokens.device != self.device:
-            dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-            empty = dm.empty_conditioning() if dm is not None and hasattr(dm, "empty_conditioning") else None
-            if empty is None:
-                empty = self.text_encoder.condition([""])
-            self._empty = empty.trim().to(self.device, self.dtype)
+            self._empty = empty_prompt_conditioning(self, self.text_encoder)
         return conditioning_for(self.denoiser, self._empty)
 
     @torch.no_grad()
     def latents_and_conditioning(self, batch: dict[str, Any], sample: bool = True) -> tuple[torch.Tensor, Conditioning]:
         """(z0 scaled latents, conditioning) from a cached or an image batch (``sample``: a posterior draw,
         else its mean)."""
-        if "latent_mean" in batch:
-            mean = batch["latent_mean"]
-            z0 = mean + batch["latent_std"] * torch.randn_like(mean) if sample else mean
-            cond = batch["cond"]
-        else:
-            z0 = self.vae.encode_latents(batch["image"], sample=sample)
-            cond = self.text_encoder.condition(batch["caption"])
-        if self.denoiser.config.pooled_dim and cond.pooled is None:
-            raise ValueError("this denoiser is conditioned on the pooled text embedding but the latent cache has none: "
-                             "rebuild it with `ldm cache` (make train-ldm does)")
-        return z0, conditioning_for(self.denoiser, cond.trim().to(self.device, self.dtype))
+        z0, cond = encode_batch(batch, self.vae, self.text_encoder, self.denoiser, sample)
+        return z0, cond.to(self.device, self.dtype)
 
     # ---- training ----------------------------------------------------------------------------------
     def loss(self, z0: torch.Tensor, cond: Conditioning, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ Several adapters may live on one module (each a name); the scale of each multipl
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,7 +101,9 @@ def add_lora(module: nn.Module, spec: LoraSpec, name: str = DEFAULT_ADAPTER, tra
         raise ValueError(f"the module already has an adapter named {name!r}")
     before = adapter_names(module)
     try:
-        inject_adapter_in_model(peft_config(spec, rank_pattern, alpha_pattern), module, adapter_name=name)
+        with warnings.catch_warnings():  # several adapters on one module are intended here
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            inject_adapter_in_model(peft_config(spec, rank_pattern, alpha_pattern), module, adapter_name=name)
     except ValueError as e:
         if "not found in the base model" not in str(e) and "no target" not in str(e).lower():
             raise
