@@ -16,6 +16,7 @@ alpha is taken equal to its rank (diffusers' convention).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import warnings
@@ -31,8 +32,8 @@ from torch import nn
 from ldm import __version__
 from ldm.errors import UsageError
 from ldm.io import PartError, atomic_write, module_config, read_json, weights_hash, write_json
-from ldm.modules.lora import (DEFAULT_ADAPTER, LoraSpec, add_lora, load_lora_state_dict, lora_state_dict,
-                              merge_lora, set_lora_scale)
+from ldm.modules.lora import (DEFAULT_ADAPTER, LoraSpec, adapter_names, add_lora, load_lora_state_dict,
+                              lora_state_dict, merge_lora, set_lora_scale)
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"   # diffusers' LORA_WEIGHT_NAME_SAFE
 ADAPTER_CONFIG = "adapter_config.json"
@@ -175,8 +176,6 @@ def apply_lora(denoiser: nn.Module, lora: LoraFile | str | Path, scale: float = 
     if not isinstance(lora, LoraFile):
         lora = read_lora(lora, denoiser)
     check_base(lora, denoiser)
-    from ldm.modules.lora import adapter_names
-
     name = name or f"adapter_{len(adapter_names(denoiser))}"
     modules = sorted({k.rpartition(".lora_")[0] for k in lora.state})
     spec = LoraSpec(rank=lora.spec.rank, alpha=lora.spec.alpha, target_modules=modules)
@@ -208,8 +207,6 @@ def parse_lora_argument(text: str) -> tuple[str, float]:
 def apply_to_pipeline(pipe: Any, loras: list[tuple[str, float]], merge: bool = True) -> list[LoraFile]:
     """Apply adapters ``[(path, scale), ...]`` to ``pipe.denoiser`` in order; the sampling defaults an adapter
     records (an LCM-LoRA: lcm sampler, few steps, guidance 1) become the pipeline's defaults."""
-    import dataclasses
-
     applied = []
     fields = {f.name for f in dataclasses.fields(pipe.config)}
     for path, scale in loras:

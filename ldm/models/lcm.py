@@ -20,6 +20,7 @@ guidance is baked in; sample with guidance 1), exported as an adapter folder tha
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from torch import nn
 from ldm.conditioning import Conditioning
 from ldm.diffusion.consistency import (consistency_function, ddim_solver_step, default_huber_c, pseudo_huber,
                                        skipping_grid, solver_end)
-from ldm.diffusion.guidance import guided_output, with_guidance_scale
+from ldm.diffusion.guidance import guided_output, takes_guidance_scale, with_guidance_scale
 from ldm.errors import UsageError
 from ldm.io import PartError
 from ldm.lora import save_lora
@@ -85,6 +86,9 @@ class LatentConsistencyDistillation(PartModule):
         self.text_encoder.freeze()
         self.teacher_config, self.teacher_hash = start.config, start.base_hash
         self.teacher = start.denoiser.requires_grad_(False).eval()
+        if takes_guidance_scale(self.teacher):
+            raise UsageError(f"model.init_args.teacher: {teacher} is already w-conditioned (a distilled student?); "
+                             "distil a diffusion model's pipeline")
         self.grid = skipping_grid(self.schedule.num_train_timesteps, skip)
         self.lora = LoraSpec(**lora) if lora else None
         if self.lora is not None:
@@ -139,6 +143,7 @@ class LatentConsistencyDistillation(PartModule):
 
     # ---- the LCD loss --------------------------------------------------------------------------------
     def empty_conditioning(self) -> Conditioning:
+        """The "" prompt's conditioning (batch 1): the teacher's unconditional branch."""
         if self._empty is None or self._empty.tokens.device != self.device:
             self._empty = empty_prompt_conditioning(self, self.text_encoder)
         return conditioning_for(self.teacher, self._empty)
@@ -262,8 +267,6 @@ class LatentConsistencyDistillation(PartModule):
             def write(out: Path) -> None:
                 pipe.save_pretrained(out)
                 if image_encoder.is_dir():  # the CLIP image tower travels along for FD-CLIP / CLIP score
-                    import shutil
-
                     shutil.copytree(image_encoder, out / "text_encoder" / "image_encoder", dirs_exist_ok=True)
 
             return write
