@@ -15,7 +15,7 @@
 """
 
 from ldm.training.budget import FitToTimeBudget, planned_steps, warmup_cosine
-from ldm.training.checkpoint_io import (AtomicCheckpointIO, CheckpointLoadError, atomic_torch_save,
+from ldm.training.checkpoint_io import (AtomicCheckpointIO, CheckpointLoadError, SafeFSDPStrategy, atomic_torch_save,
                                         resume_checkpoint_path, save_resume_checkpoint)
 from ldm.training.compile import CompileModules
 from ldm.training.nonfinite import NonFiniteLossError, SkipNonFiniteSteps
@@ -24,7 +24,7 @@ from ldm.training.profiling import AllReduceTimer, StepTimer
 from ldm.data.resumable import ResumableLoader
 from ldm.training.resume import SeedEveryStep, step_seed
 
-__all__ = ["AtomicCheckpointIO", "CheckpointLoadError", "atomic_torch_save",
+__all__ = ["AtomicCheckpointIO", "CheckpointLoadError", "SafeFSDPStrategy", "atomic_torch_save",
            "resume_checkpoint_path", "save_resume_checkpoint", "NonFiniteLossError", "SkipNonFiniteSteps",
            "Preempted", "PreemptionCheckpoint", "AllReduceTimer", "StepTimer", "ResumableLoader", "SeedEveryStep",
            "step_seed", "CompileModules", "FitToTimeBudget", "planned_steps", "warmup_cosine"]
