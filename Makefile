@@ -22,7 +22,7 @@ PROMPT ?= a large red circle on the left
 # test selection: `make test PYTEST_ARGS="-k vae"`
 PYTEST_ARGS ?=
 
-.PHONY: install data train-vae train-clip train-ldm cache generate adherence fid demo bench test test-slow clean
+.PHONY: install data train-vae train-clip train-ldm cache generate adherence fid demo bench lint test test-slow clean
 
 install: $(STAMP)
 
@@ -121,7 +121,11 @@ bench: $(STAMP)
 	$(PY) -m ldm.data.bench
 	$(PY) -m ldm.bench.unet
 
-# ---- tests -------------------------------------------------------------------------------------------
+# ---- lint and tests -----------------------------------------------------------------------------------
+lint: $(STAMP)
+	$(VENV)/bin/ruff check ldm tests
+
+
 # pytest exits 5 when it collects nothing: that is a failure here, as is any other non-zero exit.
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
