@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ldm import __version__
@@ -129,7 +130,10 @@ def load_part(path: str | os.PathLike, cls: type[M] | None = None, map_location:
     if config_class is None:
         raise PartError(f"{cls.__name__} has no `config_class`; it cannot be loaded as a part")
     module = cls(config_from_dict(config_class, config, str(path / CONFIG_NAME)))
-    state = load_file(str(weights), device=str(map_location))
+    try:
+        state = load_file(str(weights), device=str(map_location))
+    except (SafetensorError, OSError) as e:
+        raise PartError(f"{weights} is not a readable safetensors file ({e}); re-export the part") from e
     load_state_dict_checked(module, state, str(weights))
     return module.eval()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ldm.cli import checks
 from ldm.io import PartError, load_checkpoint
 
 HELP = "export a trained part from a Lightning checkpoint (VAE: measures the latent scale on training data)"
@@ -39,6 +40,10 @@ def rebuild_from_checkpoint(ckpt_path: str | Path, data_dir: str | None = None):
 
 
 def run(args: argparse.Namespace) -> int:
+    checks.existing_file("--ckpt", args.ckpt)
+    checks.output_dir("--out", args.out)
+    if args.data_dir is not None:
+        checks.shard_dataset("--data-dir", args.data_dir, ["train"])
     model, datamodule = rebuild_from_checkpoint(args.ckpt, args.data_dir)
     out = model.export(Path(args.out), datamodule)
     print(f"exported {type(model).__name__} from {args.ckpt} -> {out}")
