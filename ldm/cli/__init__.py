@@ -31,7 +31,10 @@ COMMANDS: dict[str, str] = {
     "generate": "generate",
     "adherence": "adherence",
     "fid": "fid",
+    "vae-fidelity": "vae_fidelity",
+    "probe": "probe",
     "toy": "toy",
+    "bench": "bench",
 }
 
 _HELP = {
