@@ -35,6 +35,7 @@ COMMANDS: dict[str, str] = {
     "probe": "probe",
     "toy": "toy",
     "bench": "bench",
+    "demo": "demo",
 }
 
 _HELP = {
