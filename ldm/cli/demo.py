@@ -52,8 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=d.data_dir, help="shapes dataset folder to build")
     parser.add_argument("--run-dir", default=d.run_dir, help="folder of the runs, parts, cache, pipeline and results")
     parser.add_argument("--log-dir", default=None, help="folder of the stage logs (default: RUN_DIR/logs)")
-    parser.add_argument("--data-args", default="", help="extra flags of `ldm data shapes`, one string (e.g. \"--train 2000\")")
-    parser.add_argument("--fit-args", default="", help="extra flags of every `ldm fit`, one string")
+    parser.add_argument("--data-args", default=None, help="extra flags of `ldm data shapes`, one string (e.g. \"--train 2000\")")
+    parser.add_argument("--fit-args", default=None, help="extra flags of every `ldm fit`, one string")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     extra = {}
     for flag in ("--data-args", "--fit-args"):
         try:
-            extra[flag[2:].replace("-", "_")] = shlex.split(getattr(args, flag[2:].replace("-", "_")))
+            extra[flag[2:].replace("-", "_")] = shlex.split(getattr(args, flag[2:].replace("-", "_")) or "")
         except ValueError as e:
             raise UsageError(f"{flag}: {e}") from None
     settings = settings_from(**{**vars(args), **extra})
