@@ -48,6 +48,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (w / "garbage.ckpt").write_bytes(os.urandom(256))
     torch.save(torch.zeros(3), w / "tensor.ckpt")
     torch.save({"state_dict": {}}, w / "noclass.ckpt")
+    # issue 16's crafted checkpoint: it names a writer function with a path and bytes as "hyper-parameters"
+    torch.save({"state_dict": {}, "ldm_class_path": "ldm.io.atomic_write_bytes",
+                "hyper_parameters": {"path": str(w / "scratch" / "pwned.txt"), "data": b"pwned"}}, w / "crafted.ckpt")
     (w / "unknown_key.yaml").write_text("trainer:\n  bogus_key: 1\n")
     (w / "bad_syntax.yaml").write_text("trainer: [max_steps: 3\n")
     (w / "scratch").mkdir()  # the working directory of every case (where defaults like samples.png would go)
@@ -150,6 +153,7 @@ CASES: list[tuple[str, list[str], str, dict[str, str]]] = [
     ("export-ckpt-garbage", ["export", "--ckpt", "{w}/garbage.ckpt", "--out", "{w}/scratch/e"], "garbage.ckpt", {}),
     ("export-ckpt-tensor", ["export", "--ckpt", "{w}/tensor.ckpt", "--out", "{w}/scratch/e"], "tensor.ckpt", {}),
     ("export-ckpt-noclass", ["export", "--ckpt", "{w}/noclass.ckpt", "--out", "{w}/scratch/e"], "noclass.ckpt", {}),
+    ("export-ckpt-crafted", ["export", "--ckpt", "{w}/crafted.ckpt", "--out", "{w}/scratch/e"], "crafted.ckpt", {}),
     ("export-data-dir", ["export", "--ckpt", "{w}/noclass.ckpt", "--out", "{w}/scratch/e", "--data-dir", "{w}/nope"],
      "--data-dir", {}),
     ("export-out-file", ["export", "--ckpt", "{w}/noclass.ckpt", "--out", "{w}/a_file.txt"], "--out", {}),

@@ -41,7 +41,8 @@ def unet_settings(config: Path) -> dict[str, Any]:
     import yaml
 
     init = yaml.safe_load(config.read_text())["model"]["init_args"]
-    keep = ("unet", "schedule", "loss_weighting", "min_snr_gamma", "p_uncond", "lr", "warmup_steps", "ema_decay")
+    keep = ("denoiser", "noise_schedule", "loss_weighting", "min_snr_gamma", "p_uncond", "optimizer", "lr_schedule",
+            "ema_decay")
     return {k: init[k] for k in keep if k in init}
 
 
@@ -67,8 +68,12 @@ def synthetic_latents(n: int, tokens: int = 12, dim: int = 128) -> list[dict[str
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    return {k: torch.stack([it[k] for it in items]) if torch.is_tensor(items[0][k]) else [it[k] for it in items]
-            for k in items[0]}
+    from ldm.conditioning import Conditioning
+
+    batch = {k: torch.stack([it[k] for it in items]) if torch.is_tensor(items[0][k]) else [it[k] for it in items]
+             for k in items[0]}
+    batch["cond"] = Conditioning(batch.pop("context"), batch.pop("mask"))
+    return batch
 
 
 def rank_main(spec_file: str) -> None:
@@ -159,6 +164,6 @@ def benchmark(config: Path = DEFAULT_CONFIG, layouts: Sequence[tuple[int, int]] 
             rows.append(row)
     for row in rows:
         row["speedup"] = row["img_per_s"] / rows[0]["img_per_s"]
-    return {"benchmark": "ddp-train-step", "config": str(config), "unet": settings.get("unet"),
+    return {"benchmark": "ddp-train-step", "config": str(config), "denoiser": settings.get("denoiser"),
             "torch": torch.__version__, "machine": platform.machine(), "cpus": os.cpu_count(),
             "load_average_before": load, "load_average_after": os.getloadavg(), "results": rows}

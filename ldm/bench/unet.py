@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm.interop.diffusers_unet import diffusers_config, ldm_to_diffusers
+from ldm.conditioning import Conditioning
 from ldm.modules.unet import UNet, UNetConfig
 
 # Candidate sizes for the shapes text-to-image model (8x8x4 latents, 256-d text tokens).
@@ -49,7 +50,7 @@ def make_batch(config: UNetConfig, batch: int, size: int, tokens: int, device: t
     return {
         "x": torch.randn(batch, config.in_channels, size, size, generator=g).to(device),
         "t": (torch.rand(batch, generator=g) * 999).to(device),
-        "context": torch.randn(batch, tokens, config.context_dim, generator=g).to(device),
+        "cond": Conditioning(torch.randn(batch, tokens, config.context_dim, generator=g).to(device)),
         "target": torch.randn(batch, config.out_channels, size, size, generator=g).to(device),
     }
 
@@ -61,13 +62,13 @@ def _models(config: UNetConfig, device: torch.device, with_diffusers: bool, seed
     # random (not zero) output layers, so the backward pass does real work through every block
     for p in (ours.conv_out.weight, ours.conv_out.bias):
         torch.nn.init.normal_(p, std=0.02)
-    models = {"ldm": (ours.to(device), lambda m, b: m(b["x"], b["t"], b["context"]))}
+    models = {"ldm": (ours.to(device), lambda m, b: m(b["x"], b["t"], b["cond"]))}
     if with_diffusers:
         from diffusers import UNet2DConditionModel  # test/bench dependency only
 
         theirs = UNet2DConditionModel(**diffusers_config(config))
         theirs.load_state_dict(ldm_to_diffusers(ours.state_dict()))
-        models["diffusers"] = (theirs.to(device), lambda m, b: m(b["x"], b["t"], b["context"]).sample)
+        models["diffusers"] = (theirs.to(device), lambda m, b: m(b["x"], b["t"], b["cond"].tokens).sample)
     return models
 
 

@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {out}")
     if args.grid:
         from ldm.data.shapes import eval_prompts
-        from ldm.pipeline import image_grid
+        from ldm.visual import image_grid
 
         prompts = [p for p, _ in eval_prompts(args.n, args.seed)][:40]
         images = pipe(prompts, steps=args.steps[0], guidance=args.guidance[0], sampler=args.sampler[0],

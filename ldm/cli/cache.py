@@ -33,11 +33,9 @@ def run(args: argparse.Namespace) -> int:
 
     from ldm.data.latents import build_latent_cache
     from ldm.io import load_part
-    from ldm.modules.autoencoder import AutoencoderKL
-    from ldm.modules.text_encoder import CLIPTextConditioner
 
-    vae = load_part(args.vae, AutoencoderKL).to(device)
-    text_encoder = load_part(args.text_encoder, CLIPTextConditioner).to(device)
+    vae = load_part(args.vae, kind="vae").to(device)
+    text_encoder = load_part(args.text_encoder, kind="text_encoder").to(device)
     start = time.perf_counter()
     info = build_latent_cache(vae, text_encoder, args.data, args.out, args.resolution, tuple(args.splits),
                               args.batch_size, max_samples=args.max_samples)

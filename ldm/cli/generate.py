@@ -72,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     checks.existing_dir("--pipeline", args.pipeline, "pipeline folder")
     device = checks.torch_device("--device", args.device)
 
-    from ldm.pipeline import TextToImagePipeline, image_grid, to_pil
+    from ldm.pipeline import TextToImagePipeline
+    from ldm.visual import image_grid, to_pil
 
     pipe = TextToImagePipeline.from_pretrained(args.pipeline, device=device)
     check_size(pipe, args.height, args.width)

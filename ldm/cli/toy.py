@@ -41,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ldm.diffusion import toy
     from ldm.diffusion.samplers import SAMPLERS
+    from ldm.evaluation.swiss_roll import run_toy
+    from ldm.table import format_table
     from ldm.diffusion.schedules import SCHEDULES, SPACINGS
 
     checks.one_of("--samplers", args.samplers or [], SAMPLERS)
@@ -48,14 +50,15 @@ def run(args: argparse.Namespace) -> int:
     checks.one_of("--table-spacing", [args.table_spacing], SPACINGS)
     checks.output_dir("--out", args.out)
     torch.set_num_threads(1)  # tiny tensors: extra threads cost more than they give (and the machine may be shared)
-    metrics = toy.run_toy(args.out, samplers=args.samplers, step_counts=args.steps, train_steps=args.train_steps,
-                          n_samples=args.samples, seed=args.seed, schedule_name=args.schedule)
+    metrics = run_toy(args.out, samplers=args.samplers, step_counts=args.steps, train_steps=args.train_steps,
+                      n_samples=args.samples, seed=args.seed, schedule_name=args.schedule)
     print(f"trained {metrics['train_steps']} steps in {metrics['train_seconds']:.1f} s wall, "
           f"{metrics['train_cpu_seconds']:.1f} s CPU (final loss {metrics['final_loss']:.3f})")
     print(f"wrote {args.out / 'swiss_roll.png'} and {args.out / 'metrics.json'}")
     if args.gaussian_table:
         rows = toy.gaussian_error_table(std=args.table_std, n=args.table_samples, spacing=args.table_spacing, seed=args.seed)
-        table = toy.format_table(rows)
+        display = toy.error_table_rows(rows)
+        table = format_table(display, [(k, k, "") for k in display[0]], markdown=True)
         header = (f"Mean / variance error in % for x0 ~ N(0.5, {args.table_std}²), exact model, {args.table_spacing} spacing, "
                   f"scaled_linear T=1000; (MC) rows use {args.table_samples} samples.\n\n")
         (args.out / "gaussian_errors.md").write_text(header + table + "\n")

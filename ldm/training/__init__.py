@@ -17,7 +17,7 @@ FitToTimeBudget itself (``ldm.cli.train.add_robustness``), whatever the config s
 
 from ldm.training.budget import FitToTimeBudget, planned_steps, warmup_cosine
 from ldm.training.checkpoint_io import (AtomicCheckpointIO, CheckpointLoadError, atomic_torch_save,
-                                        load_training_checkpoint, resume_checkpoint_path, save_resume_checkpoint)
+                                        resume_checkpoint_path, save_resume_checkpoint)
 from ldm.training.compile import CompileModules
 from ldm.training.nonfinite import NonFiniteLossError, SkipNonFiniteSteps
 from ldm.training.preemption import Preempted, PreemptionCheckpoint
@@ -25,7 +25,7 @@ from ldm.training.profiling import AllReduceTimer, StepTimer
 from ldm.data.resumable import ResumableLoader
 from ldm.training.resume import SeedEveryStep, step_seed
 
-__all__ = ["AtomicCheckpointIO", "CheckpointLoadError", "atomic_torch_save", "load_training_checkpoint",
+__all__ = ["AtomicCheckpointIO", "CheckpointLoadError", "atomic_torch_save",
            "resume_checkpoint_path", "save_resume_checkpoint", "NonFiniteLossError", "SkipNonFiniteSteps",
            "Preempted", "PreemptionCheckpoint", "AllReduceTimer", "StepTimer", "ResumableLoader", "SeedEveryStep",
            "step_seed", "CompileModules", "FitToTimeBudget", "planned_steps", "warmup_cosine"]
