@@ -22,6 +22,7 @@ from torch import nn
 
 from ldm.data import shapes as shapes_data
 from ldm import table
+from ldm.errors import UsageError
 from ldm.table import percent
 from ldm.evaluation.fid import (RealSplit, cached_features, clip_score, distribution_metrics, extract_features,
                                 frechet_distance, load_split, metric_name, real_cache_key, to_uint8)
@@ -121,7 +122,7 @@ def sweep_grid(values: dict[str, Sequence[Any]]) -> list[dict[str, Any]]:
     """The grid points (dicts of sampler, steps, guidance), samplers outermost, guidance innermost."""
     unknown = sorted(set(values) - set(SWEEP_KEYS))
     if unknown:
-        raise ValueError(f"cannot sweep {unknown}: --sweep takes {list(SWEEP_KEYS)} (e.g. guidance=1,2,4 steps=10,20)")
+        raise UsageError(f"cannot sweep {unknown}: --sweep takes {list(SWEEP_KEYS)} (e.g. guidance=1,2,4 steps=10,20)")
     return [dict(zip(SWEEP_KEYS, combo)) for combo in itertools.product(*(values[k] for k in SWEEP_KEYS))]
 
 
