@@ -123,6 +123,11 @@ def test_swapped_parts_in_a_pipeline_are_refused_unless_allowed(tmp_path):
         TextToImagePipeline.from_pretrained(tmp_path / "pipe")
     with pytest.warns(UserWarning, match="another vae"):
         TextToImagePipeline.from_pretrained(tmp_path / "pipe", allow_mismatch=True)
+    generate = ["generate", "--pipeline", str(tmp_path / "pipe"), "--prompt", "a red circle", "--n", "1", "--steps",
+                "1", "--out", str(tmp_path / "out.png")]
+    assert ldm_main(generate) == 2 and not (tmp_path / "out.png").exists()
+    with pytest.warns(UserWarning, match="another vae"):
+        assert ldm_main(generate + ["--allow-mismatch"]) == 0
 
 
 def test_tampered_weights_are_refused(tmp_path):

@@ -25,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=checks.int_at_least(1), default=100, help="images sampled together")
     parser.add_argument("--grid", default=None, help="also write a grid PNG of the first 40 prompts' images here")
     parser.add_argument("--out", default=None, help="JSON file for the results (default: <pipeline>/adherence.json)")
+    parser.add_argument("--allow-mismatch", action="store_true",
+                        help="load a pipeline whose parts were not trained together (a warning instead of an error)")
 
 
 def check(args: argparse.Namespace) -> None:
@@ -47,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from ldm.evaluation.shapes_probe import load_or_train_probe
     from ldm.pipeline import TextToImagePipeline
 
-    pipe = TextToImagePipeline.from_pretrained(args.pipeline)
+    pipe = TextToImagePipeline.from_pretrained(args.pipeline, allow_mismatch=args.allow_mismatch)
     probe = load_or_train_probe(args.data, args.probe, steps=args.probe_steps)
     rows = sweep_adherence(pipe, probe, args.steps, args.guidance, args.sampler, n=args.n,
                            seed=args.seed, batch_size=args.batch_size)

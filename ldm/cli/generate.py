@@ -40,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="samples.png",
                         help="grid image path (.png, .jpg, .jpeg or .webp); single images go to <out stem>/")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--allow-mismatch", action="store_true",
+                        help="load a pipeline whose parts were not trained together (a warning instead of an error)")
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -75,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from ldm.pipeline import TextToImagePipeline
     from ldm.visual import image_grid, to_pil
 
-    pipe = TextToImagePipeline.from_pretrained(args.pipeline, device=device)
+    pipe = TextToImagePipeline.from_pretrained(args.pipeline, device=device, allow_mismatch=args.allow_mismatch)
     check_size(pipe, args.height, args.width)
     extra = {} if args.eta is None else {"eta": args.eta}
     images = to_pil(pipe.generate(prompts, negative_prompt=args.negative_prompt, steps=args.steps,

@@ -396,4 +396,13 @@ class ShapesBenchmark(Benchmark):
                 "relation": ["left of", "right of", "above", "below"], "position": list(POSITIONS)}
 
 
+    def adherence_scorer(self, data_dir, probe_dir, train_steps=1500, device=None):
+        """The shapes probe reads colour, shape and position back on the single-object, positioned captions."""
+        from ldm.evaluation.shapes_probe import load_or_train_probe
+        from ldm.evaluation.sweep import caption_adherence
+
+        probe = load_or_train_probe(data_dir, probe_dir, steps=train_steps).to(device or "cpu")
+        return lambda images, metas: caption_adherence(probe, images, metas)
+
+
 BENCHMARK = ShapesBenchmark()

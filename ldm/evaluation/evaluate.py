@@ -48,10 +48,12 @@ def evaluate_pipeline(pipeline: str | Path, data: str | Path, split: str = "val"
     [...], ...}``, replacing those keys), every point of the grid; ``on_row`` is called with each point's
     row as soon as it is measured. ``features`` is ``clip`` (FD in the CLIP image space of ``image_encoder``,
     default ``pipeline/text_encoder/image_encoder``) or ``inception`` (FID with the ``inception_weights``
-    file). Adherence is measured on shapes data with the probe at ``probe`` (trained there if missing).
+    file). Adherence is measured with the dataset's probe (``Benchmark.adherence_scorer``; shapes has one) at
+    ``probe`` (trained there if missing).
     Real features are cached under ``cache_dir`` (None: off). Returns the JSON-ready result: settings,
     hashes, ``references``, ``results`` (one row per point) and, for one point, its metrics at the top level.
     """
+    from ldm.data.registry import benchmark_named
     from ldm.data.shards import read_info
     from ldm.diffusion.samplers import SAMPLERS
     from ldm.pipeline import TextToImagePipeline
@@ -86,11 +88,10 @@ def evaluate_pipeline(pipeline: str | Path, data: str | Path, split: str = "val"
         raise UsageError(f"unknown sampler(s) {unknown}: use {list(SAMPLERS)}")
     points = sweep.sweep_grid(grid_values)
 
-    shapes_probe = None
-    if read_info(data).get("name") == "shapes" and probe is not None:
-        from ldm.evaluation.shapes_probe import load_or_train_probe
-
-        shapes_probe = load_or_train_probe(data, probe, steps=probe_steps).to(device)
+    benchmark = benchmark_named(read_info(data).get("name"))
+    scorer = None
+    if benchmark is not None and probe is not None:
+        scorer = benchmark.adherence_scorer(str(data), str(probe), probe_steps, device)
 
     size = pipe.config.height
     real = fid.load_split(data, split, n, size)
@@ -101,7 +102,7 @@ def evaluate_pipeline(pipeline: str | Path, data: str | Path, split: str = "val"
     rows = []
     for point in points:
         rows.append(sweep.evaluate_point(pipe, real, real_features, extractor, seed=seed, batch_size=batch_size,
-                                         clip_metric=clip_metric, probe=shapes_probe, **point))
+                                         clip_metric=clip_metric, scorer=scorer, **point))
         if on_row is not None:
             on_row(rows[-1])
 

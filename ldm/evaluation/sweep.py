@@ -15,6 +15,7 @@ import itertools
 import math
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Sequence
 
 import torch
@@ -75,9 +76,10 @@ def generate_for(pipe: TextToImagePipeline, prompts: Sequence[str], sampler: str
 
 def evaluate_point(pipe: TextToImagePipeline, real: RealSplit, real_features: torch.Tensor, extractor: nn.Module,
                    sampler: str, steps: int, guidance: float, seed: int = 0, batch_size: int = 100,
-                   clip_metric: nn.Module | None = None, probe: ShapesProbe | None = None,
+                   clip_metric: nn.Module | None = None, scorer: Callable[..., dict[str, Any]] | None = None,
                    kid_subset_size: int = 1000) -> dict[str, Any]:
-    """One grid point: generate from ``real.captions`` and measure FD, KID, CLIP score and adherence."""
+    """One grid point: generate from ``real.captions`` and measure FD, KID, CLIP score and adherence (with the
+    dataset's ``scorer``, ``Benchmark.adherence_scorer``)."""
     images, seconds = generate_for(pipe, real.captions, sampler, steps, guidance, seed, batch_size)
     fake = extract_features(extractor, images, batch_size)
     row: dict[str, Any] = {"sampler": sampler, "steps": steps, "nfe": model_evaluations(sampler, steps),
@@ -85,8 +87,8 @@ def evaluate_point(pipe: TextToImagePipeline, real: RealSplit, real_features: to
     row.update(distribution_metrics(real_features, fake, metric_name(extractor), kid_subset_size, seed=seed))
     if clip_metric is not None:
         row["clip_score"] = clip_score(clip_metric, images, real.captions, batch_size)
-    if probe is not None:
-        row.update(caption_adherence(probe, images, real.metas))
+    if scorer is not None:
+        row.update(scorer(images, real.metas))
     row["seconds"] = round(seconds, 2)
     row["img_per_s"] = round(len(images) / max(seconds, 1e-9), 2)
     return row
