@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from ldm.data.shards import encode_sample, list_shards, read_shard, tar_bytes, write_shard
-from ldm.data.webdata import (DataSkipWarning, EpochLoader, ShardDataset, WebDataModule, decode_image,
-                              log_skipped, skipped_count)
+from ldm.data.webdata import (SKIP_REASONS, DataSkipWarning, EpochLoader, ShardDataset, WebDataModule,
+                              decode_image, log_skipped, skipped_count)
 
 
 def _png(array: np.ndarray, fmt: str = "PNG") -> bytes:
@@ -41,7 +41,7 @@ def test_batches_follow_the_contract(shapes_dir):
     dm = WebDataModule(str(shapes_dir), batch_size=16, num_workers=0, shuffle_buffer=0)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"image", "caption", "meta", "key", "skipped"}
+    assert set(batch) == {"image", "caption", "meta", "key", "skipped", "skip_reasons"} and batch["skip_reasons"] == {}
     image = batch["image"]
     assert image.shape == (16, 3, 32, 32) and image.dtype == torch.float32 and image.is_contiguous()
     assert -1.0 <= image.min() < image.max() <= 1.0
@@ -163,7 +163,11 @@ def test_skipped_inputs_are_logged_as_a_metric(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(Tiny(), dm)
-    assert trainer.callback_metrics["train/skipped_samples"].item() == n_bad
+    metrics = trainer.callback_metrics
+    assert metrics["train/skipped_samples"].item() == n_bad
+    by_reason = {r: metrics[f"train/skipped/{r}"].item() for r in SKIP_REASONS}  # every reason is logged
+    assert {r: n for r, n in by_reason.items() if n} == {"corrupt_image": 1, "unknown_format": 1, "missing_caption": 2,
+                                                         "bad_json": 1, "unreadable_shard": 3}
 
 
 def test_missing_shards_are_clear_errors(tmp_path):
