@@ -8,7 +8,8 @@ Batches are dicts::
 ``skipped`` is the number of bad inputs (corrupt/truncated image, missing caption, bad json, unreadable
 shard, ...) the producing worker skipped since its previous batch, so summing it over batches counts every
 skip exactly once; ``skip_reasons`` splits that number by reason (keys of ``SKIP_REASONS``, only the
-reasons that occurred). ``log_skipped(module, batch)`` logs the sums as metrics from a LightningModule.
+reasons that occurred). From a LightningModule, ``log_skipped(module, batch, split)`` in each step logs the
+sum and ``log_skip_reasons(module, split)`` at each epoch end logs the count of every reason that occurred.
 
 Images and captions are decoded by ``ldm.data.images`` (the decoding every reader shares: 16-bit and
 palette/CMYK modes, EXIF orientation, transparency composited on ``background``, a ``max_pixels`` limit
@@ -31,6 +32,7 @@ import math
 import random
 import re
 import warnings
+import weakref
 from typing import Any, Iterator
 
 import numpy as np
@@ -322,19 +324,42 @@ def skipped_count(batch: dict[str, Any]) -> int:
     return int(value.item() if isinstance(value, torch.Tensor) else value)
 
 
-def log_skipped(module: pl.LightningModule, batch: dict[str, Any], split: str = "train") -> int:
-    """Log ``{split}/skipped_samples`` and ``{split}/skipped/{reason}`` for every reason of ``SKIP_REASONS``:
-    the epoch's skipped inputs, summed over batches and DDP ranks. Returns the batch's total.
+_REASON_COUNTS: "weakref.WeakKeyDictionary[pl.LightningModule, dict[str, dict[str, int]]]" = weakref.WeakKeyDictionary()
 
-    Every reason is logged on every call (zeros included) so all DDP ranks reduce the same metrics.
+
+def log_skipped(module: pl.LightningModule, batch: dict[str, Any], split: str = "train") -> int:
+    """Log ``{split}/skipped_samples`` (the epoch's skipped inputs, summed over batches and DDP ranks) and
+    add the batch's ``skip_reasons`` to the module's per-reason counts for ``log_skip_reasons``.
+
+    Call it from ``training_step``/``validation_step``; returns the batch's total. The reasons are logged once
+    per epoch, not per step: every ``self.log`` call costs about a millisecond, ten of them per step would
+    slow small models noticeably.
     """
     n = skipped_count(batch)
-    kw = dict(on_step=False, on_epoch=True, reduce_fx="sum", sync_dist=True, batch_size=1)
-    module.log(f"{split}/skipped_samples", float(n), **kw)
-    reasons = batch.get("skip_reasons") or {}
-    for reason in SKIP_REASONS:
-        module.log(f"{split}/skipped/{reason}", float(reasons.get(reason, 0)), **kw)
+    module.log(f"{split}/skipped_samples", float(n), on_step=False, on_epoch=True, reduce_fx="sum",
+               sync_dist=True, batch_size=1)
+    reasons = batch.get("skip_reasons")
+    if reasons:
+        counts = _REASON_COUNTS.setdefault(module, {}).setdefault(split, {})
+        for reason, k in reasons.items():
+            counts[reason] = counts.get(reason, 0) + int(k)
     return n
+
+
+def log_skip_reasons(module: pl.LightningModule, split: str = "train") -> dict[str, int]:
+    """Log ``{split}/skipped/{reason}`` for each reason of ``SKIP_REASONS`` that occurred since the last call
+    (summed over DDP ranks with one all-reduce), then start counting afresh; returns the logged counts.
+
+    Call it from ``on_train_epoch_end`` / ``on_validation_epoch_end`` on every rank (the all-reduce needs all).
+    """
+    counts = _REASON_COUNTS.get(module, {}).pop(split, {})
+    local = torch.tensor([float(counts.get(r, 0)) for r in SKIP_REASONS], device=module.device)
+    trainer = getattr(module, "_trainer", None)
+    total = trainer.strategy.reduce(local, reduce_op="sum") if trainer is not None else local
+    logged = {r: int(v) for r, v in zip(SKIP_REASONS, total.tolist()) if v}
+    for reason, value in logged.items():  # the same reduced values on every rank: no further sync
+        module.log(f"{split}/skipped/{reason}", float(value), on_step=False, on_epoch=True, batch_size=1)
+    return logged
 
 
 class WebDataModule(pl.LightningDataModule):
