@@ -9,6 +9,7 @@ validation's), stderr has no traceback, no process of the group is left, and ``-
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -55,9 +56,16 @@ def alive(pid: int) -> bool:
         return f.read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def test_worker_ignores_a_signal_from_another_process():
-    it = iter(ShieldedLoader(Pids(), batch_size=None, num_workers=1))
+def mark(path: str, worker_id: int) -> None:
+    Path(path).write_text(f"worker {worker_id}")
+
+
+def test_worker_ignores_a_signal_from_another_process(tmp_path):
+    own_init = functools.partial(mark, str(tmp_path / "init"))
+    loader = ShieldedLoader(Pids(), batch_size=None, num_workers=1, worker_init_fn=own_init)
+    it = iter(loader)
     pid = int(next(it))
+    assert (tmp_path / "init").read_text() == "worker 0" and loader.worker_init_fn is own_init  # still runs, kept
     for sig in ("TERM", "USR1"):
         subprocess.run(["kill", f"-{sig}", str(pid)], check=True)  # sent by `kill`, not by the parent
     time.sleep(0.3)

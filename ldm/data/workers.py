@@ -53,11 +53,12 @@ def _route(signums: set[int], parent: int) -> None:
             os._exit(0)
 
 
-def leave_signals_to_main_process() -> None:
-    """In a worker process: block :data:`PREEMPTION_SIGNALS` and route them (see the module docstring)."""
-    if not SUPPORTED or not PREEMPTION_SIGNALS:
+def leave_signals_to_main_process(signums: Iterable[int] | None = None) -> None:
+    """In a worker process: block ``signums`` (default :data:`PREEMPTION_SIGNALS`) and route them (see the
+    module docstring)."""
+    signums = set(PREEMPTION_SIGNALS if signums is None else signums)
+    if not SUPPORTED or not signums:
         return
-    signums = set(PREEMPTION_SIGNALS)
     signal.pthread_sigmask(signal.SIG_BLOCK, signums)
     for signum in signums:  # handlers inherited from the main process (or PyTorch's) would run in the worker
         signal.signal(signum, signal.SIG_DFL)  # not SIG_IGN: an ignored signal is discarded, never waited for
@@ -65,13 +66,14 @@ def leave_signals_to_main_process() -> None:
 
 
 class _WorkerInit:
-    """``worker_init_fn``: shield the worker, then run the caller's own init (picklable for spawn)."""
+    """``worker_init_fn``: shield the worker, then run the caller's own init (picklable for spawn; the signal
+    set travels with it, as a spawned worker does not see the parent's additions to PREEMPTION_SIGNALS)."""
 
-    def __init__(self, user_fn: Callable[[int], Any] | None) -> None:
-        self.user_fn = user_fn
+    def __init__(self, user_fn: Callable[[int], Any] | None, signums: Iterable[int]) -> None:
+        self.user_fn, self.signums = user_fn, frozenset(signums)
 
     def __call__(self, worker_id: int) -> None:
-        leave_signals_to_main_process()
+        leave_signals_to_main_process(self.signums)
         if self.user_fn is not None:
             self.user_fn(worker_id)
 
@@ -101,7 +103,7 @@ class ShieldedLoader(DataLoader):
         if self.num_workers == 0:
             return super()._get_iterator()
         own = self.worker_init_fn
-        self.worker_init_fn = _WorkerInit(own)
+        self.worker_init_fn = _WorkerInit(own, PREEMPTION_SIGNALS)
         try:
             with signals_blocked():  # the workers fork here and inherit the blocked mask: no signal is lost
                 return super()._get_iterator()
