@@ -11,7 +11,7 @@ palette and CMYK modes, EXIF orientation, transparency composited on ``backgroun
 limit), so truncated or unusable files are caught here; captions are strict UTF-8. Images are optionally
 resized (``size``: shorter side to ``size`` + centre crop, exactly as the loader does; ``max_side``:
 downscale so the longer side fits) and deduplicated by the SHA-256 of their file bytes (the first path in
-sorted order is kept). An RGB PNG/JPEG/WebP that needs no resizing is stored as is (no re-encoding loss;
+sorted order is kept). An opaque RGB PNG/JPEG/WebP that needs no resizing is stored as is (no re-encoding loss;
 the loader applies its EXIF orientation), anything else as the decoded RGB pixels. Skipped files are
 listed by reason (the keys of ``SKIP_REASONS``) in ``report.json`` and counted in ``info.json``. The
 train/val assignment follows the content hash, so it is stable when files are added.
@@ -31,7 +31,7 @@ from typing import Any
 from PIL import Image
 
 from ldm.data.images import (DECODE_REASONS, DEFAULT_BACKGROUND, DEFAULT_MAX_PIXELS, DecodeError, decode_caption,
-                             decode_rgb, fit_within, parse_background, resize_crop)
+                             decode_rgb, fit_within, open_image, parse_background, resize_crop)
 from ldm.data.shards import clear_split, plan_shards, run_parallel, shard_name, write_info, write_shard
 from ldm.io import write_json
 
@@ -136,11 +136,11 @@ def _write(task: tuple[str, list[dict[str, Any]], int | None, int | None, Option
     samples = []
     for item in items:
         data = Path(item["path"]).read_bytes()
-        with Image.open(io.BytesIO(data)) as im:
-            fmt, mode = im.format, im.mode
+        header = open_image(data, max_pixels=None)
+        fmt, plain_rgb = header.format, header.mode == "RGB" and "transparency" not in header.info
         image = decode_rgb(data, background, max_pixels, min_side=size)
         fits = size is None and (max_side is None or max(image.size) <= max_side)
-        if fits and mode == "RGB" and fmt in KEEP_AS_IS:  # no re-encoding loss
+        if fits and plain_rgb and fmt in KEEP_AS_IS:  # no re-encoding loss
             ext = KEEP_AS_IS[fmt]
         else:
             image = transform(image, size, max_side)
