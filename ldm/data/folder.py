@@ -216,7 +216,8 @@ def build_folder(src: str | Path, out_dir: str | Path, size: int | None = None, 
               "reasons": {reason: SKIP_REASONS[reason] for reason in sorted(skipped)}}
     write_json(out / "report.json", report)
     info = {"name": "folder", "source": source or str(src), "license": license, "resolution": size,
-            "max_side": max_side, "background": list(options[0]), "max_pixels": max_pixels, "counts": {k: len(v) for k, v in splits.items()}, "shards": shards,
+            "max_side": max_side, "background": list(options[0]), "max_pixels": max_pixels,
+            "counts": {k: len(v) for k, v in splits.items()}, "shards": shards,
             "skipped": report["skipped_counts"], "seed": seed}
     write_info(out, info)
     if skipped:
