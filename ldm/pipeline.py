@@ -2,7 +2,8 @@
 
 ``TextToImagePipeline.from_pretrained(dir)`` loads a pipeline folder (diffusers-like layout)::
 
-    vae/ text_encoder/ unet/     exported parts (config.json + model.safetensors, see ldm.io)
+    vae/ text_encoder/ unet/     exported parts (config.json + model.safetensors, see ldm.io); unet/ holds
+                                 the denoiser whatever its class (the name is diffusers')
     scheduler/config.json        the training noise schedule (and the model's prediction type)
     pipeline.json                image size and sampling defaults
 
@@ -13,6 +14,7 @@ z_T ~ N(0, I) → sampler(ε_θ(z_t, t, τ_θ(y)) with CFG) → x = D(z_0 / scal
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,21 +23,23 @@ import torch
 from PIL import Image
 
 from ldm import __version__
-from ldm.diffusion.guidance import classifier_free_guidance
+from ldm.conditioning import Conditioning
+from ldm.diffusion.guidance import guided_model
 from ldm.diffusion.samplers import SAMPLERS, sample
 from ldm.diffusion.schedules import DiscreteSchedule
-from ldm.io import PartError, config_from_dict, load_part, read_json, save_part, write_json
-from ldm.modules.autoencoder import AutoencoderKL
-from ldm.modules.text_encoder import CLIPTextConditioner
-from ldm.modules.unet import UNet
+from ldm.io import (CONFIG_NAME, PartError, config_from_dict, load_part, part_metadata, read_json, save_part,
+                    weights_hash, write_json)
+from ldm.modules.denoiser import check_compatible, conditioning_for
+from ldm.visual import to_pil
 
 PIPELINE_FILE = "pipeline.json"
 PARTS = ("vae", "text_encoder", "unet", "scheduler")
+DENOISER_DIR = "unet"   # the diffusers folder name, whatever the denoiser's class
 
 
 @dataclass
 class PipelineConfig:
-    """Image size the U-Net was trained at and the sampling defaults (``pipeline.json``)."""
+    """Image size the denoiser was trained at and the sampling defaults (``pipeline.json``)."""
 
     height: int = 32
     width: int = 32
@@ -45,37 +49,74 @@ class PipelineConfig:
     guidance_rescale: float = 0.0
 
 
-class TextToImagePipeline:
-    """The three frozen parts + schedule, callable as ``pipe(prompts) -> list[PIL.Image]``."""
+def save_schedule(schedule: DiscreteSchedule, out_dir: str | Path) -> Path:
+    """Write ``out_dir/config.json`` (a schedule has no weights)."""
+    out = Path(out_dir)
+    write_json(out / CONFIG_NAME, {"_class_name": "DiscreteSchedule", "_ldm_version": __version__,
+                                   **schedule.to_config()})
+    return out
 
-    def __init__(self, vae: AutoencoderKL, text_encoder: CLIPTextConditioner, unet: UNet,
+
+def load_schedule(path: str | Path) -> DiscreteSchedule:
+    """Read a folder written by :func:`save_schedule` (a pipeline's ``scheduler/``)."""
+    config = read_json(Path(path) / CONFIG_NAME)
+    try:
+        return DiscreteSchedule.from_config(config)
+    except (TypeError, ValueError) as e:
+        raise PartError(f"{Path(path) / CONFIG_NAME}: {e}") from e
+
+
+def check_trained_together(path: Path, recorded: dict[str, str] | None, current: dict[str, str | None],
+                           allow_mismatch: bool = False) -> None:
+    """Refuse (or with ``allow_mismatch`` warn about) parts whose weights differ from those the denoiser was
+    trained with; a pipeline written before provenance was recorded loads with a warning."""
+    if not recorded:
+        warnings.warn(f"{path / DENOISER_DIR} records no provenance (written by an older ldm): the parts cannot be "
+                      "checked; re-export the pipeline (ldm export) to record it", UserWarning, stacklevel=3)
+        return
+    differ = [name for name, digest in current.items() if recorded.get(name) and digest and recorded[name] != digest]
+    if not differ:
+        return
+    message = (f"pipeline {path}: the denoiser was trained with another {' and '.join(differ)} than the one(s) "
+               "in this folder; its images would be wrong")
+    if not allow_mismatch:
+        raise PartError(message + " (--allow-mismatch to load anyway)")
+    warnings.warn(message, UserWarning, stacklevel=3)
+
+
+class TextToImagePipeline:
+    """The three frozen parts + schedule, callable as ``pipe(prompts) -> list[PIL.Image]``.
+
+    ``denoiser`` is any denoiser (``ldm.modules.denoiser``): the pipeline never names its class.
+    """
+
+    def __init__(self, vae: torch.nn.Module, text_encoder: torch.nn.Module, denoiser: torch.nn.Module,
                  schedule: DiscreteSchedule, config: PipelineConfig | None = None):
-        self.vae, self.text_encoder, self.unet, self.schedule = vae, text_encoder, unet, schedule
+        self.vae, self.text_encoder, self.denoiser, self.schedule = vae, text_encoder, denoiser, schedule
         self.config = config or PipelineConfig()
         self._check_compatible()
-        for part in (vae, text_encoder, unet):
+        for part in (vae, text_encoder, denoiser):
             part.eval().requires_grad_(False)
 
     # ---- construction ----------------------------------------------------------------------------
     def _check_compatible(self) -> None:
-        uc, vc = self.unet.config, self.vae.config
-        if uc.in_channels != vc.z_channels or uc.out_channels != vc.z_channels:
-            raise PartError(f"unet has in/out channels {uc.in_channels}/{uc.out_channels} but the vae's latents have "
-                            f"{vc.z_channels} channels: these parts were not trained together")
-        if uc.context_dim != self.text_encoder.token_dim:
-            raise PartError(f"unet cross-attends to {uc.context_dim}-d tokens but the text_encoder gives "
-                            f"{self.text_encoder.token_dim}-d tokens: these parts were not trained together")
-        if uc.pooled_dim and uc.pooled_dim != self.text_encoder.pooled_dim:
-            raise PartError(f"unet is conditioned on {uc.pooled_dim}-d pooled text embeddings but the text_encoder "
-                            f"gives {self.text_encoder.pooled_dim}-d ones: these parts were not trained together")
-        f = vc.downsample_factor
+        problems = check_compatible(self.denoiser.config, self.vae.config.z_channels, self.text_encoder.token_dim,
+                                    self.text_encoder.pooled_dim)
+        if problems:
+            raise PartError(f"the denoiser does not fit these parts ({'; '.join(problems)}): "
+                            "they were not trained together")
+        f = self.vae.config.downsample_factor
         if self.config.height % f or self.config.width % f:
             raise PartError(f"pipeline size {self.config.height}x{self.config.width} is not divisible by the vae factor {f}")
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None) -> TextToImagePipeline:
-        """Load a pipeline folder; a missing or mismatched part is an error naming it."""
+                        dtype: torch.dtype | None = None, allow_mismatch: bool = False) -> TextToImagePipeline:
+        """Load a pipeline folder; a missing or mismatched part is an error naming it.
+
+        The denoiser records the weight hashes of the VAE and text encoder it was trained with; parts that
+        differ are refused (``allow_mismatch``: a warning instead), since a denoiser only works on the latents
+        and text features it was trained on."""
         path = Path(path)
         if not path.is_dir():
             raise PartError(f"pipeline folder {path} does not exist (train one with `make train-ldm`, or `make demo`)")
@@ -83,31 +124,35 @@ class TextToImagePipeline:
         if missing:
             raise PartError(f"pipeline folder {path} lacks {missing}; expected {list(PARTS)} and {PIPELINE_FILE}")
         config = config_from_dict(PipelineConfig, read_json(path / PIPELINE_FILE), str(path / PIPELINE_FILE))
-        pipe = cls(load_part(path / "vae", AutoencoderKL), load_part(path / "text_encoder", CLIPTextConditioner),
-                   load_part(path / "unet", UNet), DiscreteSchedule.load(path / "scheduler"), config)
+        vae, text_encoder = load_part(path / "vae", kind="vae"), load_part(path / "text_encoder", kind="text_encoder")
+        denoiser = load_part(path / DENOISER_DIR, kind="denoiser")
+        check_trained_together(path, part_metadata(path / DENOISER_DIR).get("_trained_with"),
+                               {"vae": weights_hash(vae), "text_encoder": weights_hash(text_encoder)}, allow_mismatch)
+        pipe = cls(vae, text_encoder, denoiser, load_schedule(path / "scheduler"), config)
         return pipe.to(device, dtype)
 
     def save_pretrained(self, path: str | Path) -> Path:
         path = Path(path)
         save_part(self.vae, path / "vae")
         save_part(self.text_encoder, path / "text_encoder")
-        save_part(self.unet, path / "unet")
-        self.schedule.save(path / "scheduler")
+        trained_with = {"vae": weights_hash(self.vae), "text_encoder": weights_hash(self.text_encoder)}
+        save_part(self.denoiser, path / DENOISER_DIR, {"_trained_with": trained_with})
+        save_schedule(self.schedule, path / "scheduler")
         write_json(path / PIPELINE_FILE, {"_ldm_version": __version__, **asdict(self.config)})
         return path
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> TextToImagePipeline:
-        for part in (self.vae, self.text_encoder, self.unet):
+        for part in (self.vae, self.text_encoder, self.denoiser):
             part.to(device=device, dtype=dtype)
         return self
 
     @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        return next(self.denoiser.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
+        return next(self.denoiser.parameters()).dtype
 
     # ---- generation ------------------------------------------------------------------------------
     def _check_request(self, prompts: Sequence[str], steps: int, guidance: float, height: int, width: int,
@@ -148,8 +193,7 @@ class TextToImagePipeline:
         gen = torch.Generator().manual_seed(seed)
         noise = torch.randn((len(all_prompts), zc, height // f, width // f), generator=gen)
         sample_gen = torch.Generator(device=self.device).manual_seed(seed + 1)
-        uncond, uncond_pooled, uncond_mask = self.text_encoder.encode_text([negative_prompt or ""], return_mask=True)
-        use_pooled = bool(getattr(self.unet.config, "pooled_dim", None))
+        uncond = self.condition([negative_prompt or ""])
         batches = range(0, len(all_prompts), batch_size)
         if progress:
             from tqdm.auto import tqdm
@@ -157,40 +201,18 @@ class TextToImagePipeline:
             batches = tqdm(batches, desc=f"sampling ({sampler}, {steps} steps)", unit="batch")
         images = []
         for start in batches:
-            chunk = all_prompts[start:start + batch_size]
-            cond, cond_pooled, cond_mask = self.text_encoder.encode_text(chunk, return_mask=True)
-            # Cut padding columns no mask keeps: exact, since cross-attention ignores masked keys and the
-            # causal text tower makes real tokens independent of the padding after them.
-            keep = max(int(cond_mask.sum(1).max()), int(uncond_mask.sum(1).max()))
-            model_fn = classifier_free_guidance(
-                self.unet, cond[:, :keep], uncond[:, :keep], guidance, rescale,
-                cond_mask=cond_mask[:, :keep], uncond_mask=uncond_mask[:, :keep],
-                cond_pooled=cond_pooled if use_pooled else None, uncond_pooled=uncond_pooled if use_pooled else None)
+            cond = self.condition(all_prompts[start:start + batch_size])
+            model_fn = guided_model(self.denoiser, cond, uncond, guidance, rescale)
             x_T = noise[start:start + batch_size].to(self.device, self.dtype)
             z0 = sample(model_fn, x_T, self.schedule, steps, sampler=sampler, generator=sample_gen, **sampler_options)
             images.append(self.vae.decode_latents(z0).clamp(-1, 1).float().cpu())
         return torch.cat(images)
 
+    def condition(self, prompts: Sequence[str]) -> Conditioning:
+        """The denoiser's conditioning for ``prompts``, padding columns cut (exact: masked cross-attention and a
+        causal text tower)."""
+        return conditioning_for(self.denoiser, self.text_encoder.condition(prompts).trim())
+
     def __call__(self, prompts: Sequence[str], **kwargs: Any) -> list[Image.Image]:
         """``generate`` returning PIL images (prompt-major order)."""
         return to_pil(self.generate(prompts, **kwargs))
-
-
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """(N, 3, H, W) in [-1, 1] → list of RGB PIL images."""
-    arr = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return [Image.fromarray(a) for a in arr]
-
-
-def image_grid(images: Sequence[Image.Image], rows: int, scale: int = 1, pad: int = 2) -> Image.Image:
-    """Tile images row-major into a grid (``rows`` rows), optionally upscaled with nearest neighbour."""
-    if not images:
-        raise ValueError("no images to tile")
-    cols = math.ceil(len(images) / rows)
-    w, h = images[0].size
-    w, h = w * scale, h * scale
-    grid = Image.new("RGB", (cols * (w + pad) + pad, rows * (h + pad) + pad), (255, 255, 255))
-    for i, img in enumerate(images):
-        r, c = divmod(i, cols)
-        grid.paste(img.resize((w, h), Image.NEAREST), (pad + c * (w + pad), pad + r * (h + pad)))
-    return grid

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from ldm.errors import LdmError
+from ldm.io import PartError
 
 # exported parts: class name -> (module, kind)
 PARTS: dict[str, tuple[str, str]] = {
@@ -37,7 +37,7 @@ TRAINING: dict[str, tuple[str, str]] = {
 }
 
 
-class RegistryError(LdmError, ValueError):
+class RegistryError(PartError, ValueError):
     """A file names a class that is not in the registry (or not of the kind expected there)."""
 
 
@@ -47,8 +47,8 @@ def _lookup(table: dict[str, tuple[str, str]], name: str, kind: str | None, sour
     # a dotted path must be exactly the registered module + class (old checkpoints record full class paths)
     if entry is None or ("." in name and name != f"{entry[0]}.{short}"):
         allowed = sorted(k for k, (_, kd) in table.items() if kind is None or kd == kind)
-        raise RegistryError(f"{source} names {what} class {name!r}, which ldm does not load; "
-                            f"known {kind or what} classes: {allowed}")
+        raise RegistryError(f"{source} names {what} class {name!r}, which is not loaded: only ldm's registered "
+                            f"classes are (known {kind or what} classes: {allowed})")
     module, registered_kind = entry
     if kind is not None and registered_kind != kind:
         raise RegistryError(f"{source} names {name!r}, a {registered_kind} class, where a {kind} is expected")

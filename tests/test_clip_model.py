@@ -68,9 +68,10 @@ def test_hard_negative_loss_is_pairwise_cross_entropy():
 
 
 def test_swap_attribute_gives_grammatical_one_word_negatives():
-    from ldm.models.text_encoder import shapes_swap_groups, swap_attribute
+    from ldm.data.shapes import BENCHMARK
+    from ldm.models.text_encoder import swap_attribute
 
-    groups = shapes_swap_groups()
+    groups = BENCHMARK.hard_negative_groups()
     caption = "a small red circle in the top left"
     negatives = swap_attribute(caption, groups, random.Random(0))
     assert len(negatives) == 3  # colour, shape, position phrase
@@ -164,7 +165,7 @@ def test_clip_loss_under_two_process_gloo_equals_single_process(tmp_path):
 
 
 def test_few_steps_on_a_fixed_batch_reduce_the_loss():
-    module = tiny_module(lr=3e-3, hard_negatives="shapes")
+    module = tiny_module(optimizer={"lr": 3e-3}, hard_negatives="shapes")
     batch = shapes_batches(32, 32)[0]
     optimizer = torch.optim.AdamW(module.parameters(), lr=3e-3)
     losses = []
@@ -217,7 +218,7 @@ def test_fit_logs_metrics_checkpoint_loads_safely_and_export_round_trips(tmp_pat
     from ldm.models.text_encoder import ContrastiveCLIP
     from ldm.modules.text_encoder import CLIPImageEncoder, CLIPTextConditioner
 
-    module = tiny_module(hard_negatives="shapes", warmup_steps=2)
+    module = tiny_module(hard_negatives="shapes", lr_schedule={"warmup_steps": 2}, zero_shot="shapes")
     from torch.utils.data import DataLoader
 
     train = DataLoader(shapes_batches(48, 16), batch_size=None)

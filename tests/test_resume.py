@@ -40,29 +40,37 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # ---- tiny data and models ---------------------------------------------------------------------------
-def write_latent_cache(root: Path, n_train: int = 40, n_val: int = 8, tokens: int = 6, dim: int = 32,
-                       seed: int = 0) -> Path:
-    """A synthetic latent cache in the layout of ``ldm cache`` (4×4×4 latents, ``dim``-wide tokens)."""
+def write_latent_cache(root: Path, parts: tuple[Path, Path], n_train: int = 40, n_val: int = 8, tokens: int = 6,
+                       dim: int = 32, seed: int = 0) -> Path:
+    """A synthetic latent cache in the layout of ``ldm cache`` (4×4×4 latents, ``dim``-wide tokens), recorded as
+    written by the exported ``parts`` (VAE, text encoder)."""
+    from ldm.io import part_metadata
+
     g = torch.Generator().manual_seed(seed)
+    splits = {}
     for split, n in (("train", n_train), ("val", n_val)):
         lengths = torch.randint(2, tokens + 1, (n,), generator=g)
         mask = (torch.arange(tokens)[None] < lengths[:, None]).to(torch.uint8)
         tensors = {"mean": torch.randn(n, 4, 4, 4, generator=g), "std": 0.1 + 0.1 * torch.rand(n, 4, 4, 4, generator=g),
-                   "context": (torch.randn(n, tokens, dim, generator=g) * mask[..., None]).half(), "mask": mask}
+                   "context": (torch.randn(n, tokens, dim, generator=g) * mask[..., None]).half(), "mask": mask,
+                   "pooled": torch.randn(n, dim, generator=g).half()}
         (root / split).mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(root / split / "chunk-00000.safetensors"),
                   metadata={"captions": json.dumps([f"{split} caption {i}" for i in range(n)])})
+        splits[split] = {"samples": n, "chunks": ["chunk-00000.safetensors"], "skipped": 0, "max_tokens": tokens}
     empty_mask = torch.tensor([[1, 1] + [0] * (tokens - 2)], dtype=torch.uint8)
-    save_file({"context": torch.randn(1, tokens, dim, generator=g).half(), "mask": empty_mask},
-              str(root / "empty.safetensors"))
-    (root / "info.json").write_text(json.dumps({"max_tokens": tokens}))
+    save_file({"context": torch.randn(1, tokens, dim, generator=g).half(), "mask": empty_mask,
+               "pooled": torch.randn(1, dim, generator=g).half()}, str(root / "empty.safetensors"))
+    provenance = {name: part_metadata(path)["_weights_sha256"] for name, path in zip(("vae", "text_encoder"), parts)}
+    (root / "info.json").write_text(json.dumps({"format": 2, "max_tokens": tokens, "parts": provenance,
+                                                "splits": splits}))
     return root
 
 
 def tiny_ldm(parts: tuple[Path, Path], **kw: Any) -> LatentDiffusion:
     torch.manual_seed(0)
-    args = dict(vae_path=str(parts[0]), text_encoder_path=str(parts[1]), unet=dict(TINY_UNET), resolution=16,
-                warmup_steps=2, lr=2e-3, p_uncond=0.25, ema_decay=0.9, sample_every_n_val=0, val_timesteps=2)
+    args = dict(vae_path=str(parts[0]), text_encoder_path=str(parts[1]), denoiser=dict(TINY_UNET), resolution=16,
+                lr_schedule={"warmup_steps": 2}, optimizer={"lr": 2e-3}, p_uncond=0.25, ema_decay=0.9, sample_every_n_val=0, val_timesteps=2)
     return LatentDiffusion(**{**args, **kw})
 
 
@@ -72,7 +80,8 @@ TINY_VAE = dict(ch=8, ch_mult=[1, 2], num_res_blocks=1, z_channels=4, norm_group
 
 def tiny_vae_module() -> AutoencoderModule:
     torch.manual_seed(0)
-    return AutoencoderModule(vae=TINY_VAE, lr=2e-3, warmup_steps=2, lr_schedule="cosine", lr_decay_steps=10,
+    return AutoencoderModule(vae=TINY_VAE, optimizer={"lr": 2e-3},
+                             lr_schedule={"warmup_steps": 2, "decay": "cosine", "decay_steps": 10},
                              disc_start=None, image_every_n_steps=0, l2_weight=1.0, posterior_logvar_init=-4.0)
 
 
@@ -80,7 +89,7 @@ def tiny_clip(**kw: Any) -> ContrastiveCLIP:
     torch.manual_seed(0)
     args = dict(text={"context_length": 16, "width": 32, "heads": 2, "layers": 1, "embed_dim": 32},
                 image={"image_size": 32, "patch_size": 16, "width": 32, "heads": 2, "layers": 1, "embed_dim": 32},
-                lr=2e-3, warmup_steps=2, zero_shot=False, hard_negatives="shapes")
+                optimizer={"lr": 2e-3}, lr_schedule={"warmup_steps": 2}, zero_shot=False, hard_negatives="shapes")
     return ContrastiveCLIP(**{**args, **kw})
 
 
@@ -162,7 +171,7 @@ def assert_same_state(a: dict[str, Any], b: dict[str, Any]) -> None:
 # ---- in-process exact resume --------------------------------------------------------------------------
 def test_sigterm_checkpoint_then_resume_equals_uninterrupted_ldm(tmp_path):
     parts = export_tiny_parts(tmp_path / "parts")
-    cache = write_latent_cache(tmp_path / "cache")
+    cache = write_latent_cache(tmp_path / "cache", parts)
     steps, stop_at = 8, 3  # 5 batches per epoch: the resumed run crosses an epoch boundary
     val = dict(limit_val_batches=1, val_check_interval=4, check_val_every_n_epoch=None)
 
@@ -250,7 +259,8 @@ class SlowSteps(Callback):
 def ldm_fit_command(parts: tuple[Path, Path], cache: Path, root: Path, steps: int, *extra: str) -> list[str]:
     return [str(Path(sys.executable).parent / "ldm"), "fit", "--model", "ldm.models.latent_diffusion.LatentDiffusion",
             "--model.vae_path", str(parts[0]), "--model.text_encoder_path", str(parts[1]),
-            "--model.unet", json.dumps(TINY_UNET), "--model.resolution", "16", "--model.warmup_steps", "2",
+            "--model.denoiser", json.dumps(TINY_UNET), "--model.resolution", "16",
+            "--model.lr_schedule", json.dumps({"warmup_steps": 2}),
             "--model.p_uncond", "0.25", "--model.sample_every_n_val", "0",
             "--data", "ldm.data.latents.LatentDataModule", "--data.cache_dir", str(cache), "--data.batch_size", "8",
             "--trainer.default_root_dir", str(root), "--trainer.max_steps", str(steps),
@@ -275,14 +285,14 @@ def run_until(command: list[str], progress: Path, at_step: int, signum: int, env
 
 
 def unet_weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in load_checkpoint(ckpt)["state_dict"].items() if k.startswith(("unet.", "ema."))}
+    return {k: v for k, v in load_checkpoint(ckpt)["state_dict"].items() if k.startswith(("denoiser.", "ema."))}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
 def test_ldm_fit_killed_from_outside_resumes_exactly(tmp_path, signum):
     parts = export_tiny_parts(tmp_path / "parts")
-    cache = write_latent_cache(tmp_path / "cache")
+    cache = write_latent_cache(tmp_path / "cache", parts)
     env = {**os.environ, "PYTHONPATH": f"{REPO / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "OMP_NUM_THREADS": "1"}
     steps = 10

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from ldm.conditioning import Conditioning
 from ldm.diffusion.guidance import classifier_free_guidance, guided_output
 from ldm.diffusion.objectives import PREDICTION_TYPES, predict_x0_eps, training_target
 from ldm.diffusion.samplers import SAMPLERS, ddim_invert, sample, sample_ddim
@@ -297,10 +298,12 @@ class _CountingDenoiser:
         self.batches: list[int] = []
         self.masks: list[torch.Tensor | None] = []
 
-    def __call__(self, x, t, context, mask=None):
+    def __call__(self, x, t, cond):
+        if torch.is_tensor(cond):
+            cond = Conditioning(cond)
         self.batches.append(x.shape[0])
-        self.masks.append(mask)
-        return torch.tanh(x) * context.mean((1, 2)).view(-1, 1, 1, 1) + t.view(-1, 1, 1, 1) / 1000
+        self.masks.append(cond.mask)
+        return torch.tanh(x) * cond.tokens.mean((1, 2)).view(-1, 1, 1, 1) + t.view(-1, 1, 1, 1) / 1000
 
 
 def test_cfg_scale_one_is_cond_zero_is_uncond_and_one_batched_call() -> None:
@@ -309,6 +312,7 @@ def test_cfg_scale_one_is_cond_zero_is_uncond_and_one_batched_call() -> None:
     cond, uncond = torch.randn(3, 7, 8, generator=gen), torch.randn(1, 7, 8, generator=gen)
     den = _CountingDenoiser()
     c, u = den(x, t, cond), den(x, t, uncond.expand(3, -1, -1))
+    cond, uncond = Conditioning(cond), Conditioning(uncond)
     den.batches.clear()
     torch.testing.assert_close(classifier_free_guidance(den, cond, uncond, 1.0)(x, t), c)
     torch.testing.assert_close(classifier_free_guidance(den, cond, uncond, 0.0)(x, t), u)
@@ -321,12 +325,12 @@ def test_cfg_masks_and_shape_errors() -> None:
     x, t = torch.randn(2, 1, 2, 2), torch.zeros(2)
     cond, uncond = torch.randn(2, 5, 4), torch.randn(2, 5, 4)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.bool)
-    classifier_free_guidance(den, cond, uncond, 3.0, cond_mask=mask)(x, t)
+    classifier_free_guidance(den, Conditioning(cond, mask), Conditioning(uncond), 3.0)(x, t)
     assert den.masks[-1].shape == (4, 5) and den.masks[-1][:2].all() and torch.equal(den.masks[-1][2:], mask)
-    with pytest.raises(ValueError, match="must share \\(L, D\\)"):
-        classifier_free_guidance(den, cond, torch.randn(2, 3, 4), 3.0)
-    with pytest.raises(ValueError, match="context batch 3"):
-        classifier_free_guidance(den, cond, torch.randn(3, 5, 4), 3.0)(x, t)
+    with pytest.raises(ValueError, match="must share their width D"):
+        classifier_free_guidance(den, Conditioning(cond), Conditioning(torch.randn(2, 3, 3)), 3.0)
+    with pytest.raises(ValueError, match="conditioning batch 3"):
+        classifier_free_guidance(den, Conditioning(cond), Conditioning(torch.randn(3, 5, 4)), 3.0)(x, t)
 
 
 def test_guidance_rescale_eq_15_16() -> None:
@@ -352,6 +356,7 @@ def test_cfg_is_the_same_in_eps_and_v_space() -> None:
         x0, _ = predict_x0_eps(eps, x, *SCHEDULE.alpha_sigma(t, like=x), "eps")
         return training_target(x0, eps, *SCHEDULE.alpha_sigma(t, like=x), "v")
 
+    cond, uncond = Conditioning(cond), Conditioning(uncond)
     x0_eps = predict_x0_eps(classifier_free_guidance(den, cond, uncond, 4.0)(x, t), x, alpha, sigma, "eps")[0]
     x0_v = predict_x0_eps(classifier_free_guidance(den_v, cond, uncond, 4.0)(x, t), x, alpha, sigma, "v")[0]
     torch.testing.assert_close(x0_v, x0_eps, rtol=1e-10, atol=1e-10)

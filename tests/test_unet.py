@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from ldm.conditioning import Conditioning as C
 from ldm.io import load_part, save_part
 from ldm.modules.embeddings import spatial_position_embedding, timestep_embedding
 from ldm.modules.unet import UNet, UNetConfig
@@ -55,18 +56,18 @@ def test_timestep_embedding_values():
 def test_output_has_the_input_shape(config: UNetConfig, size):
     unet = tiny_unet(config)
     x, t, ctx = inputs(config, size=size)
-    out = unet(x, t, ctx)
+    out = unet(x, t, C(ctx))
     assert out.shape == (2, config.out_channels, *size) and torch.isfinite(out).all()
 
 
 def test_fresh_unet_outputs_zero_and_t_is_fractional():
     x, t, ctx = inputs()
     torch.manual_seed(0)
-    assert torch.equal(UNet(TINY)(x, t, ctx), torch.zeros_like(x))  # zero-initialised conv_out
+    assert torch.equal(UNet(TINY)(x, t, C(ctx)), torch.zeros_like(x))  # zero-initialised conv_out
     unet = tiny_unet()
-    outs = [unet(x, torch.full((2,), v), ctx) for v in (10.0, 10.5, 11.0)]
+    outs = [unet(x, torch.full((2,), v), C(ctx)) for v in (10.0, 10.5, 11.0)]
     assert not torch.allclose(outs[0], outs[1]) and not torch.allclose(outs[1], outs[2])
-    torch.testing.assert_close(unet(x, 10.5, ctx), outs[1])  # a scalar t is broadcast over the batch
+    torch.testing.assert_close(unet(x, 10.5, C(ctx)), outs[1])  # a scalar t is broadcast over the batch
 
 
 def test_sd15_parameter_count_on_meta_device():
@@ -117,13 +118,13 @@ def test_bad_inputs_are_clear_errors():
     unet = tiny_unet()
     x, t, ctx = inputs()
     with pytest.raises(ValueError, match="context_dim=6"):
-        unet(x, t, torch.randn(2, 5, 7))
+        unet(x, t, C(torch.randn(2, 5, 7)))
     with pytest.raises(ValueError, match=r"t must be a \(B,\)"):
-        unet(x, torch.zeros(3), ctx)
+        unet(x, torch.zeros(3), C(ctx))
     with pytest.raises(ValueError, match="x must be"):
-        unet(torch.randn(2, 3, 8, 8), t, ctx)
+        unet(torch.randn(2, 3, 8, 8), t, C(ctx))
     with pytest.raises(ValueError, match="masks every token"):
-        unet(x, t, ctx, torch.tensor([[True] * 5, [False] * 5]))
+        unet(x, t, C(ctx, torch.tensor([[True] * 5, [False] * 5])))
 
 
 def test_export_round_trip(tmp_path):
@@ -133,7 +134,7 @@ def test_export_round_trip(tmp_path):
     assert isinstance(loaded, UNet) and loaded.config == unet.config
     x, t, ctx = inputs()
     with torch.no_grad():
-        torch.testing.assert_close(loaded(x, t, ctx), unet.eval()(x, t, ctx), atol=0, rtol=0)
+        torch.testing.assert_close(loaded(x, t, C(ctx)), unet.eval()(x, t, C(ctx)), atol=0, rtol=0)
 
 
 def test_context_mask_ignores_padding_tokens():
@@ -141,12 +142,12 @@ def test_context_mask_ignores_padding_tokens():
     x, t, ctx = inputs(tokens=6)
     keep = torch.tensor([[True, True, True, False, False, False], [True] * 6])
     with torch.no_grad():
-        masked = unet(x, t, ctx, keep)
+        masked = unet(x, t, C(ctx, keep))
         padded = ctx.clone()
         padded[0, 3:] = 50 * torch.randn(3, TINY.context_dim)
-        torch.testing.assert_close(unet(x, t, padded, keep), masked)
-        torch.testing.assert_close(unet(x[:1], t[:1], ctx[:1, :3]), masked[:1], atol=1e-5, rtol=1e-5)
-        assert not torch.allclose(unet(x, t, padded), masked)  # unmasked padding changes the output
+        torch.testing.assert_close(unet(x, t, C(padded, keep)), masked)
+        torch.testing.assert_close(unet(x[:1], t[:1], C(ctx[:1, :3])), masked[:1], atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(unet(x, t, C(padded)), masked)  # unmasked padding changes the output
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
@@ -158,7 +159,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     grads = []
     for unet in (plain, ckpt):
         ctx.grad = None
-        out = unet(x, t, ctx)
+        out = unet(x, t, C(ctx))
         (out**2).mean().backward()
         grads.append((out.detach(), [p.grad.clone() for p in unet.parameters()], ctx.grad.clone()))
     (out_a, g_a, c_a), (out_b, g_b, c_b) = grads
@@ -170,12 +171,12 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 def test_channels_last_gives_the_same_output_and_gradients():
     unet, x, (t, ctx) = tiny_unet(), inputs()[0], inputs()[1:]
-    ref = unet(x, t, ctx)
+    ref = unet(x, t, C(ctx))
     ref.square().mean().backward()
     ref_grads = [p.grad.clone() for p in unet.parameters()]
     unet.zero_grad()
     unet_cl = unet.to(memory_format=torch.channels_last)
-    out = unet_cl(x.contiguous(memory_format=torch.channels_last), t, ctx)
+    out = unet_cl(x.contiguous(memory_format=torch.channels_last), t, C(ctx))
     out.square().mean().backward()
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     for p, g in zip(unet_cl.parameters(), ref_grads):
@@ -205,11 +206,11 @@ def test_position_embedding_and_pooled_conditioning_change_the_output():
     x, ctx, t = torch.randn(2, 4, 8, 8), torch.randn(2, 3, 6), torch.tensor([10.0, 500.0])
     p = torch.randn(2, 5)
     with torch.no_grad():
-        assert not torch.allclose(with_pos(x, t, ctx), plain(x, t, ctx))
-        a, b = pooled(x, t, ctx, pooled=p), pooled(x, t, ctx, pooled=p.flip(0))
+        assert not torch.allclose(with_pos(x, t, C(ctx)), plain(x, t, C(ctx)))
+        a, b = pooled(x, t, C(ctx, pooled=p)), pooled(x, t, C(ctx, pooled=p.flip(0)))
         assert not torch.allclose(a[0], b[0])
-        torch.testing.assert_close(pooled(x[:1], t[:1], ctx[:1], pooled=p[:1]), a[:1], atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="pooled="):
-        pooled(x, t, ctx)
+        torch.testing.assert_close(pooled(x[:1], t[:1], C(ctx[:1], pooled=p[:1])), a[:1], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="cond.pooled must be"):
+        pooled(x, t, C(ctx))
     with pytest.raises(ValueError, match="no pooled_dim"):
-        plain(x, t, ctx, pooled=p)
+        plain(x, t, C(ctx, pooled=p))

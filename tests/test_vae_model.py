@@ -9,7 +9,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ldm.io import load_checkpoint, load_part
-from ldm.models.autoencoder import AutoencoderModule, image_grid, latent_scale_and_shift
+from ldm.models.autoencoder import AutoencoderModule, latent_scale_and_shift
+from ldm.visual import tensor_rows_grid
 from ldm.modules.autoencoder import AutoencoderKL
 
 GEOMETRY = dict(ch=8, ch_mult=[1, 2], num_res_blocks=1, z_channels=4, norm_groups=4, resolution=16)
@@ -52,8 +53,8 @@ class Squares(pl.LightningDataModule):
 
 def module(**kw) -> AutoencoderModule:
     torch.manual_seed(0)
-    args = dict(vae=GEOMETRY, discriminator=DISC, lr=2e-3, betas=[0.5, 0.9], disc_start=0, image_every_n_steps=0,
-                export_batches=2)
+    args = dict(vae=GEOMETRY, discriminator=DISC, optimizer={"lr": 2e-3, "betas": [0.5, 0.9]}, disc_start=0,
+                image_every_n_steps=0, export_batches=2)
     return AutoencoderModule(**{**args, **kw})
 
 
@@ -152,7 +153,7 @@ def test_validation_metrics_and_image_grid(tmp_path):
     images = sorted((tmp_path / "images").glob("*.png"))  # no logger: grids are PNG files
     assert [p.name for p in images] == ["train_reconstructions_0000000.png", "train_reconstructions_0000001.png",
                                         "val_reconstructions_0000002.png"]
-    grid = image_grid([x, r], 4)
+    grid = tensor_rows_grid([x, r], 4)
     assert grid.size == (4 * 16, 2 * 16)
 
 
@@ -180,13 +181,13 @@ def test_checkpoint_resumes_mid_run(tmp_path):
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     ckpt_dir = tmp_path / "ckpt"
-    model = module(disc_start=2, lr_schedule="cosine", warmup_steps=1)
+    model = module(disc_start=2, lr_schedule={"decay": "cosine", "warmup_steps": 1})
     fit(model, tmp_path, steps=4, enable_checkpointing=True,
         callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=2)])
     ckpt = load_checkpoint(ckpt_dir / "last.ckpt")  # weights_only=True
     assert ckpt["ldm_class_path"] == "ldm.models.autoencoder.AutoencoderModule"
     assert ckpt["lr_schedulers"][0]["last_epoch"] == 3  # 2 generator-only batches + 1 with the discriminator
-    resumed = module(disc_start=2, lr_schedule="cosine", warmup_steps=1)
+    resumed = module(disc_start=2, lr_schedule={"decay": "cosine", "warmup_steps": 1})
     t = trainer(tmp_path, 8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -194,20 +195,22 @@ def test_checkpoint_resumes_mid_run(tmp_path):
     assert resumed.lr_schedulers()[0].last_epoch == 5 and t.global_step == 8
     # the schedule continued where it stopped: cosine over 2 + ceil((8 - 2) / 2) = 5 batches
     lr = resumed.optimizers()[0].param_groups[0]["lr"]
-    assert lr == pytest.approx(2e-3 * resumed.lr_factor(5, 5))
+    assert resumed.planned_steps() == 5
+    assert lr == pytest.approx(2e-3 * resumed.lr_factor(5))
 
 
 def test_bad_configuration_errors():
     with pytest.raises(ValueError, match="lpips_path"):
         module(perceptual_weight=1.0)
     with pytest.raises(ValueError, match="lr_schedule"):
-        module(lr_schedule="linear")
+        module(lr_schedule={"decay": "linear"})
     with pytest.raises(ValueError, match="disc_loss"):
         module(disc_loss="wgan")
-    m = module(lr_schedule="cosine")
-    with pytest.raises(ValueError, match="lr_decay_steps"):
+    m = module(lr_schedule={"decay": "cosine"})
+    with pytest.raises(ValueError, match="decay_steps"):
         m.configure_optimizers()
-    assert math.isclose(module(lr_schedule="cosine", warmup_steps=2, lr_min_ratio=0.1).lr_factor(0, 10), 0.5)
+    schedule = {"decay": "cosine", "warmup_steps": 2, "min_lr_ratio": 0.1, "decay_steps": 10}
+    assert math.isclose(module(lr_schedule=schedule).lr_factor(0), 0.5)
 
 
 def test_perceptual_term_from_local_lpips_weights(tmp_path):

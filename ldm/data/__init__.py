@@ -8,7 +8,7 @@
   signals to the main process
 - ``shapes``   the procedural default dataset (vocabularies, scenes, captions, ``eval_prompts``)
 - ``folder``   your images + captions → shards;  ``openmoji``  OpenMoji emoji → shards
-- ``bench``    ``python -m ldm.data.bench``: loader throughput
+- ``bench``    loader throughput (``ldm bench data``)
 
 Submodules are imported explicitly (``from ldm.data.webdata import WebDataModule``) so that importing
 ``ldm.data.shapes`` does not pull in Lightning.

@@ -1,23 +1,29 @@
-"""Latent cache: VAE latents + text-token embeddings, computed once so U-Net training skips both encoders.
+"""Latent cache: VAE latents + the text conditioning, computed once so denoiser training skips both encoders.
 
 Layout written by ``ldm cache`` (``build_latent_cache``)::
 
-    OUT/info.json                       counts, shapes, the parts' config hashes, the "" prompt's embedding file
-    OUT/empty.safetensors               context (1, L, D) + mask (1, L) of the empty prompt (CFG dropout)
+    OUT/info.json                       samples and chunk list per split, the parts' weight hashes, data source
+    OUT/empty.safetensors               the "" prompt's conditioning (context, mask, pooled) for CFG dropout
     OUT/{train,val}/chunk-NNNNN.safetensors
         mean, std   (N, C, h, w) float32 — the posterior q(z|x) in diffusion space: (μ − shift)·scale, σ·scale
         context     (N, L, D) float16   — token embeddings, L trimmed to the longest caption (exact under masking)
-        pooled      (N, E) float16      — the pooled text embedding (for U-Nets with pooled_dim)
+        pooled      (N, E) float16      — the pooled text embedding
         mask        (N, L) uint8        — 1 on real tokens
       metadata "captions": JSON list of the N captions
 
 Training samples z = mean + std·ε each step, exactly ``vae.encode_latents(x, sample=True)``.
+
+Provenance: a cache is only valid for the VAE and text encoder that wrote it. ``info.json`` records the
+sha256 of both parts' weights, the sample count and the chunk files; :class:`LatentDataModule` reads exactly
+those chunks and checks the counts, and ``LatentDiffusion`` refuses a cache written by other parts. A new
+cache is written into a fresh folder beside ``OUT`` and swapped in whole, so a cache never mixes two runs.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,18 +33,20 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
-from ldm.data.shards import list_shards
-from ldm.data.webdata import ShardDataset
-from ldm.io import module_config, read_json, write_json
+from ldm.conditioning import Conditioning
 from ldm.data.resumable import ResumableLoader
+from ldm.data.shards import list_shards, read_info
+from ldm.data.webdata import ShardDataset
 from ldm.data.workers import ShieldedLoader
+from ldm.io import PartError, read_json, weights_hash, write_json
 
 CHUNK = "chunk-{:05d}.safetensors"
+EMPTY = "empty.safetensors"
+CACHE_FORMAT = 2
 
 
-def config_hash(module: torch.nn.Module) -> str:
-    """Short hash of a part's config: a cache is only valid for the parts that wrote it."""
-    return hashlib.sha256(json.dumps(module_config(module), sort_keys=True).encode()).hexdigest()[:16]
+class CacheError(PartError):
+    """A latent cache is missing, incomplete, or was written by other parts than the ones configured."""
 
 
 @torch.no_grad()
@@ -46,7 +54,7 @@ def encode_split(vae: torch.nn.Module, text_encoder: torch.nn.Module, data_dir: 
                  out_dir: Path, resolution: int, batch_size: int = 256, chunk_size: int = 8192,
                  progress: bool = True, num_workers: int = 1, max_samples: int | None = None) -> dict[str, Any]:
     """Encode every sample of ``data_dir/split`` (or its first ``max_samples``) in shard order into chunk
-    files; returns counts.
+    files; returns counts and the chunk names.
 
     Each distinct caption goes through the text encoder once (shapes: 20 k distinct of 50 k)."""
     if max_samples is not None and max_samples < 1:
@@ -55,7 +63,8 @@ def encode_split(vae: torch.nn.Module, text_encoder: torch.nn.Module, data_dir: 
                            rank=0, world_size=1)
     out_dir.mkdir(parents=True, exist_ok=True)
     pending: dict[str, list] = {"mean": [], "std": [], "context": [], "pooled": [], "mask": [], "captions": []}
-    n_done, n_chunks, skipped, max_len = 0, 0, 0, 0
+    chunks: list[str] = []
+    n_done, skipped, max_len = 0, 0, 0
     scale, shift = vae.config.scaling_factor, vae.config.shift_factor
     bar = None
     if progress:
@@ -64,13 +73,14 @@ def encode_split(vae: torch.nn.Module, text_encoder: torch.nn.Module, data_dir: 
         bar = tqdm(desc=f"caching {split}", unit="img")
 
     def flush() -> None:
-        nonlocal n_chunks, pending
+        nonlocal pending
         if not pending["captions"]:
             return
         tensors = {k: torch.cat(pending[k]) for k in ("mean", "std", "context", "pooled", "mask")}
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_dir / CHUNK.format(n_chunks)),
+        name = CHUNK.format(len(chunks))
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_dir / name),
                   metadata={"captions": json.dumps(pending["captions"])})
-        n_chunks += 1
+        chunks.append(name)
         pending = {k: [] for k in pending}
 
     device = next(vae.parameters()).device
@@ -87,8 +97,8 @@ def encode_split(vae: torch.nn.Module, text_encoder: torch.nn.Module, data_dir: 
         posterior = vae.encode(batch["image"].to(device))
         new = [c for c in dict.fromkeys(batch["caption"]) if c not in memo]
         if new:
-            tokens, pooled, mask = text_encoder.encode_text(new, return_mask=True)
-            memo.update(zip(new, zip(tokens.half().cpu(), mask.to(torch.uint8).cpu(), pooled.half().cpu())))
+            cond = text_encoder.condition(new)
+            memo.update(zip(new, zip(cond.tokens.half().cpu(), cond.mask.to(torch.uint8).cpu(), cond.pooled.half().cpu())))
         tokens, mask, pooled = (torch.stack([memo[c][i] for c in batch["caption"]]) for i in range(3))
         max_len = max(max_len, int(mask.sum(1).max()))
         pending["mean"].append(((posterior.mean - shift) * scale).float().cpu())
@@ -105,7 +115,12 @@ def encode_split(vae: torch.nn.Module, text_encoder: torch.nn.Module, data_dir: 
     flush()
     if bar is not None:
         bar.close()
-    return {"samples": n_done, "chunks": n_chunks, "skipped": skipped, "max_tokens": max_len}
+    return {"samples": n_done, "chunks": chunks, "skipped": skipped, "max_tokens": max_len}
+
+
+def parts_provenance(vae: torch.nn.Module, text_encoder: torch.nn.Module) -> dict[str, str | None]:
+    """The weight hashes that tie a cache (or a denoiser) to the parts it was made with."""
+    return {"vae": weights_hash(vae), "text_encoder": weights_hash(text_encoder)}
 
 
 def build_latent_cache(vae: torch.nn.Module, text_encoder: torch.nn.Module, data_dir: str | Path,
@@ -114,58 +129,101 @@ def build_latent_cache(vae: torch.nn.Module, text_encoder: torch.nn.Module, data
                        ) -> dict[str, Any]:
     """Write the cache for ``splits`` (see module docstring) and return its info.json contents.
 
+    Written into a fresh folder beside ``out_dir`` and swapped in when complete: an old cache there is
+    replaced whole (never partly overwritten), and a failed run leaves the old one as it was.
     ``max_samples`` caps each split at its first that many samples (None: all)."""
     out = Path(out_dir)
-    vae.eval()
-    text_encoder.eval()
-    info: dict[str, Any] = {"data_dir": str(data_dir), "resolution": resolution,
-                            "vae": config_hash(vae), "text_encoder": config_hash(text_encoder), "splits": {}}
-    for split in splits:
-        info["splits"][split] = encode_split(vae, text_encoder, data_dir, split, out / split, resolution,
-                                             batch_size, progress=progress, max_samples=max_samples)
-    empty, empty_pooled, empty_mask = text_encoder.encode_text([""], return_mask=True)
-    save_file({"context": empty.half().cpu().contiguous(), "mask": empty_mask.to(torch.uint8).cpu().contiguous(),
-               "pooled": empty_pooled.half().cpu().contiguous()}, str(out / "empty.safetensors"))
-    info["max_tokens"] = max([s["max_tokens"] for s in info["splits"].values()] + [int(empty_mask.sum())])
-    write_json(out / "info.json", info)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.new-"))
+    try:
+        vae.eval()
+        text_encoder.eval()
+        info: dict[str, Any] = {"format": CACHE_FORMAT, "data_dir": str(data_dir), "resolution": resolution,
+                                "dataset": read_info(data_dir).get("name") if Path(data_dir).is_dir() else None,
+                                "parts": parts_provenance(vae, text_encoder), "splits": {}}
+        for split in splits:
+            info["splits"][split] = encode_split(vae, text_encoder, data_dir, split, work / split, resolution,
+                                                 batch_size, progress=progress, max_samples=max_samples)
+        empty = text_encoder.condition([""])
+        save_file({k: (v.half() if v.is_floating_point() else v).cpu().contiguous()
+                   for k, v in empty.to_tensors().items()}, str(work / EMPTY))
+        info["max_tokens"] = max([s["max_tokens"] for s in info["splits"].values()] + [int(empty.mask.sum())])
+        write_json(work / "info.json", info)
+        old = out.parent / f".{out.name}.old"
+        if old.exists():
+            shutil.rmtree(old)
+        if out.exists():
+            out.rename(old)
+        work.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     return info
 
 
+def read_cache_info(cache_dir: str | Path) -> dict[str, Any]:
+    """A cache's info.json; a missing cache says how to build one."""
+    path = Path(cache_dir) / "info.json"
+    if not path.is_file():
+        raise CacheError(f"no latent cache at {cache_dir} (info.json missing): run `ldm cache --vae ... "
+                         f"--text-encoder ... --data ... --out {cache_dir}` (make train-ldm does)")
+    return read_json(path)
+
+
+def check_cache_parts(info: dict[str, Any], vae: torch.nn.Module, text_encoder: torch.nn.Module,
+                      cache_dir: str | Path) -> None:
+    """Refuse a cache written by other parts than ``vae``/``text_encoder`` (their weight hashes differ)."""
+    recorded = info.get("parts")
+    if not recorded:
+        raise CacheError(f"latent cache {cache_dir} records no part hashes (written by an older ldm): rebuild it "
+                         "with `ldm cache` (make train-ldm does)")
+    for name, current in parts_provenance(vae, text_encoder).items():
+        if current is not None and recorded.get(name) != current:
+            raise CacheError(f"latent cache {cache_dir} was written with another {name} (sha256 "
+                             f"{str(recorded.get(name))[:12]}…) than the configured one ({current[:12]}…): "
+                             "rebuild it with `ldm cache` (make train-ldm does)")
+
+
 class LatentDataset(Dataset):
-    """One split of the cache held in memory; ``__getitems__`` gathers whole batches at once."""
+    """One split of the cache held in memory; ``__getitems__`` gathers whole batches at once.
+
+    Reads exactly the chunks ``info.json`` lists and checks their sample count against it."""
 
     def __init__(self, cache_dir: str | Path, split: str):
         self.dir = Path(cache_dir)
-        info = read_json(self.dir / "info.json")
-        chunks = sorted((self.dir / split).glob("chunk-*.safetensors"))
-        if not chunks:
-            raise FileNotFoundError(f"latent cache {self.dir / split} has no chunks; run `ldm cache` first")
+        info = read_cache_info(self.dir)
+        if info.get("format") != CACHE_FORMAT:
+            raise CacheError(f"latent cache {self.dir} has format {info.get('format')} (this ldm reads "
+                             f"{CACHE_FORMAT}): rebuild it with `ldm cache` (make train-ldm does)")
+        listed = info["splits"].get(split)
+        if listed is None or not listed["chunks"]:
+            raise CacheError(f"latent cache {self.dir} has no {split!r} split; rebuild it with `ldm cache`")
         keep = int(info["max_tokens"])
-        parts: dict[str, list[torch.Tensor]] = {"mean": [], "std": [], "context": [], "mask": []}
-        pooled: list[torch.Tensor] = []
+        parts: dict[str, list[torch.Tensor]] = {"mean": [], "std": [], "context": [], "mask": [], "pooled": []}
         self.captions: list[str] = []
-        for path in chunks:
+        for name in listed["chunks"]:
+            path = self.dir / split / name
+            if not path.is_file():
+                raise CacheError(f"latent cache chunk {path} listed in info.json is missing: rebuild the cache")
             with safe_open(str(path), framework="pt") as f:
                 for k in parts:
                     t = f.get_tensor(k)
                     parts[k].append(t[:, :keep] if k in ("context", "mask") else t)
-                if "pooled" in f.keys():  # caches written before pooled conditioning lack it
-                    pooled.append(f.get_tensor("pooled"))
                 self.captions.extend(json.loads(f.metadata()["captions"]))
+        if len(self.captions) != listed["samples"]:
+            raise CacheError(f"latent cache {self.dir / split} holds {len(self.captions)} samples, info.json says "
+                             f"{listed['samples']}: rebuild the cache")
         self.mean, self.std = torch.cat(parts["mean"]), torch.cat(parts["std"])
-        self.context, self.mask = torch.cat(parts["context"]), torch.cat(parts["mask"]).bool()
-        self.pooled = torch.cat(pooled) if len(pooled) == len(chunks) else None
+        self.cond = Conditioning(torch.cat(parts["context"]), torch.cat(parts["mask"]).bool(), torch.cat(parts["pooled"]))
 
     def __len__(self) -> int:
         return len(self.captions)
 
     def __getitems__(self, indices: list[int]) -> dict[str, Any]:
         idx = torch.as_tensor(indices)
-        batch = {"latent_mean": self.mean[idx], "latent_std": self.std[idx], "context": self.context[idx].float(),
-                 "mask": self.mask[idx], "caption": [self.captions[i] for i in indices]}
-        if self.pooled is not None:
-            batch["pooled"] = self.pooled[idx].float()
-        return batch
+        return {"latent_mean": self.mean[idx], "latent_std": self.std[idx],
+                "cond": self.cond.index(idx).to(dtype=torch.float32), "caption": [self.captions[i] for i in indices]}
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.__getitems__([index])
@@ -175,28 +233,24 @@ def _as_batch(batch: dict[str, Any]) -> dict[str, Any]:
     return batch
 
 
-def load_empty_context(cache_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """The "" prompt's (context (1, L, D) float32, mask (1, L) bool) trimmed like the cached contexts."""
+def load_empty_conditioning(cache_dir: str | Path) -> Conditioning:
+    """The "" prompt's conditioning (batch 1, float32) trimmed like the cached contexts."""
     cache_dir = Path(cache_dir)
-    keep = int(read_json(cache_dir / "info.json")["max_tokens"])
-    with safe_open(str(cache_dir / "empty.safetensors"), framework="pt") as f:
-        return f.get_tensor("context")[:, :keep].float(), f.get_tensor("mask")[:, :keep].bool()
-
-
-def load_empty_pooled(cache_dir: str | Path) -> torch.Tensor | None:
-    """The "" prompt's pooled embedding (1, E) float32, or None for a cache written without it."""
-    with safe_open(str(Path(cache_dir) / "empty.safetensors"), framework="pt") as f:
-        return f.get_tensor("pooled").float() if "pooled" in f.keys() else None
+    keep = int(read_cache_info(cache_dir)["max_tokens"])
+    with safe_open(str(cache_dir / EMPTY), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors["context"], tensors["mask"] = tensors["context"][:, :keep], tensors["mask"][:, :keep]
+    return Conditioning.from_tensors(tensors).to(dtype=torch.float32)
 
 
 class LatentDataModule(pl.LightningDataModule):
-    """Batches ``{"latent_mean", "latent_std", "context", "mask", "caption"}`` (+ ``"pooled"``) from a latent cache.
+    """Batches ``{"latent_mean", "latent_std", "cond", "caption"}`` from a latent cache.
 
     Map-style, so under DDP Lightning's DistributedSampler gives each rank a disjoint share.
     """
 
-    def __init__(self, cache_dir: str = "checkpoints/shapes/cache", batch_size: int = 128,
-                 val_batch_size: int | None = None, num_workers: int = 0, seed: int = 0):
+    def __init__(self, cache_dir: str, batch_size: int = 128, val_batch_size: int | None = None,
+                 num_workers: int = 0, seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
         self.cache_dir, self.batch_size, self.num_workers = cache_dir, batch_size, num_workers
@@ -204,20 +258,29 @@ class LatentDataModule(pl.LightningDataModule):
         self.train_set: LatentDataset | None = None
         self.val_set: LatentDataset | None = None
 
+    @property
+    def info(self) -> dict[str, Any]:
+        return read_cache_info(self.cache_dir)
+
+    @property
+    def benchmark(self):
+        """The evaluation hooks of the dataset the cache was made from (``ldm.data.registry``), or None."""
+        from ldm.data.registry import benchmark_named
+
+        return benchmark_named(self.info.get("dataset"))
+
+    def check_parts(self, vae: torch.nn.Module, text_encoder: torch.nn.Module) -> None:
+        check_cache_parts(self.info, vae, text_encoder, self.cache_dir)
+
     def setup(self, stage: str | None = None) -> None:
-        if not (Path(self.cache_dir) / "info.json").is_file():
-            raise FileNotFoundError(f"no latent cache at {self.cache_dir} (info.json missing): run `ldm cache --vae ... "
-                                    f"--text-encoder ... --data ... --out {self.cache_dir}` (make train-ldm does)")
+        info = self.info
         if self.train_set is None:
             self.train_set = LatentDataset(self.cache_dir, "train")
-        if self.val_set is None and (Path(self.cache_dir) / "val").is_dir():
+        if self.val_set is None and "val" in info["splits"]:
             self.val_set = LatentDataset(self.cache_dir, "val")
 
-    def empty_context(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return load_empty_context(self.cache_dir)
-
-    def empty_pooled(self) -> torch.Tensor | None:
-        return load_empty_pooled(self.cache_dir)
+    def empty_conditioning(self) -> Conditioning:
+        return load_empty_conditioning(self.cache_dir)
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")

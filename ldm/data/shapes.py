@@ -29,6 +29,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from ldm.data.registry import Benchmark, ZeroShotPrompts
 from ldm.data.shards import (clear_split, encode_sample, plan_shards, run_parallel, shard_name, write_info,
                              write_shard)
 
@@ -346,3 +347,53 @@ def build_shapes(out_dir: str | Path, train: int = 50_000, val: int = 2_000, siz
     }
     write_info(out, info)
     return info
+
+
+# ---- the benchmark hooks (ldm.data.registry): what general classes ask of the dataset they train on ----
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
+
+
+class ShapesBenchmark(Benchmark):
+    """Validation prompts, zero-shot heads over colour/shape/position, and hard-negative word groups."""
+
+    def val_prompts(self) -> list[str]:
+        return ["a large red circle on the left", "a small blue square in the top right",
+                "a green triangle at the bottom", "a yellow star in the centre"]
+
+    def zero_shot_prompts(self) -> ZeroShotPrompts:
+        """Every single-object caption "a {size} {colour} {shape} {where}" (the canonical template) over all
+        2 × 10 × 5 × 9 attribute combinations."""
+        import torch
+
+        classes = {"color": list(COLORS), "shape": list(SHAPES), "position": list(POSITIONS)}
+        prompts, labels = [], []
+        for size in SIZES:
+            for i, color in enumerate(COLORS):
+                for j, shape in enumerate(SHAPES):
+                    for k, position in enumerate(POSITIONS):
+                        prompts.append(f"{_article(size)} {size} {color} {shape} {PHRASES[position]}")
+                        labels.append((i, j, k))
+        return ZeroShotPrompts(prompts, torch.tensor(labels, dtype=torch.long), classes)
+
+    def zero_shot_labels(self, metas, classes):
+        """(B, A) class index of each attribute of single-object scenes; −1 elsewhere."""
+        labels = super().zero_shot_labels(metas, classes)
+        for i, meta in enumerate(metas):
+            objects = meta.get("objects") if isinstance(meta, dict) else None
+            if not objects or len(objects) != 1:
+                continue
+            for j, (attr, names) in enumerate(classes.items()):
+                value = objects[0].get(attr)
+                labels[i, j] = names.index(value) if value in names else -1
+        return labels
+
+    def hard_negative_groups(self) -> dict[str, list[str]]:
+        """Interchangeable words of the captions: colour, shape, position, relation. Position phrases ("in the
+        top left") and relations ("left of") come before bare position names ("top left", terse template), so a
+        phrase is swapped for a phrase and the negative stays grammatical."""
+        return {"color": list(COLORS), "shape": list(SHAPES), "position_phrase": list(PHRASES.values()),
+                "relation": ["left of", "right of", "above", "below"], "position": list(POSITIONS)}
+
+
+BENCHMARK = ShapesBenchmark()

@@ -384,7 +384,7 @@ class WebDataModule(pl.LightningDataModule):
             skipped as ``too_many_pixels`` without being decoded; ``None``: no limit.
     """
 
-    def __init__(self, data_dir: str = "datasets/shapes", resolution: int = 32, batch_size: int = 64,
+    def __init__(self, data_dir: str, resolution: int = 32, batch_size: int = 64,
                  num_workers: int = 2, shuffle_buffer: int = 2000, samples_per_epoch: int | None = None,
                  train_split: str = "train", val_split: str | None = "val", val_batch_size: int | None = None,
                  random_crop: bool = False, hflip: bool = False, seed: int = 0, require_caption: bool = True,
@@ -408,6 +408,17 @@ class WebDataModule(pl.LightningDataModule):
         self.train_urls: list[str] = []
         self.val_urls: list[str] = []
         self.info: dict[str, Any] = {}
+
+    @property
+    def benchmark(self):
+        """The evaluation hooks of this dataset's module (``ldm.data.registry``, by info.json's name), or None."""
+        from ldm.data.registry import benchmark_named
+
+        try:
+            name = read_info(self.data_dir).get("name")
+        except (OSError, ValueError):
+            name = None
+        return benchmark_named(name)
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = self.trainer

@@ -1,5 +1,5 @@
 """Classifier-free guidance (Ho & Salimans 2022) as a wrapper that turns a conditional denoiser
-``denoiser(x, t, context[, mask])`` into the ``model_fn(x, t)`` every sampler takes.
+``denoiser(x, t, cond)`` into the ``model_fn(x, t)`` every sampler takes.
 
 Guidance is applied to the model's raw output, whatever its prediction type. That is exact: for a
 fixed x_t the maps output → x̂0, ε̂, v̂ are affine with the same x_t term in both branches
@@ -15,7 +15,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-Denoiser = Callable[..., Tensor]
+from ldm.conditioning import Conditioning
+
+Denoiser = Callable[[Tensor, Tensor, Conditioning], Tensor]
 
 
 def guided_output(uncond: Tensor, cond: Tensor, scale: float, rescale: float = 0.0) -> Tensor:
@@ -31,49 +33,49 @@ def guided_output(uncond: Tensor, cond: Tensor, scale: float, rescale: float = 0
     return guided
 
 
-def classifier_free_guidance(denoiser: Denoiser, cond: Tensor, uncond: Tensor, scale: float,
-                             rescale: float = 0.0, cond_mask: Tensor | None = None,
-                             uncond_mask: Tensor | None = None, cond_pooled: Tensor | None = None,
-                             uncond_pooled: Tensor | None = None) -> Callable[[Tensor, Tensor], Tensor]:
+def classifier_free_guidance(denoiser: Denoiser, cond: Conditioning, uncond: Conditioning, scale: float,
+                             rescale: float = 0.0) -> Callable[[Tensor, Tensor], Tensor]:
     """Wrap ``denoiser`` so each ``model_fn(x, t)`` call evaluates cond and uncond in ONE batched forward
     of size 2B and returns :func:`guided_output`. ``scale`` = 1 gives the conditional model, 0 the
     unconditional one.
 
-    ``cond``/``uncond`` are (B, L, D) token embeddings (a batch of 1 is broadcast to B). With masks
-    (B, L) the denoiser is called as ``denoiser(x, t, context, mask)``, else ``denoiser(x, t, context)``;
-    a missing mask for one branch counts as all tokens valid. ``cond_pooled``/``uncond_pooled`` (B or 1, E),
-    given together, are passed as ``pooled=`` (a U-Net conditioned on the pooled text embedding).
+    ``cond``/``uncond`` hold B or 1 rows (a batch of 1 is broadcast); they are padded to a common token
+    length once per batch size (exact: padded keys are masked out), on the device of ``x``.
     """
-    if (cond_pooled is None) != (uncond_pooled is None):
-        raise ValueError("pass both cond_pooled and uncond_pooled, or neither")
-    if cond.ndim < 2 or uncond.shape[1:] != cond.shape[1:]:
-        raise ValueError(f"cond {tuple(cond.shape)} and uncond {tuple(uncond.shape)} contexts must share (L, D): "
-                         "encode the empty prompt padded to the same length")
     if not 0.0 <= rescale <= 1.0:
         raise ValueError(f"guidance rescale φ must be in [0, 1], got {rescale}")
-    use_mask = cond_mask is not None or uncond_mask is not None
-
-    def batch(a: Tensor, b: int) -> Tensor:
-        if a.shape[0] == b:
-            return a
-        if a.shape[0] == 1:
-            return a.expand(b, *a.shape[1:])
-        raise ValueError(f"context batch {a.shape[0]} does not match sample batch {b} (use 1 or {b})")
+    if cond.tokens.shape[2:] != uncond.tokens.shape[2:]:
+        raise ValueError(f"cond tokens {tuple(cond.tokens.shape)} and uncond tokens {tuple(uncond.tokens.shape)} "
+                         "must share their width D")
+    batched: dict[tuple[int, torch.device], Conditioning] = {}
 
     def model_fn(x: Tensor, t: Tensor) -> Tensor:
-        b = x.shape[0]
-        context = torch.cat([batch(uncond, b), batch(cond, b)]).to(device=x.device)
-        args = [torch.cat([x, x]), torch.cat([t, t]), context]
-        if use_mask:
-            ones = torch.ones(cond.shape[:2], dtype=torch.bool, device=x.device)
-            masks = [batch(m if m is not None else ones, b).to(x.device) for m in (uncond_mask, cond_mask)]
-            if masks[0].dtype != masks[1].dtype:
-                masks = [m.to(torch.bool) for m in masks]
-            args.append(torch.cat(masks))
-        kwargs = {}
-        if cond_pooled is not None:
-            kwargs["pooled"] = torch.cat([batch(uncond_pooled, b), batch(cond_pooled, b)]).to(device=x.device)
-        out_uncond, out_cond = denoiser(*args, **kwargs).chunk(2)
+        b, key = x.shape[0], (x.shape[0], x.device)
+        if key not in batched:  # built once per batch size: the sampler loop only runs the denoiser
+            batched[key] = Conditioning.cat([uncond.expand(b), cond.expand(b)]).to(x.device)
+        out_uncond, out_cond = denoiser(torch.cat([x, x]), torch.cat([t, t]), batched[key]).chunk(2)
         return guided_output(out_uncond, out_cond, scale, rescale)
 
     return model_fn
+
+
+def conditional_model(denoiser: Denoiser, cond: Conditioning) -> Callable[[Tensor, Tensor], Tensor]:
+    """``model_fn(x, t) = denoiser(x, t, cond)``: no guidance, one forward of size B."""
+    moved: dict[torch.device, Conditioning] = {}
+
+    def model_fn(x: Tensor, t: Tensor) -> Tensor:
+        if x.device not in moved:
+            moved[x.device] = cond.expand(x.shape[0]).to(x.device)
+        return denoiser(x, t, moved[x.device])
+
+    return model_fn
+
+
+def guided_model(denoiser: Denoiser, cond: Conditioning, uncond: Conditioning, scale: float,
+                 rescale: float = 0.0) -> Callable[[Tensor, Tensor], Tensor]:
+    """The sampler's ``model_fn``: :func:`classifier_free_guidance`, or :func:`conditional_model` when the
+    guided output equals the conditional one (scale 1, no rescale: half the compute, the same images up to
+    rounding). The one place that decides whether a CFG batch is needed."""
+    if scale == 1.0 and rescale == 0.0:
+        return conditional_model(denoiser, cond)
+    return classifier_free_guidance(denoiser, cond, uncond, scale, rescale)

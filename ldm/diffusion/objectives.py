@@ -112,12 +112,12 @@ def offset_noise(x0: Tensor, strength: float = 0.0, generator: torch.Generator |
     offset noise"): ``ε = n + strength · m`` with ``m`` one draw per sample and channel (shape
     ``(B, C, 1, ..., 1)``), so the model also learns to change the mean of a channel.
     With ``strength = 0`` this is plain ``N(0, I)``."""
-    noise = _randn(x0.shape, x0, generator)
+    noise = standard_normal(x0.shape, x0, generator)
     if strength:
         if x0.ndim < 3:
             raise ValueError(f"offset noise needs (B, C, ...) inputs with spatial dims, got shape {tuple(x0.shape)}")
         shape = tuple(x0.shape[:2]) + (1,) * (x0.ndim - 2)
-        noise = noise + strength * _randn(shape, x0, generator)
+        noise = noise + strength * standard_normal(shape, x0, generator)
     return noise
 
 
@@ -147,7 +147,7 @@ def consistency_scalings(t: Tensor | float, sigma_data: float = 0.5, timestep_sc
     return c_skip, c_out
 
 
-def _randn(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
+def standard_normal(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
     """``N(0, I)`` of ``shape`` in ``like``'s dtype/device, drawn from ``generator`` wherever it lives.
     Always drawn in float32, so one seed gives the same noise whatever the sampling dtype."""
     device = generator.device if generator is not None else like.device

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ldm.diffusion.objectives import _randn, consistency_scalings, normalize_prediction_type, predict_x0_eps
+from ldm.diffusion.objectives import standard_normal, consistency_scalings, normalize_prediction_type, predict_x0_eps
 from ldm.diffusion.schedules import DiscreteSchedule, posterior_coefficients
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
@@ -76,7 +76,8 @@ class Predictor:
         return self(x_ve * alpha, t, alpha, ve_sigma * alpha)[0]
 
 
-def _steps(n: int, progress: bool, desc: str) -> Iterable[int]:
+def step_range(n: int, progress: bool, desc: str) -> Iterable[int]:
+    """``range(n)``, with a progress bar when asked."""
     if not progress:
         return range(n)
     from tqdm.auto import tqdm
@@ -84,7 +85,8 @@ def _steps(n: int, progress: bool, desc: str) -> Iterable[int]:
     return tqdm(range(n), desc=desc)
 
 
-def _report(callback: Callback | None, i: int, t: float, x: Tensor, x0: Tensor) -> None:
+def report_step(callback: Callback | None, i: int, t: float, x: Tensor, x0: Tensor) -> None:
+    """Tell ``callback`` (if any) about step ``i``: its time, the current sample and its x̂0."""
     if callback is not None:
         callback({"i": i, "t": t, "x": x, "x0": x0})
 
@@ -99,14 +101,14 @@ def sample_ddpm(model_fn: ModelFn, x: Tensor, schedule: DiscreteSchedule, timest
     if variance not in DDPM_VARIANCES:
         raise ValueError(f"unknown DDPM variance {variance!r}: use one of {list(DDPM_VARIANCES)}")
     g, predict = Grid.build(schedule, timesteps), Predictor(model_fn, prediction_type, x)
-    for i in _steps(len(g), progress, "ddpm"):
+    for i in step_range(len(g), progress, "ddpm"):
         x0, _ = predict(x, g.ts[i], g.alphas[i], g.sigmas[i])
         c0, ct, var_small, var_large = posterior_coefficients(g.alphas[i] ** 2, g.alphas[i + 1] ** 2)
         x = c0 * x0 + ct * x
         var = var_small if variance == "fixed_small" else var_large
         if i < len(g) - 1 and var > 0:
-            x = x + math.sqrt(var) * _randn(x.shape, x, generator)
-        _report(callback, i, g.ts[i], x, x0)
+            x = x + math.sqrt(var) * standard_normal(x.shape, x, generator)
+        report_step(callback, i, g.ts[i], x, x0)
     return x
 
 
@@ -118,13 +120,13 @@ def sample_ddim(model_fn: ModelFn, x: Tensor, schedule: DiscreteSchedule, timest
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     g, predict = Grid.build(schedule, timesteps), Predictor(model_fn, prediction_type, x)
-    for i in _steps(len(g), progress, "ddim"):
+    for i in step_range(len(g), progress, "ddim"):
         x0, eps = predict(x, g.ts[i], g.alphas[i], g.sigmas[i])
         var = eta**2 * posterior_coefficients(g.alphas[i] ** 2, g.alphas[i + 1] ** 2)[2]
         x = g.alphas[i + 1] * x0 + math.sqrt(max(g.sigmas[i + 1] ** 2 - var, 0.0)) * eps
         if var > 0:
-            x = x + math.sqrt(var) * _randn(x.shape, x, generator)
-        _report(callback, i, g.ts[i], x, x0)
+            x = x + math.sqrt(var) * standard_normal(x.shape, x, generator)
+        report_step(callback, i, g.ts[i], x, x0)
     return x
 
 
@@ -141,7 +143,7 @@ def ddim_invert(model_fn: ModelFn, x0: Tensor, schedule: DiscreteSchedule, times
     """
     g, predict = Grid.build(schedule, timesteps), Predictor(model_fn, prediction_type, x0)
     x, n = x0, len(g)
-    for k in _steps(n, progress, "ddim-invert"):
+    for k in step_range(n, progress, "ddim-invert"):
         cur, nxt = n - k, n - k - 1  # level indices; level n is clean data
         t_eval = g.ts[min(cur, n - 1)]
         a_eval, s_eval = (g.alphas[cur], g.sigmas[cur]) if cur < n else (g.alphas[n - 1], g.sigmas[n - 1])
@@ -152,7 +154,7 @@ def ddim_invert(model_fn: ModelFn, x0: Tensor, schedule: DiscreteSchedule, times
             x_next = g.alphas[nxt] * (x - g.sigmas[cur] * eps) / g.alphas[cur] + g.sigmas[nxt] * eps
         x0_hat = (x - g.sigmas[cur] * eps) / g.alphas[cur]
         x = x_next
-        _report(callback, k, g.ts[nxt], x, x0_hat)
+        report_step(callback, k, g.ts[nxt], x, x0_hat)
     return x
 
 
@@ -170,7 +172,7 @@ def sample_dpmpp_2m(model_fn: ModelFn, x: Tensor, schedule: DiscreteSchedule, ti
     lam = [math.log(a / s) if a > 0 and s > 0 else (math.inf if s == 0 else -math.inf)
            for a, s in zip(g.alphas, g.sigmas)]
     x0_prev, h_prev = None, None
-    for i in _steps(len(g), progress, "dpmpp-2m"):
+    for i in step_range(len(g), progress, "dpmpp-2m"):
         x0, _ = predict(x, g.ts[i], g.alphas[i], g.sigmas[i])
         h = lam[i + 1] - lam[i]
         final = g.sigmas[i + 1] == 0
@@ -182,7 +184,7 @@ def sample_dpmpp_2m(model_fn: ModelFn, x: Tensor, schedule: DiscreteSchedule, ti
         ratio = g.sigmas[i + 1] / g.sigmas[i]
         x = ratio * x - g.alphas[i + 1] * math.expm1(-h) * d
         x0_prev, h_prev = x0, h
-        _report(callback, i, g.ts[i], x, x0)
+        report_step(callback, i, g.ts[i], x, x0)
     return x
 
 
@@ -195,11 +197,11 @@ def sample_euler(model_fn: ModelFn, x: Tensor, schedule: DiscreteSchedule, times
     g, predict = Grid.build(schedule, timesteps), Predictor(model_fn, prediction_type, x)
     s = g.ve_sigmas
     x = x * math.sqrt(1 + s[0] ** 2)
-    for i in _steps(len(g), progress, "euler"):
+    for i in step_range(len(g), progress, "euler"):
         x0 = predict.sigma_space(x, g.ts[i], s[i])
         d = (x - x0) / s[i]
         x = x + (s[i + 1] - s[i]) * d
-        _report(callback, i, g.ts[i], x / math.sqrt(1 + s[i + 1] ** 2), x0)
+        report_step(callback, i, g.ts[i], x / math.sqrt(1 + s[i + 1] ** 2), x0)
     return x
 
 
@@ -214,15 +216,15 @@ def sample_euler_ancestral(model_fn: ModelFn, x: Tensor, schedule: DiscreteSched
     g, predict = Grid.build(schedule, timesteps), Predictor(model_fn, prediction_type, x)
     s = g.ve_sigmas
     x = x * math.sqrt(1 + s[0] ** 2)
-    for i in _steps(len(g), progress, "euler-a"):
+    for i in step_range(len(g), progress, "euler-a"):
         x0 = predict.sigma_space(x, g.ts[i], s[i])
         d = (x - x0) / s[i]
         s_up = min(s[i + 1], eta * math.sqrt(max(s[i + 1] ** 2 * (s[i] ** 2 - s[i + 1] ** 2) / s[i] ** 2, 0.0)))
         s_down = math.sqrt(s[i + 1] ** 2 - s_up**2)
         x = x + (s_down - s[i]) * d
         if s_up > 0:
-            x = x + s_up * _randn(x.shape, x, generator)
-        _report(callback, i, g.ts[i], x / math.sqrt(1 + s[i + 1] ** 2), x0)
+            x = x + s_up * standard_normal(x.shape, x, generator)
+        report_step(callback, i, g.ts[i], x / math.sqrt(1 + s[i + 1] ** 2), x0)
     return x
 
 
@@ -235,7 +237,7 @@ def sample_heun(model_fn: ModelFn, x: Tensor, schedule: DiscreteSchedule, timest
     g, predict = Grid.build(schedule, timesteps), Predictor(model_fn, prediction_type, x)
     s = g.ve_sigmas
     x = x * math.sqrt(1 + s[0] ** 2)
-    for i in _steps(len(g), progress, "heun"):
+    for i in step_range(len(g), progress, "heun"):
         x0 = predict.sigma_space(x, g.ts[i], s[i])
         d = (x - x0) / s[i]
         x_euler = x + (s[i + 1] - s[i]) * d
@@ -244,7 +246,7 @@ def sample_heun(model_fn: ModelFn, x: Tensor, schedule: DiscreteSchedule, timest
             x = x + (s[i + 1] - s[i]) * 0.5 * (d + d_next)
         else:
             x = x_euler
-        _report(callback, i, g.ts[i], x / math.sqrt(1 + s[i + 1] ** 2), x0)
+        report_step(callback, i, g.ts[i], x / math.sqrt(1 + s[i + 1] ** 2), x0)
     return x
 
 
@@ -258,16 +260,16 @@ def sample_lcm(model_fn: ModelFn, x: Tensor, schedule: DiscreteSchedule, timeste
     f applies the boundary condition c_skip x + c_out x̂0 (objectives.consistency_scalings) unless
     ``boundary_condition=False``."""
     g, predict = Grid.build(schedule, timesteps), Predictor(model_fn, prediction_type, x)
-    for i in _steps(len(g), progress, "lcm"):
+    for i in step_range(len(g), progress, "lcm"):
         x0, _ = predict(x, g.ts[i], g.alphas[i], g.sigmas[i])
         if boundary_condition:
             c_skip, c_out = consistency_scalings(g.ts[i], sigma_data, timestep_scaling)
             x0 = float(c_skip) * x + float(c_out) * x0
         if i < len(g) - 1:
-            x = g.alphas[i + 1] * x0 + g.sigmas[i + 1] * _randn(x.shape, x, generator)
+            x = g.alphas[i + 1] * x0 + g.sigmas[i + 1] * standard_normal(x.shape, x, generator)
         else:
             x = x0
-        _report(callback, i, g.ts[i], x, x0)
+        report_step(callback, i, g.ts[i], x, x0)
     return x
 
 

@@ -16,18 +16,16 @@ timesteps keep the exact ᾱ_{T−1} = 0.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ldm import __version__
 from ldm.diffusion.objectives import normalize_prediction_type
-from ldm.io import CONFIG_NAME, config_from_dict, read_json, write_json
 
 SCHEDULES = ("linear", "scaled_linear", "cosine")
 SPACINGS = ("trailing", "leading", "linspace", "karras")
@@ -292,25 +290,18 @@ class DiscreteSchedule:
 
     # ---- config round trip -------------------------------------------------------------------------
     def to_config(self) -> dict[str, Any]:
-        """JSON-able constructor config (``scheduler/config.json``)."""
-        return {"_class_name": type(self).__name__, "_module": type(self).__module__,
-                "_ldm_version": __version__, **asdict(self.config)}
+        """JSON-able constructor config (what ``scheduler/config.json`` holds)."""
+        return asdict(self.config)
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> DiscreteSchedule:
-        """Rebuild from :meth:`to_config` output; unknown keys are an error."""
-        return cls(config_from_dict(ScheduleConfig, config, "schedule config"))
-
-    def save(self, out_dir: str | Path) -> Path:
-        """Write ``out_dir/config.json`` (a schedule has no weights)."""
-        out = Path(out_dir)
-        write_json(out / CONFIG_NAME, self.to_config())
-        return out
-
-    @classmethod
-    def load(cls, path: str | Path) -> DiscreteSchedule:
-        """Read a folder written by :meth:`save` (e.g. a pipeline's ``scheduler/``)."""
-        return cls.from_config(read_json(Path(path) / CONFIG_NAME))
+        """Rebuild from :meth:`to_config` output (``_``-prefixed keys are metadata); unknown keys are an error."""
+        fields = {f.name for f in dataclasses.fields(ScheduleConfig)}
+        values = {k: v for k, v in config.items() if not k.startswith("_")}
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise ValueError(f"schedule config: unknown keys {unknown} (expected {sorted(fields)})")
+        return cls(ScheduleConfig(**values))
 
     def to_diffusers_config(self) -> dict[str, Any]:
         """The equivalent diffusers scheduler config (DDIM/DDPM/DPMSolver... share these keys)."""

@@ -22,8 +22,8 @@ import math
 import torch
 from torch import Tensor
 
-from ldm.diffusion.objectives import _randn, normalize_prediction_type
-from ldm.diffusion.samplers import Callback, ModelFn, Predictor, _report, _steps
+from ldm.diffusion.objectives import standard_normal, normalize_prediction_type
+from ldm.diffusion.samplers import Callback, ModelFn, Predictor, report_step, step_range
 from ldm.diffusion.schedules import DiscreteSchedule
 
 
@@ -92,11 +92,11 @@ def sample_reverse_sde(model_fn: ModelFn, x_T: Tensor, schedule: DiscreteSchedul
     predict = Predictor(model_fn, normalize_prediction_type(prediction_type or schedule.prediction_type), x_T)
     x = x_T
     with torch.no_grad():
-        for i in _steps(len(grid) - 1, progress, "reverse-sde"):
+        for i in step_range(len(grid) - 1, progress, "reverse-sde"):
             dt = grid[i] - grid[i + 1]
             drift = sde.reverse_drift(predict, x, grid[i], probability_flow=False)
-            x = x - drift * dt + math.sqrt(sde.beta(grid[i]) * dt) * _randn(x.shape, x, generator)
-            _report(callback, i, grid[i], x, x)
+            x = x - drift * dt + math.sqrt(sde.beta(grid[i]) * dt) * standard_normal(x.shape, x, generator)
+            report_step(callback, i, grid[i], x, x)
         return _denoise(predict, sde, x)
 
 
@@ -111,11 +111,11 @@ def sample_probability_flow(model_fn: ModelFn, x_T: Tensor, schedule: DiscreteSc
     predict = Predictor(model_fn, normalize_prediction_type(prediction_type or schedule.prediction_type), x_T)
     x = x_T
     with torch.no_grad():
-        for i in _steps(len(grid) - 1, progress, "pf-ode"):
+        for i in step_range(len(grid) - 1, progress, "pf-ode"):
             dt = grid[i + 1] - grid[i]  # negative: integrating backwards in τ
             d = sde.reverse_drift(predict, x, grid[i], probability_flow=True)
             x_euler = x + dt * d
             d_next = sde.reverse_drift(predict, x_euler, grid[i + 1], probability_flow=True)
             x = x + dt * 0.5 * (d + d_next)
-            _report(callback, i, grid[i], x, x)
+            report_step(callback, i, grid[i], x, x)
         return _denoise(predict, sde, x)

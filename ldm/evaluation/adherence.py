@@ -7,7 +7,9 @@ import itertools
 import time
 from typing import Any, Sequence
 
+from ldm import table
 from ldm.data.shapes import eval_prompts
+from ldm.table import percent
 from ldm.evaluation.shapes_probe import ShapesProbe, adherence
 from ldm.pipeline import TextToImagePipeline
 
@@ -33,12 +35,12 @@ def sweep_adherence(pipe: TextToImagePipeline, probe: ShapesProbe, steps: Sequen
             for name, s, g in itertools.product(samplers, steps, guidance)]
 
 
+ADHERENCE_COLUMNS = [("sampler", "sampler", ""), ("steps", "steps", ""), ("guidance", "guid.", "g"),
+                     ("color", "colour", percent("color")), ("shape", "shape", percent("shape")),
+                     ("position", "position", percent("position")), ("size", "size", percent("size")),
+                     ("all_three", "all 3", percent("all_three")), ("img_per_s", "img/s", "")]
+
+
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """A fixed-width table of adherence rows (percentages)."""
-    head = f"{'sampler':<10} {'steps':>5} {'guid.':>5} {'colour':>7} {'shape':>7} {'position':>8} {'size':>6} {'all 3':>7} {'img/s':>7}"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        pct = {k: f"{100 * r[k]:.1f}" if k in r else "-" for k in ("color", "shape", "position", "size", "all_three")}
-        lines.append(f"{r['sampler']:<10} {r['steps']:>5} {r['guidance']:>5g} {pct['color']:>7} {pct['shape']:>7} "
-                     f"{pct['position']:>8} {pct['size']:>6} {pct['all_three']:>7} {r['img_per_s']:>7}")
-    return "\n".join(lines)
+    """The adherence rows as a table (percentages)."""
+    return table.format_table(rows, ADHERENCE_COLUMNS)

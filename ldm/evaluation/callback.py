@@ -47,8 +47,7 @@ class FDCallback(pl.Callback):
         prefix: logged names are ``{prefix}fd_clip`` and ``{prefix}adherence_*``.
     """
 
-    def __init__(self, data_dir: str = "datasets/shapes",
-                 image_encoder: str = "checkpoints/shapes/parts/text_encoder/image_encoder", probe: str | None = None,
+    def __init__(self, data_dir: str, image_encoder: str, probe: str | None = None,
                  n: int = 100, every_n_validations: int = 1, split: str = "val", steps: int = 10,
                  guidance: float = 4.0, sampler: str = "dpmpp-2m", seed: int = 0, batch_size: int = 100,
                  prefix: str = "val/") -> None:

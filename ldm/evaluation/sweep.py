@@ -21,6 +21,9 @@ import torch
 from torch import nn
 
 from ldm.data import shapes as shapes_data
+from ldm import table
+from ldm.errors import UsageError
+from ldm.table import percent
 from ldm.evaluation.fid import (RealSplit, cached_features, clip_score, distribution_metrics, extract_features,
                                 frechet_distance, load_split, metric_name, real_cache_key, to_uint8)
 from ldm.evaluation.shapes_probe import ALL_THREE, ShapesProbe, adherence
@@ -119,7 +122,7 @@ def sweep_grid(values: dict[str, Sequence[Any]]) -> list[dict[str, Any]]:
     """The grid points (dicts of sampler, steps, guidance), samplers outermost, guidance innermost."""
     unknown = sorted(set(values) - set(SWEEP_KEYS))
     if unknown:
-        raise ValueError(f"cannot sweep {unknown}: --sweep takes {list(SWEEP_KEYS)} (e.g. guidance=1,2,4 steps=10,20)")
+        raise UsageError(f"cannot sweep {unknown}: --sweep takes {list(SWEEP_KEYS)} (e.g. guidance=1,2,4 steps=10,20)")
     return [dict(zip(SWEEP_KEYS, combo)) for combo in itertools.product(*(values[k] for k in SWEEP_KEYS))]
 
 
@@ -137,23 +140,18 @@ def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
 
 
 def format_table(rows: Sequence[dict[str, Any]], references: dict[str, float] | None = None) -> str:
-    """Fixed-width table: sampler, steps, guidance, FD, KID, CLIP score, adherence (%), speed; then references."""
+    """Sampler, steps, guidance, FD, KID, CLIP score, adherence (%), speed; then the reference points."""
     if not rows:
         return ""
     fd = next(k for k in rows[0] if k in ("fid", "fd_clip", "fd"))
     kid = "kid_clip" if fd == "fd_clip" else "kid"
-    head = (f"{'sampler':<9} {'steps':>5} {'guid.':>5} {fd:>8} {kid + ' ×1e3':>12} {'clip':>6} "
-            f"{'colour':>6} {'shape':>6} {'pos.':>6} {'all 3':>6} {'img/s':>6}")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        def pct(key: str) -> str:
-            return f"{100 * r[key]:.1f}" if key in r else "-"
-        clip = f"{r['clip_score']:.2f}" if "clip_score" in r else "-"
-        lines.append(f"{r['sampler']:<9} {r['steps']:>5} {r['guidance']:>5g} {r[fd]:>8.4f} {1e3 * r[kid]:>12.3f} "
-                     f"{clip:>6} {pct('color'):>6} {pct('shape'):>6} {pct('position'):>6} {pct('all_three'):>6} "
-                     f"{r['img_per_s']:>6}")
-    for key, value in (references or {}).items():
-        lines.append(f"reference {key}: {value:.4f}")
+    columns = [("sampler", "sampler", ""), ("steps", "steps", ""), ("guidance", "guid.", "g"), (fd, fd, ".4f"),
+               (kid, f"{kid} ×1e3", lambda r: f"{1e3 * r[kid]:.3f}"), ("clip_score", "clip", ".2f"),
+               ("color", "colour", percent("color")), ("shape", "shape", percent("shape")),
+               ("position", "pos.", percent("position")), ("all_three", "all 3", percent("all_three")),
+               ("img_per_s", "img/s", "")]
+    lines = [table.format_table(rows, columns)]
+    lines += [f"reference {key}: {value:.4f}" for key, value in (references or {}).items()]
     return "\n".join(lines)
 
 

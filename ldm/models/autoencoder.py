@@ -23,25 +23,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
-from PIL import Image
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from ldm.data.webdata import log_skipped
+from ldm.dist import all_reduce
 from ldm.io import save_part
-from ldm.models.base import PartModule, local_log_dir, rank_zero_write
+from ldm.models.base import PartModule
 from ldm.modules.autoencoder import AutoencoderKL, AutoencoderKLConfig
 from ldm.modules.discriminator import (GAN_LOSSES, PatchDiscriminator, adaptive_weight, discriminator_loss,
                                        generator_loss)
-from ldm.training.budget import warmup_cosine
-
-LR_SCHEDULES = ("constant", "cosine")
+from ldm.visual import tensor_rows_grid
 
 
 def latent_scale_and_shift(latents: Iterable[torch.Tensor]) -> tuple[float, float]:
@@ -60,11 +56,7 @@ def latent_scale_and_shift(latents: Iterable[torch.Tensor]) -> tuple[float, floa
         stats = batch if stats is None else stats + batch
     if stats is None:
         raise ValueError("no latents to measure the scale on: the data loader produced no batches")
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        stats = stats.to(backend_device)
-        dist.all_reduce(stats, op=dist.ReduceOp.SUM)
-    total, total_sq, count = stats.tolist()
+    total, total_sq, count = all_reduce(stats, "sum").tolist()
     mean = total / count
     var = max(total_sq / count - mean * mean, 0.0)
     if var <= 1e-24:
@@ -72,27 +64,18 @@ def latent_scale_and_shift(latents: Iterable[torch.Tensor]) -> tuple[float, floa
     return 1.0 / math.sqrt(var), mean
 
 
-def image_grid(rows: list[torch.Tensor], max_images: int = 8) -> Image.Image:
-    """Stack image batches in [-1, 1] as rows (e.g. inputs over reconstructions) into one RGB image."""
-    rows = [r[:max_images].detach().float().cpu().clamp(-1, 1) for r in rows]
-    n = min(r.shape[0] for r in rows)
-    grid = torch.cat([torch.cat(list(r[:n]), dim=2) for r in rows], dim=1)  # (C, rows*H, n*W)
-    if grid.shape[0] == 1:
-        grid = grid.expand(3, -1, -1)
-    array = ((grid[:3] + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    return Image.fromarray(array)
-
-
 class AutoencoderModule(PartModule):
+    default_optimizer = {"lr": 1e-4, "betas": (0.5, 0.9)}
+    default_lr_schedule = {"decay": "constant"}
+
     """LightningModule training an :class:`~ldm.modules.autoencoder.AutoencoderKL` (see module docstring).
 
     Args:
         vae: AutoencoderKLConfig fields (geometry); missing keys take the kl-f8 defaults.
-        lr, betas, weight_decay: AdamW settings of the generator (and of the discriminator unless
-            ``disc_lr`` is set).
-        warmup_steps, lr_schedule, lr_min_ratio, lr_decay_steps: linear warmup, then constant or cosine
-            decay to ``lr * lr_min_ratio`` at ``lr_decay_steps`` batches (default: the batches implied by
-            ``trainer.max_steps``).
+        optimizer, lr_schedule: the training base's blocks (``ldm.models.base``), for the generator and the
+            discriminator (whose LR is ``disc_lr`` when set). Both count *batches*: the discriminator's
+            schedule starts at ``disc_start``; ``decay_steps`` defaults to the batches implied by
+            ``trainer.max_steps`` (which counts both optimizers' steps).
         l1_weight, l2_weight: per-pixel reconstruction terms.
         kl_weight: weight of the KL term (LDM: 1e-6).
         posterior_logvar_init: initial bias of quant_conv's log-variance channels (``None``: default init,
@@ -112,13 +95,8 @@ class AutoencoderModule(PartModule):
     def __init__(
         self,
         vae: dict[str, Any] | None = None,
-        lr: float = 1e-4,
-        betas: list[float] | tuple[float, float] = (0.5, 0.9),
-        weight_decay: float = 0.0,
-        warmup_steps: int = 0,
-        lr_schedule: str = "constant",
-        lr_min_ratio: float = 0.0,
-        lr_decay_steps: int | None = None,
+        optimizer: dict[str, Any] | None = None,
+        lr_schedule: dict[str, Any] | None = None,
         l1_weight: float = 1.0,
         l2_weight: float = 0.0,
         kl_weight: float = 1e-6,
@@ -138,11 +116,9 @@ class AutoencoderModule(PartModule):
         num_images: int = 8,
         export_batches: int = 32,
     ) -> None:
-        super().__init__()
+        super().__init__(optimizer, lr_schedule)
         self.save_hyperparameters()
         self.automatic_optimization = False
-        if lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
         if disc_loss not in GAN_LOSSES:
             raise ValueError(f"disc_loss must be one of {GAN_LOSSES}, got {disc_loss!r}")
         self.vae = AutoencoderKL(AutoencoderKLConfig(**(vae or {})))
@@ -169,9 +145,7 @@ class AutoencoderModule(PartModule):
     def forward(self, x: torch.Tensor, sample_posterior: bool = True):
         return self.vae(x, sample_posterior=sample_posterior)
 
-    def _images(self, batch: dict[str, Any] | torch.Tensor, split: str | None = None) -> torch.Tensor:
-        if isinstance(batch, dict) and "skipped" in batch and split is not None:
-            log_skipped(self, batch, split)  # bad samples the data loader skipped, counted per epoch
+    def _images(self, batch: dict[str, Any] | torch.Tensor) -> torch.Tensor:
         x = batch["image"] if isinstance(batch, dict) else batch
         if not torch.is_tensor(x):
             raise ValueError("expected batch['image'] to be a float tensor (B, C, H, W) in [-1, 1]")
@@ -199,7 +173,7 @@ class AutoencoderModule(PartModule):
 
     # ---- training ----------------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> None:
-        x = self._images(batch, "train")
+        x = self._images(batch)
         opt_g, opt_d = self.optimizers()
         sch_g, sch_d = self.lr_schedulers()
         step = sch_g.last_epoch  # batches trained so far (restored on resume)
@@ -246,7 +220,7 @@ class AutoencoderModule(PartModule):
             self.log_images("train/reconstructions", [x, recon], step)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        x = self._images(batch, "val")
+        x = self._images(batch)
         recon, posterior = self.vae(x, sample_posterior=False)
         terms = self.reconstruction_terms(x, recon, posterior)
         terms["loss"] = terms["rec_loss"]  # what the checkpoint callback's `val/loss` ranks by
@@ -266,54 +240,32 @@ class AutoencoderModule(PartModule):
         return int(self.trainer.lr_scheduler_configs[0].scheduler.last_epoch)
 
     def log_images(self, tag: str, rows: list[torch.Tensor], step: int) -> None:
-        """Inputs over reconstructions: to TensorBoard if a logger takes images, else a PNG in the log dir."""
-        grid = image_grid(rows, self.hparams.num_images)
-        logged = False
-        for logger in self.loggers:
-            experiment = getattr(logger, "experiment", None)
-            if hasattr(experiment, "add_image"):
-                experiment.add_image(tag, np.asarray(grid), step, dataformats="HWC")
-                logged = True
-        if not logged and self._trainer is not None:
-            folder = local_log_dir(self.trainer) / "images"  # not trainer.log_dir: a collective, rank 0 only here
-            folder.mkdir(parents=True, exist_ok=True)
-            grid.save(folder / f"{tag.replace('/', '_')}_{step:07d}.png")
+        """Inputs over reconstructions, through the training base's image logger."""
+        self.log_image(tag, tensor_rows_grid(rows, self.hparams.num_images), step)
 
     # ---- optimizers --------------------------------------------------------------------------------
-    def planned_batches(self) -> int | None:
-        """Batches in the run: ``lr_decay_steps``, else derived from ``trainer.max_steps``, which under
-        manual optimization counts the discriminator's steps too."""
-        if self.hparams.lr_decay_steps:
-            return int(self.hparams.lr_decay_steps)
+    def planned_steps(self) -> float:
+        """Batches in the run, derived from ``trainer.max_steps``, which under manual optimization counts the
+        discriminator's steps too (two per batch after ``disc_start``)."""
         max_steps = self.trainer.max_steps if self._trainer is not None else -1
         if max_steps is None or max_steps <= 0:
-            return None
+            return super().planned_steps()
         start = self.hparams.disc_start
         if start is None or start >= max_steps:
-            return max_steps
-        return start + math.ceil((max_steps - start) / 2)
-
-    def lr_factor(self, batch: int, total: int | None) -> float:
-        """Multiplier of the base LR after ``batch`` batches: linear warmup, then constant or cosine."""
-        h = self.hparams
-        return warmup_cosine(batch, h.warmup_steps, total if h.lr_schedule == "cosine" else None, h.lr_min_ratio)
+            return float(max_steps)
+        return float(start + math.ceil((max_steps - start) / 2))
 
     def configure_optimizers(self):
-        h = self.hparams
-        total = self.planned_batches()
-        if h.lr_schedule == "cosine" and not total:
-            raise ValueError("lr_schedule: cosine needs model.init_args.lr_decay_steps or trainer.max_steps > 0")
-        g_params = [p for p in self.vae.parameters() if p.requires_grad]
+        cfg = self.lr_schedule_config
+        if cfg.decay == "cosine" and not cfg.decay_steps and not math.isfinite(self.planned_steps()):
+            raise ValueError("lr_schedule.decay cosine needs lr_schedule.decay_steps or trainer.max_steps > 0")
+        generator = [(n, p) for n, p in self.vae.named_parameters() if p.requires_grad]
         if self.logvar.requires_grad:
-            g_params.append(self.logvar)
-        betas = tuple(h.betas)
-        opt_g = torch.optim.AdamW(g_params, lr=h.lr, betas=betas, weight_decay=h.weight_decay)
-        opt_d = torch.optim.AdamW(self.discriminator.parameters(), lr=h.disc_lr or h.lr, betas=betas,
-                                  weight_decay=h.weight_decay)
-        d_offset = h.disc_start or 0
-        # the planned length is read at every step: FitToTimeBudget may shorten the run to fit max_time
-        sch_g = torch.optim.lr_scheduler.LambdaLR(opt_g, lambda b: self.lr_factor(b, self.planned_batches()))
-        sch_d = torch.optim.lr_scheduler.LambdaLR(opt_d, lambda b: self.lr_factor(b + d_offset, self.planned_batches()))
+            generator.append(("logvar", self.logvar))
+        opt_g = self.make_optimizer(generator)
+        opt_d = self.make_optimizer(self.discriminator.named_parameters(), lr=self.hparams.disc_lr)
+        sch_g = self.make_scheduler(opt_g)
+        sch_d = self.make_scheduler(opt_d, offset=self.hparams.disc_start or 0)
         return ([opt_g, opt_d], [{"scheduler": sch_g, "interval": "step", "name": "lr/vae"},
                                  {"scheduler": sch_d, "interval": "step", "name": "lr/disc"}])
 
@@ -337,20 +289,15 @@ class AutoencoderModule(PartModule):
         finally:
             self.vae.train(was_training)
 
-    def export(self, out_dir: str | Path, datamodule: pl.LightningDataModule | None = None) -> Path:
-        """Measure the latent scale/shift on training batches, then write the VAE part (``ldm.io.save_part``)."""
-        if datamodule is None and self._trainer is not None:
-            datamodule = getattr(self.trainer, "datamodule", None)
+    def exporter(self, datamodule: pl.LightningDataModule | None) -> Callable[[Path], None]:
+        """Measure the latent scale/shift on training batches (every rank), then write the VAE part."""
         if datamodule is None:
             raise ValueError("exporting the VAE measures its latent scale on training data: pass the datamodule "
                              "(ldm export reads it from the checkpoint; use --data-dir to point at the shards)")
-        loader = export_dataloader(datamodule)
-        scale, shift = self.measure_latent_scale(loader, self.hparams.export_batches)
+        scale, shift = self.measure_latent_scale(export_dataloader(datamodule), self.hparams.export_batches)
         part = AutoencoderKL(dataclasses.replace(self.vae.config, scaling_factor=scale, shift_factor=shift))
         part.load_state_dict(self.vae.state_dict())
-        out = Path(out_dir)
-        rank_zero_write(lambda: save_part(part, out))  # every rank measured the same scale; rank 0 writes
-        return out
+        return lambda out: save_part(part, out)
 
 
 def export_dataloader(datamodule: pl.LightningDataModule) -> Iterable[Any]:

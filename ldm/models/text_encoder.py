@@ -11,8 +11,9 @@ on the concatenated batch). The temperature is learnt as ``logit_scale = log(1/�
 τ = 0.07 and clipped so the logits are never scaled by more than 100 (CLIP sec. 2.5).
 
 Logged: ``train/loss``, ``train/logit_scale`` (exp), ``val/loss``, val retrieval recall@1/5 in both
-directions, and on ``shapes`` zero-shot accuracy of colour, shape and position (val images classified
-against prompt ensembles, CLIP sec. 3.1.4). :meth:`ContrastiveCLIP.export` writes the text conditioner
+directions, and, when the training data's module has zero-shot heads (``ldm.data.registry``; shapes has
+colour, shape and position), zero-shot accuracy (val images classified against prompt ensembles, CLIP
+sec. 3.1.4). :meth:`ContrastiveCLIP.export` writes the text conditioner
 part and, inside it, the image tower as its own part (``image_encoder/``) for CLIP score / FD.
 """
 
@@ -23,7 +24,7 @@ import hashlib
 import math
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +34,12 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 from torch import nn
 
-from ldm.data.webdata import log_skipped
+from ldm.data.registry import ZeroShotPrompts, benchmark_named
+from ldm.dist import all_reduce, is_distributed
 from ldm.io import config_from_dict, save_part
-from ldm.models.base import PartModule, rank_zero_write
+from ldm.models.base import PartModule
 from ldm.modules.text_encoder import (CLIPImageEncoder, CLIPImageEncoderConfig, CLIPTextConditioner,
                                       CLIPTextConditionerConfig)
-from ldm.training.budget import planned_steps, warmup_cosine
 
 IMAGE_ENCODER_DIR = "image_encoder"
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP sec. 2.5: logits never scaled by more than 100
@@ -90,39 +91,6 @@ def retrieval_recall(query: torch.Tensor, keys: torch.Tensor, query_group: torch
     return {k: hits[:, :k].any(dim=1).float().mean().item() for k in ks}
 
 
-def _article(word: str) -> str:
-    return "an" if word[:1] in "aeiou" else "a"
-
-
-@dataclasses.dataclass
-class ZeroShotPrompts:
-    """Prompts covering a label space: ``labels[p, a]`` is prompt p's class index for attribute a."""
-
-    prompts: list[str]
-    labels: torch.Tensor
-    classes: dict[str, list[str]]
-
-
-def shapes_zero_shot_prompts() -> ZeroShotPrompts | None:
-    """Every single-object caption "a {size} {colour} {shape} {where}" of the shapes vocabulary, or None.
-
-    The canonical template of ``ldm.data.shapes`` over all 2 × 10 × 5 × 9 attribute combinations.
-    """
-    try:
-        from ldm.data.shapes import COLORS, PHRASES, POSITIONS, SHAPES, SIZES
-    except ImportError:
-        return None
-    classes = {"color": list(COLORS), "shape": list(SHAPES), "position": list(POSITIONS)}
-    prompts, labels = [], []
-    for size in SIZES:
-        for i, color in enumerate(COLORS):
-            for j, shape in enumerate(SHAPES):
-                for k, position in enumerate(POSITIONS):
-                    prompts.append(f"{_article(size)} {size} {color} {shape} {PHRASES[position]}")
-                    labels.append((i, j, k))
-    return ZeroShotPrompts(prompts, torch.tensor(labels, dtype=torch.long), classes)
-
-
 @torch.no_grad()
 def zero_shot_predictions(text_encoder: CLIPTextConditioner, image_features: torch.Tensor, zs: ZeroShotPrompts
                           ) -> dict[str, torch.Tensor]:
@@ -141,31 +109,6 @@ def zero_shot_predictions(text_encoder: CLIPTextConditioner, image_features: tor
         centroids = torch.stack([F.normalize(texts[labels[:, a] == c].mean(dim=0), dim=0) for c in range(len(names))])
         ensemble.append((image_features @ centroids.T).argmax(dim=1))
     return {"joint": joint, "ensemble": torch.stack(ensemble, dim=1)}
-
-
-def single_object_labels(metas: Sequence[dict[str, Any]], classes: dict[str, list[str]]) -> torch.Tensor:
-    """(B, A) class index of each attribute of single-object shapes scenes; −1 elsewhere."""
-    labels = torch.full((len(metas), len(classes)), -1, dtype=torch.long)
-    for i, meta in enumerate(metas):
-        objects = meta.get("objects") if isinstance(meta, dict) else None
-        if not objects or len(objects) != 1:
-            continue
-        for j, (attr, names) in enumerate(classes.items()):
-            value = objects[0].get(attr)
-            labels[i, j] = names.index(value) if value in names else -1
-    return labels
-
-
-def shapes_swap_groups() -> dict[str, list[str]]:
-    """Interchangeable words of shapes captions (``ldm.data.shapes``): colour, shape, position, relation.
-
-    Position phrases ("in the top left") and relations ("left of") come before bare position names
-    ("top left", terse template), so a phrase is swapped for a phrase and the negative stays grammatical.
-    """
-    from ldm.data.shapes import COLORS, PHRASES, POSITIONS, SHAPES
-
-    return {"color": list(COLORS), "shape": list(SHAPES), "position_phrase": list(PHRASES.values()),
-            "relation": ["left of", "right of", "above", "below"], "position": list(POSITIONS)}
 
 
 def swap_attribute(caption: str, groups: dict[str, list[str]], rng: random.Random,
@@ -207,24 +150,26 @@ class ContrastiveCLIP(PartModule):
 
     ``text`` / ``image`` are dicts of :class:`CLIPTextConditionerConfig` / :class:`CLIPImageEncoderConfig`
     fields over the tiny defaults; ``text["layer"]`` picks the token states the exported conditioner gives.
+    ``optimizer`` / ``lr_schedule``: the training base's blocks; defaults as open_clip's (AdamW betas
+    (0.9, 0.98), eps 1e-6, weight decay 0.1 except on gains, biases, embeddings and the temperature).
     """
+
+    default_optimizer = {"lr": 2e-3, "betas": (0.9, 0.98), "eps": 1e-6, "weight_decay": 0.1}
+    default_lr_schedule = {"warmup_steps": 50, "decay": "cosine"}
 
     def __init__(
         self,
         text: dict | None = None,
         image: dict | None = None,
-        lr: float = 2e-3,
-        weight_decay: float = 0.1,
-        betas: tuple[float, float] = (0.9, 0.98),
-        eps: float = 1e-6,
-        warmup_steps: int = 50,
+        optimizer: dict[str, Any] | None = None,
+        lr_schedule: dict[str, Any] | None = None,
         init_logit_scale: float = math.log(1 / 0.07),
-        zero_shot: bool = True,
+        zero_shot: bool | str = True,
         hard_negatives: str | dict | None = None,
         hard_negative_weight: float = 1.0,
         hard_negatives_per_caption: int | None = 1,
     ):
-        super().__init__()
+        super().__init__(optimizer, lr_schedule)
         self.save_hyperparameters()
         text_config = config_from_dict(CLIPTextConditionerConfig, {**DEFAULT_TEXT, **(text or {})}, "model.text")
         if text_config.backend != "open_clip":
@@ -237,15 +182,21 @@ class ContrastiveCLIP(PartModule):
                              "set model.text.embed_dim and model.image.embed_dim equal")
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
         self.loss_fn = make_clip_loss()
-        self.zero_shot_prompts = shapes_zero_shot_prompts() if zero_shot else None
-        if hard_negatives == "shapes":
-            self.swap_groups: dict[str, list[str]] | None = shapes_swap_groups()
+        self.zero_shot_prompts: ZeroShotPrompts | None = None  # set in setup() from the training data's benchmark
+        self._benchmark = None
+        if isinstance(hard_negatives, str):  # a registered dataset's word groups
+            groups = getattr(benchmark_named(hard_negatives), "hard_negative_groups", lambda: None)()
+            if groups is None:
+                raise ValueError(f"model.hard_negatives: dataset {hard_negatives!r} has no hard-negative word groups; "
+                                 "give a dict of word groups instead")
+            self.swap_groups: dict[str, list[str]] | None = groups
         elif isinstance(hard_negatives, dict):
             self.swap_groups = {str(k): [str(w) for w in v] for k, v in hard_negatives.items()}
         elif hard_negatives is None:
             self.swap_groups = None
         else:
-            raise ValueError(f"model.hard_negatives must be 'shapes', a dict of word groups or null, got {hard_negatives!r}")
+            raise ValueError(f"model.hard_negatives must be a dataset name, a dict of word groups or null, "
+                             f"got {hard_negatives!r}")
         self._rng = random.Random(0)
         self._dropped = 0
         self._val: dict[str, list[torch.Tensor]] = {}
@@ -255,6 +206,15 @@ class ContrastiveCLIP(PartModule):
         trainer = self._trainer
         if trainer is not None and trainer.world_size > 1:
             self.loss_fn = make_clip_loss(trainer.global_rank, trainer.world_size)
+        zero_shot = self.hparams.zero_shot
+        if isinstance(zero_shot, str):  # a registered dataset names the heads
+            self._benchmark = benchmark_named(zero_shot)
+            if self._benchmark is None:
+                raise ValueError(f"model.zero_shot: {zero_shot!r} is not a registered dataset with zero-shot heads")
+        else:  # the training data's own heads, if its module has some
+            self._benchmark = getattr(getattr(trainer, "datamodule", None), "benchmark", None)
+        if zero_shot and self._benchmark is not None:
+            self.zero_shot_prompts = self._benchmark.zero_shot_prompts()
 
     def encode(self, images: torch.Tensor, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """L2-normalized image and text embeddings (B, E) each (CLIP fig. 3: ``l2_normalize(I_e)``…)."""
@@ -264,7 +224,6 @@ class ContrastiveCLIP(PartModule):
         return image_features, text_features
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        log_skipped(self, batch, "train")  # bad samples the data loader skipped, counted per epoch
         images, captions = self._equal_across_ranks(batch["image"], list(batch["caption"]))
         negatives = self._hard_negatives(captions)
         flat = [n for per_caption in negatives for n in per_caption]
@@ -292,12 +251,9 @@ class ContrastiveCLIP(PartModule):
         """
         if len(captions) != images.shape[0]:
             raise ValueError(f"batch has {images.shape[0]} images but {len(captions)} captions")
-        trainer = self._trainer
-        if trainer is None or trainer.world_size <= 1 or not torch.distributed.is_initialized():
+        if not is_distributed():
             return images, captions
-        smallest = torch.tensor(len(captions), device=images.device)
-        torch.distributed.all_reduce(smallest, op=torch.distributed.ReduceOp.MIN)
-        n = int(smallest)
+        n = int(all_reduce(torch.tensor(len(captions), device=images.device), "min"))
         if n < len(captions):
             self._dropped += len(captions) - n
             self.log("train/dropped", float(self._dropped), reduce_fx="max", batch_size=n)
@@ -320,7 +276,6 @@ class ContrastiveCLIP(PartModule):
         self._val = {"image": [], "text": [], "caption": [], "labels": []}
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        log_skipped(self, batch, "val")
         image_features, text_features = self.encode(batch["image"], batch["caption"])
         scale = self.logit_scale.exp()
         loss = ClipLoss()(image_features, text_features, scale)  # within this rank's batch: sizes may differ
@@ -329,7 +284,7 @@ class ContrastiveCLIP(PartModule):
         self._val["text"].append(text_features.float())
         self._val["caption"].append(caption_ids(batch["caption"]).to(self.device))
         if self.zero_shot_prompts is not None:
-            labels = single_object_labels(batch["meta"], self.zero_shot_prompts.classes)
+            labels = self._benchmark.zero_shot_labels(batch["meta"], self.zero_shot_prompts.classes)
             self._val["labels"].append(labels.to(self.device))
 
     def on_validation_epoch_end(self) -> None:
@@ -369,42 +324,15 @@ class ContrastiveCLIP(PartModule):
         everything = self.all_gather(padded)
         return torch.cat([everything[r, :n] for r, n in enumerate(sizes)])
 
-    # -- optimisation ------------------------------------------------------------------------------------
-    def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW; no weight decay on gains, biases, embeddings and the temperature (as in open_clip)."""
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            skip = p.ndim < 2 or "embedding" in name or "logit_scale" in name or "class_embedding" in name
-            (no_decay if skip else decay).append(p)
-        hp = self.hparams
-        fused = all(p.device.type in ("cpu", "cuda") for p in decay + no_decay)  # ~9x faster step on CPU here
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=fused or None,
-        )
-        trainer, warmup = self._trainer, max(1, int(hp.warmup_steps))
-
-        def schedule(step: int) -> float:  # linear warm-up, then cosine to 0 over the live plan (constant if unbounded)
-            return warmup_cosine(step, warmup, planned_steps(trainer))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
     # -- export ------------------------------------------------------------------------------------------
-    def export(self, out_dir: str | Path, datamodule: pl.LightningDataModule | None = None) -> Path:
-        """Write the frozen text conditioner part to ``out_dir`` and the image tower to ``out_dir/image_encoder``.
-
-        Both are ``config.json`` + ``model.safetensors`` parts (``ldm.io.load_part`` rebuilds them).
-        """
-        out = Path(out_dir)
+    def exporter(self, datamodule: pl.LightningDataModule | None) -> Callable[[Path], None]:
+        """The frozen text conditioner part, with the image tower inside it as ``image_encoder/`` (both
+        ``config.json`` + ``model.safetensors`` parts, for CLIP score / FD in its embedding space)."""
         text = CLIPTextConditioner(self.text.config)
         text.load_state_dict(self.text.state_dict())
 
-        def write() -> None:
+        def write(out: Path) -> None:
             save_part(text, out)
             save_part(self.image, out / IMAGE_ENCODER_DIR)
 
-        rank_zero_write(write)  # under DDP every rank holds the same weights: rank 0 writes, the others wait
-        return out
+        return write

@@ -33,6 +33,7 @@ from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transformer import QuickGELU, TextTransformer, VisionTransformer
 from torch import nn
 
+from ldm.conditioning import Conditioning
 from ldm.io import PartError, torch_load_safely
 
 BACKENDS = ("open_clip", "transformers")
@@ -305,6 +306,12 @@ class CLIPTextConditioner(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             tokens, pooled = self(ids, mask)
         return (tokens, pooled, mask) if return_mask else (tokens, pooled)
+
+    def condition(self, prompts: Sequence[str]) -> Conditioning:
+        """``prompts`` → the :class:`~ldm.conditioning.Conditioning` a denoiser takes: token states (B, L, D),
+        their mask and the pooled embedding (LDM eq. 3's τθ(y)), padded to ``context_length``."""
+        tokens, pooled, mask = self.encode_text(prompts, return_mask=True)
+        return Conditioning(tokens, mask, pooled)
 
     def attention_mask(self, prompts: Sequence[str]) -> torch.Tensor:
         """(B, L) bool, True on the real tokens of each prompt (start, words, end), False on padding."""

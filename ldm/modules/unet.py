@@ -1,9 +1,9 @@
 """The Latent Diffusion cross-attention U-Net denoiser (Rombach et al. 2022, sec. 3.3, eq. 3).
 
-``UNet(config)(x, t, context, context_mask=None)`` predicts eps (or v / x0, whatever it is trained for)
-for latents ``x`` (B, C, H, W) at (possibly fractional) timesteps ``t`` (B,) conditioned on text
-tokens ``context`` (B, L, D). The layout is the ADM/LDM U-Net (Ho et al. 2020 appendix B,
-Dhariwal & Nichol 2021):
+``UNet(config)(x, t, cond)`` predicts eps (or v / x0, whatever it is trained for) for latents ``x``
+(B, C, H, W) at (possibly fractional) timesteps ``t`` (B,) conditioned on ``cond`` (an
+``ldm.conditioning.Conditioning``: text tokens (B, L, D), their mask, an optional pooled embedding).
+The layout is the ADM/LDM U-Net (Ho et al. 2020 appendix B, Dhariwal & Nichol 2021):
 
     conv_in -> [ResBlock (+ SpatialTransformer)] x num_res_blocks, Downsample     per level (encoder)
             -> ResBlock, SpatialTransformer, ResBlock                            (middle)
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ldm.conditioning import Conditioning
 from ldm.modules.attention import SpatialTransformer
 from ldm.modules.embeddings import PooledTextEmbedding, TimestepEmbedding, spatial_position_embedding
 
@@ -235,16 +236,18 @@ class UNet(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor,
-                      context_mask: torch.Tensor | None, pooled: torch.Tensor | None = None
+    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor | float, cond: Conditioning
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
         cfg = self.config
+        if not isinstance(cond, Conditioning):
+            raise TypeError(f"UNet: cond must be an ldm.conditioning.Conditioning, got {type(cond).__name__}")
+        pooled, context = cond.pooled, cond.tokens
         if cfg.pooled_dim and (pooled is None or pooled.shape != (x.shape[0], cfg.pooled_dim)):
             got = None if pooled is None else tuple(pooled.shape)
-            raise ValueError(f"UNet: this U-Net is conditioned on the pooled text embedding: pass pooled="
+            raise ValueError(f"UNet: this U-Net is conditioned on the pooled text embedding: cond.pooled must be "
                              f"(B={x.shape[0]}, pooled_dim={cfg.pooled_dim}), got {got}")
         if not cfg.pooled_dim and pooled is not None:
-            raise ValueError("UNet: pooled was given but the U-Net has no pooled_dim (set pooled_dim in its config)")
+            raise ValueError("UNet: cond.pooled was given but the U-Net has no pooled_dim (set pooled_dim in its config)")
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"UNet: x must be (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
         batch = x.shape[0]
@@ -253,31 +256,28 @@ class UNet(nn.Module):
             t = t.expand(batch)
         if t.shape != (batch,):
             raise ValueError(f"UNet: t must be a (B,) = ({batch},) tensor of timesteps, got shape {tuple(t.shape)}")
-        if context.ndim != 3 or context.shape[0] != batch or context.shape[2] != cfg.context_dim:
-            raise ValueError(f"UNet: context must be (B={batch}, L, context_dim={cfg.context_dim}), "
+        if context.shape[0] != batch or context.shape[2] != cfg.context_dim:
+            raise ValueError(f"UNet: cond.tokens must be (B={batch}, L, context_dim={cfg.context_dim}), "
                              f"got {tuple(context.shape)}; check the text encoder's width against unet context_dim")
-        if context_mask is None:
+        if cond.mask is None:
             return t, None
-        if context_mask.shape != context.shape[:2]:
-            raise ValueError(f"UNet: context_mask must be (B, L) = {tuple(context.shape[:2])}, "
-                             f"got {tuple(context_mask.shape)}")
-        mask = context_mask.to(device=x.device, dtype=torch.bool)
+        mask = cond.mask.to(device=x.device, dtype=torch.bool)
         if not bool(mask.any(dim=1).all()):
-            raise ValueError("UNet: a context_mask row masks every token; keep at least one (e.g. the BOS/EOS token)")
+            raise ValueError("UNet: a cond.mask row masks every token; keep at least one (e.g. the BOS/EOS token)")
         return t, mask[:, None, None, :]  # (B, 1, 1, L): broadcast over heads and queries
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor,
-                context_mask: torch.Tensor | None = None, pooled: torch.Tensor | None = None) -> torch.Tensor:
-        """Denoiser output for latents ``x`` (B,C,H,W) at timesteps ``t`` (B,) given tokens ``context`` (B,L,D).
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, cond: Conditioning) -> torch.Tensor:
+        """Denoiser output for latents ``x`` (B,C,H,W) at timesteps ``t`` (B,) given ``cond`` (the denoiser protocol).
 
-        ``context_mask`` (B, L) bool, True = attend to the token; padding tokens marked False are ignored
-        by every cross-attention (LDM sec. 3.3, keys/values restricted to the kept tokens).
-        ``pooled`` (B, pooled_dim): the prompt's pooled embedding, required iff ``config.pooled_dim`` is set.
+        ``cond.tokens`` (B, L, D) are cross-attended; padding tokens (``cond.mask`` False) are ignored by every
+        cross-attention (LDM sec. 3.3, keys/values restricted to the kept tokens). ``cond.pooled``
+        (B, pooled_dim) joins the time embedding; required iff ``config.pooled_dim`` is set.
         """
-        t, attn_mask = self._check_inputs(x, t, context, context_mask, pooled)
+        t, attn_mask = self._check_inputs(x, t, cond)
+        context = cond.tokens
         emb = self.time_embed(t)
         if self.pooled_embed is not None:
-            emb = emb + self.pooled_embed(pooled)
+            emb = emb + self.pooled_embed(cond.pooled)
         emb = F.silu(emb)  # every ResBlock projects SiLU(emb): compute it once
         h = self.conv_in(x)
         if self.config.position_embedding:  # lets cross-attention queries know where they are (e.g. "top left")

@@ -12,9 +12,7 @@ the file and says what to do.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,75 +20,26 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.strategies import FSDPStrategy
 
-from ldm.errors import LdmError
+from ldm.io import CheckpointLoadError, atomic_write, load_checkpoint
+
+__all__ = ["AtomicCheckpointIO", "CheckpointLoadError", "SafeFSDPStrategy", "atomic_torch_save",
+           "resume_checkpoint_path", "save_resume_checkpoint"]
 
 # What Lightning needs to resume a fit (a weights-only checkpoint lacks the rest).
 RESUME_KEYS = ("state_dict", "optimizer_states", "loops", "global_step", "epoch")
-
-
-class CheckpointLoadError(LdmError, RuntimeError):
-    """A training checkpoint is missing, truncated, corrupt or not a Lightning checkpoint."""
 
 
 def _is_local(path: str | os.PathLike) -> bool:
     return "://" not in str(path)
 
 
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened/fsync'ed
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save(obj)`` to ``path`` through a temp file in the same folder + fsync + ``os.replace``.
+    """``torch.save(obj)`` to ``path`` atomically (``ldm.io.atomic_write``: temp file + fsync + ``os.replace``).
 
-    Streams straight to disk (no second in-memory copy of a large checkpoint). On any error, including
-    KeyboardInterrupt, the temp file is removed and ``path`` keeps its previous content.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; checkpoints are ordinary files
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def load_training_checkpoint(path: str | os.PathLike, map_location: Any = None,
-                             require: tuple[str, ...] = ("state_dict",)) -> dict[str, Any]:
-    """Load a Lightning checkpoint with ``weights_only=True``; any failure names the file and the way out."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointLoadError(f"checkpoint {path} does not exist; check --ckpt_path (or drop it to start afresh)")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated zip, bit rot, a pickled object weights_only refuses, ...
-        raise CheckpointLoadError(
-            f"cannot load checkpoint {path} ({path.stat().st_size} bytes) with weights_only=True: "
-            f"{type(e).__name__}: {e}. The file is truncated or corrupt, or holds objects other than tensors and "
-            f"plain values. Resume from another checkpoint in {path.parent} (--ckpt_path FILE) or start afresh "
-            "without --ckpt_path.") from e
-    if not isinstance(checkpoint, dict):
-        raise CheckpointLoadError(f"{path} holds a {type(checkpoint).__name__}, not a Lightning checkpoint dict")
-    missing = [k for k in require if k not in checkpoint]
-    if missing:
-        raise CheckpointLoadError(f"{path} is not a resumable Lightning checkpoint: it has no {missing} "
-                                  f"(keys: {sorted(checkpoint)[:12]})")
-    return checkpoint
+    Streams straight to disk (no second in-memory copy of a large checkpoint)."""
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -113,7 +62,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                         weights_only: bool | None = None) -> dict[str, Any]:
         if not _is_local(path):
             return super().load_checkpoint(path, map_location=map_location, weights_only=True)
-        return load_training_checkpoint(path, map_location)
+        return load_checkpoint(path, map_location, require=("state_dict",))
 
 
 def resume_checkpoint_path(trainer: pl.Trainer) -> Path:
@@ -132,3 +81,22 @@ def save_resume_checkpoint(trainer: pl.Trainer) -> Path:
     path = resume_checkpoint_path(trainer)
     trainer.save_checkpoint(path)
     return path
+
+
+class SafeFSDPStrategy(FSDPStrategy):
+    """Lightning's FSDPStrategy, resuming only from checkpoints that load weights-only.
+
+    Lightning's FSDP resume bypasses the CheckpointIO plugin: a full checkpoint goes through its lazy loader,
+    an unpickler that accepts any class, and a sharded one through ``torch.distributed.checkpoint``, whose
+    metadata file is a pickle. Here a full checkpoint is first read with :func:`ldm.io.load_checkpoint`
+    (``weights_only=True``; anything else is refused with a clear error), and a sharded one is refused
+    (write ``state_dict_type: full`` checkpoints, as ``configs/trainer/fsdp.yaml`` does).
+    """
+
+    def load_checkpoint(self, checkpoint_path: str | os.PathLike, weights_only: bool | None = None) -> dict[str, Any]:
+        path = Path(self.broadcast(checkpoint_path))
+        if path.is_dir():
+            raise CheckpointLoadError(f"{path} is a sharded FSDP checkpoint, whose metadata torch reads with pickle; "
+                                      "ldm resumes FSDP runs from full checkpoints only (strategy state_dict_type: full)")
+        load_checkpoint(path)  # weights-only check of the whole file before Lightning's own loader touches it
+        return super().load_checkpoint(path, weights_only=True)

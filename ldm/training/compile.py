@@ -1,15 +1,15 @@
-"""``torch.compile`` for chosen submodules of a LightningModule (the U-Net), switched on from YAML.
+"""``torch.compile`` for chosen submodules of a LightningModule (the denoiser), switched on from YAML.
 
     trainer:
       callbacks:
         - class_path: ldm.training.CompileModules
-          init_args: {modules: [unet], mode: max-autotune-no-cudagraphs}
+          init_args: {modules: [denoiser], mode: max-autotune-no-cudagraphs}
 
 Submodules are compiled in place with ``nn.Module.compile`` before the strategy wraps the model (so DDP
 wraps the compiled module and its gradient hooks still fire per parameter), and their ``state_dict``
 keys do not change (no ``_orig_mod.`` prefix): checkpoints and exports stay interchangeable with
 uncompiled runs. Off by default: on a 2-core CPU the compile time (tens of seconds) is not paid back by
-a short run; measure with ``python -m ldm.bench.ddp`` before turning it on.
+a short run; measure with ``ldm bench ddp`` before turning it on.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pytorch_lightning.callbacks import Callback
 
 
 class CompileModules(Callback):
-    """Compile ``modules`` (attribute paths on the LightningModule, e.g. ``unet``) with ``torch.compile``.
+    """Compile ``modules`` (attribute paths on the LightningModule, e.g. ``denoiser``) with ``torch.compile``.
 
     Args:
         modules: dotted attribute paths of the submodules to compile.
@@ -32,7 +32,7 @@ class CompileModules(Callback):
 
     def __init__(self, modules: list[str] | None = None, backend: str = "inductor", mode: str | None = None,
                  dynamic: bool | None = None, fullgraph: bool = False) -> None:
-        self.modules = list(modules or ["unet"])
+        self.modules = list(modules or ["denoiser"])
         self.options: dict[str, Any] = {"backend": backend, "mode": mode, "dynamic": dynamic, "fullgraph": fullgraph}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -41,7 +41,7 @@ class CompileModules(Callback):
             for name in path.split("."):
                 if not hasattr(module, name):
                     raise ValueError(f"CompileModules: {type(pl_module).__name__} has no submodule {path!r} "
-                                     "(set init_args.modules to attribute paths such as unet)")
+                                     "(set init_args.modules to attribute paths such as denoiser)")
                 module = getattr(module, name)
             if not isinstance(module, torch.nn.Module):
                 raise ValueError(f"CompileModules: {path!r} is a {type(module).__name__}, not an nn.Module")

@@ -1,0 +1,76 @@
+"""The denoiser protocol: what the pipeline, LatentDiffusion, guidance, the cache and interop speak to.
+
+A denoiser is an ``nn.Module`` built as ``Class(config)`` from a config dataclass (``Class.config_class``)
+with at least the fields ``in_channels``, ``out_channels``, ``context_dim`` and ``pooled_dim``, whose
+
+    forward(x: Tensor (B, C, H, W), t: Tensor (B,), cond: Conditioning) -> Tensor (B, out_channels, H, W)
+
+predicts what it was trained to predict (ε, v or x0; see ``ldm.diffusion.objectives``) at (possibly
+fractional) timesteps ``t``. Concrete classes are registered in ``ldm.registry`` (``PARTS`` with kind
+"denoiser", and a config spelling in ``DENOISERS``); nothing else names one. The U-Net is one
+implementation; a DiT or a LoRA-wrapped U-Net plugs in without touching the pipeline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from ldm.conditioning import Conditioning
+from ldm.io import config_from_dict
+from ldm.registry import denoiser_class
+
+REQUIRED_FIELDS = ("in_channels", "out_channels", "context_dim", "pooled_dim")
+
+
+class Denoiser(Protocol):
+    """Structural type of a denoiser (see the module docstring)."""
+
+    config: Any
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor: ...
+
+
+def build_denoiser(spec: dict[str, Any], defaults: dict[str, Any], source: str = "denoiser") -> nn.Module:
+    """``spec`` = ``{"type": "unet", **config fields}`` → the denoiser; ``defaults`` fill the fields the spec
+    leaves out (channels and conditioning widths from the VAE and text encoder). Unknown fields are an error."""
+    spec = dict(spec)
+    cls = denoiser_class(spec.pop("type", "unet"), source)
+    fields = {f.name for f in dataclasses.fields(cls.config_class)}
+    missing = [f for f in REQUIRED_FIELDS if f not in fields]
+    if missing:
+        raise TypeError(f"{cls.__name__}.config_class lacks the denoiser fields {missing}")
+    values = {**{k: v for k, v in defaults.items() if k in fields}, **spec}
+    return cls(config_from_dict(cls.config_class, values, source))
+
+
+def conditioning_for(denoiser: nn.Module, cond: Conditioning) -> Conditioning:
+    """``cond`` with only what ``denoiser`` consumes: the pooled embedding is dropped unless its config has a
+    ``pooled_dim`` (the text encoder always makes one; the cache always stores it)."""
+    if cond.pooled is not None and not getattr(denoiser.config, "pooled_dim", None):
+        return dataclasses.replace(cond, pooled=None)
+    return cond
+
+
+def copy_denoiser(denoiser: nn.Module) -> nn.Module:
+    """A fresh instance of the same class and config holding a copy of the weights."""
+    twin = type(denoiser)(denoiser.config)
+    twin.load_state_dict(denoiser.state_dict())
+    return twin
+
+
+def check_compatible(config: Any, z_channels: int, token_dim: int, pooled_dim: int | None) -> list[str]:
+    """Reasons a denoiser config cannot run on these parts' latents and text features ([] = compatible)."""
+    problems = []
+    if config.in_channels != z_channels:
+        problems.append(f"it reads {config.in_channels}-channel latents but the vae makes {z_channels}")
+    if config.out_channels not in (z_channels, 2 * z_channels):
+        problems.append(f"it outputs {config.out_channels} channels for {z_channels}-channel latents")
+    if config.context_dim != token_dim:
+        problems.append(f"it cross-attends to {config.context_dim}-d tokens but the text_encoder gives {token_dim}-d")
+    if config.pooled_dim and config.pooled_dim != pooled_dim:
+        problems.append(f"it takes {config.pooled_dim}-d pooled embeddings but the text_encoder gives {pooled_dim}-d")
+    return problems
