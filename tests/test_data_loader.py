@@ -15,8 +15,17 @@ import torch
 from PIL import Image
 
 from ldm.data.shards import encode_sample, list_shards, read_shard, tar_bytes, write_shard
-from ldm.data.webdata import (SKIP_REASONS, DataSkipWarning, EpochLoader, ShardDataset, WebDataModule,
-                              decode_image, log_skip_reasons, log_skipped, skipped_count)
+from ldm.data.webdata import (
+    SKIP_REASONS,
+    DataSkipWarning,
+    EpochLoader,
+    ShardDataset,
+    WebDataModule,
+    decode_image,
+    log_skip_reasons,
+    log_skipped,
+    skipped_count,
+)
 
 
 def _png(array: np.ndarray, fmt: str = "PNG") -> bytes:

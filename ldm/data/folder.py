@@ -30,8 +30,18 @@ from typing import Any
 
 from PIL import Image
 
-from ldm.data.images import (DECODE_REASONS, DEFAULT_BACKGROUND, DEFAULT_MAX_PIXELS, DecodeError, decode_caption,
-                             decode_rgb, fit_within, open_image, parse_background, resize_crop)
+from ldm.data.images import (
+    DECODE_REASONS,
+    DEFAULT_BACKGROUND,
+    DEFAULT_MAX_PIXELS,
+    DecodeError,
+    decode_caption,
+    decode_rgb,
+    fit_within,
+    open_image,
+    parse_background,
+    resize_crop,
+)
 from ldm.data.shards import clear_split, plan_shards, run_parallel, shard_name, write_info, write_shard
 from ldm.io import write_json
 

@@ -40,8 +40,16 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import IterableDataset
 
-from ldm.data.images import (DECODE_REASONS, DEFAULT_BACKGROUND, DEFAULT_MAX_PIXELS, DecodeError, decode_caption,
-                             decode_rgb, parse_background, resize_crop)
+from ldm.data.images import (
+    DECODE_REASONS,
+    DEFAULT_BACKGROUND,
+    DEFAULT_MAX_PIXELS,
+    DecodeError,
+    decode_caption,
+    decode_rgb,
+    parse_background,
+    resize_crop,
+)
 from ldm.data.resumable import ResumableLoader
 from ldm.data.shards import IMAGE_EXTS, Sample, list_shards, read_info, read_shard
 from ldm.errors import UsageError

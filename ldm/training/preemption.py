@@ -46,7 +46,8 @@ def signal_number(name: str | int) -> int:
         return int(signal.Signals(name))
     key = name.upper() if name.upper().startswith("SIG") else f"SIG{name.upper()}"
     if not hasattr(signal, key):
-        raise ValueError(f"unknown signal {name!r} in PreemptionCheckpoint(signals=...): use names like SIGTERM, SIGUSR1")
+        raise ValueError(f"unknown signal {name!r} in PreemptionCheckpoint(signals=...): "
+                         "use names like SIGTERM, SIGUSR1")
     return int(getattr(signal, key))
 
 
