@@ -15,7 +15,6 @@ Imports neither Lightning nor webdataset.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import time
@@ -30,6 +29,7 @@ from PIL import Image
 from torch import nn
 
 from ldm.data import shapes as shapes_data
+from ldm.data.images import decode_rgb
 from ldm.data.shards import list_shards, read_info, read_shard
 from ldm.io import load_part, save_part, write_json
 
@@ -155,7 +155,7 @@ def load_labelled(data_dir: str | Path, split: str, limit: int | None = None, re
             objects = meta.get("objects", [])
             if len(objects) != 1:
                 continue
-            im = Image.open(io.BytesIO(files["png"])).convert("RGB")
+            im = decode_rgb(files["png"])
             if im.size != (resolution, resolution):
                 im = im.resize((resolution, resolution), Image.BOX)
             images.append(np.asarray(im))
