@@ -22,6 +22,15 @@ def _common(p: argparse.ArgumentParser, default_size: int) -> None:
     p.add_argument("--processes", type=POSITIVE, default=None, help="worker processes (default: all CPU cores)")
 
 
+def _colour(text: str) -> tuple[int, int, int]:
+    from ldm.data.images import parse_background
+
+    try:
+        return parse_background(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="dataset", metavar="DATASET", required=True)
     from ldm.cli import DefaultsHelpFormatter as fmt
@@ -54,6 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--caption-column", default="caption", help="table column with the caption")
     p.add_argument("--allow-missing-caption", action="store_true",
                    help="keep images without a caption (empty .txt) instead of skipping them")
+    p.add_argument("--background", type=_colour, default="white",
+                   help="R,G,B (or #rrggbb) that transparent images are composited on (the loader's default too)")
+    p.add_argument("--max-pixels", type=POSITIVE, default=64_000_000,
+                   help="skip images with more pixels than this (read from the header, never decoded whole)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val assignment")
     p.add_argument("--shard-size", type=POSITIVE, default=1000, help="samples per shard")
     p.add_argument("--processes", type=POSITIVE, default=None, help="worker processes (default: all CPU cores)")
@@ -106,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
                             val_fraction=args.val_fraction, path_column=args.path_column,
                             caption_column=args.caption_column, require_caption=not args.allow_missing_caption,
                             seed=args.seed, shard_size=args.shard_size, processes=args.processes,
-                            license=args.license, source=args.source)
+                            license=args.license, source=args.source, background=args.background,
+                            max_pixels=args.max_pixels)
     else:
         from ldm.data.openmoji import OpenMojiMissing, build_openmoji
 

@@ -69,6 +69,11 @@ def parse_background(value: str | Sequence[int] | None) -> tuple[int, int, int]:
     """A colour name or ``#rrggbb`` (Pillow's colour syntax) or an (r, g, b) triple → (r, g, b) in 0..255."""
     if value is None:
         return DEFAULT_BACKGROUND
+    if isinstance(value, str) and "," in value and "(" not in value:  # r,g,b
+        try:
+            value = [int(c) for c in value.split(",")]
+        except ValueError as e:
+            raise ValueError(f"background {value!r} is not a colour: use a name (white), #rrggbb or r,g,b") from e
     if isinstance(value, str):
         try:
             rgb = ImageColor.getrgb(value)

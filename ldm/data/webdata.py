@@ -51,6 +51,7 @@ from ldm.data.images import (
     resize_crop,
 )
 from ldm.data.resumable import ResumableLoader
+from ldm.dist import rank_and_world
 from ldm.data.shards import IMAGE_EXTS, Sample, list_shards, read_info, read_shard
 from ldm.errors import UsageError
 
@@ -110,12 +111,6 @@ def _worker() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
-def _dist_rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 class ShardDataset(IterableDataset):
     """Batches decoded from tar shards, split by node and worker (see the module docstring).
 
@@ -137,7 +132,7 @@ class ShardDataset(IterableDataset):
             raise ValueError(f"batch_size and resolution must be >= 1, got {batch_size} and {resolution}")
         if samples_per_epoch is not None and samples_per_epoch < 1:
             raise ValueError(f"samples_per_epoch must be >= 1 or None, got {samples_per_epoch}")
-        dist_rank, dist_world = _dist_rank_world()
+        dist_rank, dist_world = rank_and_world()
         self.urls = list(urls)
         self.resolution, self.batch_size, self.shuffle_buffer = resolution, batch_size, shuffle_buffer
         self.samples_per_epoch, self.random_crop, self.hflip = samples_per_epoch, random_crop, hflip
@@ -432,7 +427,7 @@ class WebDataModule(pl.LightningDataModule):
         trainer = self.trainer
         if trainer is not None:
             return trainer.global_rank, trainer.world_size
-        return _dist_rank_world()
+        return rank_and_world()
 
     def _counts(self, split: str) -> dict[str, int] | None:
         per_shard = self.info.get("shards", {}).get(split)

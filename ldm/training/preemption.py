@@ -24,11 +24,11 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 
 from ldm.data.workers import shield_in_workers
+from ldm.dist import all_reduce
 from ldm.training.checkpoint_io import save_resume_checkpoint
 
 
@@ -51,13 +51,9 @@ def signal_number(name: str | int) -> int:
     return int(getattr(signal, key))
 
 
-def agree_across_ranks(value: int, device: torch.device) -> int:
+def agree_across_ranks(value: int) -> int:
     """The maximum of ``value`` over all ranks (``value`` itself without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return value
-    tensor = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return int(tensor.item())
+    return int(all_reduce(torch.tensor([value], dtype=torch.int64), "max").item())
 
 
 class PreemptionCheckpoint(Callback):
@@ -117,7 +113,7 @@ class PreemptionCheckpoint(Callback):
                            batch_idx: int) -> None:
         if (batch_idx + 1) % self.check_every_n_batches:
             return
-        signum = agree_across_ranks(self.received or 0, trainer.strategy.root_device)
+        signum = agree_across_ranks(self.received or 0)
         if not signum:
             return
         path = save_resume_checkpoint(trainer)
