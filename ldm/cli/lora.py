@@ -21,11 +21,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ldm.cli import checks
     from ldm.errors import UsageError
-    from ldm.lora import apply_to_pipeline, parse_lora_argument, read_lora
+    from ldm.lora import apply_to_pipeline, read_lora
     from ldm.pipeline import TextToImagePipeline
 
     if args.lora_command == "info":
+        checks.lora_adapters("path", [args.path])
         lora = read_lora(args.path)
         n = sum(v.numel() for v in lora.state.values())
         modules = sorted({k.rpartition(".lora_")[0] for k in lora.state})
@@ -36,11 +38,13 @@ def run(args: argparse.Namespace) -> int:
                 print(f"  {key}: {lora.record[key]}")
         return 0
 
-    out, base = Path(args.out), Path(args.pipeline)
+    base = checks.existing_dir("--pipeline", args.pipeline, "pipeline folder")
+    out = checks.output_dir("--out", args.out)
+    loras = checks.lora_adapters("--lora", args.lora)
     if out.resolve() == base.resolve():
-        raise UsageError("ldm lora merge: --out must be a new folder, not --pipeline (the base stays as it is)")
+        raise UsageError("--out must be a new folder, not --pipeline (the base pipeline stays as it is)")
     pipe = TextToImagePipeline.from_pretrained(base)
-    applied = apply_to_pipeline(pipe, [parse_lora_argument(text) for text in args.lora])
+    applied = apply_to_pipeline(pipe, loras)
     pipe.save_pretrained(out)
     image_encoder = base / "text_encoder" / "image_encoder"
     if image_encoder.is_dir():  # the CLIP image tower travels along for FD-CLIP / CLIP score
