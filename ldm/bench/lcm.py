@@ -1,6 +1,6 @@
 """Few-step students against their teacher on shapes: prompt adherence, FD and sampling time, same prompts and seeds.
 
-    python -m ldm.bench.lcm --teacher checkpoints/shapes/pipeline --model student=checkpoints/shapes/lcm/pipeline \\
+    ldm bench lcm --teacher checkpoints/shapes/pipeline --model student=checkpoints/shapes/lcm/pipeline \\
         --model lcm-lora=checkpoints/shapes/lcm-lora/merged --probe checkpoints/shapes/parts/probe \\
         --data datasets/shapes --out checkpoints/bench/lcm.json
 
@@ -94,26 +94,36 @@ COLUMNS = [("name", "model", ""), ("sampler", "sampler", ""), ("steps", "steps",
            ("wall_ms", "wall ms/img", ".2f"), ("cpu_ms", "CPU ms/img", ".2f"), ("speedup", "× vs teacher-20", ".1f")]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``ldm bench lcm`` / ``python -m ldm.bench.lcm``."""
+    from ldm.cli import checks
+
+    positive = checks.int_at_least(1)
     parser.add_argument("--teacher", required=True, help="the teacher pipeline folder")
     parser.add_argument("--model", action="append", default=[], metavar="NAME=PIPELINE",
                         help="a few-step pipeline to measure (repeat); sampled with lcm and its pipeline.json guidance")
     parser.add_argument("--probe", required=True, help="shapes probe part (ldm adherence's)")
     parser.add_argument("--data", required=True, help="shapes dataset folder (val split for FD)")
-    parser.add_argument("--image-encoder", default=None, help="CLIP image tower for FD (None: TEACHER/text_encoder/image_encoder)")
-    parser.add_argument("--teacher-steps", default="4,8,20,50", help="DPM-Solver++ steps of the teacher")
-    parser.add_argument("--student-steps", default="1,2,4,8", help="lcm steps of each --model")
-    parser.add_argument("--guidance", type=float, default=4.0, help="the teacher's CFG scale")
-    parser.add_argument("--n", type=int, default=200, help="adherence prompts")
-    parser.add_argument("--fd-n", type=int, default=200, help="val images and captions for FD (0: skip FD)")
-    parser.add_argument("--time-prompts", type=int, default=64, help="images per timing run")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median)")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--batch-size", type=int, default=100, help="images sampled together")
+    parser.add_argument("--image-encoder", default=None,
+                        help="CLIP image tower for FD (None: TEACHER/text_encoder/image_encoder)")
+    parser.add_argument("--teacher-steps", type=checks.comma_list(positive), default=[4, 8, 20, 50],
+                        help="DPM-Solver++ steps of the teacher (comma list)")
+    parser.add_argument("--student-steps", type=checks.comma_list(positive), default=[1, 2, 4, 8],
+                        help="lcm steps of each --model (comma list)")
+    parser.add_argument("--guidance", type=checks.float_in(1), default=4.0, help="the teacher's CFG scale")
+    parser.add_argument("--n", type=positive, default=200, help="adherence prompts")
+    parser.add_argument("--fd-n", type=checks.int_at_least(0), default=200,
+                        help="val images and captions for FD (0: skip FD)")
+    parser.add_argument("--time-prompts", type=positive, default=64, help="images per timing run")
+    parser.add_argument("--rounds", type=positive, default=5, help="interleaved timing rounds (median)")
+    parser.add_argument("--threads", type=positive, default=1, help="torch intra-op threads")
+    parser.add_argument("--batch-size", type=positive, default=100, help="images sampled together")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and the noise")
-    parser.add_argument("--out", default="checkpoints/bench/lcm.json", help="JSON results")
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", default="checkpoints/bench/lcm.json", help="JSON results file")
+
+
+def benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    """Measure every row (see the module docstring); returns the JSON-able result with a Markdown ``table``."""
     torch.set_num_threads(args.threads)
 
     from ldm.data.shapes import eval_prompts
@@ -126,12 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     teacher = TextToImagePipeline.from_pretrained(args.teacher)
     as_consistency = TextToImagePipeline.from_pretrained(args.teacher)
     as_consistency.config = dataclasses.replace(as_consistency.config, consistency_model=True)
-    points = [Point("teacher", teacher, "dpmpp-2m", int(s), args.guidance) for s in args.teacher_steps.split(",")]
+    points = [Point("teacher", teacher, "dpmpp-2m", steps, args.guidance) for steps in args.teacher_steps]
     points.append(Point("teacher, no distillation", as_consistency, "lcm", 4, args.guidance))
     for spec in args.model:
         name, _, path = spec.partition("=")
         pipe = TextToImagePipeline.from_pretrained(path)
-        points += [Point(name, pipe, "lcm", int(s), pipe.config.guidance) for s in args.student_steps.split(",")]
+        points += [Point(name, pipe, "lcm", steps, pipe.config.guidance) for steps in args.student_steps]
 
     probe = load_or_train_probe(args.data, args.probe)
     encoder_dir = Path(args.image_encoder or Path(args.teacher) / "text_encoder" / "image_encoder")
@@ -163,12 +173,19 @@ def main(argv: list[str] | None = None) -> int:
         row.update(wall_ms=1e3 * t["wall_s_per_image"], cpu_ms=1e3 * t["cpu_s_per_image"])
         if reference is not None:
             row["speedup"] = reference["wall_s_per_image"] / t["wall_s_per_image"]
-    print()
-    print(table.format_table(rows, COLUMNS, markdown=True))
-    result = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_model(), "threads": args.threads,
-              "loadavg_end": os.getloadavg(), "args": vars(args), "rows": rows,
-              "wall_seconds": round(time.perf_counter() - start_wall, 1),
-              "cpu_seconds": round(time.process_time() - start_cpu, 1)}
+    return {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_model(), "threads": args.threads,
+            "loadavg_end": os.getloadavg(), "args": vars(args), "rows": rows,
+            "table": table.format_table(rows, COLUMNS, markdown=True),
+            "wall_seconds": round(time.perf_counter() - start_wall, 1),
+            "cpu_seconds": round(time.process_time() - start_cpu, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    result = benchmark(args)
+    print("\n" + result["table"])
     write_json(args.out, result)
     print(f"\nwrote {args.out} ({result['wall_seconds']} s wall, load average {os.getloadavg()[0]:.2f})")
     return 0
