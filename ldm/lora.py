@@ -32,8 +32,16 @@ from torch import nn
 from ldm import __version__
 from ldm.errors import UsageError
 from ldm.io import PartError, atomic_write, module_config, read_json, weights_hash, write_json
-from ldm.modules.lora import (DEFAULT_ADAPTER, LoraSpec, adapter_names, add_lora, load_lora_state_dict,
-                              lora_state_dict, merge_lora, set_lora_scale)
+from ldm.modules.lora import (
+    DEFAULT_ADAPTER,
+    LoraSpec,
+    adapter_names,
+    add_lora,
+    load_lora_state_dict,
+    lora_state_dict,
+    merge_lora,
+    set_lora_scale,
+)
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"   # diffusers' LORA_WEIGHT_NAME_SAFE
 ADAPTER_CONFIG = "adapter_config.json"
@@ -182,7 +190,8 @@ def apply_lora(denoiser: nn.Module, lora: LoraFile | str | Path, scale: float = 
     rank_pattern, alpha_pattern = _rank_patterns(lora.state, spec)
     add_lora(denoiser, spec, name, trainable=False, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
     try:
-        load_lora_state_dict(denoiser, {k: v.to(next(denoiser.parameters()).dtype) for k, v in lora.state.items()}, name)
+        dtype = next(denoiser.parameters()).dtype
+        load_lora_state_dict(denoiser, {k: v.to(dtype) for k, v in lora.state.items()}, name)
     except ValueError as e:
         raise PartError(f"LoRA {lora.path}: {e}") from e
     set_lora_scale(denoiser, scale, name)

@@ -7,10 +7,18 @@ import json
 
 import pytest
 import torch
+from tiny_parts import tiny_pipeline, tiny_pipeline_dir
 
-from ldm.conditioning import GUIDANCE_SCALE, Conditioning as C
-from ldm.diffusion.consistency import (consistency_function, ddim_solver_step, default_huber_c, pseudo_huber,
-                                       skipping_grid, solver_end)
+from ldm.conditioning import GUIDANCE_SCALE
+from ldm.conditioning import Conditioning as C
+from ldm.diffusion.consistency import (
+    consistency_function,
+    ddim_solver_step,
+    default_huber_c,
+    pseudo_huber,
+    skipping_grid,
+    solver_end,
+)
 from ldm.diffusion.samplers import sample_ddim
 from ldm.diffusion.schedules import DiscreteSchedule
 from ldm.errors import LdmError, UsageError
@@ -21,7 +29,6 @@ from ldm.models.lcm import LatentConsistencyDistillation
 from ldm.modules.denoiser import derive_denoiser
 from ldm.modules.unet import UNet, UNetConfig
 from ldm.pipeline import TextToImagePipeline
-from tiny_parts import tiny_pipeline, tiny_pipeline_dir
 
 SCHEDULE = DiscreteSchedule.from_name("scaled_linear")
 CONFIG = UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1, 2),
@@ -108,10 +115,12 @@ def test_guidance_embedding_matches_diffusers_time_cond_proj():
     scale = torch.tensor([1.5, 4.0, 8.0])  # LCM pipelines embed (scale - 1), LCM's ω
     w_embedding = diffusers.LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, scale - 1, 32)
     g = torch.Generator().manual_seed(2)
-    x, t, tokens = torch.randn(3, 4, 8, 8, generator=g), torch.tensor([3.0, 500.0, 999.0]), torch.randn(3, 5, 12, generator=g)
+    x, t = torch.randn(3, 4, 8, 8, generator=g), torch.tensor([3.0, 500.0, 999.0])
+    tokens = torch.randn(3, 5, 12, generator=g)
     with torch.no_grad():
         expected = theirs(x, t, tokens, timestep_cond=w_embedding).sample
-        torch.testing.assert_close(ours(x, t, C(tokens, extras={GUIDANCE_SCALE: scale})), expected, atol=2e-5, rtol=1e-4)
+        got = ours(x, t, C(tokens, extras={GUIDANCE_SCALE: scale}))
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +213,8 @@ def test_ldm_fit_distils_and_ldm_export_writes_the_student(tmp_path, shapes_dir,
     assert ldm_main(["fit", "--config", str(CONFIG_ROOT / "lcm" / "shapes.yaml"), "--model.teacher", str(teacher_dir),
                      "--model.guidance_embed_dim", "32", "--model.val_prompts", '["a red circle"]',
                      "--data.cache_dir", str(cache), "--data.batch_size", "8", "--trainer.default_root_dir", str(run),
-                     "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+                     "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+                     "--trainer.limit_val_batches", "1",
                      "--trainer.enable_progress_bar", "false"]) == 0
     assert list((run / "version_0" / "images").glob("val_samples_*.png"))
     assert ldm_main(["export", "--ckpt", str(run / "checkpoints" / "last.ckpt"), "--out", str(out)]) == 0

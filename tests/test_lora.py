@@ -7,17 +7,16 @@ import json
 
 import pytest
 import torch
+from tiny_parts import tiny_pipeline_dir
 
 from ldm.cli import main as ldm_main
 from ldm.conditioning import Conditioning as C
 from ldm.errors import LdmError, UsageError
 from ldm.interop.diffusers_unet import diffusers_config, diffusers_to_ldm
 from ldm.lora import WEIGHTS_NAME, apply_lora, parse_lora_argument, read_lora, save_lora
-from ldm.modules.lora import (LoraSpec, add_lora, adapter_names, has_lora, lora_state_dict, merge_lora,
-                              set_lora_scale)
+from ldm.modules.lora import LoraSpec, adapter_names, add_lora, has_lora, lora_state_dict, merge_lora, set_lora_scale
 from ldm.modules.unet import UNet, UNetConfig
 from ldm.pipeline import TextToImagePipeline
-from tiny_parts import tiny_pipeline_dir
 
 CONFIG = UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1, 2),
                     num_heads=2, context_dim=12, num_groups=8)
@@ -121,8 +120,9 @@ def test_a_lora_written_here_loads_in_diffusers_with_the_same_output(tmp_path):
         expected, base = ours(x, t, cond), theirs(x, t, cond.tokens).sample
     assert (expected - base).abs().max() > 0.05
     # the path of StableDiffusionPipeline.load_lora_weights, and the model-level loader
-    state, alphas, metadata = diffusers.StableDiffusionPipeline.lora_state_dict(str(tmp_path), return_lora_metadata=True)
-    diffusers.StableDiffusionPipeline.load_lora_into_unet(state, alphas, theirs, metadata=metadata)
+    pipeline = diffusers.StableDiffusionPipeline
+    state, alphas, metadata = pipeline.lora_state_dict(str(tmp_path), return_lora_metadata=True)
+    pipeline.load_lora_into_unet(state, alphas, theirs, metadata=metadata)
     torch.manual_seed(0)
     second = diffusers.UNet2DConditionModel(**diffusers_config(CONFIG)).eval()
     second.load_lora_adapter(str(tmp_path), prefix="unet", weight_name=WEIGHTS_NAME)

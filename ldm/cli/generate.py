@@ -41,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="grid image path (.png, .jpg, .jpeg or .webp); single images go to <out stem>/")
     parser.add_argument("--lora", action="append", default=None, metavar="PATH[:SCALE]",
                         help="apply a LoRA adapter folder with weight SCALE (default 1), merged into the denoiser; "
-                             "repeat for several. An LCM-LoRA also sets the sampling defaults (lcm, 4 steps, guidance 1)")
+                             "repeat for several. An LCM-LoRA also sets the sampling defaults "
+                             "(lcm, 4 steps, guidance 1)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--allow-mismatch", action="store_true",
                         help="load a pipeline whose parts were not trained together (a warning instead of an error)")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-from pathlib import Path
 
 HELP = "LoRA adapters: `ldm lora merge` bakes adapters into a pipeline folder, `ldm lora info` describes one"
 

@@ -29,8 +29,14 @@ import torch
 from torch import nn
 
 from ldm.conditioning import Conditioning
-from ldm.diffusion.consistency import (consistency_function, ddim_solver_step, default_huber_c, pseudo_huber,
-                                       skipping_grid, solver_end)
+from ldm.diffusion.consistency import (
+    consistency_function,
+    ddim_solver_step,
+    default_huber_c,
+    pseudo_huber,
+    skipping_grid,
+    solver_end,
+)
 from ldm.diffusion.guidance import guided_output, takes_guidance_scale, with_guidance_scale
 from ldm.errors import UsageError
 from ldm.io import PartError

@@ -8,8 +8,8 @@ with at least the fields ``in_channels``, ``out_channels``, ``context_dim`` and 
 predicts what it was trained to predict (ε, v or x0; see ``ldm.diffusion.objectives``) at (possibly
 fractional) timesteps ``t``. An optional config field ``guidance_embed_dim`` (int or None) says the denoiser
 reads the CFG scale from ``cond.extras["guidance_scale"]`` (w-conditioning; samplers then run it without a CFG
-batch, ``ldm.diffusion.guidance.guided_model``). Concrete classes are registered in ``ldm.registry`` (``PARTS`` with kind
-"denoiser", and a config spelling in ``DENOISERS``); nothing else names one. The U-Net is one
+batch, ``ldm.diffusion.guidance.guided_model``). Concrete classes are registered in ``ldm.registry`` (``PARTS``
+with kind "denoiser", and a config spelling in ``DENOISERS``); nothing else names one. The U-Net is one
 implementation; a DiT or a LoRA-wrapped U-Net plugs in without touching the pipeline.
 """
 

@@ -107,7 +107,8 @@ def add_lora(module: nn.Module, spec: LoraSpec, name: str = DEFAULT_ADAPTER, tra
     except ValueError as e:
         if "not found in the base model" not in str(e) and "no target" not in str(e).lower():
             raise
-        linear = sorted({n.rpartition(".")[2] for n, m in module.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))})
+        linear = sorted({n.rpartition(".")[2] for n, m in module.named_modules()
+                         if isinstance(m, (nn.Linear, nn.Conv2d))})
         raise UsageError(f"lora.target_modules {spec.target_modules!r} match no Linear/Conv2d layer of the "
                          f"{type(module).__name__}; its layer names end in {linear}") from None
     for layer in lora_layers(module).values():
@@ -139,7 +140,8 @@ def load_lora_state_dict(module: nn.Module, state: dict[str, torch.Tensor], name
     expected = {f"{n}.lora_{h}.weight" for n, layer in layers.items() if name in layer.lora_A for h in "AB"}
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
-        raise ValueError(f"LoRA weights do not fit adapter {name!r}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise ValueError(f"LoRA weights do not fit adapter {name!r}: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
     for key, value in state.items():
         layer_name, _, rest = key.rpartition(".lora_")
         part = getattr(layers[layer_name], f"lora_{rest[0]}")[name]

@@ -281,7 +281,8 @@ class UNet(nn.Module):
                              f"put a (B,) tensor in cond.extras[{GUIDANCE_SCALE!r}]")
         scale = scale.to(x.device).reshape(-1)
         if scale.shape[0] != x.shape[0]:
-            raise ValueError(f"UNet: cond.extras[{GUIDANCE_SCALE!r}] has {scale.shape[0]} values for a batch of {x.shape[0]}")
+            raise ValueError(f"UNet: cond.extras[{GUIDANCE_SCALE!r}] has {scale.shape[0]} values "
+                             f"for a batch of {x.shape[0]}")
         return guidance_scale_embedding(scale, dim)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, cond: Conditioning) -> torch.Tensor:
