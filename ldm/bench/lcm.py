@@ -116,6 +116,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="val images and captions for FD (0: skip FD)")
     parser.add_argument("--time-prompts", type=positive, default=64, help="images per timing run")
     parser.add_argument("--rounds", type=positive, default=5, help="interleaved timing rounds (median)")
+    parser.add_argument("--time-only", action="store_true", help="measure sampling time only (no adherence, no FD)")
     parser.add_argument("--threads", type=positive, default=1, help="torch intra-op threads")
     parser.add_argument("--batch-size", type=positive, default=100, help="images sampled together")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and the noise")
@@ -143,26 +144,29 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         pipe = TextToImagePipeline.from_pretrained(path)
         points += [Point(name, pipe, "lcm", steps, pipe.config.guidance) for steps in args.student_steps]
 
-    probe = load_or_train_probe(args.data, args.probe)
+    fd_n = 0 if args.time_only else args.fd_n
+    probe = None if args.time_only else load_or_train_probe(args.data, args.probe)
     encoder_dir = Path(args.image_encoder or Path(args.teacher) / "text_encoder" / "image_encoder")
-    extractor = fid.CLIPImageFeatures.from_part(encoder_dir) if args.fd_n else None
-    clip_metric = fid.project_clip_score(teacher.text_encoder, extractor.encoder) if args.fd_n else None
-    real = fid.load_split(args.data, "val", args.fd_n, teacher.config.height) if args.fd_n else None
-    real_features = fid.extract_features(extractor, real.images, args.batch_size) if args.fd_n else None
+    extractor = fid.CLIPImageFeatures.from_part(encoder_dir) if fd_n else None
+    clip_metric = fid.project_clip_score(teacher.text_encoder, extractor.encoder) if fd_n else None
+    real = fid.load_split(args.data, "val", fd_n, teacher.config.height) if fd_n else None
+    real_features = fid.extract_features(extractor, real.images, args.batch_size) if fd_n else None
 
     rows = []
     for point in points:
         row: dict[str, Any] = {"name": point.name, "sampler": point.sampler, "steps": point.steps,
                                "guidance": point.guidance, "forwards": point.forwards}
+        rows.append(row)
+        if args.time_only:
+            continue
         scores = measure_adherence(point.pipe, probe, n=args.n, steps=point.steps, guidance=point.guidance,
                                    sampler=point.sampler, seed=args.seed, batch_size=args.batch_size)
         row.update({k: scores[k] for k in ("color", "shape", "position", "size", "all_three")})
-        if args.fd_n:
+        if fd_n:
             fd_row = evaluate_point(point.pipe, real, real_features, extractor, point.sampler, point.steps,
                                     point.guidance, seed=args.seed, batch_size=args.batch_size,
                                     clip_metric=clip_metric)
             row.update({k: fd_row[k] for k in ("fd_clip", "kid_clip", "clip_score") if k in fd_row})
-        rows.append(row)
         print(table.format_table(rows[-1:], COLUMNS).splitlines()[-1], flush=True)
 
     prompts = [p for p, _ in eval_prompts(args.time_prompts, args.seed + 1)]
