@@ -282,7 +282,7 @@ def diffusers_lora_to_ldm(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         if name.endswith(".ff.net.0.proj"):
             base, inner = name[: -len(".net.0.proj")], b.shape[0] // 2
             for half, rows in ((".value", b[:inner]), (".gate", b[inner:])):
-                used = rows.flatten(2).abs().sum(dim=(0, 2)) > 0 if rows.ndim > 2 else rows.abs().sum(dim=0) > 0
+                used = rows.abs().sum(dim=0) > 0  # rank components this half uses (ff is Linear)
                 if bool(used.any()):
                     _put(out, base + half, a[used], rows[:, used])
             continue
