@@ -33,9 +33,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ldm.interop.tables import ConversionError, KeyTable, Row
+from ldm.interop.tables import ConversionError, KeyTable, Row, module_from_state
 from ldm.io import PartError, load_state_dict_checked, read_json
-from ldm.modules.text_encoder import CLIPTextConditioner, CLIPTextConditionerConfig, open_clip_bpe
+from ldm.modules.text_encoder import (
+    CLIPTextConditioner,
+    CLIPTextConditionerConfig,
+    open_clip_bpe,
+)
 
 LAYOUTS = ("diffusers", "compvis")
 HF_PREFIX = "text_model."
@@ -214,11 +218,12 @@ def tokenizer_spec_from_folder(tok_dir: Path) -> tuple[dict[str, Any], int]:
 
 
 def read_hf_folder(text_dir: Path, tokenizer_dir: Path, layer: str = "last", mask_padding: bool = True,
-                   context_length: int | None = None) -> CLIPTextConditioner:
+                   context_length: int | None = None, meta_init: bool = False) -> CLIPTextConditioner:
     """A local ``CLIPTextModel`` folder + ``CLIPTokenizer`` folder → our text-encoder part (transformers backend).
 
     ``context_length`` defaults to the tokenizer's ``model_max_length`` (what diffusers pads prompts to),
-    capped at the model's ``max_position_embeddings``. The weights keep their dtype."""
+    capped at the model's ``max_position_embeddings``. The weights keep their dtype. ``meta_init``: see
+    :func:`load_weights`."""
     from transformers import CLIPTextConfig
 
     text_dir, tokenizer_dir = Path(text_dir), Path(tokenizer_dir)
@@ -235,19 +240,22 @@ def read_hf_folder(text_dir: Path, tokenizer_dir: Path, layer: str = "last", mas
     config = CLIPTextConditionerConfig(
         backend="transformers", layer=layer, context_length=length, mask_padding=mask_padding,
         hf_text_config={k: v for k, v in hf_config.to_dict().items() if _jsonable(v)}, hf_tokenizer=spec)
-    return load_weights(config, read_safetensors(weights_file(text_dir, ("model.safetensors",), "text encoder"),
-                                                 "text encoder weights"), "diffusers", str(text_dir))
+    state = read_safetensors(weights_file(text_dir, ("model.safetensors",), "text encoder"), "text encoder weights")
+    return load_weights(config, state, "diffusers", str(text_dir), meta_init)
 
 
-def load_weights(config: CLIPTextConditionerConfig, state: dict[str, torch.Tensor], layout: str, source: str
-                 ) -> CLIPTextConditioner:
-    """Our text-encoder part with ``state`` (their names in ``layout``) loaded exactly, in its dtype."""
+def load_weights(config: CLIPTextConditionerConfig, state: dict[str, torch.Tensor], layout: str, source: str,
+                 meta_init: bool = False) -> CLIPTextConditioner:
+    """Our text-encoder part with ``state`` (their names in ``layout``) loaded exactly, in its dtype.
+    ``meta_init``: built on the meta device and adopting the tensors (for conversions: it cannot run)."""
     if config.backend == "transformers":  # files written by transformers >= 5 may lack the text_model. prefix
         prefix = "" if layout == "diffusers" else SD1_PREFIX.removesuffix(HF_PREFIX)
         state = {(k if k.startswith(prefix + HF_PREFIX) else prefix + HF_PREFIX + k.removeprefix(prefix)): v
                  for k, v in state.items()}
     ignore = [k for k in state if IGNORED.search(k)]
     ours = key_table(config, layout).to_ours(state, source, ignore)
+    if meta_init:
+        return module_from_state(CLIPTextConditioner, config, ours, source).freeze()
     try:
         encoder = CLIPTextConditioner(config)
     except ValueError as e:

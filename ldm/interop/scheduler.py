@@ -129,7 +129,8 @@ def sampler_from_scheduler(config: dict[str, Any]) -> tuple[str, str, list[str]]
         notes.append(f"{cls} has no ldm sampler; pipeline.json uses {DEFAULT_SAMPLER}")
         return DEFAULT_SAMPLER, spacing, notes
     sampler = by_class[cls]
-    differs = {k: config[k] for k, v in SAMPLERS[sampler][1].items() if k in config and config[k] != v}
+    differs = {k: config[k] for k, v in SAMPLERS[sampler][1].items() if k in config and config[k] != v
+               and (k != "steps_offset" or spacing == "leading")}  # the offset only moves leading timesteps
     if differs:
         notes.append(f"{cls} with {differs} differs slightly from ldm's {sampler} "
                      f"(which uses {{{', '.join(f'{k}: {SAMPLERS[sampler][1][k]}' for k in differs)}}})")

@@ -124,3 +124,21 @@ class KeyTable:
                                           f"into {n} parts")
                 out.update(zip(row.ours, values[0].chunk(n, dim=0)))
         return out
+
+
+def module_from_state(cls: type, config, state: dict[str, Tensor], source: str):
+    """``cls(config)`` built on the meta device, adopting ``state`` (converted weights) as they are: their dtype,
+    no copy, no random init. Keys and shapes are checked (a config that disagrees with the weights is an error
+    naming both); buffers that are not weights stay on the meta device (such a part is for writing only)."""
+    from ldm.io import load_state_dict_checked
+
+    with torch.device("meta"):
+        try:
+            module = cls(config)
+        except ValueError as e:
+            raise ConversionError(f"{source}: {e}") from e
+    try:
+        load_state_dict_checked(module, state, source, assign=True)
+    except PartError as e:
+        raise ConversionError(f"the config disagrees with the weights: {e}") from e
+    return module.eval()
