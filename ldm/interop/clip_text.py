@@ -16,7 +16,8 @@ Tokenizers: an HF tokenizer's vocab and merges travel in our config (``hf_tokeni
 is the CLIP BPE (Radford et al. 2021, sec. 2.5) that ``CLIPTokenizer`` reads, with the start and end tokens
 spelled ``<|startoftext|>``/``<|endoftext|>`` and padding ``!`` (id 0, what open_clip pads with). Both
 tokenizers lower-case and split words with the same pattern; open_clip also repairs mojibake (ftfy) and HTML
-entities, so prompts with those may tokenize differently in diffusers.
+entities, and a ``CLIPTokenizer`` padded with ``!`` splits every ``!`` of a prompt off as that special token (the
+quirk of SD 2.x's diffusers tokenizer), so prompts with those tokenize differently in diffusers.
 
 Folders are read locally only (``local_files_only``) and weights only from safetensors: nothing downloads,
 nothing unpickles.
@@ -234,6 +235,8 @@ def read_hf_folder(text_dir: Path, tokenizer_dir: Path, layer: str = "last", mas
     if kind not in ("clip_text_model", "CLIPTextModel", "clip"):
         raise ConversionError(f"{text_dir / 'config.json'} describes a {kind!r}, not a CLIP text model "
                               "(CLIPTextModel); only CLIP text encoders convert")
+    # a whole CLIPModel folder: its text tower (CLIPTextConfig reads text_config), the image half left out
+    other = re.compile(r"^(vision_model\.|visual_projection\.|text_projection\.|logit_scale$)") if kind == "clip" else None
     hf_config = CLIPTextConfig.from_pretrained(text_dir, local_files_only=True)
     spec, max_length = tokenizer_spec_from_folder(tokenizer_dir)
     length = context_length or min(max_length, hf_config.max_position_embeddings)
@@ -241,6 +244,8 @@ def read_hf_folder(text_dir: Path, tokenizer_dir: Path, layer: str = "last", mas
         backend="transformers", layer=layer, context_length=length, mask_padding=mask_padding,
         hf_text_config={k: v for k, v in hf_config.to_dict().items() if _jsonable(v)}, hf_tokenizer=spec)
     state = read_safetensors(weights_file(text_dir, ("model.safetensors",), "text encoder"), "text encoder weights")
+    if other is not None:
+        state = {k: v for k, v in state.items() if not other.search(k)}
     return load_weights(config, state, "diffusers", str(text_dir), meta_init)
 
 
