@@ -17,7 +17,7 @@ from ldm.interop.diffusers_pipeline import export_diffusers, import_diffusers
 from ldm.interop.single_file import export_single_file, import_single_file
 from ldm.io import load_part
 from ldm.pipeline import TextToImagePipeline
-from tiny_sd import PROMPTS, diffusers_images, ours_images, tiny_diffusers_pipeline, write_tokenizer
+from tiny_sd import PROMPTS, diffusers_images, ours_images, tiny_diffusers_pipeline
 
 diffusers = pytest.importorskip("diffusers")
 STEPS, GUIDANCE, TOL = 4, 3.0, 1e-3
