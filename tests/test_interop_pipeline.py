@@ -226,3 +226,36 @@ def test_bad_folders_and_files_are_one_line_errors(sd, tmp_path):
     config.write_text(yaml.safe_dump(sd_config(name, root)))
     one_line_error(lambda: import_single_file(bare, out, config), "disagrees with the weights", "alphas_cumprod")
     assert not out.exists()
+
+
+# ---- the shapes configs and their SD-compatible variant --------------------------------------------------
+def pipeline_from_configs(variant: str) -> TextToImagePipeline:
+    """Random parts built from configs/{vae,clip,ldm}/shapes<variant>.yaml as the trainings would export them."""
+    from ldm.diffusion.schedules import DiscreteSchedule, ScheduleConfig
+    from ldm.modules.autoencoder import AutoencoderKL, AutoencoderKLConfig
+    from ldm.modules.denoiser import build_denoiser
+    from ldm.modules.text_encoder import CLIPTextConditioner, CLIPTextConditionerConfig
+    from ldm.pipeline import PipelineConfig
+
+    root = Path(__file__).resolve().parents[1] / "ldm" / "configs"
+    vae_args, clip_args, ldm_args = (yaml.safe_load((root / kind / f"shapes{variant}.yaml").read_text())["model"]
+                                     ["init_args"] for kind in ("vae", "clip", "ldm"))
+    shift = 0.0 if vae_args.get("latent_shift") is False else 0.1  # measured at export unless latent_shift: false
+    with torch.device("meta"):
+        vae = AutoencoderKL(AutoencoderKLConfig(**vae_args["vae"], shift_factor=shift))
+        text = CLIPTextConditioner(CLIPTextConditionerConfig(**clip_args["text"]))
+        defaults = {"in_channels": 4, "out_channels": 4, "context_dim": text.token_dim,
+                    "pooled_dim": text.pooled_dim if ldm_args.get("pooled_conditioning") else None}
+        denoiser = build_denoiser(ldm_args["denoiser"], defaults)
+    schedule = DiscreteSchedule(ScheduleConfig(**ldm_args["noise_schedule"]))
+    return TextToImagePipeline(vae, text, denoiser, schedule, PipelineConfig(height=32, width=32))
+
+
+def test_shapes_sd_variant_is_exportable_and_shapes_is_refused_for_each_feature():
+    from ldm.interop.features import export_problems
+
+    assert export_problems(pipeline_from_configs("-sd")) == []
+    problems = " ".join(export_problems(pipeline_from_configs("")))
+    for feature in ("position features", "pooled-text conditioning", "patchified VAE", "latent shift",
+                    "masked padding tokens"):
+        assert feature in problems
