@@ -18,7 +18,7 @@ def fake_venv(root: Path, clone: Path) -> Path:
     """A VENV for the Makefile that is this interpreter with the clone first on the path (nothing installed)."""
     bin_dir = root / "bin"
     bin_dir.mkdir(parents=True)
-    for name, command in (("python", f'exec {sys.executable} "$@"'), ("ldm", f'exec {sys.executable} -m ldm.cli "$@"')):
+    for name, command in (("python", f'exec {sys.executable} "$@"'), ("ldm", f'exec {sys.executable} -c "import sys; from ldm.cli import main; sys.exit(main())" "$@"')):
         (bin_dir / name).write_text(f"#!/bin/sh\nexport PYTHONPATH={clone}\n{command}\n")
         (bin_dir / name).chmod(0o755)
     (root / ".installed").touch()  # newer than the clone's pyproject.toml: no install
@@ -44,7 +44,7 @@ def test_fresh_clone_train_vae_then_train_ldm(tmp_path):
     run("train-vae")
     assert (parts / "vae" / "model.safetensors").is_file() and not (parts / "text_encoder").exists()
     out = run("train-ldm", "CACHE_ARGS=--batch-size 64")
-    assert "ldm.cli fit --config configs/clip/shapes.yaml" in out or "train-clip" in out  # trained it first
+    assert "fit --config configs/clip/shapes.yaml" in out  # it trained the text encoder first
     assert (parts / "text_encoder" / "model.safetensors").is_file()
     assert (clone / "checkpoints" / "shapes" / "pipeline" / "unet" / "model.safetensors").is_file()
     # nothing changed: a second train-ldm trains again but reuses the cache (and the parts)
