@@ -8,13 +8,13 @@ import json
 import pytest
 import torch
 
+from ldm.bench.interop import tiny_diffusers_pipeline
 from ldm.cli import main as ldm_main
 from ldm.errors import LdmError
 from ldm.interop.diffusers_pipeline import import_diffusers
 from ldm.io import load_part
 from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.pipeline import TextToImagePipeline
-from tiny_sd import tiny_diffusers_pipeline
 
 pytest.importorskip("diffusers")
 

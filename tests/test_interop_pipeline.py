@@ -11,13 +11,13 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from ldm.bench.interop import PROMPTS, diffusers_images, ours_images, tiny_diffusers_pipeline
 from ldm.cli import main as ldm_main
 from ldm.errors import LdmError
 from ldm.interop.diffusers_pipeline import export_diffusers, import_diffusers
 from ldm.interop.single_file import export_single_file, import_single_file
 from ldm.io import load_part
 from ldm.pipeline import TextToImagePipeline
-from tiny_sd import PROMPTS, diffusers_images, ours_images, tiny_diffusers_pipeline
 
 diffusers = pytest.importorskip("diffusers")
 STEPS, GUIDANCE, TOL = 4, 3.0, 1e-3
