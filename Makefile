@@ -32,6 +32,7 @@ VAE_ARGS ?= $(ARGS)
 CLIP_ARGS ?= $(ARGS)
 LDM_ARGS ?= $(ARGS)
 TEXT_ENCODER ?=
+TEXT_ENCODER_ARGS ?=
 PROMPT ?= a large red circle on the left
 # test selection: `make test PYTEST_ARGS="-k vae"`
 PYTEST_ARGS ?=
