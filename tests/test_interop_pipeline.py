@@ -58,6 +58,9 @@ def test_imported_pipeline_makes_diffusers_images(sd):
     assert ours.config.sampler == ("dpmpp-2m" if name == "sd2-v" else "ddim")
     assert not ours.text_encoder.config.mask_padding
     assert max_diff(ours, reference) < TOL
+    out = root / f"{name}.png"
+    assert ldm_main(["generate", "--pipeline", str(root / "ours"), "--prompt", "a red circle", "--n", "1",
+                     "--steps", "2", "--out", str(out)]) == 0 and out.is_file()
 
 
 def sd_config(name: str, root: Path) -> dict:

@@ -94,8 +94,11 @@ def test_sd15_matches_diffusers_key_for_key_on_meta():
 def test_unsupported_diffusers_options_are_named():
     with pytest.raises(ValueError, match="class_embed_type"):
         config_from_diffusers({"block_out_channels": [32, 64], "class_embed_type": "timestep"})
-    with pytest.raises(ValueError, match="upcast_attention"):
-        config_from_diffusers({"block_out_channels": [32, 64], "upcast_attention": True})
+    with pytest.raises(ValueError, match="only_cross_attention"):
+        config_from_diffusers({"block_out_channels": [32, 64], "only_cross_attention": True})
+    # SD 2.1's upcast_attention only changes the precision of fp16 attention scores: it converts
+    assert config_from_diffusers({"block_out_channels": [32, 64], "down_block_types": ["CrossAttnDownBlock2D"] * 2,
+                                  "upcast_attention": True}).model_channels == 32
     with pytest.raises(ValueError, match="ff_mult=2"):
         diffusers_config(UNetConfig(model_channels=8, channel_mult=(1,), num_heads=2, context_dim=6, num_groups=4,
                                     attention_resolutions=(1,), ff_mult=2))

@@ -182,6 +182,8 @@ def config_from_diffusers(dconfig: dict[str, Any]) -> UNetConfig:
     """``UNetConfig`` equivalent to a diffusers ``UNet2DConditionModel`` config (its config.json as a dict).
 
     Raises ConversionError (a ValueError) naming the option when the diffusers model uses a feature this U-Net lacks.
+    ``upcast_attention`` (SD 2.1) converts: it only computes attention scores in fp32 when the model runs in
+    fp16, the same function.
     """
     def get(name: str, default: Any) -> Any:
         return dconfig.get(name, default)
@@ -190,7 +192,7 @@ def config_from_diffusers(dconfig: dict[str, Any]) -> UNetConfig:
     if get("class_embed_type", None) == "projection" and not get("class_embeddings_concat", False):
         pooled_dim = int(get("projection_class_embeddings_input_dim", 0)) or None
     unsupported = {"class_embed_type": "projection" if pooled_dim else None, "addition_embed_type": None, "time_cond_proj_dim": None,
-                   "encoder_hid_dim": None, "only_cross_attention": False, "upcast_attention": False,
+                   "encoder_hid_dim": None, "only_cross_attention": False,
                    "center_input_sample": False, "dual_cross_attention": False,
                    "act_fn": "silu", "flip_sin_to_cos": True, "freq_shift": 0, "downsample_padding": 1,
                    "conv_in_kernel": 3, "conv_out_kernel": 3, "time_embedding_type": "positional",
