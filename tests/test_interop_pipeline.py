@@ -141,9 +141,20 @@ def test_open_clip_text_tower_exports_as_a_clip_text_model(tmp_path):
     assert torch.equal(ids, ours.text_encoder.tokenize(prompts)[0])
     assert max_diff(ours, theirs, prompts) < TOL
     written = export_single_file(tmp_path / "ours", tmp_path / "sd2.safetensors")
-    assert any(k.startswith("cond_stage_model.model.transformer.resblocks.2.") for k in load_file(str(written)))
+    tensors = load_file(str(written))
+    assert any(k.startswith("cond_stage_model.model.transformer.resblocks.2.") for k in tensors)
     import_single_file(written, tmp_path / "back")
     assert_same_files(tmp_path / "ours", tmp_path / "back")
+    # the same file from elsewhere (no ldm metadata): SD 2.x conventions (open_clip BPE, penultimate) + --config
+    save_file(tensors, str(tmp_path / "bare.safetensors"))
+    config = tmp_path / "sd2.yaml"
+    config.write_text(yaml.safe_dump({"prediction_type": "eps", "image_size": 16, "text_encoder": {"heads": 2},
+                                      "unet": {"head_dim": 8, "num_groups": 8},
+                                      "vae": {"norm_groups": 4, "scaling_factor": 1.5}}))
+    import_single_file(tmp_path / "bare.safetensors", tmp_path / "from-bare", config)
+    bare = TextToImagePipeline.from_pretrained(tmp_path / "from-bare")
+    assert bare.text_encoder.config.layer == "penultimate" and bare.denoiser.config == ours.denoiser.config
+    assert torch.equal(ours_images(bare, prompts, STEPS, GUIDANCE), ours_images(ours, prompts, STEPS, GUIDANCE))
 
 
 def test_features_sd_cannot_hold_are_refused_in_one_message(tmp_path):
