@@ -114,7 +114,8 @@ def test_export_round_trips(sd, tmp_path):
     assert ldm_main(["convert", "--to", "single-file", str(src), "--out", str(tmp_path / "sd.safetensors")]) == 0
     import_single_file(tmp_path / "sd.safetensors", tmp_path / "back-single")
     assert_same_files(src, tmp_path / "back-single")
-    assert json.loads((tmp_path / "back-single" / "unet" / "config.json").read_text())["_init_from"]["path"] == "somewhere"
+    recorded = json.loads((tmp_path / "back-single" / "unet" / "config.json").read_text())
+    assert recorded["_init_from"]["path"] == "somewhere"
 
 
 def test_open_clip_text_tower_exports_as_a_clip_text_model(tmp_path):
@@ -133,7 +134,8 @@ def test_open_clip_text_tower_exports_as_a_clip_text_model(tmp_path):
     pipe.save_pretrained(tmp_path / "ours")
     export_diffusers(tmp_path / "ours", tmp_path / "diffusers")
     theirs = diffusers.StableDiffusionPipeline.from_pretrained(tmp_path / "diffusers", local_files_only=True)
-    assert theirs.text_encoder.config.num_hidden_layers == 2 and theirs.unet.config.resnet_time_scale_shift == "scale_shift"
+    assert theirs.text_encoder.config.num_hidden_layers == 2
+    assert theirs.unet.config.resnet_time_scale_shift == "scale_shift"
     ours = TextToImagePipeline.from_pretrained(tmp_path / "ours")
     # ("!" is the pad token of SD 2.x's CLIPTokenizer, so in a prompt it is split off as padding there: not here)
     prompts = ["a red circle", "Two BLUE stars, top-left.", ""]
@@ -214,8 +216,9 @@ def test_bad_folders_and_files_are_one_line_errors(sd, tmp_path):
     one_line_error(lambda: import_diffusers(dit, out), "DiTPipeline", "only Stable Diffusion")
     xl = tmp_path / "xl"
     xl.mkdir()
-    (xl / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline",
-                                                     "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}))
+    xl_index = {"_class_name": "StableDiffusionXLPipeline",
+                "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}
+    (xl / "model_index.json").write_text(json.dumps(xl_index))
     one_line_error(lambda: import_diffusers(xl, out), "SDXL")
     unknown = tmp_path / "unknown.safetensors"
     save_file({"encoder.layer.0.weight": torch.zeros(2, 2), "head.bias": torch.zeros(2)}, str(unknown))

@@ -18,7 +18,9 @@ def fake_venv(root: Path, clone: Path) -> Path:
     """A VENV for the Makefile that is this interpreter with the clone first on the path (nothing installed)."""
     bin_dir = root / "bin"
     bin_dir.mkdir(parents=True)
-    for name, command in (("python", f'exec {sys.executable} "$@"'), ("ldm", f'exec {sys.executable} -c "import sys; from ldm.cli import main; sys.exit(main())" "$@"')):
+    main = "import sys; from ldm.cli import main; sys.exit(main())"
+    for name, command in (("python", f'exec {sys.executable} "$@"'),
+                          ("ldm", f'exec {sys.executable} -c "{main}" "$@"')):
         (bin_dir / name).write_text(f"#!/bin/sh\nexport PYTHONPATH={clone}\n{command}\n")
         (bin_dir / name).chmod(0o755)
     (root / ".installed").touch()  # newer than the clone's pyproject.toml: no install

@@ -72,7 +72,8 @@ def tiny_diffusers_pipeline(root: Path, sd2: bool = False, scheduler: str = "ddi
         vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
         max_position_embeddings=77, hidden_act="gelu" if sd2 else "quick_gelu", bos_token_id=vocab["<|startoftext|>"],
         eos_token_id=eos, pad_token_id=vocab["!"] if sd2 else eos))
-    common = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "timestep_spacing": "trailing",
+    common = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+              "timestep_spacing": "trailing",
               "prediction_type": "v_prediction" if sd2 else "epsilon", "steps_offset": 0}
     if scheduler == "ddim":
         sched = DDIMScheduler(**common, set_alpha_to_one=True, clip_sample=False)
@@ -206,8 +207,10 @@ def sd15_timings(root: Path, dtype: torch.dtype) -> dict[str, Any]:
     start = time.perf_counter()
     counts = build_sd15(root / "diffusers", dtype)
     built = time.perf_counter() - start
-    steps = [("import diffusers", ["convert", "--from", "diffusers", str(root / "diffusers"), "--out", str(root / "ours")]),
-             ("export diffusers", ["convert", "--to", "diffusers", str(root / "ours"), "--out", str(root / "exported")]),
+    steps = [("import diffusers", ["convert", "--from", "diffusers", str(root / "diffusers"), "--out",
+                                   str(root / "ours")]),
+             ("export diffusers", ["convert", "--to", "diffusers", str(root / "ours"), "--out",
+                                   str(root / "exported")]),
              ("export single file", ["convert", "--to", "single-file", str(root / "ours"), "--out",
                                      str(root / "sd15.safetensors")]),
              ("import single file", ["convert", "--from", "single-file", str(root / "sd15.safetensors"), "--out",
@@ -241,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             shutil.rmtree(root, ignore_errors=True)
         for name, r in report["sd15"]["steps"].items():
-            print(f"{name:20s} wall {r['wall_s']:7.1f} s  cpu {r['cpu_s']:7.1f} s  peak RSS {r['peak_rss_gib']:.2f} GiB")
+            print(f"{name:20s} wall {r['wall_s']:7.1f} s  cpu {r['cpu_s']:7.1f} s  "
+                  f"peak RSS {r['peak_rss_gib']:.2f} GiB")
     report["loadavg_after"] = os.getloadavg()
     from ldm.io import write_json
 

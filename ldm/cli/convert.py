@@ -72,7 +72,8 @@ def _import(kind: str, path: Path, out: Path, args: argparse.Namespace) -> tuple
     from ldm.interop.clip_text import read_hf_folder
     from ldm.io import atomic_folder, save_part
 
-    text_dir, tok_dir = (path / "text_encoder", path / "tokenizer") if (path / "text_encoder").is_dir() else (path, path)
+    sd_layout = (path / "text_encoder").is_dir()  # an SD folder, or one CLIP folder holding both
+    text_dir, tok_dir = (path / "text_encoder", path / "tokenizer") if sd_layout else (path, path)
     encoder = read_hf_folder(text_dir, tok_dir, args.layer, args.mask_padding, meta_init=True)
     return atomic_folder(out, lambda folder: save_part(encoder, folder)), []
 

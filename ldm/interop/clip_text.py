@@ -236,7 +236,8 @@ def read_hf_folder(text_dir: Path, tokenizer_dir: Path, layer: str = "last", mas
         raise ConversionError(f"{text_dir / 'config.json'} describes a {kind!r}, not a CLIP text model "
                               "(CLIPTextModel); only CLIP text encoders convert")
     # a whole CLIPModel folder: its text tower (CLIPTextConfig reads text_config), the image half left out
-    other = re.compile(r"^(vision_model\.|visual_projection\.|text_projection\.|logit_scale$)") if kind == "clip" else None
+    other = (re.compile(r"^(vision_model\.|visual_projection\.|text_projection\.|logit_scale$)") if kind == "clip"
+             else None)
     hf_config = CLIPTextConfig.from_pretrained(text_dir, local_files_only=True)
     spec, max_length = tokenizer_spec_from_folder(tokenizer_dir)
     length = context_length or min(max_length, hf_config.max_position_embeddings)

@@ -206,7 +206,8 @@ def config_from_diffusers(dconfig: dict[str, Any]) -> UNetConfig:
                              f"(it needs {expected!r})")
     scale_shift = get("resnet_time_scale_shift", "default")
     if scale_shift not in ("default", "scale_shift"):
-        raise ConversionError(f"diffusers option resnet_time_scale_shift={scale_shift!r} is not supported by ldm's UNet "
+        raise ConversionError(f"diffusers option resnet_time_scale_shift={scale_shift!r} is not supported by ldm's UNet"
+                              " "
                          "(it needs 'default' or 'scale_shift')")
     if abs(get("norm_eps", 1e-5) - 1e-5) > 1e-12:
         raise ConversionError(f"diffusers norm_eps={get('norm_eps', None)} is not supported (ldm's UNet uses 1e-5)")
@@ -234,7 +235,8 @@ def config_from_diffusers(dconfig: dict[str, Any]) -> UNetConfig:
     elif len({w // h for w, h in zip(widths, heads)}) == 1:
         num_heads, head_dim = None, widths[0] // heads[0]
     else:
-        raise ConversionError(f"attention_head_dim {heads} (heads per level) is neither constant nor a constant head width")
+        raise ConversionError(f"attention_head_dim {heads} (heads per level) is neither constant nor a constant "
+                              "head width")
     return UNetConfig(in_channels=get("in_channels", 4), out_channels=get("out_channels", 4), model_channels=base,
                       channel_mult=tuple(w // base for w in widths), num_res_blocks=layers,
                       attention_resolutions=attention, num_heads=num_heads, head_dim=head_dim,

@@ -2,7 +2,8 @@
 CompVis autoencoder of Stable Diffusion single files (``first_stage_model.*``).
 
 All implement the same Latent Diffusion geometry (Rombach et al. 2022, appendix G), so a conversion
-is a renaming of state-dict keys (one table, :func:`key_table`, both directions) plus a config translation. diffusers is only imported by the
+is a renaming of state-dict keys (one table, :func:`key_table`, both directions) plus a config translation.
+diffusers is only imported by the
 helpers that build or read a diffusers model object; the dict/folder converters need only torch
 and safetensors.
 """
@@ -154,7 +155,8 @@ def from_diffusers_config(d: dict[str, Any]) -> AutoencoderKLConfig:
     widths = list(d.get("block_out_channels", [64]))
     ch = widths[0]
     if any(w % ch for w in widths):
-        raise ConversionError(f"block_out_channels {widths} are not multiples of the first width; cannot express as ch * ch_mult")
+        raise ConversionError(f"block_out_channels {widths} are not multiples of the first width; cannot express "
+                              "as ch * ch_mult")
     resolution = int(d.get("sample_size", 32))
     if isinstance(d.get("sample_size"), (list, tuple)):
         resolution = int(d["sample_size"][0])

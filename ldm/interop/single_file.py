@@ -216,7 +216,8 @@ def infer_vae(f: SingleFile, image_size: int) -> dict[str, Any]:
     ch = f.shape(p + "encoder.conv_in.weight")[0]
     levels = f.indices(re.escape(p) + r"encoder\.down\.(\d+)\.")
     z = f.shape(p + "post_quant_conv.weight")[0]
-    return {"in_channels": f.shape(p + "encoder.conv_in.weight")[1], "out_channels": f.shape(p + "decoder.conv_out.weight")[0],
+    return {"in_channels": f.shape(p + "encoder.conv_in.weight")[1],
+            "out_channels": f.shape(p + "decoder.conv_out.weight")[0],
             "ch": ch, "ch_mult": [f.shape(f"{p}encoder.down.{i}.block.0.conv1.weight")[0] // ch for i in levels],
             "num_res_blocks": len(f.indices(re.escape(p) + r"encoder\.down\.0\.block\.(\d+)\.")),
             "attn_resolutions": [image_size // 2 ** i for i in levels if f.has(f"{p}encoder.down.{i}.attn.0.q.weight")],
@@ -258,7 +259,8 @@ def infer_text(f: SingleFile, layout: str, overrides: dict[str, Any]) -> CLIPTex
           "num_hidden_layers": len(f.indices(re.escape(p) + r"encoder\.layers\.(\d+)\.")),
           "num_attention_heads": o.get("heads", hidden // 64), "hidden_act": o.get("hidden_act", "quick_gelu"),
           "layer_norm_eps": 1e-5, "bos_token_id": spec["vocab"].get(spec.get("bos_token")),
-          "eos_token_id": spec["vocab"].get(spec.get("eos_token")), "pad_token_id": spec["vocab"].get(spec.get("pad_token"))}
+          "eos_token_id": spec["vocab"].get(spec.get("eos_token")),
+          "pad_token_id": spec["vocab"].get(spec.get("pad_token"))}
     values = {"backend": "transformers", "layer": o.get("layer", "last"),
               "context_length": o.get("context_length", min(max_length, max_positions)), "hf_text_config": hf,
               "hf_tokenizer": spec, "mask_padding": o.get("mask_padding", False)}

@@ -214,6 +214,17 @@ class PartModule(pl.LightningModule, abc.ABC):
 
             log_skipped(self, batch, split)
 
+    def on_train_epoch_end(self) -> None:
+        from ldm.data.webdata import log_skip_reasons
+
+        log_skip_reasons(self, "train")  # per reason, once an epoch (every rank: one all-reduce)
+
+    def on_validation_epoch_end(self) -> None:
+        """Subclasses that override this call ``super().on_validation_epoch_end()`` (every rank must)."""
+        from ldm.data.webdata import log_skip_reasons
+
+        log_skip_reasons(self, "val")
+
     # ---- checkpoints -----------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CLASS_KEY] = class_path(self)

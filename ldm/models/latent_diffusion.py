@@ -78,11 +78,13 @@ class InitSource:
         recorded = {k: v for k, v in config.items() if not k.startswith("_")}
         given = dict(denoiser or {})
         kind = given.pop("type", None)
-        if kind is not None and denoiser_class(kind, "model.init_args.denoiser.type").__name__ != config.get("_class_name"):
-            raise UsageError(f"model.init_args.denoiser.type {kind!r} differs from {path}'s {config.get('_class_name')}")
+        source_class = config.get("_class_name")
+        if kind is not None and denoiser_class(kind, "model.init_args.denoiser.type").__name__ != source_class:
+            raise UsageError(f"model.init_args.denoiser.type {kind!r} differs from {path}'s {source_class}")
         self.denoiser_spec = {"type": config.get("_class_name"), **recorded,
                               **self._agreeing(given, recorded, "denoiser", f"{path}/{DENOISER_DIR}", TRAINING_ONLY)}
-        schedule = {k: v for k, v in read_json(self.path / "scheduler" / "config.json").items() if not k.startswith("_")}
+        schedule = {k: v for k, v in read_json(self.path / "scheduler" / "config.json").items()
+                    if not k.startswith("_")}
         if noise_schedule:
             full = DiscreteSchedule(ScheduleConfig(**noise_schedule)).to_config()
             self._agreeing({k: full[k] for k in noise_schedule}, schedule, "noise_schedule", f"{path}/scheduler", ())
@@ -177,7 +179,8 @@ class LatentDiffusion(PartModule):
         self._pipeline_defaults = PipelineConfig()
         if source is not None:
             self.init_source = source.load_into(self.denoiser, self.vae, self.text_encoder)
-            self._pipeline_defaults = config_from_dict(PipelineConfig, source.pipeline_config, f"{init_from}/pipeline.json")
+            self._pipeline_defaults = config_from_dict(PipelineConfig, source.pipeline_config,
+                                                       f"{init_from}/pipeline.json")
         self.track_ema(self.denoiser, ema_decay)
         self.val_prompts = None if val_prompts is None else list(val_prompts)
         self._empty: Conditioning | None = None
@@ -298,6 +301,7 @@ class LatentDiffusion(PartModule):
         return list(benchmark.val_prompts()) if benchmark is not None else []
 
     def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
         self._val_runs += 1
         every = self.hparams.sample_every_n_val
         if every and self._val_runs % every == 0 and self.trainer.is_global_zero and self.sample_prompts():
@@ -310,7 +314,8 @@ class LatentDiffusion(PartModule):
         if use_ema and self.ema is not None:
             self.ema.copy_to(denoiser)
         res = self.hparams.resolution
-        config = dataclasses.replace(self._pipeline_defaults, height=res, width=res, guidance=self.hparams.sample_guidance)
+        config = dataclasses.replace(self._pipeline_defaults, height=res, width=res,
+                                     guidance=self.hparams.sample_guidance)
         provenance = {"_init_from": self.init_source} if self.init_source else None
         return TextToImagePipeline(self.vae, self.text_encoder, denoiser, self.schedule, config, provenance)
 
