@@ -46,7 +46,7 @@ def test_finetune_from_imported_pipeline_trains_and_exports_with_provenance(impo
     cache, run, out = tmp_path / "cache", tmp_path / "ldm", tmp_path / "pipeline"
     assert ldm_main(["cache", "--vae", str(imported / "vae"), "--text-encoder", str(imported / "text_encoder"),
                      "--data", str(shapes_dir), "--resolution", "16", "--out", str(cache)]) == 0
-    assert ldm_main(["fit", "--config", "ldm/configs/ldm/finetune.yaml", "--model.init_args.init_from", str(imported),
+    assert ldm_main(["fit", "--config", "ldm/finetune.yaml", "--model.init_args.init_from", str(imported),
                      "--data.init_args.cache_dir", str(cache), "--data.init_args.batch_size", "8",
                      "--model.init_args.val_prompts", '["a red circle"]', "--model.init_args.sample_steps", "2",
                      "--trainer.default_root_dir", str(run), "--trainer.max_steps", "3",
