@@ -47,6 +47,7 @@ class PipelineConfig:
     guidance: float = 4.0
     sampler: str = "dpmpp-2m"
     guidance_rescale: float = 0.0
+    spacing: str = "trailing"          # sampling timestep spacing (DiscreteSchedule.timesteps)
 
 
 def save_schedule(schedule: DiscreteSchedule, out_dir: str | Path) -> Path:
@@ -84,16 +85,24 @@ def check_trained_together(path: Path, recorded: dict[str, str] | None, current:
     warnings.warn(message, UserWarning, stacklevel=3)
 
 
+# denoiser config.json keys that are not provenance carried from one export to the next
+_PART_KEYS = ("_class_name", "_ldm_version", "_weights_sha256", "_trained_with")
+
+
 class TextToImagePipeline:
     """The three frozen parts + schedule, callable as ``pipe(prompts) -> list[PIL.Image]``.
 
     ``denoiser`` is any denoiser (``ldm.modules.denoiser``): the pipeline never names its class.
+    ``provenance``: ``_``-prefixed keys recorded beside the denoiser (e.g. ``_init_from``: the pipeline a
+    fine-tuning started from), read by ``from_pretrained`` and written again by ``save_pretrained``.
     """
 
     def __init__(self, vae: torch.nn.Module, text_encoder: torch.nn.Module, denoiser: torch.nn.Module,
-                 schedule: DiscreteSchedule, config: PipelineConfig | None = None):
+                 schedule: DiscreteSchedule, config: PipelineConfig | None = None,
+                 provenance: dict[str, Any] | None = None):
         self.vae, self.text_encoder, self.denoiser, self.schedule = vae, text_encoder, denoiser, schedule
         self.config = config or PipelineConfig()
+        self.provenance = {k if k.startswith("_") else f"_{k}": v for k, v in (provenance or {}).items()}
         self._check_compatible()
         for part in (vae, text_encoder, denoiser):
             part.eval().requires_grad_(False)
@@ -111,12 +120,14 @@ class TextToImagePipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None, allow_mismatch: bool = False) -> TextToImagePipeline:
+                        dtype: torch.dtype | None = None, allow_mismatch: bool = False,
+                        meta_init: bool = False) -> TextToImagePipeline:
         """Load a pipeline folder; a missing or mismatched part is an error naming it.
 
         The denoiser records the weight hashes of the VAE and text encoder it was trained with; parts that
         differ are refused (``allow_mismatch``: a warning instead), since a denoiser only works on the latents
-        and text features it was trained on."""
+        and text features it was trained on. ``meta_init``: the weights keep their file dtype and nothing is
+        initialised (``ldm.io.load_part``), for conversions; such a pipeline cannot generate."""
         path = Path(path)
         if not path.is_dir():
             raise PartError(f"pipeline folder {path} does not exist (train one with `make train-ldm`, or `make demo`)")
@@ -124,11 +135,14 @@ class TextToImagePipeline:
         if missing:
             raise PartError(f"pipeline folder {path} lacks {missing}; expected {list(PARTS)} and {PIPELINE_FILE}")
         config = config_from_dict(PipelineConfig, read_json(path / PIPELINE_FILE), str(path / PIPELINE_FILE))
-        vae, text_encoder = load_part(path / "vae", kind="vae"), load_part(path / "text_encoder", kind="text_encoder")
-        denoiser = load_part(path / DENOISER_DIR, kind="denoiser")
-        check_trained_together(path, part_metadata(path / DENOISER_DIR).get("_trained_with"),
+        vae = load_part(path / "vae", kind="vae", meta_init=meta_init)
+        text_encoder = load_part(path / "text_encoder", kind="text_encoder", meta_init=meta_init)
+        denoiser = load_part(path / DENOISER_DIR, kind="denoiser", meta_init=meta_init)
+        metadata = part_metadata(path / DENOISER_DIR)
+        check_trained_together(path, metadata.get("_trained_with"),
                                {"vae": weights_hash(vae), "text_encoder": weights_hash(text_encoder)}, allow_mismatch)
-        pipe = cls(vae, text_encoder, denoiser, load_schedule(path / "scheduler"), config)
+        provenance = {k: v for k, v in metadata.items() if k not in _PART_KEYS}
+        pipe = cls(vae, text_encoder, denoiser, load_schedule(path / "scheduler"), config, provenance)
         return pipe.to(device, dtype)
 
     def save_pretrained(self, path: str | Path) -> Path:
@@ -136,7 +150,7 @@ class TextToImagePipeline:
         save_part(self.vae, path / "vae")
         save_part(self.text_encoder, path / "text_encoder")
         trained_with = {"vae": weights_hash(self.vae), "text_encoder": weights_hash(self.text_encoder)}
-        save_part(self.denoiser, path / DENOISER_DIR, {"_trained_with": trained_with})
+        save_part(self.denoiser, path / DENOISER_DIR, {**self.provenance, "_trained_with": trained_with})
         save_schedule(self.schedule, path / "scheduler")
         write_json(path / PIPELINE_FILE, {"_ldm_version": __version__, **asdict(self.config)})
         return path
@@ -187,6 +201,7 @@ class TextToImagePipeline:
         sampler = sampler or c.sampler
         height, width = height or c.height, width or c.width
         rescale = c.guidance_rescale if guidance_rescale is None else guidance_rescale
+        sampler_options.setdefault("spacing", c.spacing)
         self._check_request(prompts, steps, guidance, height, width, n_per_prompt, sampler)
         f, zc = self.vae.config.downsample_factor, self.vae.config.z_channels
         all_prompts = [p for p in prompts for _ in range(n_per_prompt)]

@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "data": "data",
     "export": "export",
     "cache": "cache",
+    "convert": "convert",
     "generate": "generate",
     "adherence": "adherence",
     "fid": "fid",

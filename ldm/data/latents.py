@@ -98,7 +98,7 @@ def encode_split(vae: torch.nn.Module, text_encoder: torch.nn.Module, data_dir: 
         new = [c for c in dict.fromkeys(batch["caption"]) if c not in memo]
         if new:
             cond = text_encoder.condition(new)
-            memo.update(zip(new, zip(cond.tokens.half().cpu(), cond.mask.to(torch.uint8).cpu(), cond.pooled.half().cpu())))
+            memo.update(zip(new, zip(cond.tokens.half().cpu(), cond.full_mask().to(torch.uint8).cpu(), cond.pooled.half().cpu())))
         tokens, mask, pooled = (torch.stack([memo[c][i] for c in batch["caption"]]) for i in range(3))
         max_len = max(max_len, int(mask.sum(1).max()))
         pending["mean"].append(((posterior.mean - shift) * scale).float().cpu())
@@ -147,7 +147,7 @@ def build_latent_cache(vae: torch.nn.Module, text_encoder: torch.nn.Module, data
         empty = text_encoder.condition([""])
         save_file({k: (v.half() if v.is_floating_point() else v).cpu().contiguous()
                    for k, v in empty.to_tensors().items()}, str(work / EMPTY))
-        info["max_tokens"] = max([s["max_tokens"] for s in info["splits"].values()] + [int(empty.mask.sum())])
+        info["max_tokens"] = max([s["max_tokens"] for s in info["splits"].values()] + [int(empty.full_mask().sum())])
         write_json(work / "info.json", info)
         old = out.parent / f".{out.name}.old"
         if old.exists():
