@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 HELP = "precompute VAE latents + text-token embeddings of a dataset so U-Net training skips both encoders"
 
@@ -19,14 +20,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-samples", type=int, default=None,
                         help="encode at most this many samples per split, the first in shard order (default: all); "
                              "a short training sees only a fraction of a large dataset")
+    parser.add_argument("--labels", default=None,
+                        help="labels to store from each sample's json, NAME=PATH,... (e.g. color=objects.only.color; "
+                             "'none' for no labels; default: the dataset's own, for shapes its attributes)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ldm.data.latents import build_latent_cache
+    from ldm.data.latents import build_latent_cache, parse_label_paths
+    from ldm.data.registry import benchmark_named
+    from ldm.data.shards import read_info
+    from ldm.errors import UsageError
     from ldm.io import load_part
+
+    if args.labels is None:
+        benchmark = benchmark_named(read_info(args.data).get("name")) if Path(args.data).is_dir() else None
+        labels = benchmark.label_paths() if benchmark is not None else {}
+    else:
+        try:
+            labels = parse_label_paths(args.labels)
+        except ValueError as e:
+            raise UsageError(f"--labels: {e}") from None
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     vae = load_part(args.vae, kind="vae").to(device)
@@ -34,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     splits = tuple(s for s in args.splits.split(",") if s)
     info = build_latent_cache(vae, text_encoder, args.data, args.out, args.resolution, splits, args.batch_size,
-                              max_samples=args.max_samples)
+                              max_samples=args.max_samples, labels=labels)
     seconds = time.perf_counter() - start
     n = sum(s["samples"] for s in info["splits"].values())
     skipped = sum(s["skipped"] for s in info["splits"].values())

@@ -51,6 +51,10 @@ class Benchmark:
         """Interchangeable words/phrases of the captions (NegCLIP-style hard negatives)."""
         return None
 
+    def label_paths(self) -> dict[str, str]:
+        """Labels a latent cache stores by default: name -> path in each sample's json (``latents.label_at``)."""
+        return {}
+
 
 def dataset_module(name: str) -> ModuleType:
     """The module of a registered dataset; an unknown name lists the known ones."""

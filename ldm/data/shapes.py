@@ -395,5 +395,9 @@ class ShapesBenchmark(Benchmark):
         return {"color": list(COLORS), "shape": list(SHAPES), "position_phrase": list(PHRASES.values()),
                 "relation": ["left of", "right of", "above", "below"], "position": list(POSITIONS)}
 
+    def label_paths(self) -> dict[str, str]:
+        """The attributes of one-object scenes (a two-object scene has no single colour: −1) and the background."""
+        return {**{a: f"objects.only.{a}" for a in ("color", "shape", "position", "size")}, "background": "background"}
+
 
 BENCHMARK = ShapesBenchmark()
