@@ -20,6 +20,8 @@ COMMANDS: dict[str, str] = {
     "export": "export",
     "cache": "cache",
     "generate": "generate",
+    "guidance": "guidance",
+    "serve": "serve",
     "adherence": "adherence",
     "fid": "fid",
     "toy": "toy",
