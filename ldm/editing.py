@@ -24,7 +24,8 @@ Every sampler works unchanged, because everything happens at the start and insid
   — replace the known region by the noised known latent — with one noise draw per run. The known region of the
   result is exactly z; as the decoder's GroupNorm and receptive field reach across the whole latent, the pixels
   of kept latent cells are then set to the reconstruction D(z) itself (a latent cell is kept only when none of
-  its pixels is masked), so the unmasked region equals the input's reconstruction exactly. ``resample`` > 0 adds RePaint-style resampling (Lugmayr et al. 2022, §4.2):
+  its pixels is masked), so the unmasked region equals the input's reconstruction exactly.
+  ``resample`` > 0 adds RePaint-style resampling (Lugmayr et al. 2022, §4.2):
   the result is re-noised to the run's middle timestep and the second half runs again, that many times (one
   jump back of N/2 steps), so the generated part can agree with the known one.
 * **colourisation**: y = A x is the luminance Y = 0.299 R + 0.587 G + 0.114 B (ITU-R BT.601) of a grey image. At

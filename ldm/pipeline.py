@@ -184,7 +184,8 @@ class TextToImagePipeline:
                  height: int | None = None, width: int | None = None, n_per_prompt: int = 1,
                  batch_size: int = 64, guidance_rescale: float | None = None, progress: bool = True,
                  edit: ImageEdit | None = None, classifier: torch.nn.Module | None = None,
-                 classifier_scale: float = 0.0, classifier_labels: dict[str, str] | Sequence[dict[str, str]] | None = None,
+                 classifier_scale: float = 0.0,
+                 classifier_labels: dict[str, str] | Sequence[dict[str, str]] | None = None,
                  callback: Callable[[dict[str, Any]], None] | None = None, only_index: int | None = None,
                  **sampler_options: Any) -> torch.Tensor:
         """Images (len(prompts)·n_per_prompt, 3, H, W) in [-1, 1], prompt-major order.

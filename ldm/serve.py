@@ -2,9 +2,10 @@
 
 Why FastAPI + one static page and not gradio: the page needs a form, a canvas to draw a mask on, a progress bar
 and a gallery — about 250 lines of plain HTML/JS (``ldm/serve_static/index.html``) — and the server needs four
-JSON routes. FastAPI + uvicorn add five small pure-Python packages to what ``ldm`` already installs (pydantic
-is there); gradio brings several dozen (its own frontend build, pandas, ffmpy, …) and an upgrade churn this
-project would have to follow. Both are in the optional ``serve`` extra (``pip install 'ldm[serve]'``).
+JSON routes. FastAPI + uvicorn add a handful of small pure-Python packages to what ``ldm`` already installs
+(starlette, h11, …; pydantic and anyio are there); gradio brings several dozen (its own frontend build, pandas,
+ffmpy, …) and an upgrade churn this project would have to follow.
+Both are in the optional ``serve`` extra (``pip install 'ldm[serve]'``).
 
 Behaviour:
 
@@ -41,9 +42,18 @@ from PIL import Image, UnidentifiedImageError
 
 from ldm.diffusion.samplers import SAMPLERS
 from ldm.errors import LdmError
+from ldm.generation import (
+    GenerationRequest,
+    build_edit,
+    load_classifier,
+    parameters_line,
+    pipeline_fingerprint,
+    png_bytes,
+    png_metadata,
+    resolve,
+    run_request,
+)
 from ldm.io import weights_hash
-from ldm.generation import (GenerationRequest, build_edit, load_classifier, parameters_line, pipeline_fingerprint,
-                            png_bytes, png_metadata, resolve, run_request)
 from ldm.visual import to_pil
 
 EDIT_MODES = ("txt2img", "img2img", "inpaint")
@@ -165,7 +175,8 @@ def parse_request(body: Any, pipe: Any, limits: Limits, classifier: Any = None, 
         raise RequestError(422, "this server has no classifier (start it with --classifier DIR)")
     request = GenerationRequest(
         prompts=[prompt], negative_prompt=_text(body, "negative_prompt", limits.max_prompt_chars, None) or None,
-        n=_number(body, "n", int, 1, limits.max_images, 1), steps=_number(body, "steps", int, 1, limits.max_steps, None),
+        n=_number(body, "n", int, 1, limits.max_images, 1),
+        steps=_number(body, "steps", int, 1, limits.max_steps, None),
         guidance=_number(body, "guidance", float, 0, 50, None), sampler=sampler,
         seed=_number(body, "seed", int, 0, 2**31 - 1, 0), height=sizes["height"], width=sizes["width"],
         batch_size=limits.max_images, init_image="(uploaded)" if "init_image" in images else None,
@@ -206,7 +217,8 @@ class Worker:
             try:
                 self.queue.put_nowait(job)
             except queue.Full:
-                raise RequestError(429, f"{self.limits.max_queue} requests are already waiting; try again soon") from None
+                raise RequestError(429, f"{self.limits.max_queue} requests are already waiting; try again soon"
+                                   ) from None
             self.jobs[job.id] = job
             while len(self.jobs) > self.limits.keep_jobs:
                 oldest = next(iter(self.jobs.values()))

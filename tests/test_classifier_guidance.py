@@ -8,6 +8,7 @@ import json
 import pytest
 import pytorch_lightning as pl
 import torch
+from tiny_parts import tiny_pipeline, tiny_text_encoder, tiny_vae
 
 from ldm.data.latents import LatentDataModule, LatentDataset, build_latent_cache, label_at, parse_label_paths
 from ldm.data.shapes import BENCHMARK
@@ -20,7 +21,6 @@ from ldm.io import load_part, save_part
 from ldm.models.checkpoint import rebuild_from_checkpoint
 from ldm.models.latent_classifier import LatentClassifierModule
 from ldm.modules.latent_classifier import LatentClassifier, LatentClassifierConfig
-from tiny_parts import tiny_pipeline, tiny_text_encoder, tiny_vae
 
 SCHEDULE = DiscreteSchedule(ScheduleConfig(name="scaled_linear"))
 LABELS = {"color": ["red", "green", "blue"], "size": ["small", "large"]}

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 from PIL import Image
+from tiny_parts import tiny_pipeline
 
 from ldm.editing import ImageEdit, image_tensor, luminance, mask_tensor, project_luminance
 from ldm.errors import UsageError
 from ldm.generation import GenerationRequest, build_edit
-from tiny_parts import tiny_pipeline
 
 H = 16  # tiny_pipeline's size; VAE factor 4 -> 4x4 latents
 

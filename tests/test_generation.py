@@ -9,12 +9,12 @@ import json
 import pytest
 import torch
 from PIL import Image
+from tiny_parts import tiny_pipeline
 
 from ldm.cli import main as ldm_main
 from ldm.errors import UsageError
 from ldm.generation import GenerationRequest, read_png_metadata
 from ldm.visual import LABEL_FONT_SIZE, image_grid
-from tiny_parts import tiny_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,11 @@ from PIL import Image
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
+from tiny_parts import tiny_pipeline  # noqa: E402
 
 from ldm.generation import GenerationRequest, build_edit, read_png_request, run_request  # noqa: E402
 from ldm.serve import Limits, create_app  # noqa: E402
 from ldm.visual import to_pil  # noqa: E402
-from tiny_parts import tiny_pipeline  # noqa: E402
 
 LIMITS = Limits(max_steps=10, max_images=4, max_size=64, max_prompt_chars=50, max_upload_bytes=64 * 1024)
 

@@ -21,9 +21,9 @@ uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 from PIL import Image  # noqa: E402
+from tiny_parts import tiny_pipeline  # noqa: E402
 
 from ldm.serve import Limits, create_app  # noqa: E402
-from tiny_parts import tiny_pipeline  # noqa: E402
 
 CHROMIUMS = ("chromium-headless-shell", "chromium", "chromium-browser", "google-chrome")
 

@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     pipe = TextToImagePipeline.from_pretrained(args.pipeline)
     classifier = load_classifier(args.classifier, pipe)
     probe = load_probe(args.probe)
-    extractor = CLIPImageFeatures.from_part(args.image_encoder or Path(args.pipeline) / "text_encoder" / "image_encoder")
+    encoder = args.image_encoder or Path(args.pipeline) / "text_encoder" / "image_encoder"
+    extractor = CLIPImageFeatures.from_part(encoder)
     result = {}
     if args.cache:
         accuracy = conditional.classifier_accuracy(classifier, args.cache, pipe.schedule)

@@ -27,7 +27,8 @@ from ldm.models.base import PartModule
 from ldm.modules.latent_classifier import LatentClassifier, LatentClassifierConfig
 
 
-def labelled_cross_entropy(logits: dict[str, torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+def labelled_cross_entropy(logits: dict[str, torch.Tensor], labels: torch.Tensor
+                           ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Σ_a mean CE over the samples labelled for head a (column a of ``labels``, −1 = unknown), and per-head
     (correct, count) for accuracy. A head with no labelled sample in the batch adds 0."""
     total = labels.new_zeros((), dtype=torch.float32)
