@@ -73,14 +73,15 @@ fid: $(STAMP)
 	  --probe $(PARTS)/probe --n 200 --sweep guidance=1,2,4,7 steps=5,10,20,50 sampler=ddim,dpmpp-2m \
 	  --out $(RUN_DIR)/fid/fid.json $(ARGS)
 
-# From nothing to a sample grid and its prompt-adherence figures (shapes, CPU budget: 15 min with the install).
-# Each training runs for its wall-clock budget (trainer.max_time) and FitToTimeBudget (configs/trainer/cpu.yaml)
+# From nothing to a sample grid and its prompt-adherence figures (shapes, CPU budget: 15 min with the install):
+# `ldm demo` (ldm/demo.py) runs the stages, one line of progress each, their logs in checkpoints/shapes/logs/.
+# Each training runs for its wall-clock budget (trainer.max_time) and FitToTimeBudget (on in every `ldm fit`)
 # fits its step count to it, so every LR schedule runs to its end on a slow machine and a fast one does more
-# steps; the DEMO_*_STEPS are only ceilings. The VAE and the text encoder train side by side (one core each;
-# the VAE's log goes to a file), the probe trains beside the latent cache (the first DEMO_CACHE_SAMPLES
-# training images), and the U-Net trains data-parallel in 2 processes (configs/trainer/ddp-cpu.yaml) for
-# whatever is left of DEMO_BUDGET_S seconds — counted from the moment `make demo` started, install included —
-# after DEMO_AFTER_LDM_S for its start-up, the export and the adherence measurement.
+# steps; the DEMO_*_STEPS are only ceilings. The VAE and the text encoder train side by side (one core each),
+# the probe trains beside the latent cache (the first DEMO_CACHE_SAMPLES training images), and the U-Net
+# trains data-parallel in 2 processes (configs/trainer/ddp-cpu.yaml) for whatever is left of DEMO_BUDGET_S
+# seconds — counted from the moment `make demo` started, install included — after DEMO_AFTER_LDM_S for its
+# start-up, the export and the adherence measurement.
 DEMO_BUDGET_S ?= 870
 DEMO_AFTER_LDM_S ?= 60
 DEMO_START := $(shell date +%s)
@@ -90,36 +91,14 @@ DEMO_CLIP_TIME ?= 00:00:02:45
 DEMO_CLIP_STEPS ?= 5000
 DEMO_CACHE_SAMPLES ?= 30000
 DEMO_LDM_STEPS ?= 10000
-DEMO_LOGS := checkpoints/shapes/logs
 demo: $(STAMP)
-	@mkdir -p $(DEMO_LOGS); \
-	$(MAKE) --no-print-directory data DATA=shapes || exit 1; \
-	echo "demo: training the VAE (log: $(DEMO_LOGS)/train-vae.log) and the text encoder side by side"; \
-	OMP_NUM_THREADS=1 $(MAKE) --no-print-directory train-vae DATA=shapes \
-	  ARGS="--trainer.max_time $(DEMO_VAE_TIME) --trainer.max_steps $(DEMO_VAE_STEPS)" > $(DEMO_LOGS)/train-vae.log 2>&1 & vae=$$!; \
-	OMP_NUM_THREADS=1 $(MAKE) --no-print-directory train-clip DATA=shapes \
-	  ARGS="--trainer.max_time $(DEMO_CLIP_TIME) --trainer.max_steps $(DEMO_CLIP_STEPS)" || { kill $$vae; exit 1; }; \
-	echo "demo: waiting for the VAE"; \
-	wait $$vae || { tail -n 30 $(DEMO_LOGS)/train-vae.log; echo "demo: the VAE training failed (log above)"; exit 1; }; \
-	grep -h "wrote\|exported" $(DEMO_LOGS)/train-vae.log | tail -n 2; \
-	echo "demo: training the shapes probe (log: $(DEMO_LOGS)/probe.log) beside the latent cache"; \
-	OMP_NUM_THREADS=1 $(PY) -m ldm.evaluation.shapes_probe --data-dir datasets/shapes --out checkpoints/shapes/parts/probe \
-	  > $(DEMO_LOGS)/probe.log 2>&1 & probe=$$!; \
-	OMP_NUM_THREADS=1 $(MAKE) --no-print-directory cache DATA=shapes CACHE_ARGS="--max-samples $(DEMO_CACHE_SAMPLES)" \
-	  || { kill $$probe; exit 1; }; \
-	left=$$(( $(DEMO_START) + $(DEMO_BUDGET_S) - $(DEMO_AFTER_LDM_S) - $$(date +%s) )); \
-	if [ $$left -lt 60 ]; then echo "demo: only $$left s left for the U-Net (DEMO_BUDGET_S=$(DEMO_BUDGET_S)); raise DEMO_BUDGET_S"; kill $$probe; exit 1; fi; \
-	echo "demo: training the U-Net for $$left s (what is left of the $(DEMO_BUDGET_S) s budget)"; \
-	OMP_NUM_THREADS=1 $(MAKE) --no-print-directory train-ldm DATA=shapes LDM_CACHE= \
-	  ARGS="--config configs/trainer/ddp-cpu.yaml --trainer.max_time $$(printf 00:00:%02d:%02d $$((left / 60)) $$((left % 60))) --trainer.max_steps $(DEMO_LDM_STEPS)" \
-	  || { kill $$probe; exit 1; }; \
-	wait $$probe || { tail -n 20 $(DEMO_LOGS)/probe.log; echo "demo: the probe training failed (log above)"; exit 1; }; \
-	$(MAKE) --no-print-directory adherence DATA=shapes || exit 1; \
-	echo "demo: done in $$(( $$(date +%s) - $(DEMO_START) )) s with the install; grid: checkpoints/shapes/samples/demo.png, figures: checkpoints/shapes/adherence.json"
+	$(LDM) demo --start-time $(DEMO_START) --budget-s $(DEMO_BUDGET_S) --after-ldm-s $(DEMO_AFTER_LDM_S) \
+	  --vae-time $(DEMO_VAE_TIME) --vae-steps $(DEMO_VAE_STEPS) --clip-time $(DEMO_CLIP_TIME) \
+	  --clip-steps $(DEMO_CLIP_STEPS) --cache-samples $(DEMO_CACHE_SAMPLES) --ldm-steps $(DEMO_LDM_STEPS)
 
 bench: $(STAMP)
-	$(PY) -m ldm.data.bench
-	$(PY) -m ldm.bench.unet
+	$(LDM) bench data
+	$(LDM) bench unet
 
 # ---- lint and tests -----------------------------------------------------------------------------------
 lint: $(STAMP)

@@ -126,11 +126,11 @@ def resolve(pipe: Any, request: GenerationRequest, digests: dict[str, str] | Non
         else:
             target = Path(path) / "model.safetensors" if name == "classifier" else Path(path)
             if not target.is_file():
-                raise UsageError(f"{name.replace('_', ' ')} {path} does not exist")
+                raise UsageError(f"--{name.replace('_', '-')} {path} does not exist")
             digest = file_sha256(target)
         recorded = getattr(out, f"{name}_sha256")
         if recorded and recorded != digest:
-            raise UsageError(f"{name.replace('_', ' ')} {path} is not the file this image was made from "
+            raise UsageError(f"--{name.replace('_', '-')} {path} is not the file this image was made from "
                              f"(sha256 {digest[:12]}…, recorded {recorded[:12]}…)")
         setattr(out, f"{name}_sha256", digest)
     return out
@@ -159,8 +159,8 @@ def build_edit(request: GenerationRequest, images: dict[str, Image.Image] | None
                              ("colorize", request.colorize)) if on]
     if len(modes) > 1:
         raise UsageError(f"choose one edit: {' and '.join(modes)} do not combine")
-    image = images.get("init_image") or read_image(request.init_image, "init image")
-    mask = images.get("mask") or (read_image(request.mask, "mask") if request.mask else None)
+    image = images.get("init_image") or read_image(request.init_image, "--init-image")
+    mask = images.get("mask") or (read_image(request.mask, "--mask") if request.mask else None)
     return ImageEdit(image, modes[0] if modes else "img2img", request.strength, mask, request.source_prompt,
                      request.resample)
 

@@ -338,7 +338,7 @@ def create_app(pipe: Any, pipeline_dir: str = "", limits: Limits | None = None, 
 
 
 def serve(pipeline: str | Path, host: str = "127.0.0.1", port: int = 7860, device: str | None = None,
-          classifier: str | Path | None = None, limits: Limits | None = None) -> None:
+          classifier: str | Path | None = None, limits: Limits | None = None, allow_mismatch: bool = False) -> None:
     """Load the pipeline (and classifier) and serve the page until interrupted."""
     try:
         import uvicorn
@@ -349,7 +349,7 @@ def serve(pipeline: str | Path, host: str = "127.0.0.1", port: int = 7860, devic
     from ldm.pipeline import TextToImagePipeline
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = TextToImagePipeline.from_pretrained(pipeline, device=device)
+    pipe = TextToImagePipeline.from_pretrained(pipeline, device=device, allow_mismatch=allow_mismatch)
     loaded = load_classifier(classifier, pipe) if classifier else None
     app = create_app(pipe, str(pipeline), limits, loaded, str(classifier) if classifier else None)
     print(f"ldm serve: http://{host}:{port}/  (pipeline {pipeline}; Ctrl-C to stop)")

@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
+from ldm.cli import main as ldm_main
 from ldm.conditioning import Conditioning as C
-
 from ldm.interop.diffusers_unet import config_from_diffusers, diffusers_config, diffusers_to_ldm, ldm_to_diffusers
 from ldm.modules.unet import UNet, UNetConfig
 
@@ -112,8 +112,8 @@ def test_benchmark_runs_and_writes_json(tmp_path):
     ratio = result["ldm"]["train_img_s"] / result["diffusers"]["train_img_s"]
     assert result["train_img_s_ratio"] == pytest.approx(ratio)
     out = tmp_path / "unet.json"
-    assert bench.main(["--config", "shapes-s", "--batch", "2", "--steps", "1", "--warmup", "0", "--rounds", "1",
-                       "--no-diffusers", "--out", str(out)]) == 0
+    assert ldm_main(["bench", "unet", "--config", "shapes-s", "--batch", "2", "--steps", "1", "--warmup", "0",
+                     "--rounds", "1", "--no-diffusers", "--out", str(out)]) == 0
     saved = json.loads(out.read_text())
     assert saved["results"][0]["name"] == "shapes-s" and "diffusers" not in saved["results"][0]
 

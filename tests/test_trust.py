@@ -34,8 +34,7 @@ def test_a_checkpoint_naming_a_writer_function_writes_nothing(tmp_path):
     ckpt = crafted(tmp_path / "evil.ckpt", "ldm.io.atomic_write_bytes", {"path": str(target), "data": b"owned"})
     with pytest.raises(PartError, match="atomic_write_bytes.*not loaded"):
         rebuild_from_checkpoint(ckpt)
-    with pytest.raises(PartError):
-        ldm_main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "out")])
+    assert ldm_main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "out")]) == 2
     evil_dm = {"class_path": "ldm.io.atomic_write_bytes", "init_args": {"path": str(target), "data": b"owned"}}
     ckpt = crafted(tmp_path / "evil-dm.ckpt", "ldm.models.autoencoder.AutoencoderModule", {}, evil_dm)
     with pytest.raises(PartError, match="not loaded"):
@@ -56,8 +55,7 @@ def test_a_checkpoint_whose_data_folder_is_a_command_runs_nothing(tmp_path):
     torch.save(ckpt, tmp_path / "vae.ckpt")
     with pytest.raises(PartError, match="not a local path.*--data-dir"):
         rebuild_from_checkpoint(tmp_path / "vae.ckpt")
-    with pytest.raises(PartError):
-        ldm_main(["export", "--ckpt", str(tmp_path / "vae.ckpt"), "--out", str(tmp_path / "vae")])
+    assert ldm_main(["export", "--ckpt", str(tmp_path / "vae.ckpt"), "--out", str(tmp_path / "vae")]) == 2
     assert not marker.exists() and not (tmp_path / "vae").exists()
 
 
@@ -125,6 +123,11 @@ def test_swapped_parts_in_a_pipeline_are_refused_unless_allowed(tmp_path):
         TextToImagePipeline.from_pretrained(tmp_path / "pipe")
     with pytest.warns(UserWarning, match="another vae"):
         TextToImagePipeline.from_pretrained(tmp_path / "pipe", allow_mismatch=True)
+    generate = ["generate", "--pipeline", str(tmp_path / "pipe"), "--prompt", "a red circle", "--n", "1", "--steps",
+                "1", "--out", str(tmp_path / "out.png")]
+    assert ldm_main(generate) == 2 and not (tmp_path / "out.png").exists()
+    with pytest.warns(UserWarning, match="another vae"):
+        assert ldm_main(generate + ["--allow-mismatch"]) == 0
 
 
 def test_tampered_weights_are_refused(tmp_path):

@@ -44,6 +44,7 @@ from ldm.conditioning import Conditioning
 from ldm.data.resumable import ResumableLoader
 from ldm.data.shards import list_shards, read_info
 from ldm.data.webdata import ShardDataset
+from ldm.data.workers import ShieldedLoader
 from ldm.io import PartError, read_json, weights_hash, write_json
 
 CHUNK = "chunk-{:05d}.safetensors"
@@ -135,7 +136,7 @@ def encode_split(vae: torch.nn.Module, text_encoder: torch.nn.Module, data_dir: 
     device = next(vae.parameters()).device
     memo: dict[str, tuple[torch.Tensor, ...]] = {}  # caption -> (tokens, mask, pooled): encode each text once
     # one worker decodes PNGs while this process encodes (the dataset yields whole batches)
-    loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False)
+    loader = ShieldedLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False)
     for batch in loader:
         skipped += int(batch.get("skipped", 0))
         if max_samples is not None:
@@ -373,5 +374,5 @@ class LatentDataModule(pl.LightningDataModule):
         self.setup("fit")
         if self.val_set is None:
             return []
-        return DataLoader(self.val_set, batch_size=self.val_batch_size, shuffle=False,
-                          collate_fn=_as_batch, num_workers=self.num_workers)
+        return ShieldedLoader(self.val_set, batch_size=self.val_batch_size, shuffle=False,
+                              collate_fn=_as_batch, num_workers=self.num_workers)

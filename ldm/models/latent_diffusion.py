@@ -212,6 +212,7 @@ class LatentDiffusion(PartModule):
         return list(benchmark.val_prompts()) if benchmark is not None else []
 
     def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
         self._val_runs += 1
         every = self.hparams.sample_every_n_val
         if every and self._val_runs % every == 0 and self.trainer.is_global_zero and self.sample_prompts():

@@ -1,6 +1,7 @@
 """Training at scale and through faults: Lightning callbacks and plugins for any ldm LightningModule.
 
-``configs/trainer/*.yaml`` switch them on for every ``ldm fit``:
+``ldm fit`` switches on AtomicCheckpointIO, PreemptionCheckpoint, SkipNonFiniteSteps, SeedEveryStep and
+FitToTimeBudget itself (``ldm.cli.train.add_robustness``), whatever the config says; the rest are opt-in:
 
 - :class:`AtomicCheckpointIO` (plugin): checkpoints are written to a temp file and renamed, so a crash never
   leaves a corrupt ``last.ckpt``; loads are ``weights_only=True`` and a failure names the file.
