@@ -30,6 +30,7 @@ from ldm.errors import UsageError
 from ldm.io import file_sha256, load_part, part_metadata, weights_hash
 
 PNG_KEY = "ldm"
+EXIF_DESCRIPTION = 0x010E
 MAX_PROMPTS_RECORDED = 256
 
 
@@ -223,10 +224,16 @@ def png_bytes(image: Image.Image, meta: dict[str, Any], parameters: str | None =
 
 
 def save_png(image: Image.Image, path: str | Path, meta: dict[str, Any], parameters: str | None = None) -> Path:
-    """Write ``image`` with its metadata (:func:`png_bytes`) to ``path``."""
+    """Write ``image`` with its metadata (:func:`png_bytes`) to ``path``. A grid asked for as .jpg/.webp keeps the
+    JSON in its EXIF ImageDescription (tag 0x010E) instead, since those formats have no text chunks."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(png_bytes(image, meta, parameters))
+    if path.suffix.lower() == ".png":
+        path.write_bytes(png_bytes(image, meta, parameters))
+    else:
+        exif = Image.Exif()
+        exif[EXIF_DESCRIPTION] = json.dumps(meta, sort_keys=True)
+        image.save(path, exif=exif)
     return path
 
 
@@ -237,7 +244,7 @@ def read_png_metadata(path: str | Path) -> dict[str, Any]:
         raise UsageError(f"--from-png {path} does not exist")
     try:
         with Image.open(path) as im:
-            text = getattr(im, "text", {}).get(PNG_KEY)
+            text = getattr(im, "text", {}).get(PNG_KEY) or im.getexif().get(EXIF_DESCRIPTION)
     except (UnidentifiedImageError, OSError) as e:
         raise UsageError(f"--from-png {path} is not a readable image ({e})") from None
     if text is None:
