@@ -30,6 +30,8 @@ COMMANDS: dict[str, str] = {
     "cache": "cache",
     "convert": "convert",
     "generate": "generate",
+    "guidance": "guidance",
+    "serve": "serve",
     "adherence": "adherence",
     "fid": "fid",
     "vae-fidelity": "vae_fidelity",

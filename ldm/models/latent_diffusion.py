@@ -324,7 +324,7 @@ class LatentDiffusion(PartModule):
         prompts = self.sample_prompts()
         pipe = self.pipeline()
         images = pipe(prompts, steps=self.hparams.sample_steps, n_per_prompt=4, seed=0, progress=False)
-        self.log_image("val/samples", image_grid(images, rows=len(prompts), scale=2))
+        self.log_image("val/samples", image_grid(images, rows=len(prompts), scale=4, row_labels=prompts))
         # the pipeline's parts are shared with the training module: put them back in eval mode
         self.vae.eval()
         self.text_encoder.eval()
