@@ -197,6 +197,7 @@ def apply_lora(denoiser: nn.Module, lora: LoraFile | str | Path, scale: float = 
     set_lora_scale(denoiser, scale, name)
     if merge:
         merge_lora(denoiser)
+    denoiser._ldm_weights_sha256 = None  # no longer the weights of the file it was loaded from
     return lora
 
 
@@ -223,4 +224,5 @@ def apply_to_pipeline(pipe: Any, loras: list[tuple[str, float]], merge: bool = T
         pipe.config = dataclasses.replace(pipe.config, **{k: v for k, v in lora.sampling.items() if k in fields})
         applied.append(lora)
     pipe.denoiser.eval().requires_grad_(False)
+    pipe._ldm_fingerprint = None  # its images change: ldm.generation hashes the new weights
     return applied

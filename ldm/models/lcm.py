@@ -20,6 +20,7 @@ guidance is baked in; sample with guidance 1), exported as an adapter folder tha
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -39,17 +40,31 @@ from ldm.diffusion.consistency import (
 )
 from ldm.diffusion.guidance import guided_output, takes_guidance_scale, with_guidance_scale
 from ldm.errors import UsageError
-from ldm.io import PartError
+from ldm.io import PartError, weights_hash
 from ldm.lora import save_lora
 from ldm.models.base import PartModule
-from ldm.models.init import load_pipeline_start
 from ldm.models.latent_diffusion import empty_prompt_conditioning, encode_batch
 from ldm.modules.denoiser import conditioning_for, copy_denoiser, derive_denoiser
 from ldm.modules.lora import LoraSpec, add_lora
-from ldm.pipeline import PipelineConfig, TextToImagePipeline
+from ldm.pipeline import TextToImagePipeline
 from ldm.visual import image_grid
 
 TEACHER_KEY = "ldm_teacher"  # checkpoint key: the sha256 of the teacher's weights
+
+
+def load_teacher(path: str) -> TextToImagePipeline:
+    """The teacher pipeline (``TextToImagePipeline.from_pretrained``, frozen); a folder that is not one is a user
+    error naming ``model.init_args.teacher``."""
+    if not isinstance(path, str) or not path:
+        raise UsageError("model.init_args.teacher: give the teacher's pipeline folder")
+    try:
+        pipe = TextToImagePipeline.from_pretrained(path)
+    except PartError as e:
+        raise PartError(f"model.init_args.teacher: {path} is not a usable pipeline folder ({e})") from e
+    if takes_guidance_scale(pipe.denoiser):
+        raise UsageError(f"model.init_args.teacher: {path} is already w-conditioned (a distilled student?); "
+                         "distil a diffusion model's pipeline")
+    return pipe
 
 
 class LatentConsistencyDistillation(PartModule):
@@ -85,16 +100,11 @@ class LatentConsistencyDistillation(PartModule):
             raise UsageError(f"model.init_args: need 1 <= w_min <= w_max (standard CFG scales), got {w_min}, {w_max}")
         if not 0.0 <= target_ema_decay < 1.0:
             raise UsageError(f"model.init_args.target_ema_decay must be in [0, 1), got {target_ema_decay}")
-        if not isinstance(teacher, str) or not teacher:
-            raise UsageError("model.init_args.teacher: give the teacher's pipeline folder")
-        start = load_pipeline_start(teacher, source="model.init_args.teacher")
-        self.vae, self.text_encoder, self.schedule = start.vae, start.text_encoder, start.schedule
+        pipe = load_teacher(teacher)
+        self.vae, self.text_encoder, self.schedule = pipe.vae, pipe.text_encoder, pipe.schedule
         self.text_encoder.freeze()
-        self.teacher_config, self.teacher_hash = start.config, start.base_hash
-        self.teacher = start.denoiser.requires_grad_(False).eval()
-        if takes_guidance_scale(self.teacher):
-            raise UsageError(f"model.init_args.teacher: {teacher} is already w-conditioned (a distilled student?); "
-                             "distil a diffusion model's pipeline")
+        self.teacher_config, self.teacher_hash = pipe.config, weights_hash(pipe.denoiser)
+        self.teacher = pipe.denoiser.requires_grad_(False).eval()
         self.grid = skipping_grid(self.schedule.num_train_timesteps, skip)
         self.lora = LoraSpec(**lora) if lora else None
         if self.lora is not None:
@@ -237,6 +247,7 @@ class LatentConsistencyDistillation(PartModule):
         return list(benchmark.val_prompts()) if benchmark is not None else []
 
     def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
         self._val_runs += 1
         every = self.hparams.sample_every_n_val
         if every and self._val_runs % every == 0 and self.trainer.is_global_zero and self.sample_prompts():
@@ -260,8 +271,10 @@ class LatentConsistencyDistillation(PartModule):
         if use_ema and self.ema is not None:
             self.ema.copy_to(denoiser)
         c = self.teacher_config
-        config = PipelineConfig(height=c.height, width=c.width, guidance_rescale=0.0, **self.sampling_defaults())
-        return TextToImagePipeline(self.vae, self.text_encoder, denoiser, self.schedule, config)
+        config = dataclasses.replace(c, guidance_rescale=0.0, **self.sampling_defaults())
+        provenance = {"_distilled_from": {"path": str(Path(self.hparams.teacher).resolve()),
+                                          "denoiser_sha256": self.teacher_hash}}
+        return TextToImagePipeline(self.vae, self.text_encoder, denoiser, self.schedule, config, provenance)
 
     def exporter(self, datamodule: Any = None) -> Callable[[Path], None]:
         """The full student: a pipeline folder (unet/ is the w-conditioned student). LCM-LoRA: the adapter folder
