@@ -96,7 +96,10 @@ def save_lora(denoiser: nn.Module, out_dir: str | Path, spec: LoraSpec, name: st
     converters = _converters(denoiser)
     layout = "diffusers" if converters else "ldm"
     if converters:
-        state = converters[0](state)
+        try:
+            state = converters[0](state, denoiser.config)
+        except ValueError as e:
+            raise PartError(f"cannot write the LoRA of this {type(denoiser).__name__} in diffusers' layout: {e}") from e
     rank_pattern, alpha_pattern = _rank_patterns(state, spec)
     metadata = {"r": spec.rank, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout,
                 "target_modules": sorted({k.rpartition(".lora_")[0] for k in state}),
@@ -153,7 +156,7 @@ def read_lora(path: str | Path, denoiser: nn.Module | None = None) -> LoraFile:
             raise PartError(f"{weights} is in diffusers' layout, which only "
                             f"{sorted(DIFFUSERS_LAYOUT)} denoisers read")
         try:
-            state = converters[1](state)
+            state = converters[1](state, denoiser.config)
         except ValueError as e:
             raise PartError(f"{weights}: {e}") from e
     return LoraFile(spec, state, record, folder)

@@ -110,7 +110,7 @@ def test_guidance_embedding_matches_diffusers_time_cond_proj():
     with torch.no_grad():
         theirs.time_embedding.cond_proj.weight.normal_()
     ours = UNet(config).eval()
-    ours.load_state_dict(diffusers_to_ldm(theirs.state_dict()))
+    ours.load_state_dict(diffusers_to_ldm(theirs.state_dict(), config))
     assert config_from_diffusers(dict(theirs.config)) == config
     scale = torch.tensor([1.5, 4.0, 8.0])  # LCM pipelines embed (scale - 1), LCM's ω
     w_embedding = diffusers.LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, scale - 1, 32)

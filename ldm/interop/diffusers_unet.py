@@ -21,14 +21,14 @@ from typing import Any
 
 import torch
 
-from ldm.interop.tables import ConversionError, KeyTable, Row
+from ldm.interop.tables import ConversionError, KeyTable, Row, listing
 from ldm.modules.unet import UNet, UNetConfig
 
 Tensor = torch.Tensor
 
 # Our module path prefix -> (diffusers prefix, CompVis prefix, what the rest of the key is). ``n`` is
 # num_res_blocks; the CompVis input/output blocks are numbered over the levels as in openaimodel.py.
-_Prefix = tuple[str, str, str]
+_Prefix = tuple[str, str | None, str]
 
 
 def _prefixes(config: UNetConfig) -> list[tuple[str, Callable[[re.Match], _Prefix]]]:
@@ -44,6 +44,8 @@ def _prefixes(config: UNetConfig) -> list[tuple[str, Callable[[re.Match], _Prefi
         (r"conv_in\.", lambda m: ("conv_in.", "input_blocks.0.0.", "plain")),
         (r"time_embed\.linear_([12])\.",
          lambda m: (f"time_embedding.linear_{g(m, 1)}.", f"time_embed.{2 * g(m, 1) - 2}.", "plain")),
+        # w-conditioning (LCM): diffusers' time_cond_proj_dim; the CompVis single file has no such layer
+        (r"time_embed\.cond_proj\.", lambda m: ("time_embedding.cond_proj.", None, "plain")),
         (r"pooled_embed\.linear_([12])\.",
          lambda m: (f"class_embedding.linear_{g(m, 1)}.", f"label_emb.0.{2 * g(m, 1) - 2}.", "plain")),
         (r"down\.(\d+)\.res\.(\d+)\.", lambda m: (f"down_blocks.{g(m, 1)}.resnets.{g(m, 2)}.",
@@ -83,6 +85,9 @@ def _their_key(key: str, prefixes: list[tuple[str, Callable[[re.Match], _Prefix]
         if m is None:
             continue
         diffusers, compvis, kind = names(m)
+        if compvis is None and layout == "compvis":
+            raise ConversionError(f"UNet key {key!r} has no CompVis name: an SD single file cannot hold this layer "
+                                  "(the guidance-scale embedding of a distilled student); write a diffusers folder")
         rest = key[m.end():]
         if kind == "res":
             leaf, _, param = rest.partition(".")
@@ -251,7 +256,6 @@ def config_from_diffusers(dconfig: dict[str, Any]) -> UNetConfig:
 
 # ---- LoRA weights (peft format: "<module>.lora_A.weight" (r, in, ...) and "<module>.lora_B.weight" (out, r, ...)) ----
 LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
-_GEGLU_HALVES = (".ff.value", ".ff.gate")
 
 
 def _lora_modules(state_dict: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
@@ -260,73 +264,84 @@ def _lora_modules(state_dict: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]
     for key, value in state_dict.items():
         suffix = next((s for s in LORA_SUFFIXES if key.endswith(s)), None)
         if suffix is None:
-            raise ValueError(f"{key!r} is not a LoRA A/B weight: only plain LoRA (no DoRA, no LoRA bias) converts")
+            raise ConversionError(f"{key!r} is not a LoRA A/B weight: only plain LoRA (no DoRA, no LoRA bias) converts")
         modules.setdefault(key[: -len(suffix)], {})["A" if suffix == LORA_SUFFIXES[0] else "B"] = value
     incomplete = sorted(m for m, ab in modules.items() if len(ab) != 2)
     if incomplete:
-        raise ValueError(f"LoRA weights without their A or B half: {incomplete[:3]}")
+        raise ConversionError(f"LoRA weights without their A or B half: {listing(incomplete)}")
     return modules
+
+
+def _layer_rows(config: UNetConfig, linear_projection: bool) -> list[tuple[tuple[str, ...], str, str]]:
+    """(our layers, their layer, op) for every weight row of :func:`key_table`: the layers a LoRA can adapt."""
+    return [(tuple(k[: -len(".weight")] for k in row.ours), row.theirs[0][: -len(".weight")], row.op)
+            for row in key_table(config, linear_projection=linear_projection).rows
+            if len(row.theirs) == 1 and all(k.endswith(".weight") for k in row.ours)]
 
 
 def _put(out: dict[str, Tensor], module: str, a: Tensor, b: Tensor) -> None:
     out[module + LORA_SUFFIXES[0]], out[module + LORA_SUFFIXES[1]] = a, b
 
 
-def ldm_lora_to_diffusers(state_dict: dict[str, Tensor], linear_projection: bool = False) -> dict[str, Tensor]:
-    """LoRA weights of ``UNet`` modules renamed to ``UNet2DConditionModel``'s (the same tables as the weights), exact:
+def ldm_lora_to_diffusers(state_dict: dict[str, Tensor], config: UNetConfig, linear_projection: bool = False
+                          ) -> dict[str, Tensor]:
+    """LoRA weights on ``UNet`` layers renamed by :func:`key_table` to ``UNet2DConditionModel``'s, exactly:
 
-    * GEGLU: LoRAs (A_v, B_v) on ``ff.value`` and (A_g, B_g) on ``ff.gate`` become one LoRA on ``ff.net.0.proj``
-      (rows [value | gate]) of rank r_v + r_g with A = [A_v; A_g] and B = [[B_v, 0], [0, B_g]], so that
-      B A = [B_v A_v; B_g A_g] (a missing half contributes zero rows). Its alpha must keep alpha/rank: the
-      caller's metadata does that (``ldm.lora``);
-    * ``proj_in``/``proj_out``: Linear LoRAs become 1x1-conv ones unless ``linear_projection``.
+    * a ``cat`` row (GEGLU: ``ff.value`` and ``ff.gate`` are the row halves of ``ff.net.0.proj``): LoRAs (A_i, B_i)
+      become one LoRA of rank Σ r_i with A = [A_1; A_2] and B = [[B_1, 0], [0, B_2]], so that B A = [B_1 A_1;
+      B_2 A_2] (a half without LoRA contributes zero rows). Its alpha must keep alpha/rank (``ldm.lora`` does);
+    * a ``conv`` row (``proj_in``/``proj_out`` of SD 1.x): Linear LoRAs become 1x1-conv ones.
     """
     modules = _lora_modules(state_dict)
     out: dict[str, Tensor] = {}
-    for module, ab in modules.items():
-        half = next((h for h in _GEGLU_HALVES if module.endswith(h)), None)
-        if half is not None:
-            base = module[: -len(half)] + ".ff"
-            if half == ".ff.gate" and base + ".value" in modules:
-                continue  # joined with its value half
-            value, gate = modules.get(base + ".value"), modules.get(base + ".gate")
-            parts = [p for p in (value, gate) if p is not None]
-            a = torch.cat([p["A"] for p in parts], dim=0)
-            inner = parts[0]["B"].shape[0]
-            b = a.new_zeros(2 * inner, a.shape[0])
+    for ours, theirs, op in _layer_rows(config, linear_projection):
+        parts = [modules.pop(layer, None) for layer in ours]
+        present = [p for p in parts if p is not None]
+        if not present:
+            continue
+        if op == "cat":
+            a = torch.cat([p["A"] for p in present], dim=0)
+            rows = present[0]["B"].shape[0]
+            b = a.new_zeros(rows * len(parts), a.shape[0])
             col = 0
-            for row, p in ((0, value), (inner, gate)):
+            for i, p in enumerate(parts):
                 if p is not None:
                     rank = p["B"].shape[1]
-                    b[row:row + inner, col:col + rank] = p["B"]
+                    b[i * rows:(i + 1) * rows, col:col + rank] = p["B"]
                     col += rank
-            _put(out, _rename(base + ".net.0.proj.", _BLOCKS_BACK)[:-1], a, b)
-            continue
-        name = _rename(module + ".", _BLOCKS_BACK)[:-1]
-        a, b = ab["A"], ab["B"]
-        if re.search(r"\.proj_(in|out)$", name) and not linear_projection and a.ndim == 2:
-            a, b = a[:, :, None, None], b[:, :, None, None]
-        _put(out, name, a, b)
+            _put(out, theirs, a, b)
+        elif op == "conv" and present[0]["A"].ndim == 2:
+            _put(out, theirs, present[0]["A"][:, :, None, None], present[0]["B"][:, :, None, None])
+        else:
+            _put(out, theirs, present[0]["A"], present[0]["B"])
+    if modules:
+        raise ConversionError(f"LoRA weights on layers the U-Net does not have: {listing(modules)}")
     return out
 
 
-def diffusers_lora_to_ldm(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Inverse of :func:`ldm_lora_to_diffusers`, for any diffusers UNet LoRA in peft format (without the ``unet.``
-    prefix): an ``ff.net.0.proj`` LoRA (A, B) splits exactly into (A, B[:inner]) on ``ff.value`` and (A, B[inner:])
-    on ``ff.gate``, each without the rank components whose B column is zero there (those contribute nothing; an
-    all-zero half is dropped), which undoes the block-diagonal join; 1x1-conv LoRAs become Linear ones."""
+def diffusers_lora_to_ldm(state_dict: dict[str, Tensor], config: UNetConfig) -> dict[str, Tensor]:
+    """Inverse of :func:`ldm_lora_to_diffusers`, for any diffusers U-Net LoRA in peft format (without the ``unet.``
+    prefix): a LoRA (A, B) on a ``cat`` row splits exactly into (A, B_i) per row block of B, each without the rank
+    components whose B column is zero there (they contribute nothing; an all-zero block is dropped), which undoes
+    the block-diagonal join; 1x1-conv LoRAs on ``conv`` rows become Linear ones."""
+    rows = {theirs: (ours, op) for ours, theirs, op in _layer_rows(config, False)}
     out: dict[str, Tensor] = {}
+    unknown = []
     for module, ab in _lora_modules(state_dict).items():
-        name = _rename(module + ".", _BLOCKS)[:-1]
-        a, b = ab["A"], ab["B"]
-        if name.endswith(".ff.net.0.proj"):
-            base, inner = name[: -len(".net.0.proj")], b.shape[0] // 2
-            for half, rows in ((".value", b[:inner]), (".gate", b[inner:])):
-                used = rows.abs().sum(dim=0) > 0  # rank components this half uses (ff is Linear)
-                if bool(used.any()):
-                    _put(out, base + half, a[used], rows[:, used])
+        if module not in rows:
+            unknown.append(module)
             continue
-        if re.search(r"\.proj_(in|out)$", name) and a.ndim == 4:
-            a, b = a[:, :, 0, 0], b[:, :, 0, 0]
-        _put(out, name, a, b)
+        ours, op = rows[module]
+        a, b = ab["A"], ab["B"]
+        if op == "cat":
+            for layer, block in zip(ours, b.chunk(len(ours), dim=0)):
+                used = block.abs().sum(dim=0) > 0  # rank components this block uses (GEGLU is Linear)
+                if bool(used.any()):
+                    _put(out, layer, a[used], block[:, used])
+        elif op == "conv" and a.ndim == 4:
+            _put(out, ours[0], a[:, :, 0, 0], b[:, :, 0, 0])
+        else:
+            _put(out, ours[0], a, b)
+    if unknown:
+        raise ConversionError(f"LoRA weights on layers this U-Net does not have: {listing(unknown)}")
     return out
