@@ -53,7 +53,7 @@ equal = $(and $(findstring x$(1)y,x$(2)y),$(findstring x$(2)y,x$(1)y))
 value_stamp = $(if $(and $(wildcard $(1)),$(call equal,$(2),$(file < $(1)))),,$(shell mkdir -p $(dir $(1)))$(file > $(1),$(2)))
 TEXT_SOURCE := $(RUN_DIR)/.text-encoder-source
 CACHE_STAMP := $(RUN_DIR)/.cache-args
-ifneq ($(filter train-ldm generate adherence fid export-sd $(TEXT_PART) $(CACHE) $(PIPELINE_PART),$(MAKECMDGOALS)),)
+ifneq ($(filter train-ldm train-lcm train-lcm-lora generate adherence fid export-sd $(TEXT_PART) $(CACHE) $(PIPELINE_PART),$(MAKECMDGOALS)),)
 $(call value_stamp,$(TEXT_SOURCE),$(TEXT_ENCODER))
 $(call value_stamp,$(CACHE_STAMP),$(CACHE_ARGS))
 endif
