@@ -198,6 +198,10 @@ class LatentDiffusion(PartModule):
         source = None
         if init_from:
             source = InitSource(init_from, denoiser, noise_schedule)
+            for name, given in (("vae", vae_path), ("text_encoder", text_encoder_path)):
+                if given and Path(given).resolve() != (source.path / name).resolve():
+                    raise UsageError(f"model.init_args.{name}_path {given} and init_from {init_from} both name a "
+                                     f"{name}: init_from brings its own, drop {name}_path")
             vae_path, text_encoder_path = str(source.path / "vae"), str(source.path / "text_encoder")
             denoiser, noise_schedule = source.denoiser_spec, source.schedule
             resolution = resolution or source.pipeline_config.get("height")
