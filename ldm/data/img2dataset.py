@@ -5,8 +5,9 @@ img2dataset (``--output_format webdataset``) writes ``OUT/00000.tar`` … with, 
 (``count``, ``successes``, ``failed_to_download``, …), and no ``train/``/``val/`` folders or ``info.json``.
 
 * :func:`carve_validation`: the validation set of a flat folder. With two shards or more, whole shards are held
-  out (``max(1, round(fraction · n))`` of them, chosen by a seeded hash of their names: adding shards never moves
-  an old one); with one shard, samples are (by a seeded hash of their keys). The choice is returned as a record
+  out: those whose seeded name hash (a uniform number in [0, 1)) is below ``fraction`` — so adding shards never
+  moves an old one — or, when none is, the one with the smallest hash; with one shard, samples are (by a seeded
+  hash of their keys). The choice is returned as a record
   that ``WebDataModule`` prints and saves in its checkpoints.
 * :func:`shard_counts`: samples per shard, from ``info.json`` when there is one, else the shard's
   ``*_stats.json`` (``successes``), else its parquet (rows with ``status == "success"``, when pyarrow is
@@ -51,8 +52,9 @@ def carve_validation(urls: Sequence[str], fraction: float, seed: int = 0
         raise ValueError(f"val_fraction must be in (0, 1) to carve a validation set, got {fraction}")
     urls = sorted(urls)
     if len(urls) >= 2:
-        k = min(len(urls) - 1, max(1, round(fraction * len(urls))))
-        val = sorted(sorted(urls, key=lambda u: (unit_hash(seed, _name(u)), u))[:k])
+        ranked = sorted(urls, key=lambda u: (unit_hash(seed, _name(u)), u))
+        val = [u for u in ranked if unit_hash(seed, _name(u)) < fraction][:len(urls) - 1] or ranked[:1]
+        val = sorted(val)
         train = [u for u in urls if u not in set(val)]
         record = {"kind": "shards", "val_shards": [_name(u) for u in val], "fraction": fraction, "seed": seed}
         return train, val, record

@@ -187,13 +187,19 @@ class ShardDataset(IterableDataset):
             self.bucket_weights = scan_bucket_counts(self.urls, buckets)
 
     # ---- splitting ---------------------------------------------------------------------------------
+    @property
+    def strided(self) -> bool:
+        """Fewer shards than ranks (a carved validation set, a one-shard dataset): every rank reads every shard
+        and keeps every ``world_size``-th sample of it, from its rank on, instead of ranks splitting shards."""
+        return self.samples_per_epoch is None and 1 < self.world_size and len(self.urls) < self.world_size
+
     def shards_for(self, worker: int, num_workers: int, rank: int | None = None) -> list[str]:
         """This (or ``rank``'s) worker's shards for a non-resampled pass (shuffled per epoch if shuffling)."""
         order = list(self.urls)
         if self.shuffle_buffer > 0:
             random.Random(f"shards/{self.seed}/{self.epoch}").shuffle(order)  # same on every rank
         rank = self.rank if rank is None else rank
-        return order[rank::self.world_size][worker::num_workers]
+        return (order if self.strided else order[rank::self.world_size])[worker::num_workers]
 
     def samples_per_worker(self, num_workers: int) -> int:
         """Resampled mode: samples each worker yields per epoch (``samples_per_epoch`` split evenly)."""
@@ -211,8 +217,12 @@ class ShardDataset(IterableDataset):
             return workers * math.ceil(self.samples_per_worker(workers) / self.batch_size)
         if self.shard_counts is None or any(u not in self.shard_counts for u in self.urls):
             raise TypeError("length unknown: no per-shard counts (set samples_per_epoch for a fixed length)")
-        return max(sum(math.ceil(sum(self.shard_counts[u] for u in self.shards_for(w, workers, r)) / self.batch_size)
-                       for w in range(workers)) for r in range(self.world_size))
+        def samples(w: int, r: int) -> int:
+            n = sum(self.shard_counts[u] for u in self.shards_for(w, workers, r))
+            return max(0, math.ceil((n - r) / self.world_size)) if self.strided else n
+
+        return max(sum(math.ceil(samples(w, r) / self.batch_size) for w in range(workers))
+                   for r in range(self.world_size))
 
     # ---- reading -----------------------------------------------------------------------------------
     def _skip(self, reason: str, what: str) -> None:
@@ -232,12 +242,15 @@ class ShardDataset(IterableDataset):
             yield rng.choice(self.urls)
 
     def _raw_samples(self, shards: Iterator[str]) -> Iterator[Sample]:
-        failures_in_a_row = 0
+        failures_in_a_row, position, stride = 0, 0, self.world_size if self.strided else 1
         for url in shards:
             try:
                 for sample in read_shard(url):
                     failures_in_a_row = 0
                     if self.holdout is not None and held_out(sample[0], *self.holdout[:2]) != self.holdout[2]:
+                        continue
+                    position += 1
+                    if stride > 1 and (position - 1) % stride != self.rank:
                         continue
                     yield sample
             except Exception as e:  # noqa: BLE001 - unreadable/truncated shard: skip, warn, count
