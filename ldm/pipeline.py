@@ -48,6 +48,7 @@ class PipelineConfig:
     sampler: str = "dpmpp-2m"
     guidance_rescale: float = 0.0
     spacing: str = "trailing"          # sampling timestep spacing (DiscreteSchedule.timesteps)
+    sizes: list[list[int]] | None = None  # other [height, width] the denoiser was trained at (aspect buckets)
 
 
 def save_schedule(schedule: DiscreteSchedule, out_dir: str | Path) -> Path:
@@ -203,12 +204,13 @@ class TextToImagePipeline:
         rescale = c.guidance_rescale if guidance_rescale is None else guidance_rescale
         sampler_options.setdefault("spacing", c.spacing)
         self._check_request(prompts, steps, guidance, height, width, n_per_prompt, sampler)
+        self._warn_untrained_size(height, width)
         f, zc = self.vae.config.downsample_factor, self.vae.config.z_channels
         all_prompts = [p for p in prompts for _ in range(n_per_prompt)]
         gen = torch.Generator().manual_seed(seed)
         noise = torch.randn((len(all_prompts), zc, height // f, width // f), generator=gen)
         sample_gen = torch.Generator(device=self.device).manual_seed(seed + 1)
-        uncond = self.condition([negative_prompt or ""])
+        uncond = self.condition([negative_prompt or ""], height, width)
         batches = range(0, len(all_prompts), batch_size)
         if progress:
             from tqdm.auto import tqdm
@@ -216,17 +218,31 @@ class TextToImagePipeline:
             batches = tqdm(batches, desc=f"sampling ({sampler}, {steps} steps)", unit="batch")
         images = []
         for start in batches:
-            cond = self.condition(all_prompts[start:start + batch_size])
+            cond = self.condition(all_prompts[start:start + batch_size], height, width)
             model_fn = guided_model(self.denoiser, cond, uncond, guidance, rescale)
             x_T = noise[start:start + batch_size].to(self.device, self.dtype)
             z0 = sample(model_fn, x_T, self.schedule, steps, sampler=sampler, generator=sample_gen, **sampler_options)
             images.append(self.vae.decode_latents(z0).clamp(-1, 1).float().cpu())
         return torch.cat(images)
 
-    def condition(self, prompts: Sequence[str]) -> Conditioning:
+    def condition(self, prompts: Sequence[str], height: int | None = None, width: int | None = None) -> Conditioning:
         """The denoiser's conditioning for ``prompts``, padding columns cut (exact: masked cross-attention and a
-        causal text tower)."""
-        return conditioning_for(self.denoiser, self.text_encoder.condition(prompts).trim())
+        causal text tower), with the size/crop extras it asks for at their defaults for ``height``×``width``
+        (SDXL micro-conditioning, ``ldm.modules.micro``; default: the training size)."""
+        from ldm.modules.micro import with_default_extras
+
+        cond = conditioning_for(self.denoiser, self.text_encoder.condition(prompts).trim())
+        return with_default_extras(self.denoiser, cond, height or self.config.height, width or self.config.width)
+
+    def _warn_untrained_size(self, height: int, width: int) -> None:
+        """Generating at a size the denoiser never trained at works (it is convolutional) but may repeat or
+        break up objects: say so once per call."""
+        trained = [[self.config.height, self.config.width]] + [list(s) for s in self.config.sizes or []]
+        if [height, width] not in trained:
+            warnings.warn(f"generating at {height}x{width} but the denoiser was trained at "
+                          f"{' / '.join(f'{h}x{w}' for h, w in trained)}: other sizes work but may repeat or cut "
+                          "objects (train at that size, or resume at it: ldm fit --continue-from)", UserWarning,
+                          stacklevel=3)
 
     def __call__(self, prompts: Sequence[str], **kwargs: Any) -> list[Image.Image]:
         """``generate`` returning PIL images (prompt-major order)."""

@@ -30,6 +30,7 @@ from ldm.errors import UsageError
 from ldm.io import PartError, config_from_dict, load_part, read_json, weights_hash
 from ldm.models.base import PartModule
 from ldm.modules.denoiser import build_denoiser, conditioning_for, copy_denoiser
+from ldm.modules.micro import SIZE_CONDITIONS, size_extras, wanted_conditions
 from ldm.pipeline import PipelineConfig, TextToImagePipeline
 from ldm.registry import denoiser_class
 from ldm.visual import image_grid
@@ -143,6 +144,10 @@ class LatentDiffusion(PartModule):
             ``gradient_checkpointing``/``dropout``), ``resolution`` defaults to its image size, and the exported
             pipeline records ``_init_from`` (the source folder and its denoiser's sha256). The latent cache must be
             built with the pipeline's parts (``ldm cache --vae PIPELINE/vae --text-encoder PIPELINE/text_encoder``).
+        size_conditioning: condition the denoiser on each image's original size, its crop's corner and the target
+            size (SDXL's micro-conditioning, Podell et al. 2023 sec. 2.2-2.3): the denoiser's ``extra_conditions``
+            default to ``ldm.modules.micro.SIZE_CONDITIONS``, fed from the batches' ``original_size``/``crop_coords``
+            (image batches and latent caches both carry them); sampling uses the requested size and no crop.
     """
 
     default_optimizer = {"lr": 1e-3}
@@ -155,7 +160,7 @@ class LatentDiffusion(PartModule):
                  p_uncond: float = 0.1, ema_decay: float = 0.999, stratified_timesteps: bool = True,
                  resolution: int | None = None, val_prompts: list[str] | None = None, sample_every_n_val: int = 1,
                  sample_steps: int = 10, sample_guidance: float = 4.0, val_timesteps: int = 8,
-                 pooled_conditioning: bool = False, init_from: str | None = None):
+                 pooled_conditioning: bool = False, init_from: str | None = None, size_conditioning: bool = False):
         super().__init__(optimizer, lr_schedule)
         self.save_hyperparameters()
         if not 0.0 <= p_uncond <= 1.0:
@@ -173,6 +178,8 @@ class LatentDiffusion(PartModule):
         z = self.vae.config.z_channels
         defaults = {"in_channels": z, "out_channels": z, "context_dim": self.text_encoder.token_dim,
                     "pooled_dim": self.text_encoder.pooled_dim if pooled_conditioning else None}
+        if size_conditioning:
+            defaults["extra_conditions"] = dict(SIZE_CONDITIONS)
         self.denoiser = build_denoiser(denoiser or {}, defaults, "model.init_args.denoiser")
         self.schedule = DiscreteSchedule(ScheduleConfig(**(noise_schedule or {})))
         self.init_source: dict[str, Any] | None = None
@@ -256,7 +263,19 @@ class LatentDiffusion(PartModule):
         if self.denoiser.config.pooled_dim and cond.pooled is None:
             raise ValueError("this denoiser is conditioned on the pooled text embedding but the latent cache has none: "
                              "rebuild it with `ldm cache` (make train-ldm does)")
-        return z0, conditioning_for(self.denoiser, cond.trim().to(self.device, self.dtype))
+        cond = conditioning_for(self.denoiser, cond.trim().to(self.device, self.dtype))
+        wanted = wanted_conditions(self.denoiser)
+        if wanted:
+            f = self.vae.config.downsample_factor
+            target = (z0.shape[2] * f, z0.shape[3] * f)
+            original = batch.get("original_size")
+            if original is None:  # a cache or batch without sizes: as if uncropped at the target size
+                original = torch.tensor([list(target)]).expand(z0.shape[0], 2)
+            crop = batch.get("crop_coords")
+            crop = torch.zeros(z0.shape[0], 2) if crop is None else crop
+            extras = {k: v.to(self.device, self.dtype) for k, v in size_extras(original, crop, target, wanted).items()}
+            cond = dataclasses.replace(cond, extras={**cond.extras, **extras})
+        return z0, cond
 
     # ---- training ----------------------------------------------------------------------------------
     def loss(self, z0: torch.Tensor, cond: Conditioning, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
