@@ -181,3 +181,58 @@ def test_webdatamodule_buckets_from_a_config_value(tmp_path):
     assert (w, h) in dm.buckets.buckets() and batch["original_size"].shape == batch["crop_coords"].shape == (2, 2)
     with pytest.raises(Exception, match="buckets"):
         WebDataModule(str(root), buckets={"area": 4096, "steps": 16})
+
+
+def _folder(root, sizes, n):
+    root.mkdir(parents=True)
+    g = np.random.default_rng(0)
+    for i in range(n):
+        w, h = sizes[i % len(sizes)]
+        Image.fromarray(g.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / f"img{i:03d}.png")
+        (root / f"img{i:03d}.txt").write_text(f"picture number {i}")
+
+
+def test_folder_buckets_record_sizes_and_the_cache_stores_one_bucket_per_chunk(tmp_path):
+    from ldm.data.folder import build_folder
+    from ldm.data.latents import LatentBucketBatches, LatentDataModule, LatentDataset, build_latent_cache
+    from tiny_parts import tiny_text_encoder, tiny_vae
+
+    _folder(tmp_path / "src", [(80, 40), (40, 80), (64, 64), (100, 30), (10, 10), (33, 47)], 30)
+    spec = BucketSpec(area=32 * 32, step=8)
+    info = build_folder(tmp_path / "src", tmp_path / "data", size=32, buckets=spec, val_fraction=0.2, processes=1)
+    assert info["skipped"] == {"too_small": 5} and info["buckets"]["list"] == [list(b) for b in spec.buckets()]
+    stored = sum((Counter(split) for split in info["sizes"].values()), Counter())
+    # each kept image downscaled to just cover its bucket: 80x40 -> bucket 40x24 -> 48x24, 100x30 -> 64x16 -> 64x19
+    assert set(stored) == {"48x24", "24x48", "32x32", "64x19", "28x40"} and sum(stored.values()) == 25
+    vae, text = tiny_vae(), tiny_text_encoder()
+    cache = build_latent_cache(vae, text, tmp_path / "data", tmp_path / "cache", 32, buckets=spec, progress=False,
+                               batch_size=4)
+    listed = cache["splits"]["train"]
+    assert len(set(map(tuple, listed["chunk_sizes"].values()))) == len(listed["chunks"]) >= 3
+    train = LatentDataset(tmp_path / "cache", "train")
+    assert len(train) == listed["samples"] and len(train.groups) == len(listed["chunks"])
+    # round trip: each cached latent is the VAE posterior of the bucketed image the loader makes
+    ds = ShardDataset(sorted(str(p) for p in (tmp_path / "data" / "train").glob("*.tar")), 32, 4, rank=0,
+                      world_size=1, buckets=spec, greedy_buckets=True)
+    where = {c: i for i, c in enumerate(train.captions)}
+    f, scale, shift = vae.config.downsample_factor, vae.config.scaling_factor, vae.config.shift_factor
+    with torch.no_grad():
+        for batch in ds:
+            mean = (vae.encode(batch["image"]).mean - shift) * scale
+            got = train.__getitems__([where[c] for c in batch["caption"]])
+            torch.testing.assert_close(got["latent_mean"], mean, atol=1e-5, rtol=1e-4)
+            assert got["latent_mean"].shape[2:] == (batch["image"].shape[2] // f, batch["image"].shape[3] // f)
+            assert torch.equal(got["original_size"], batch["original_size"])
+            assert torch.equal(got["crop_coords"], batch["crop_coords"])
+    with pytest.raises(ValueError, match="one bucket"):
+        train.__getitems__([0, len(train) - 1])
+    # two ranks: the same bucket at every step, equal lengths, disjoint samples
+    plans = [LatentBucketBatches(train, 2, seed=1, rank=r, world_size=2) for r in range(2)]
+    runs = [list(p) for p in plans]
+    assert len(runs[0]) == len(runs[1]) == len(plans[0]) > 0
+    assert [b["latent_mean"].shape for b in runs[0]] == [b["latent_mean"].shape for b in runs[1]]
+    assert not {c for b in runs[0] for c in b["caption"]} & {c for b in runs[1] for c in b["caption"]}
+    dm = LatentDataModule(str(tmp_path / "cache"), batch_size=2)
+    assert sorted(map(tuple, dm.image_sizes)) == sorted({tuple(v) for s in cache["splits"].values()
+                                                         for v in s["chunk_sizes"].values()})
+    assert len(dm.train_dataloader()) == len(LatentBucketBatches(train, 2, seed=0))

@@ -497,6 +497,7 @@ class WebDataModule(pl.LightningDataModule):
             self.buckets = BucketSpec.from_config(buckets, resolution)
         except (TypeError, ValueError) as e:
             raise UsageError(f"--data.buckets: {e}") from None
+        self._buckets_as_recorded = buckets is True  # setup() takes the step/aspect `ldm data folder` recorded
         if not 0.0 < val_fraction < 1.0:
             raise UsageError(f"--data.val_fraction must be in (0, 1), got {val_fraction}")
         self.val_fraction = val_fraction
@@ -550,6 +551,10 @@ class WebDataModule(pl.LightningDataModule):
             self.info = read_info(self.data_dir)
         except (OSError, ValueError):
             self.info = {}
+        recorded = self.info.get("buckets")
+        if self._buckets_as_recorded and isinstance(recorded, dict):
+            self.buckets = BucketSpec.from_config({k: recorded[k] for k in ("step", "max_aspect", "max_upscale")
+                                                   if k in recorded}, self.resolution)
         self.train_urls = list_shards(self.data_dir, self.train_split)
         if self.val_split and is_flat_folder(self.data_dir, self.train_split) and not (
                 Path(self.data_dir) / self.val_split).is_dir():

@@ -352,6 +352,9 @@ class LatentDiffusion(PartModule):
     def exporter(self, datamodule: Any = None) -> Callable[[Path], None]:
         """The pipeline folder: vae/, text_encoder/, unet/ (the denoiser, EMA weights), scheduler/, pipeline.json."""
         pipe = self.pipeline(use_ema=True)
+        res = self.hparams.resolution
+        sizes = [list(s) for s in getattr(datamodule, "image_sizes", None) or [] if list(s) != [res, res]]
+        pipe.config.sizes = sizes or None  # the buckets of a bucketed cache: generating at them does not warn
         image_encoder = Path(self.hparams.text_encoder_path or "") / "image_encoder"
 
         def write(out: Path) -> None:
