@@ -323,7 +323,13 @@ class LatentDiffusion(PartModule):
         super().on_validation_epoch_end()
         self._val_runs += 1
         every = self.hparams.sample_every_n_val
-        if every and self._val_runs % every == 0 and self.trainer.is_global_zero and self.sample_prompts():
+        if not (every and self._val_runs % every == 0 and self.sample_prompts()):
+            return
+        if self.sharded:  # gathering the sharded weights is a collective: every rank builds the pipeline
+            pipe = self.pipeline()
+            if self.trainer.is_global_zero:
+                self.log_samples(pipe)
+        elif self.trainer.is_global_zero:
             self.log_samples()
 
     @torch.no_grad()
@@ -338,10 +344,10 @@ class LatentDiffusion(PartModule):
         provenance = {"_init_from": self.init_source} if self.init_source else None
         return TextToImagePipeline(self.vae, self.text_encoder, denoiser, self.schedule, config, provenance)
 
-    def log_samples(self) -> None:
+    def log_samples(self, pipe: TextToImagePipeline | None = None) -> None:
         """Sample the validation prompts (EMA weights, cheap sampler) and log the grid (TensorBoard + PNG)."""
         prompts = self.sample_prompts()
-        pipe = self.pipeline()
+        pipe = pipe or self.pipeline()
         images = pipe(prompts, steps=self.hparams.sample_steps, n_per_prompt=4, seed=0, progress=False)
         self.log_image("val/samples", image_grid(images, rows=len(prompts), scale=2))
         # the pipeline's parts are shared with the training module: put them back in eval mode

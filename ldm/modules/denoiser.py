@@ -56,9 +56,13 @@ def conditioning_for(denoiser: nn.Module, cond: Conditioning) -> Conditioning:
 
 
 def copy_denoiser(denoiser: nn.Module) -> nn.Module:
-    """A fresh instance of the same class and config holding a copy of the weights."""
-    twin = type(denoiser)(denoiser.config)
-    twin.load_state_dict(denoiser.state_dict())
+    """A fresh instance of the same class and config holding a copy of the weights (the weights of a sharded
+    denoiser are gathered whole: a collective every rank must join)."""
+    cls = next(c for c in type(denoiser).__mro__ if getattr(c, "config_class", None) is not None
+               and "FSDP" not in c.__name__)
+    twin = cls(denoiser.config)
+    twin.load_state_dict({k: v.full_tensor() if hasattr(v, "full_tensor") else v
+                          for k, v in denoiser.state_dict().items()})
     return twin
 
 
