@@ -1,4 +1,4 @@
-"""``ldm bench data|unet|ddp``: throughput benchmarks (a table on stdout, JSON under checkpoints/bench/)."""
+"""``ldm bench data|unet|ddp|lcm``: throughput benchmarks (a table on stdout, JSON under checkpoints/bench/)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from ldm.cli import checks
 from ldm.errors import UsageError
 
 HELP = ("speed benchmarks: data loader (data), U-Net vs diffusers (unet), DDP layouts on this machine (ddp), "
-        "GPU readiness at SD scale (gpu)")
+        "few-step students vs their teacher (lcm), GPU readiness at SD scale (gpu)")
 
 POSITIVE = checks.int_at_least(1)
 
@@ -78,6 +78,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--work-dir", default="checkpoints/gpu-check", help="folder of the data, parts and sample grid")
     p.add_argument("--out", default="checkpoints/gpu-check/gpu_check.json", help="JSON results file")
 
+    from ldm.bench import lcm
+
+    p = sub.add_parser("lcm", formatter_class=fmt, help="few-step students vs their teacher: adherence, FD, time/image",
+                       description="Prompt adherence, FD-CLIP and interleaved sampling time of LCM students against "
+                                   "their teacher, same prompts and seeds (docs/results/lcm.md).")
+    lcm.add_arguments(p)
+
 
 def run(args: argparse.Namespace) -> int:
     from ldm.io import write_json
@@ -125,6 +132,11 @@ def run(args: argparse.Namespace) -> int:
         if int(__import__("os").environ.get("LOCAL_RANK", "0")) != 0:
             return 0  # ranks > 0 (started by Lightning re-running this command) leave the writing to rank 0
         print(gpu.format_table(result))
+    elif args.bench == "lcm":
+        from ldm.bench import lcm
+
+        result = lcm.benchmark(args)
+        print("\n" + result["table"])
     else:
         from ldm.bench import ddp
 

@@ -11,6 +11,12 @@ Layout written by ``ldm cache`` (``build_latent_cache``)::
         mask        (N, L) uint8        — 1 on real tokens
         original_size, crop_coords (N, 2) int32 — (height, width) before resizing, (top, left) of the crop
       metadata "captions": JSON list of the N captions
+      metadata "labels":   JSON list of N objects {label: value or null} (only when labels were asked for)
+
+Labels: ``build_latent_cache(..., labels={"color": "objects.only.color"})`` also stores, per sample, the value
+at each path of its json metadata (:func:`label_at`); info.json lists each label's path and its classes (the
+values seen, sorted), and batches carry ``labels`` (B, A) class indices, −1 where the json has no value.
+A dataset may name default labels (``Benchmark.label_paths``; shapes: the attributes of one-object scenes).
 
 With aspect-ratio buckets (``ldm cache --buckets``, ``ldm.data.buckets``) every chunk holds one bucket, its
 image (height, width) listed in info.json's ``chunk_sizes``; :class:`LatentDataModule` then cuts every batch
@@ -29,6 +35,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import json
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -58,12 +65,51 @@ class CacheError(PartError):
 
 
 @torch.no_grad()
+def label_at(meta: Any, path: str) -> str | None:
+    """The value at a dotted ``path`` of a sample's json metadata, as a string (None where there is none).
+
+    Each part is a key of an object or an index of a list; ``only`` picks the element of a one-element list
+    (None for any other length): ``objects.only.color`` is the colour of a one-object shapes scene, while
+    ``objects.0.color`` is the first object's colour in any scene. Objects and lists are not values (None)."""
+    node = meta
+    for part in path.split("."):
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list):
+            if part == "only":
+                node = node[0] if len(node) == 1 else None
+            elif re.fullmatch(r"-?\d+", part) and -len(node) <= int(part) < len(node):
+                node = node[int(part)]
+            else:
+                node = None
+        else:
+            return None
+        if node is None:
+            return None
+    return None if isinstance(node, (dict, list)) else str(node)
+
+
+def parse_label_paths(text: str) -> dict[str, str]:
+    """``"color=objects.only.color,shape=objects.only.shape"`` -> ``{"color": ..., "shape": ...}`` (``ldm cache
+    --labels``); "" or "none" gives {}. A malformed item is a ``ValueError`` naming it."""
+    if text.strip().lower() in ("", "none"):
+        return {}
+    out = {}
+    for item in text.split(","):
+        name, sep, path = item.strip().partition("=")
+        if not sep or not re.fullmatch(r"\w+", name.strip()) or not path.strip():
+            raise ValueError(f"label {item.strip()!r} is not NAME=PATH (e.g. color=objects.only.color)")
+        out[name.strip()] = path.strip()
+    return out
+
+
 def encode_split(vae: torch.nn.Module, text_encoder: torch.nn.Module, data_dir: str | Path, split: str,
                  out_dir: Path, resolution: int, batch_size: int = 256, chunk_size: int = 8192,
                  progress: bool = True, num_workers: int = 1, max_samples: int | None = None,
-                 buckets: BucketSpec | None = None) -> dict[str, Any]:
+                 buckets: BucketSpec | None = None, labels: dict[str, str] | None = None) -> dict[str, Any]:
     """Encode every sample of ``data_dir/split`` (or its first ``max_samples``) in shard order into chunk
-    files (one bucket per chunk with ``buckets``); returns counts and the chunk names.
+    files (one bucket per chunk with ``buckets``); returns counts and the chunk names (and, with ``labels``, the
+    values seen under ``label_values``).
 
     Each distinct caption goes through the text encoder once (shapes: 20 k distinct of 50 k)."""
     if max_samples is not None and max_samples < 1:
@@ -71,8 +117,9 @@ def encode_split(vae: torch.nn.Module, text_encoder: torch.nn.Module, data_dir: 
     dataset = ShardDataset(list_shards(data_dir, split), resolution, batch_size, shuffle_buffer=0,
                            rank=0, world_size=1, buckets=buckets, greedy_buckets=buckets is not None)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fields = ("mean", "std", "context", "pooled", "mask", "original_size", "crop_coords", "captions")
+    fields = ("mean", "std", "context", "pooled", "mask", "original_size", "crop_coords", "captions", "labels")
     pending: dict[tuple[int, int], dict[str, list]] = {}  # image (height, width) -> the chunk being filled
+    seen: dict[str, set[str]] = {name: set() for name in labels or {}}
     chunks: list[str] = []
     chunk_sizes: dict[str, list[int]] = {}
     n_done, skipped, max_len = 0, 0, 0
@@ -87,10 +134,12 @@ def encode_split(vae: torch.nn.Module, text_encoder: torch.nn.Module, data_dir: 
         part = pending.pop(size, None)
         if not part or not part["captions"]:
             return
-        tensors = {k: torch.cat(part[k]) for k in fields if k != "captions"}
+        tensors = {k: torch.cat(part[k]) for k in fields if k not in ("captions", "labels")}
         name = CHUNK.format(len(chunks))
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_dir / name),
-                  metadata={"captions": json.dumps(part["captions"]), "size": f"{size[0]}x{size[1]}"})
+        metadata = {"captions": json.dumps(part["captions"]), "size": f"{size[0]}x{size[1]}"}
+        if labels:
+            metadata["labels"] = json.dumps(part["labels"])
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_dir / name), metadata=metadata)
         chunks.append(name)
         chunk_sizes[name] = list(size)
 
@@ -105,7 +154,7 @@ def encode_split(vae: torch.nn.Module, text_encoder: torch.nn.Module, data_dir: 
             if room <= 0:
                 break
             batch = {**batch, **{k: batch[k][:room] for k in ("image", "original_size", "crop_coords")},
-                     "caption": list(batch["caption"])[:room]}
+                     "caption": list(batch["caption"])[:room], "meta": list(batch["meta"])[:room]}
         posterior = vae.encode(batch["image"].to(device))
         new = [c for c in dict.fromkeys(batch["caption"]) if c not in memo]
         if new:
@@ -123,6 +172,12 @@ def encode_split(vae: torch.nn.Module, text_encoder: torch.nn.Module, data_dir: 
         part["original_size"].append(batch["original_size"].to(torch.int32))
         part["crop_coords"].append(batch["crop_coords"].to(torch.int32))
         part["captions"].extend(batch["caption"])
+        for meta in batch["meta"] if labels else ():
+            row = {name: label_at(meta, path) for name, path in labels.items()}
+            part["labels"].append(row)
+            for name, value in row.items():
+                if value is not None:
+                    seen[name].add(value)
         n_done += len(batch["caption"])
         if bar is not None:
             bar.update(len(batch["caption"]))
@@ -132,7 +187,8 @@ def encode_split(vae: torch.nn.Module, text_encoder: torch.nn.Module, data_dir: 
         flush(size)
     if bar is not None:
         bar.close()
-    return {"samples": n_done, "chunks": chunks, "chunk_sizes": chunk_sizes, "skipped": skipped, "max_tokens": max_len}
+    out = {"samples": n_done, "chunks": chunks, "chunk_sizes": chunk_sizes, "skipped": skipped, "max_tokens": max_len}
+    return {**out, "label_values": seen} if labels else out
 
 
 def parts_provenance(vae: torch.nn.Module, text_encoder: torch.nn.Module) -> dict[str, str | None]:
@@ -143,8 +199,11 @@ def parts_provenance(vae: torch.nn.Module, text_encoder: torch.nn.Module) -> dic
 def build_latent_cache(vae: torch.nn.Module, text_encoder: torch.nn.Module, data_dir: str | Path,
                        out_dir: str | Path, resolution: int, splits: tuple[str, ...] = ("train", "val"),
                        batch_size: int = 256, progress: bool = True, max_samples: int | None = None,
-                       buckets: BucketSpec | None = None) -> dict[str, Any]:
+                       buckets: BucketSpec | None = None, labels: dict[str, str] | None = None) -> dict[str, Any]:
     """Write the cache for ``splits`` (see module docstring) and return its info.json contents.
+
+    ``labels``: name -> json path (:func:`label_at`) of labels to store beside each sample; their classes are
+    the values seen in any split, sorted.
 
     Written into a fresh folder beside ``out_dir`` and swapped in when complete: an old cache there is
     replaced whole (never partly overwritten), and a failed run leaves the old one as it was.
@@ -159,10 +218,15 @@ def build_latent_cache(vae: torch.nn.Module, text_encoder: torch.nn.Module, data
                                 "dataset": read_info(data_dir).get("name") if Path(data_dir).is_dir() else None,
                                 "parts": parts_provenance(vae, text_encoder), "splits": {},
                                 "buckets": dataclasses.asdict(buckets) if buckets is not None else None}
+        values: dict[str, set[str]] = {name: set() for name in labels or {}}
         for split in splits:
-            info["splits"][split] = encode_split(vae, text_encoder, data_dir, split, work / split, resolution,
-                                                 batch_size, progress=progress, max_samples=max_samples,
-                                                 buckets=buckets)
+            done = encode_split(vae, text_encoder, data_dir, split, work / split, resolution, batch_size,
+                                progress=progress, max_samples=max_samples, buckets=buckets, labels=labels)
+            for name, seen in done.pop("label_values", {}).items():
+                values[name] |= seen
+            info["splits"][split] = done
+        if labels:
+            info["labels"] = {name: {"path": path, "classes": sorted(values[name])} for name, path in labels.items()}
         empty = text_encoder.condition([""])
         save_file({k: (v.half() if v.is_floating_point() else v).cpu().contiguous()
                    for k, v in empty.to_tensors().items()}, str(work / EMPTY))
@@ -224,6 +288,7 @@ class LatentDataset(Dataset):
         keep = int(info["max_tokens"])
         names = ("mean", "std", "context", "mask", "pooled", "original_size", "crop_coords")
         grouped: dict[tuple[int, ...], dict[str, list]] = {}
+        self.label_classes: dict[str, list[str]] = {k: v["classes"] for k, v in (info.get("labels") or {}).items()}
         for name in listed["chunks"]:
             path = self.dir / split / name
             if not path.is_file():
@@ -231,12 +296,15 @@ class LatentDataset(Dataset):
             with safe_open(str(path), framework="pt") as f:
                 present = set(f.keys())
                 shape = tuple(f.get_slice("mean").get_shape()[2:])
-                parts = grouped.setdefault(shape, {k: [] for k in (*names, "captions")})
+                parts = grouped.setdefault(shape, {k: [] for k in (*names, "captions", "labels")})
                 for k in names:
                     if k in present:
                         t = f.get_tensor(k)
                         parts[k].append(t[:, :keep] if k in ("context", "mask") else t)
                 parts["captions"].extend(json.loads(f.metadata()["captions"]))
+                if self.label_classes:
+                    parts["labels"].extend(json.loads(f.metadata()["labels"]))
+        index = {name: {c: i for i, c in enumerate(classes)} for name, classes in self.label_classes.items()}
         self.shapes = list(grouped)
         self.groups: list[dict[str, Any]] = []
         self.offsets = [0]
@@ -245,9 +313,12 @@ class LatentDataset(Dataset):
             n = len(parts["captions"])
             sizes = {k: torch.cat(parts[k]) for k in ("original_size", "crop_coords")
                      if sum(len(t) for t in parts[k]) == n}  # chunks of an older ldm lack them
+            rows = parts["labels"]
+            labels = torch.tensor([[index[name].get(row.get(name), -1) for name in index] for row in rows],
+                                  dtype=torch.long).reshape(len(rows), len(index))
             self.groups.append({"mean": torch.cat(parts["mean"]), "std": torch.cat(parts["std"]),
                                 "cond": Conditioning(torch.cat(parts["context"]), torch.cat(parts["mask"]).bool(),
-                                                     torch.cat(parts["pooled"])), **sizes})
+                                                     torch.cat(parts["pooled"])), "labels": labels, **sizes})
             self.captions.extend(parts["captions"])
             self.offsets.append(self.offsets[-1] + n)
         if len(self.captions) != listed["samples"]:
@@ -255,6 +326,8 @@ class LatentDataset(Dataset):
                              f"{listed['samples']}: rebuild the cache")
         if len(self.groups) == 1:  # one shape: the whole split as plain tensors
             self.mean, self.std, self.cond = self.groups[0]["mean"], self.groups[0]["std"], self.groups[0]["cond"]
+        self.labels = (torch.cat([g["labels"] for g in self.groups]) if self.groups
+                       else torch.zeros(0, len(index), dtype=torch.long))
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -273,6 +346,8 @@ class LatentDataset(Dataset):
                  "cond": group["cond"].index(idx).to(dtype=torch.float32),
                  "caption": [self.captions[i] for i in indices]}
         batch.update({k: group[k][idx].long() for k in ("original_size", "crop_coords") if k in group})
+        if self.label_classes:
+            batch["labels"] = group["labels"][idx]
         return batch
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -371,6 +446,11 @@ class LatentDataModule(pl.LightningDataModule):
         from ldm.data.registry import benchmark_named
 
         return benchmark_named(self.info.get("dataset"))
+
+    @property
+    def label_classes(self) -> dict[str, list[str]]:
+        """Each cached label's class names (batches' ``labels`` columns in this order); {} without labels."""
+        return {k: v["classes"] for k, v in (self.info.get("labels") or {}).items()}
 
     def check_parts(self, vae: torch.nn.Module, text_encoder: torch.nn.Module) -> None:
         check_cache_parts(self.info, vae, text_encoder, self.cache_dir)

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 from torch import nn
 
@@ -28,8 +29,10 @@ from ldm.diffusion.objectives import diffusion_loss, offset_noise
 from ldm.diffusion.schedules import DiscreteSchedule, ScheduleConfig
 from ldm.errors import UsageError
 from ldm.io import PartError, config_from_dict, load_part, read_json, weights_hash
+from ldm.lora import save_lora
 from ldm.models.base import PartModule
 from ldm.modules.denoiser import build_denoiser, conditioning_for, copy_denoiser
+from ldm.modules.lora import LoraSpec, add_lora
 from ldm.modules.micro import SIZE_CONDITIONS, size_extras, wanted_conditions
 from ldm.pipeline import PipelineConfig, TextToImagePipeline
 from ldm.registry import denoiser_class
@@ -55,6 +58,46 @@ def sample_timesteps(batch: int, num_train_timesteps: int, stratified: bool, dev
         return torch.randint(0, num_train_timesteps, (batch,), device=device)
     u = (torch.arange(batch, device=device) + torch.rand(batch, device=device)) / batch
     return (u * num_train_timesteps).long().clamp_(max=num_train_timesteps - 1)[torch.randperm(batch, device=device)]
+
+
+def empty_prompt_conditioning(module: pl.LightningModule, text_encoder: nn.Module) -> Conditioning:
+    """The "" prompt's conditioning (batch 1, on the module's device and dtype): the latent cache's when the run
+    trains on one (``datamodule.empty_conditioning()``), else the text encoder's."""
+    dm = getattr(module.trainer, "datamodule", None) if module._trainer is not None else None
+    empty = dm.empty_conditioning() if dm is not None and hasattr(dm, "empty_conditioning") else None
+    if empty is None:
+        empty = text_encoder.condition([""])
+    return empty.trim().to(module.device, module.dtype)
+
+
+@torch.no_grad()
+def encode_batch(batch: dict[str, Any], vae: nn.Module, text_encoder: nn.Module, denoiser: nn.Module,
+                 sample: bool = True) -> tuple[torch.Tensor, Conditioning]:
+    """(z0 scaled latents, the denoiser's conditioning) from a cached batch (``latent_mean``/``latent_std``/``cond``)
+    or an image batch (``image``/``caption``: both encoders run); ``sample``: a posterior draw, else its mean."""
+    if "latent_mean" in batch:
+        mean = batch["latent_mean"]
+        z0 = mean + batch["latent_std"] * torch.randn_like(mean) if sample else mean
+        cond = batch["cond"]
+    else:
+        z0 = vae.encode_latents(batch["image"], sample=sample)
+        cond = text_encoder.condition(batch["caption"])
+    if denoiser.config.pooled_dim and cond.pooled is None:
+        raise ValueError("this denoiser is conditioned on the pooled text embedding but the latent cache has none: "
+                         "rebuild it with `ldm cache` (make train-ldm does)")
+    cond = conditioning_for(denoiser, cond.trim())
+    wanted = wanted_conditions(denoiser)
+    if wanted:  # SDXL micro-conditioning from the batch's sizes and crops
+        f = vae.config.downsample_factor
+        target = (z0.shape[2] * f, z0.shape[3] * f)
+        original = batch.get("original_size")
+        if original is None:  # a cache or batch without sizes: as if uncropped at the target size
+            original = torch.tensor([list(target)]).expand(z0.shape[0], 2)
+        crop = batch.get("crop_coords")
+        crop = torch.zeros(z0.shape[0], 2) if crop is None else crop
+        extras = {k: v.to(z0.device) for k, v in size_extras(original, crop, target, wanted).items()}
+        cond = dataclasses.replace(cond, extras={**cond.extras, **extras})
+    return z0, cond
 
 
 # denoiser fields a fine-tuning may set differently from the pipeline it starts from (training-only)
@@ -148,6 +191,9 @@ class LatentDiffusion(PartModule):
             size (SDXL's micro-conditioning, Podell et al. 2023 sec. 2.2-2.3): the denoiser's ``extra_conditions``
             default to ``ldm.modules.micro.SIZE_CONDITIONS``, fed from the batches' ``original_size``/``crop_coords``
             (image batches and latent caches both carry them); sampling uses the requested size and no crop.
+        lora: ``{rank, alpha, target_modules, dropout}`` (``ldm.modules.lora.LoraSpec``): train LoRA adapters on the
+            denoiser (usually with ``init_from``) instead of its weights; the export is then the adapter folder
+            alone (``ldm.lora``: diffusers' LoRA layout), for ``ldm generate --lora`` and ``ldm lora merge``.
     """
 
     default_optimizer = {"lr": 1e-3}
@@ -160,7 +206,8 @@ class LatentDiffusion(PartModule):
                  p_uncond: float = 0.1, ema_decay: float = 0.999, stratified_timesteps: bool = True,
                  resolution: int | None = None, val_prompts: list[str] | None = None, sample_every_n_val: int = 1,
                  sample_steps: int = 10, sample_guidance: float = 4.0, val_timesteps: int = 8,
-                 pooled_conditioning: bool = False, init_from: str | None = None, size_conditioning: bool = False):
+                 pooled_conditioning: bool = False, init_from: str | None = None,
+                 lora: dict[str, Any] | None = None, size_conditioning: bool = False):
         super().__init__(optimizer, lr_schedule)
         self.save_hyperparameters()
         if not 0.0 <= p_uncond <= 1.0:
@@ -168,6 +215,10 @@ class LatentDiffusion(PartModule):
         source = None
         if init_from:
             source = InitSource(init_from, denoiser, noise_schedule)
+            for name, given in (("vae", vae_path), ("text_encoder", text_encoder_path)):
+                if given and Path(given).resolve() != (source.path / name).resolve():
+                    raise UsageError(f"model.init_args.{name}_path {given} and init_from {init_from} both name a "
+                                     f"{name}: init_from brings its own, drop {name}_path")
             vae_path, text_encoder_path = str(source.path / "vae"), str(source.path / "text_encoder")
             denoiser, noise_schedule = source.denoiser_spec, source.schedule
             resolution = resolution or source.pipeline_config.get("height")
@@ -188,6 +239,9 @@ class LatentDiffusion(PartModule):
             self.init_source = source.load_into(self.denoiser, self.vae, self.text_encoder)
             self._pipeline_defaults = config_from_dict(PipelineConfig, source.pipeline_config,
                                                        f"{init_from}/pipeline.json")
+        self.lora = LoraSpec(**lora) if lora else None
+        if self.lora is not None:  # only the adapters train; the EMA below tracks them alone
+            add_lora(self.denoiser, self.lora)
         self.track_ema(self.denoiser, ema_decay)
         self.val_prompts = None if val_prompts is None else list(val_prompts)
         self._empty: Conditioning | None = None
@@ -197,7 +251,7 @@ class LatentDiffusion(PartModule):
     _FROZEN = ("vae.", "text_encoder.")
 
     def trainable_parameters(self):
-        return self.denoiser.named_parameters()
+        return ((n, p) for n, p in self.denoiser.named_parameters() if p.requires_grad)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -242,40 +296,15 @@ class LatentDiffusion(PartModule):
     def empty_conditioning(self) -> Conditioning:
         """The "" prompt's conditioning (batch 1), used for caption dropout: the cache's when training on one."""
         if self._empty is None or self._empty.tokens.device != self.device:
-            dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-            empty = dm.empty_conditioning() if dm is not None and hasattr(dm, "empty_conditioning") else None
-            if empty is None:
-                empty = self.text_encoder.condition([""])
-            self._empty = empty.trim().to(self.device, self.dtype)
+            self._empty = empty_prompt_conditioning(self, self.text_encoder)
         return conditioning_for(self.denoiser, self._empty)
 
     @torch.no_grad()
     def latents_and_conditioning(self, batch: dict[str, Any], sample: bool = True) -> tuple[torch.Tensor, Conditioning]:
         """(z0 scaled latents, conditioning) from a cached or an image batch (``sample``: a posterior draw,
         else its mean)."""
-        if "latent_mean" in batch:
-            mean = batch["latent_mean"]
-            z0 = mean + batch["latent_std"] * torch.randn_like(mean) if sample else mean
-            cond = batch["cond"]
-        else:
-            z0 = self.vae.encode_latents(batch["image"], sample=sample)
-            cond = self.text_encoder.condition(batch["caption"])
-        if self.denoiser.config.pooled_dim and cond.pooled is None:
-            raise ValueError("this denoiser is conditioned on the pooled text embedding but the latent cache has none: "
-                             "rebuild it with `ldm cache` (make train-ldm does)")
-        cond = conditioning_for(self.denoiser, cond.trim().to(self.device, self.dtype))
-        wanted = wanted_conditions(self.denoiser)
-        if wanted:
-            f = self.vae.config.downsample_factor
-            target = (z0.shape[2] * f, z0.shape[3] * f)
-            original = batch.get("original_size")
-            if original is None:  # a cache or batch without sizes: as if uncropped at the target size
-                original = torch.tensor([list(target)]).expand(z0.shape[0], 2)
-            crop = batch.get("crop_coords")
-            crop = torch.zeros(z0.shape[0], 2) if crop is None else crop
-            extras = {k: v.to(self.device, self.dtype) for k, v in size_extras(original, crop, target, wanted).items()}
-            cond = dataclasses.replace(cond, extras={**cond.extras, **extras})
-        return z0, cond
+        z0, cond = encode_batch(batch, self.vae, self.text_encoder, self.denoiser, sample)
+        return z0, cond.to(self.device, self.dtype)
 
     # ---- training ----------------------------------------------------------------------------------
     def loss(self, z0: torch.Tensor, cond: Conditioning, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -349,18 +378,24 @@ class LatentDiffusion(PartModule):
         prompts = self.sample_prompts()
         pipe = pipe or self.pipeline()
         images = pipe(prompts, steps=self.hparams.sample_steps, n_per_prompt=4, seed=0, progress=False)
-        self.log_image("val/samples", image_grid(images, rows=len(prompts), scale=2))
+        self.log_image("val/samples", image_grid(images, rows=len(prompts), scale=4, row_labels=prompts))
         # the pipeline's parts are shared with the training module: put them back in eval mode
         self.vae.eval()
         self.text_encoder.eval()
 
     # ---- export ------------------------------------------------------------------------------------
     def exporter(self, datamodule: Any = None) -> Callable[[Path], None]:
-        """The pipeline folder: vae/, text_encoder/, unet/ (the denoiser, EMA weights), scheduler/, pipeline.json."""
+        """The pipeline folder: vae/, text_encoder/, unet/ (the denoiser, EMA weights), scheduler/, pipeline.json;
+        with a ``lora`` block, the adapter folder alone (``ldm.lora``, EMA weights)."""
         pipe = self.pipeline(use_ema=True)
         res = self.hparams.resolution
         sizes = [list(s) for s in getattr(datamodule, "image_sizes", None) or [] if list(s) != [res, res]]
         pipe.config.sizes = sizes or None  # the buckets of a bucketed cache: generating at them does not warn
+        if self.lora is not None:
+            spec, start = self.lora, self.init_source or {}
+            record = {"trained_from": start.get("path")} if start else {}
+            return lambda out: save_lora(pipe.denoiser, out, spec, base_hash=start.get("denoiser_sha256"),
+                                         record=record)
         image_encoder = Path(self.hparams.text_encoder_path or "") / "image_encoder"
 
         def write(out: Path) -> None:
