@@ -206,7 +206,7 @@ def test_folder_buckets_record_sizes_and_the_cache_stores_one_bucket_per_chunk(t
     assert set(stored) == {"48x24", "24x48", "32x32", "64x19", "28x40"} and sum(stored.values()) == 25
     vae, text = tiny_vae(), tiny_text_encoder()
     cache = build_latent_cache(vae, text, tmp_path / "data", tmp_path / "cache", 32, buckets=spec, progress=False,
-                               batch_size=4)
+                               batch_size=4, labels={"width": "width"})
     listed = cache["splits"]["train"]
     assert len(set(map(tuple, listed["chunk_sizes"].values()))) == len(listed["chunks"]) >= 3
     train = LatentDataset(tmp_path / "cache", "train")
@@ -224,6 +224,9 @@ def test_folder_buckets_record_sizes_and_the_cache_stores_one_bucket_per_chunk(t
             assert got["latent_mean"].shape[2:] == (batch["image"].shape[2] // f, batch["image"].shape[3] // f)
             assert torch.equal(got["original_size"], batch["original_size"])
             assert torch.equal(got["crop_coords"], batch["crop_coords"])
+            # labels travel with their samples through the per-bucket chunks
+            widths = [train.label_classes["width"][i] for i in got["labels"][:, 0]]
+            assert widths == [str(m["width"]) for m in batch["meta"]]
     with pytest.raises(ValueError, match="one bucket"):
         train.__getitems__([0, len(train) - 1])
     # two ranks: the same bucket at every step, equal lengths, disjoint samples
