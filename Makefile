@@ -173,6 +173,8 @@ DEMO_CLIP_STEPS ?= 5000
 DEMO_CACHE_SAMPLES ?= 30000
 DEMO_LDM_STEPS ?= 10000
 demo: $(STAMP)
+	@if [ "$(DATA)" != shapes ]; then echo "make demo is the shapes demo; for DATA=$(DATA) run the make train-* sequence" \
+	  "of docs/results/scale.md (make train-ldm DATA=$(DATA))" >&2; exit 2; fi
 	$(LDM) demo --start-time $(DEMO_START) --budget-s $(DEMO_BUDGET_S) --after-ldm-s $(DEMO_AFTER_LDM_S) \
 	  --vae-time $(DEMO_VAE_TIME) --vae-steps $(DEMO_VAE_STEPS) --clip-time $(DEMO_CLIP_TIME) \
 	  --clip-steps $(DEMO_CLIP_STEPS) --cache-samples $(DEMO_CACHE_SAMPLES) --ldm-steps $(DEMO_LDM_STEPS)
