@@ -202,7 +202,8 @@ class ImageEdit:
             from ldm.diffusion.guidance import conditional_model
             from ldm.diffusion.samplers import ddim_invert
 
-            fn = conditional_model(pipe.denoiser, pipe.condition([self.source_prompt]))
+            h, w = (s * pipe.vae.config.downsample_factor for s in z.shape[2:])
+            fn = conditional_model(pipe.denoiser, pipe.condition([self.source_prompt], h, w))
             return ddim_invert(fn, z, pipe.schedule, ts, prediction_type=pipe.schedule.prediction_type,
                                fixed_point_iters=INVERT_ITERS, callback=callback)
         if len(ts) == full_steps and self.mode in ("img2img", "colorize"):
