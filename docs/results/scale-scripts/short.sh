@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 export PYTHONPATH=$PWD OMP_WAIT_POLICY=PASSIVE
-L=/work/main/.venv/bin/ldm; R=runs/openmoji
+L=.venv/bin/ldm; R=runs/openmoji
 S="--trainer.max_time 00:03:00:00 --trainer.enable_progress_bar false"
 echo "$STAGE start $(date -Is) load $(cat /proc/loadavg)"
 case $STAGE in
