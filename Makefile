@@ -26,10 +26,17 @@ PYTEST_ARGS ?=
 
 install: $(STAMP)
 
+# INSTALLER=uv installs the same packages with uv (itself pip-installed first); `ldm bench --install` times both.
+INSTALLER ?= pip
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+ifeq ($(INSTALLER),uv)
+	$(PY) -m pip install -q uv
+	$(VENV)/bin/uv pip install -q --python $(PY) -e '.[test]'
+else
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+endif
 	@touch $(STAMP)
 
 # ---- data ------------------------------------------------------------------------------------------
@@ -96,9 +103,11 @@ demo: $(STAMP)
 	  --vae-time $(DEMO_VAE_TIME) --vae-steps $(DEMO_VAE_STEPS) --clip-time $(DEMO_CLIP_TIME) \
 	  --clip-steps $(DEMO_CLIP_STEPS) --cache-samples $(DEMO_CACHE_SAMPLES) --ldm-steps $(DEMO_LDM_STEPS)
 
+# ldm vs diffusers in one table (JSON in checkpoints/bench/bench.json, Markdown in docs/results/bench.md);
+# BENCH_ARGS e.g. "--only denoiser generate" or "--no-compile". `ldm bench --install` times the set-up (slow).
+BENCH_ARGS ?=
 bench: $(STAMP)
-	$(LDM) bench data
-	$(LDM) bench unet
+	$(LDM) bench --markdown docs/results/bench.md $(BENCH_ARGS)
 
 # ---- lint and tests -----------------------------------------------------------------------------------
 lint: $(STAMP)

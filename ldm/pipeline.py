@@ -9,6 +9,9 @@
 
 No Lightning and no webdataset are imported here. The generation is LDM eq. 3 at inference:
 z_T ~ N(0, I) → sampler(ε_θ(z_t, t, τ_θ(y)) with CFG) → x = D(z_0 / scale + shift).
+
+The denoiser runs in inference mode on the fast path of ``ldm.fastpath`` (``precision``: "auto" measures fp32
+against bf16 autocast and the attention kernels once per machine and batch shape; "fp32" / "bf16" fix it).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from ldm.conditioning import Conditioning
 from ldm.diffusion.guidance import guided_model
 from ldm.diffusion.samplers import SAMPLERS, sample
 from ldm.diffusion.schedules import DiscreteSchedule
+from ldm.fastpath import FastPath, check_precision, choose, denoiser_workload
 from ldm.io import (CONFIG_NAME, PartError, config_from_dict, load_part, part_metadata, read_json, save_part,
                     weights_hash, write_json)
 from ldm.modules.denoiser import check_compatible, conditioning_for
@@ -87,13 +91,16 @@ def check_trained_together(path: Path, recorded: dict[str, str] | None, current:
 class TextToImagePipeline:
     """The three frozen parts + schedule, callable as ``pipe(prompts) -> list[PIL.Image]``.
 
-    ``denoiser`` is any denoiser (``ldm.modules.denoiser``): the pipeline never names its class.
+    ``denoiser`` is any denoiser (``ldm.modules.denoiser``): the pipeline never names its class. ``precision``
+    ("auto" | "fp32" | "bf16") is the denoiser's default fast-path setting (see ``ldm.fastpath``).
     """
 
     def __init__(self, vae: torch.nn.Module, text_encoder: torch.nn.Module, denoiser: torch.nn.Module,
-                 schedule: DiscreteSchedule, config: PipelineConfig | None = None):
+                 schedule: DiscreteSchedule, config: PipelineConfig | None = None, precision: str = "auto"):
         self.vae, self.text_encoder, self.denoiser, self.schedule = vae, text_encoder, denoiser, schedule
         self.config = config or PipelineConfig()
+        self.precision = check_precision(precision)
+        self.last_fast_path: FastPath | None = None  # the fast path the last generate() ran on
         self._check_compatible()
         for part in (vae, text_encoder, denoiser):
             part.eval().requires_grad_(False)
@@ -171,15 +178,16 @@ class TextToImagePipeline:
         if height % f or width % f or height < f or width < f:
             raise ValueError(f"height and width must be positive multiples of the VAE factor {f}, got {height}x{width}")
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, prompts: Sequence[str], negative_prompt: str | None = None, steps: int | None = None,
                  guidance: float | None = None, sampler: str | None = None, seed: int = 0,
                  height: int | None = None, width: int | None = None, n_per_prompt: int = 1,
                  batch_size: int = 64, guidance_rescale: float | None = None, progress: bool = True,
-                 **sampler_options: Any) -> torch.Tensor:
+                 precision: str | None = None, **sampler_options: Any) -> torch.Tensor:
         """Images (len(prompts)·n_per_prompt, 3, H, W) in [-1, 1], prompt-major order.
 
         The initial noise of image i depends only on (seed, i), so the batch size does not change it.
+        ``precision`` overrides the pipeline's fast-path setting for this call.
         """
         c = self.config
         steps = c.steps if steps is None else steps
@@ -199,14 +207,27 @@ class TextToImagePipeline:
             from tqdm.auto import tqdm
 
             batches = tqdm(batches, desc=f"sampling ({sampler}, {steps} steps)", unit="batch")
-        images = []
+        images, fast = [], None
         for start in batches:
             cond = self.condition(all_prompts[start:start + batch_size])
             model_fn = guided_model(self.denoiser, cond, uncond, guidance, rescale)
             x_T = noise[start:start + batch_size].to(self.device, self.dtype)
-            z0 = sample(model_fn, x_T, self.schedule, steps, sampler=sampler, generator=sample_gen, **sampler_options)
+            if fast is None:  # chosen on the first batch, kept for the whole call
+                fast = self.fast_path(model_fn, x_T, cond, precision or self.precision, guided=not (guidance == 1.0 and rescale == 0.0))
+            with fast.context(self.device):
+                z0 = sample(model_fn, x_T, self.schedule, steps, sampler=sampler, generator=sample_gen,
+                            **sampler_options)
             images.append(self.vae.decode_latents(z0).clamp(-1, 1).float().cpu())
+        self.last_fast_path = fast
         return torch.cat(images)
+
+    def fast_path(self, model_fn: Any, x: torch.Tensor, cond: Conditioning, precision: str,
+                  guided: bool = True) -> FastPath:
+        """The fast path of the sampler's ``model_fn`` on latents like ``x`` (measured once per machine and shape)."""
+        workload = {**denoiser_workload(self.denoiser, x, cond, "sample"), "guided": guided}
+        workload["tokens"] = workload["tokens"][2:]  # the prompts' length varies from call to call: not part of it
+        t = torch.full((x.shape[0],), self.schedule.num_train_timesteps / 2, device=x.device)
+        return choose(precision, workload, lambda _: model_fn(x, t), self.device)
 
     def condition(self, prompts: Sequence[str]) -> Conditioning:
         """The denoiser's conditioning for ``prompts``, padding columns cut (exact: masked cross-attention and a

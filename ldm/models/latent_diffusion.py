@@ -24,6 +24,7 @@ from torch import nn
 from ldm.conditioning import Conditioning, drop_for_guidance
 from ldm.diffusion.objectives import diffusion_loss, offset_noise
 from ldm.diffusion.schedules import DiscreteSchedule, ScheduleConfig
+from ldm.fastpath import CANDIDATES, REFERENCE, FastPath, check_precision, choose, denoiser_workload, train_step_probe
 from ldm.io import PartError, load_part, weights_hash
 from ldm.models.base import PartModule
 from ldm.modules.denoiser import build_denoiser, conditioning_for, copy_denoiser
@@ -71,6 +72,10 @@ class LatentDiffusion(PartModule):
             (``val_prompts`` None: the training dataset's own prompts, when its module has some).
         pooled_conditioning: also condition on the prompt's pooled embedding, added to the time embedding
             (GLIDE sec. 2.3, SDXL sec. 2.1).
+        precision: the denoiser's training precision and attention kernel (``ldm.fastpath``): "auto" measures
+            fp32 against bf16 autocast on the first batch (once per machine, cached) and keeps bf16 only where it
+            is faster; "fp32" / "bf16" fix it. Weights, gradients and optimizer state stay fp32; validation
+            losses are computed in fp32; a Trainer ``precision`` other than 32 takes precedence.
     """
 
     default_optimizer = {"lr": 1e-3}
@@ -83,8 +88,9 @@ class LatentDiffusion(PartModule):
                  p_uncond: float = 0.1, ema_decay: float = 0.999, stratified_timesteps: bool = True,
                  resolution: int = 32, val_prompts: list[str] | None = None, sample_every_n_val: int = 1,
                  sample_steps: int = 10, sample_guidance: float = 4.0, val_timesteps: int = 8,
-                 pooled_conditioning: bool = False):
+                 pooled_conditioning: bool = False, precision: str = "auto"):
         super().__init__(optimizer, lr_schedule)
+        check_precision(precision, "model.init_args.precision")
         self.save_hyperparameters()
         if not 0.0 <= p_uncond <= 1.0:
             raise ValueError(f"p_uncond must be in [0, 1], got {p_uncond}")
@@ -100,6 +106,7 @@ class LatentDiffusion(PartModule):
         self.val_prompts = None if val_prompts is None else list(val_prompts)
         self._empty: Conditioning | None = None
         self._val_runs = 0
+        self.fast: FastPath | None = None  # the training fast path, chosen on the first training batch
 
     # ---- frozen parts stay out of checkpoints: they are exported parts with their own files ----------
     _FROZEN = ("vae.", "text_encoder.")
@@ -173,10 +180,30 @@ class LatentDiffusion(PartModule):
     def loss(self, z0: torch.Tensor, cond: Conditioning, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Weighted denoising loss of the denoiser at timesteps ``t`` with ``noise`` (objectives.diffusion_loss)."""
         x_t = self.schedule.q_sample(z0, t, noise)
-        out = self.denoiser(x_t, t.to(z0.dtype), cond)
+        t = t.to(z0.dtype)
+        fast = self.training_fast_path(x_t, t, cond) if self.training and torch.is_grad_enabled() else REFERENCE
+        with fast.context(x_t.device):
+            out = self.denoiser(x_t, t, cond)
         h = self.hparams
         return diffusion_loss(out, z0, noise, t, self.schedule, self.schedule.prediction_type,
                               h.loss_weighting, h.min_snr_gamma)
+
+    def training_fast_path(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> FastPath:
+        """The fast path of the training step, chosen on the first batch (rank 0 measures, the others follow)."""
+        if self.fast is None:
+            trainer = self._trainer
+            if trainer is not None and str(trainer.precision) not in ("32", "32-true"):
+                self.fast = REFERENCE  # the Trainer's own mixed precision is in force
+            else:
+                name = None
+                if trainer is None or trainer.is_global_zero:
+                    workload = denoiser_workload(self.denoiser, x_t, cond, "train")
+                    probe = train_step_probe(self.denoiser, x_t, t, cond)
+                    name = choose(self.hparams.precision, workload, probe, x_t.device, log=self.print).name
+                if trainer is not None and trainer.world_size > 1:
+                    name = trainer.strategy.broadcast(name, src=0)
+                self.fast = next(c for c in CANDIDATES if c.name == name)
+        return self.fast
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         z0, cond = self.latents_and_conditioning(batch)

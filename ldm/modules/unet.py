@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ldm.conditioning import Conditioning
+from ldm.conditioning import Conditioning, every_row_keeps_a_token
 from ldm.modules.attention import SpatialTransformer
 from ldm.modules.embeddings import PooledTextEmbedding, TimestepEmbedding, spatial_position_embedding
 
@@ -262,7 +262,7 @@ class UNet(nn.Module):
         if cond.mask is None:
             return t, None
         mask = cond.mask.to(device=x.device, dtype=torch.bool)
-        if not bool(mask.any(dim=1).all()):
+        if not every_row_keeps_a_token(mask):
             raise ValueError("UNet: a cond.mask row masks every token; keep at least one (e.g. the BOS/EOS token)")
         return t, mask[:, None, None, :]  # (B, 1, 1, L): broadcast over heads and queries
 
