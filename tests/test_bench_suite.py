@@ -1,0 +1,63 @@
+"""`ldm bench` plumbing on tiny models: every group's rows, finite ratios, the JSON schema, the Markdown page.
+The measurements themselves are not asserted (they depend on the machine and its load)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from ldm.cli import main as ldm_main
+
+pytest.importorskip("diffusers")
+
+ROW_KEYS = {"group", "row", "unit", "ours"}
+
+
+def test_tiny_bench_writes_every_row_and_the_markdown_page(tmp_path, capsys):
+    from ldm.bench.suite import GROUPS
+
+    out, md = tmp_path / "bench.json", tmp_path / "bench.md"
+    assert ldm_main(["bench", "--tiny", "--out", str(out), "--markdown", str(md)]) == 0
+    result = json.loads(out.read_text())
+    assert result["benchmark"] == "ldm-bench" and result["groups"] == list(GROUPS)
+    context = result["context"]
+    assert {"cpu", "cpus", "threads", "torch", "load_average", "time"} <= set(context)
+    assert len(context["load_average"]) == 3 and result["cpu_s"] > 0 and result["wall_s"] > 0
+    rows = result["rows"]
+    assert all(ROW_KEYS <= set(r) for r in rows)
+    by_group = {g: [r for r in rows if r["group"] == g] for g in GROUPS}
+    assert [r["row"] for r in by_group["kernels"]] == ["peak float32 (best kernel)", "peak bfloat16 (best kernel)"]
+    denoiser = {r["row"] for r in by_group["denoiser"]}
+    assert denoiser == {f"{kind} {name} b2" for kind in ("train step", "forward") for name in ("shapes", "mid")}
+    assert len(by_group["vae"]) == 2 and len(by_group["generate"]) == 2 and len(by_group["data"]) == 2
+    assert by_group["compile"] == []  # --tiny skips compiling
+    switches = {r["row"].split(" (")[0] for r in by_group["fastpath"]}
+    assert {"bf16 autocast vs fp32", "fused QKV", "channels_last", "attention math vs sdpa, bf16",
+            "inference_mode vs no_grad", "mask check once per tensor vs every call"} <= switches
+    for r in rows:
+        assert math.isfinite(r["ours"]) and r["ours"] > 0, r
+        for key in ("reference", "speedup", "cpu_speedup", "mem_ratio"):
+            if key in r and r[key] is not None:
+                assert math.isfinite(r[key]) and r[key] > 0, (key, r)
+    for r in by_group["denoiser"] + by_group["vae"] + by_group["generate"]:
+        assert r["speedup"] is not None and r["reference"] is not None
+    for r in by_group["denoiser"]:
+        assert r["mem_ratio"] is not None and r["ran_as"] in {"fp32-sdpa", "bf16-sdpa", "bf16-math"}
+        assert set(r["times"]) >= {"ours", "ours fp32", "diffusers"}
+    forward = next(r for r in by_group["denoiser"] if r["row"].startswith("forward mid"))
+    assert forward["gflop_per_img"] > 0 and 0 < forward["pct_fp32_peak"]
+    page = md.read_text()
+    assert context["cpu"] in page and "ldm bench --tiny" in page and "| train step mid b2 |" in page
+    printed = capsys.readouterr().out
+    assert "train step shapes b2" in printed and f"wrote {out}" in printed
+
+
+def test_bench_flags_are_checked(tmp_path):
+    from ldm.errors import UsageError
+
+    with pytest.raises(UsageError, match="--markdown"):
+        ldm_main(["--debug", "bench", "--tiny", "--out", str(tmp_path / "b.json"), "--markdown", str(tmp_path / "b.txt")])
+    with pytest.raises(UsageError, match="--only"):
+        ldm_main(["--debug", "bench", "--only", "gpu"])
