@@ -213,7 +213,8 @@ class TextToImagePipeline:
             model_fn = guided_model(self.denoiser, cond, uncond, guidance, rescale)
             x_T = noise[start:start + batch_size].to(self.device, self.dtype)
             if fast is None:  # chosen on the first batch, kept for the whole call
-                fast = self.fast_path(model_fn, x_T, cond, precision or self.precision, guided=not (guidance == 1.0 and rescale == 0.0))
+                fast = self.fast_path(model_fn, x_T, cond, precision or self.precision,
+                                      guided=not (guidance == 1.0 and rescale == 0.0))
             with fast.context(self.device):
                 z0 = sample(model_fn, x_T, self.schedule, steps, sampler=sampler, generator=sample_gen,
                             **sampler_options)

@@ -58,6 +58,7 @@ def test_bench_flags_are_checked(tmp_path):
     from ldm.errors import UsageError
 
     with pytest.raises(UsageError, match="--markdown"):
-        ldm_main(["--debug", "bench", "--tiny", "--out", str(tmp_path / "b.json"), "--markdown", str(tmp_path / "b.txt")])
+        ldm_main(["--debug", "bench", "--tiny", "--out", str(tmp_path / "b.json"),
+                  "--markdown", str(tmp_path / "b.txt")])
     with pytest.raises(UsageError, match="--only"):
         ldm_main(["--debug", "bench", "--only", "gpu"])

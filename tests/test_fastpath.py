@@ -189,3 +189,36 @@ def test_peak_memory_counts_live_tensors_exactly():
     assert peak_memory(two_at_once) == 8000
     lin = torch.nn.Linear(10, 10)  # 110 floats of state
     assert peak_memory(lambda: None, (lin,)) == 440
+
+
+def test_latent_diffusion_trains_on_the_chosen_path_and_validates_in_fp32(tmp_path, monkeypatch):
+    from ldm.models.latent_diffusion import LatentDiffusion
+    from ldm.modules.denoiser import conditioning_for
+    from tiny_parts import TINY_UNET, export_tiny_parts
+
+    monkeypatch.setenv("LDM_FASTPATH_CACHE", str(tmp_path / "fp.json"))
+    vae, text = export_tiny_parts(tmp_path / "parts")
+    with pytest.raises(UsageError, match="model.init_args.precision"):
+        LatentDiffusion(vae_path=str(vae), text_encoder_path=str(text), denoiser=dict(TINY_UNET), precision="fp16")
+    torch.manual_seed(0)
+    model = LatentDiffusion(vae_path=str(vae), text_encoder_path=str(text), denoiser=dict(TINY_UNET), resolution=16,
+                            precision="bf16")
+    g = torch.Generator().manual_seed(0)
+    z0 = torch.randn(4, 4, 4, 4, generator=g)
+    cond = conditioning_for(model.denoiser, model.text_encoder.condition(["a red circle", "a blue square", "a", "b"]))
+    t, noise = torch.randint(0, 1000, (4,), generator=g), torch.randn(4, 4, 4, 4, generator=g)
+    opt = torch.optim.Adam(model.denoiser.parameters(), lr=3e-3)
+    first = model.loss(z0, cond, t, noise)
+    assert model.fast is not None and model.fast.precision == "bf16"
+    for _ in range(20):
+        opt.zero_grad()
+        model.loss(z0, cond, t, noise).backward()
+        opt.step()
+    assert model.loss(z0, cond, t, noise).item() < 0.7 * first.item()
+    assert all(p.dtype == torch.float32 for p in model.denoiser.parameters())  # weights stay fp32
+    model.eval()
+    with torch.no_grad():  # validation: fp32, the same value whatever the training precision
+        a = model.loss(z0, cond, t, noise)
+        with fastpath.FastPath("fp32", "sdpa").context("cpu"):
+            b = model.loss(z0, cond, t, noise)
+    assert a.dtype == torch.float32 and a.item() == b.item()

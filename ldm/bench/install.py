@@ -38,7 +38,8 @@ def time_install(installer: str, repo: Path, work: Path) -> dict[str, Any]:
            "UV_CACHE_DIR": str(work / f"uv-cache-{installer}"), "PIP_NO_INPUT": "1"}
     env.pop("VIRTUAL_ENV", None)
     start, cpu = time.perf_counter(), os.times()
-    out = subprocess.run(["make", "install", f"INSTALLER={installer}"], cwd=clone, env=env, capture_output=True, text=True)
+    out = subprocess.run(["make", "install", f"INSTALLER={installer}"], cwd=clone, env=env, capture_output=True,
+                         text=True)
     wall = time.perf_counter() - start
     after = os.times()
     row = {"installer": installer, "wall_s": wall, "child_cpu_s": (after.children_user - cpu.children_user)

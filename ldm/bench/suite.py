@@ -87,8 +87,9 @@ def denoiser_configs(s: Settings) -> dict[str, tuple[UNetConfig, int]]:
                           num_heads=None, head_dim=4, context_dim=16, num_groups=4)
         return {"shapes": (tiny, 4), "mid": (dataclasses.replace(tiny, num_res_blocks=2), 8)}
     return {"shapes": (UNetConfig.shapes(), 8),
-            "mid": (UNetConfig(model_channels=64, channel_mult=(1, 2, 4), num_res_blocks=2, attention_resolutions=(1, 2, 4),
-                               num_heads=None, head_dim=32, context_dim=256, num_groups=32), 16)}
+            "mid": (UNetConfig(model_channels=64, channel_mult=(1, 2, 4), num_res_blocks=2,
+                               attention_resolutions=(1, 2, 4), num_heads=None, head_dim=32, context_dim=256,
+                               num_groups=32), 16)}
 
 
 def vae_configs(s: Settings) -> dict[str, tuple[Any, int]]:
@@ -227,7 +228,8 @@ def denoiser_rows(s: Settings, ctx: dict) -> list[dict[str, Any]]:
         fwd_memory = {k: peak_memory(v.forward, (v.model,), s.device) for k, v in c.items()}
         flops = denoiser_flops(ours, data)
         ctx.setdefault("train_img_s", {})[name] = s.batch / train["ours"]["wall_s"]
-        for kind, times, mem, fast in (("train step", train, memory, fast_train), ("forward", fwd, fwd_memory, fast_fwd)):
+        for kind, times, mem, fast in (("train step", train, memory, fast_train),
+                                       ("forward", fwd, fwd_memory, fast_fwd)):
             row = {"group": "denoiser", "row": f"{kind} {name} b{s.batch}", "unit": "img/s",
                    "ours": s.batch / times["ours"]["wall_s"], "reference": s.batch / times["diffusers"]["wall_s"],
                    "speedup": ratio(times["diffusers"]["wall_s"], times["ours"]["wall_s"]),
@@ -245,6 +247,11 @@ def denoiser_rows(s: Settings, ctx: dict) -> list[dict[str, Any]]:
                 row["pct_fp32_peak"] = ratio(achieved, peak.get("float32"))
                 row["pct_bf16_peak"] = ratio(achieved, peak.get("bfloat16"))
                 row["fp32_pct_fp32_peak"] = ratio(flops / times["ours fp32"]["wall_s"] / 1e9, peak.get("float32"))
+                per_cpu = ctx.get("peak", {}).get("peak_gflops_per_cpu_s", {})  # the same, by CPU seconds
+                row["gflops_per_cpu_s"] = flops / times["ours"]["cpu_s"] / 1e9
+                row["pct_fp32_peak_cpu"] = ratio(row["gflops_per_cpu_s"], per_cpu.get("float32"))
+                row["pct_bf16_peak_cpu"] = ratio(row["gflops_per_cpu_s"], per_cpu.get("bfloat16"))
+                row["fp32_pct_fp32_peak_cpu"] = ratio(flops / times["ours fp32"]["cpu_s"] / 1e9, per_cpu.get("float32"))
             rows.append(row)
     return rows
 
@@ -261,7 +268,8 @@ def vae_rows(s: Settings, ctx: dict) -> list[dict[str, Any]]:
         g = torch.Generator().manual_seed(0)
         x = (torch.rand(batch, 3, config.resolution, config.resolution, generator=g) * 2 - 1).to(s.device)
         f = config.downsample_factor
-        z = torch.randn(batch, config.z_channels, config.resolution // f, config.resolution // f, generator=g).to(s.device)
+        z = torch.randn(batch, config.z_channels, config.resolution // f, config.resolution // f, generator=g)
+        z = z.to(s.device)
 
         def run(fn: Callable[[], Any]) -> Callable[[], None]:
             def call() -> None:
@@ -270,7 +278,8 @@ def vae_rows(s: Settings, ctx: dict) -> list[dict[str, Any]]:
             return call
 
         encode = interleaved({"ours": run(lambda: ours.encode(x).mode()),
-                              "diffusers": run(lambda: theirs.encode(x).latent_dist.mode())}, s.rounds, s.warmup, s.device)
+                              "diffusers": run(lambda: theirs.encode(x).latent_dist.mode())},
+                             s.rounds, s.warmup, s.device)
         decode = interleaved({"ours": run(lambda: ours.decode(z)), "diffusers": run(lambda: theirs.decode(z).sample)},
                              s.rounds, s.warmup, s.device)
         for kind, times in (("encode", encode), ("decode", decode)):
@@ -333,7 +342,8 @@ def generation_rows(s: Settings, ctx: dict) -> list[dict[str, Any]]:
         times = interleaved({"ours": ours, "diffusers": diffusers}, max(1, s.rounds - 2), 1, s.device)
         n = len(prompts)
         rows.append({"group": "generate", "row": f"generate {name} {resolution}px {s.gen_steps} steps CFG",
-                     "unit": "s/img", "ours": times["ours"]["wall_s"] / n, "reference": times["diffusers"]["wall_s"] / n,
+                     "unit": "s/img", "ours": times["ours"]["wall_s"] / n,
+                     "reference": times["diffusers"]["wall_s"] / n,
                      "speedup": ratio(times["diffusers"]["wall_s"], times["ours"]["wall_s"]),
                      "cpu_speedup": ratio(times["diffusers"]["cpu_s"], times["ours"]["cpu_s"]),
                      "ran_as": pipe.last_fast_path.name if pipe.last_fast_path else None, "images": n,
@@ -355,7 +365,8 @@ def data_rows(s: Settings, ctx: dict) -> list[dict[str, Any]]:
         urls = list_shards(tmp, "train")
         loader = measure(urls, 32, 64 if not s.tiny else 8, 0, s.data_samples - (128 if not s.tiny else 16))
         rows.append({"group": "data", "row": "shard loader 32 px, 0 workers", "unit": "img/s",
-                     "ours": loader["img_per_s"], "reference": consumption, "speedup": ratio(loader["img_per_s"], consumption),
+                     "ours": loader["img_per_s"], "reference": consumption,
+                     "speedup": ratio(loader["img_per_s"], consumption),
                      "note": "reference: the shapes training step's img/s (headroom = speedup)", "detail": loader})
         torch.manual_seed(0)
         vae = AutoencoderKL(vae_configs(Settings())["shapes-sd 32px"][0]).eval()
@@ -425,8 +436,8 @@ def fastpath_rows(s: Settings, ctx: dict) -> list[dict[str, Any]]:
 
     rows = []
     pairs: list[tuple[str, Contender, Contender]] = [
-        ("bf16 autocast vs fp32", contender(FastPath("bf16", default.attention if default.precision == "bf16" else "math")),
-         contender(REFERENCE)),
+        ("bf16 autocast vs fp32", contender(FastPath("bf16", default.attention if default.precision == "bf16"
+                                                     else "math")), contender(REFERENCE)),
         ("attention math vs sdpa, bf16", contender(FastPath("bf16", "math")), contender(FastPath("bf16", "sdpa"))),
         ("attention math vs sdpa, fp32", contender(FastPath("fp32", "math")), contender(REFERENCE)),
         ("fused QKV", contender(default, lambda: fused_qkv(True)), contender(default, lambda: fused_qkv(False))),
@@ -491,7 +502,8 @@ def compile_rows(s: Settings, ctx: dict) -> list[dict[str, Any]]:
         rows.append(_switch_row("torch.compile", f"{kind} mid", times["on"], times["off"], s.batch, times=times,
                                 compile_s=compile_s, compile_cpu_s=compile_cpu_s,
                                 calls_to_repay=compile_s / saved if saved > 0 else None,
-                                note=f"on vs off; compile {compile_s:.0f} s ({compile_cpu_s:.0f} CPU-s)", ran_as=fast.name))
+                                note=f"on vs off; compile {compile_s:.0f} s ({compile_cpu_s:.0f} CPU-s)",
+                                ran_as=fast.name))
     return rows
 
 
@@ -539,15 +551,22 @@ def _value(key: str) -> Callable[[dict[str, Any]], str]:
 def _forward_extra(row: dict[str, Any]) -> str:
     if row.get("gflops") is None:
         return row.get("note", "")
-    text = f"{row['gflop_per_img']:.3f} GFLOP/img, {row['gflops']:.0f} GFLOP/s = {100 * row['pct_fp32_peak']:.0f} % fp32 peak"
+    text = (f"{row['gflop_per_img']:.3f} GFLOP/img, {row['gflops']:.0f} GFLOP/s = {100 * row['pct_fp32_peak']:.0f} % "
+            "fp32 peak")
     if row.get("ran_as", "").startswith("bf16") and row.get("pct_bf16_peak"):
         text += f", {100 * row['pct_bf16_peak']:.0f} % bf16 peak"
+    if row.get("pct_fp32_peak_cpu") is not None:
+        text += f" (per CPU-s: {100 * row['pct_fp32_peak_cpu']:.0f} % fp32 peak"
+        if row.get("ran_as", "").startswith("bf16") and row.get("pct_bf16_peak_cpu"):
+            text += f", {100 * row['pct_bf16_peak_cpu']:.0f} % bf16"
+        text += ")"
     return text
 
 
 COLUMNS = [("row", "row", ""), ("ours", "ours", _value("ours")), ("reference", "reference", _value("reference")),
            ("unit", "unit", ""), ("speedup", "speedup", _num("speedup", ".2f")),
-           ("cpu_speedup", "cpu-s speedup", _num("cpu_speedup", ".2f")), ("mem_ratio", "peak mem", _num("mem_ratio", ".2f")),
+           ("cpu_speedup", "cpu-s speedup", _num("cpu_speedup", ".2f")),
+           ("mem_ratio", "peak mem", _num("mem_ratio", ".2f")),
            ("ran_as", "ours ran as", ""), ("note", "note", _forward_extra)]
 
 
@@ -555,19 +574,25 @@ def format_rows(rows: list[dict[str, Any]], markdown: bool = False) -> str:
     return format_table(rows, COLUMNS, markdown=markdown)
 
 
-def markdown_report(result: dict[str, Any], command: str) -> str:
-    """The Markdown page of docs/results/bench.md: date, CPU, load, the command, the table."""
+GENERATED_END = "<!-- end of the generated part: what follows is kept when ldm bench rewrites this page -->"
+
+
+def markdown_report(result: dict[str, Any], command: str, kept: str = "") -> str:
+    """The Markdown page of docs/results/bench.md: date, CPU, load, the command, the table; then whatever followed
+    :data:`GENERATED_END` in the previous page ``kept`` (the hand-written analysis)."""
     c = result["context"]
+    tail = kept.split(GENERATED_END, 1)[1] if GENERATED_END in kept else "\n"
     return "\n".join([
         "# `ldm bench`: ldm vs diffusers, measured in one run", "",
         f"- date: {c['time']}", f"- CPU: {c['cpu']} ({c['cpus']} CPUs, torch threads {c['threads']}; "
         f"flags {', '.join(c['cpu_flags']) or '-'})", f"- torch {c['torch']}",
         f"- load average before / after: {', '.join(f'{v:.1f}' for v in c['load_average'])} / "
-        f"{', '.join(f'{v:.1f}' for v in result.get('load_average_after', []))}; run {result.get('wall_s', 0):.0f} s wall, "
-        f"{result.get('cpu_s', 0):.0f} CPU-s",
+        f"{', '.join(f'{v:.1f}' for v in result.get('load_average_after', []))}; "
+        f"run {result.get('wall_s', 0):.0f} s wall, {result.get('cpu_s', 0):.0f} CPU-s",
         f"- command: `{command}`", "",
-        "speedup = reference time / ours (higher is better for ours); cpu-s speedup the same in CPU seconds; peak mem = "
-        "ours / reference (allocator peak, parameters + gradients + optimizer state + activations). Reference: "
+        "speedup = reference time / ours (higher is better for ours); cpu-s speedup the same in CPU seconds; "
+        "peak mem = ours / reference (allocator peak, parameters + gradients + optimizer state + activations). "
+        "Reference: "
         "diffusers at its defaults (fp32); fastpath rows: the switch on vs off. 'ours ran as': the fast path "
         "ldm.fastpath chose on this machine.", "",
-        format_rows(result["rows"], markdown=True), ""])
+        format_rows(result["rows"], markdown=True), "", GENERATED_END]) + tail

@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="instead: time `make install` in a fresh venv with pip and with uv (slow; needs the "
                              "package index)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
-    parser.add_argument("--threads", type=POSITIVE, default=None, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--threads", type=POSITIVE, default=None,
+                        help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--out", default="checkpoints/bench/bench.json", help="JSON results file")
     sub = parser.add_subparsers(dest="bench", metavar="BENCHMARK", required=False)
     p = sub.add_parser("data", formatter_class=fmt, help="data-loader throughput vs bare PIL decoding",
@@ -88,8 +89,9 @@ def _command(args: argparse.Namespace) -> str:
     parts = ["ldm", "bench"]
     if args.only:
         parts += ["--only", *args.only]
-    for flag, value, default in (("--rounds", args.rounds, 5), ("--warmup", args.warmup, 2), ("--batch", args.batch, 32),
-                                 ("--threads", args.threads, None), ("--device", args.device, "cpu")):
+    for flag, value, default in (("--rounds", args.rounds, 5), ("--warmup", args.warmup, 2),
+                                 ("--batch", args.batch, 32), ("--threads", args.threads, None),
+                                 ("--device", args.device, "cpu")):
         if value != default:
             parts += [flag, str(value)]
     parts += [flag for flag, on in (("--no-compile", args.no_compile), ("--tiny", args.tiny)) if on]
@@ -126,7 +128,8 @@ def run_suite(args: argparse.Namespace) -> dict:
     if markdown is not None:
         from ldm.io import atomic_write
 
-        text = suite.markdown_report(result, _command(args))
+        old = markdown.read_text() if markdown.is_file() else ""
+        text = suite.markdown_report(result, _command(args), kept=old)
         atomic_write(markdown, lambda tmp: tmp.write_text(text))
         print(f"wrote {markdown}")
     return result

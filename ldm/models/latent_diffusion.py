@@ -199,7 +199,7 @@ class LatentDiffusion(PartModule):
                 if trainer is None or trainer.is_global_zero:
                     workload = denoiser_workload(self.denoiser, x_t, cond, "train")
                     probe = train_step_probe(self.denoiser, x_t, t, cond)
-                    name = choose(self.hparams.precision, workload, probe, x_t.device, log=self.print).name
+                    name = choose(self.hparams.precision, workload, probe, x_t.device, log=print).name
                 if trainer is not None and trainer.world_size > 1:
                     name = trainer.strategy.broadcast(name, src=0)
                 self.fast = next(c for c in CANDIDATES if c.name == name)

@@ -57,7 +57,8 @@ def attention_backend(name: str) -> Iterator[None]:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None
               ) -> torch.Tensor:
     """``softmax(Q K^T / sqrt(d)) V`` (Vaswani et al. 2017, eq. 1) for (B, heads, N, d) queries and (B, heads, L, d)
-    keys/values; ``attn_mask`` (B, 1, 1, L) bool, True where a key may be attended to. Kernel: :func:`attention_backend`."""
+    keys/values; ``attn_mask`` (B, 1, 1, L) bool, True where a key may be attended to.
+    Kernel: :func:`attention_backend`."""
     if _backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
