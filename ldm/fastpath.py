@@ -5,7 +5,8 @@ optimizer state) and an attention kernel (``ldm.modules.attention.attention_back
 Whether bf16 pays depends on the processor (AVX512-BF16/AMX CPUs and tensor-core GPUs run bf16 matmuls several
 times faster; others not at all), on the torch build and on the tensor sizes (at small sizes the casts cost more
 than the math saves), so nothing is assumed: :func:`choose` with the setting "auto" times every candidate on the
-actual workload (a few interleaved rounds, the fastest round of each), keeps fp32 + SDPA unless another
+actual workload (a few interleaved rounds, the fastest round of each: CPU seconds on a CPU, where waiting for a
+core on a shared machine does not count, wall seconds on a GPU), keeps fp32 + SDPA unless another
 candidate is at least ``MIN_GAIN`` faster, and caches the answer per machine and workload in a JSON file
 (``$LDM_FASTPATH_CACHE``, default ``~/.cache/ldm/fastpath.json``), so the measurement runs once per machine.
 
@@ -133,28 +134,30 @@ def _write_cache(path: Path, key: str, entry: dict[str, Any]) -> None:
 
 
 def time_candidates(run: Callable[[FastPath], None], candidates: tuple[FastPath, ...], device: torch.device | str,
-                    rounds: int = 3, warmup: int = 1) -> dict[str, float]:
-    """Seconds per call of ``run(candidate)`` inside each candidate's context: the fastest of ``rounds`` rounds
-    (candidates interleaved, so load from other processes hits all alike), after ``warmup`` calls each."""
+                    rounds: int = 3, warmup: int = 1) -> dict[str, dict[str, float]]:
+    """Wall and CPU seconds per call of ``run(candidate)`` inside each candidate's context, each the fastest of
+    ``rounds`` rounds (candidates interleaved, so load from other processes hits all alike), after ``warmup``
+    calls each."""
     device = torch.device(device)
 
-    def once(c: FastPath) -> float:
+    def once(c: FastPath) -> tuple[float, float]:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         with c.context(device):
             run(c)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu
 
     for c in candidates:
         for _ in range(warmup):
             once(c)
-    best = {c.name: float("inf") for c in candidates}
+    best = {c.name: {"wall_s": float("inf"), "cpu_s": float("inf")} for c in candidates}
     for _ in range(rounds):
         for c in candidates:
-            best[c.name] = min(best[c.name], once(c))
+            wall, cpu = once(c)
+            best[c.name] = {"wall_s": min(best[c.name]["wall_s"], wall), "cpu_s": min(best[c.name]["cpu_s"], cpu)}
     return best
 
 
@@ -187,13 +190,16 @@ def choose(setting: str, workload: dict[str, Any], run: Callable[[FastPath], Non
         cached = _read_cache(path).get(key)
         if cached and cached.get("choice") in {c.name for c in candidates}:
             return next(c for c in candidates if c.name == cached["choice"])
-    times = time_candidates(run, candidates, device, rounds=rounds)
+    measured = time_candidates(run, candidates, device, rounds=rounds)
+    metric = "wall_s" if torch.device(device).type == "cuda" else "cpu_s"
+    times = {name: m[metric] for name, m in measured.items()}
     choice = pick(times)
     if log:
-        log(f"fast path: {choice.name} (" + ", ".join(f"{n} {1e3 * s:.0f} ms" for n, s in times.items()) + ")")
+        log(f"fast path: {choice.name} (" + ", ".join(f"{n} {1e3 * s:.0f} ms" for n, s in times.items())
+            + f", {metric[:-2]} time per call)")
     if use_cache:
-        _write_cache(path, key, {"choice": choice.name, "seconds": times, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                 **key_data})
+        _write_cache(path, key, {"choice": choice.name, "seconds": times, "metric": metric, "measured": measured,
+                                 "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **key_data})
     return choice
 
 

@@ -19,15 +19,23 @@ from ldm.fastpath import FastPath
 def vae_fidelity_by_precision(vae_path: str, probe_path: str, data_dir: str, n: int | None, split: str = "val"
                               ) -> dict[str, dict]:
     """``reconstruction_fidelity`` of the VAE in fp32 and under bf16 autocast (same images, same probe)."""
+    from ldm.evaluation import vae_fidelity
     from ldm.evaluation.shapes_probe import load_probe
-    from ldm.evaluation.vae_fidelity import load_vae, reconstruction_fidelity
 
-    vae, probe = load_vae(vae_path), load_probe(probe_path)
+    vae, probe = vae_fidelity.load_vae(vae_path), load_probe(probe_path)
+    original = vae_fidelity.reconstruct
     out = {}
     for precision in ("fp32", "bf16"):
+        def reconstruct(*args, **kwargs):  # only the VAE runs in bf16; the probe and the metrics stay fp32
+            with FastPath(precision, "sdpa").context("cpu"):
+                return original(*args, **kwargs)
+
         start, cpu = time.perf_counter(), time.process_time()
-        with FastPath(precision, "sdpa").context("cpu"):
-            result = reconstruction_fidelity(vae, probe, data_dir, n, split)
+        vae_fidelity.reconstruct = reconstruct
+        try:
+            result = vae_fidelity.reconstruction_fidelity(vae, probe, data_dir, n, split)
+        finally:
+            vae_fidelity.reconstruct = original
         out[precision] = {**result, "wall_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu}
     return out
 
