@@ -39,7 +39,8 @@ CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 @dataclass(frozen=True)
 class FastPath:
-    """One way to run a model: ``precision`` "fp32" | "bf16" (autocast) and the ``attention`` kernel."""
+    """One way to run a model: ``precision`` "fp32" | "bf16" (autocast everywhere) | "mixed" (autocast in the
+    attention blocks only: linears and attention in bf16, convolutions in fp32) and the ``attention`` kernel."""
 
     precision: str = "fp32"
     attention: str = "sdpa"
@@ -51,16 +52,18 @@ class FastPath:
     @contextlib.contextmanager
     def context(self, device: torch.device | str) -> Iterator[None]:
         """Run the block this way on ``device`` (autocast for bf16, the attention kernel)."""
-        from ldm.modules.attention import attention_backend
+        from ldm.modules.attention import attention_backend, transformer_autocast
 
         device_type = torch.device(device).type
         with attention_backend(self.attention), torch.autocast(device_type, torch.bfloat16,
-                                                                enabled=self.precision == "bf16"):
+                                                                enabled=self.precision == "bf16"), \
+                transformer_autocast(torch.bfloat16 if self.precision == "mixed" else None):
             yield
 
 
 REFERENCE = FastPath("fp32", "sdpa")
-CANDIDATES = (REFERENCE, FastPath("bf16", "sdpa"), FastPath("bf16", "math"))
+CANDIDATES = (REFERENCE, FastPath("bf16", "sdpa"), FastPath("bf16", "math"), FastPath("mixed", "sdpa"),
+              FastPath("mixed", "math"))
 
 
 def check_precision(value: str, what: str = "precision") -> str:
@@ -175,12 +178,13 @@ def choose(setting: str, workload: dict[str, Any], run: Callable[[FastPath], Non
            log: Callable[[str], None] | None = None) -> FastPath:
     """The fast path for ``workload`` (a JSON-able description: model config, shapes, train or sample).
 
-    ``setting`` "fp32" is fp32 + SDPA (nothing measured), "bf16" measures the attention kernels in bf16, "auto"
-    measures every candidate. A measured choice is cached per machine
+    ``setting`` "fp32" is fp32 + SDPA (nothing measured), "bf16" measures the bf16 candidates (everywhere or in
+    the attention blocks only, each attention kernel), "auto" measures every candidate. A measured choice is cached per machine
     and workload; ``run(candidate)`` performs one representative call (it is run inside the candidate's context).
     """
     setting = resolve_setting(setting)
-    candidates = CANDIDATES if setting == "auto" else tuple(c for c in CANDIDATES if c.precision == setting)
+    candidates = CANDIDATES if setting == "auto" else tuple(c for c in CANDIDATES if (c.precision == "fp32")
+                                                             == (setting == "fp32"))
     if len(candidates) == 1:
         return candidates[0]
     key_data = {"machine": machine(device), "workload": workload, "setting": setting}

@@ -28,6 +28,19 @@ from torch import nn
 
 BACKENDS = ("sdpa", "math")
 _backend = "sdpa"
+_block_dtype: torch.dtype | None = None  # autocast inside the SpatialTransformers only (None: off)
+
+
+@contextmanager
+def transformer_autocast(dtype: torch.dtype | None) -> Iterator[None]:
+    """Inside the block, every :class:`SpatialTransformer` runs under ``torch.autocast(dtype)`` (its linears and
+    attention in ``dtype``, its output cast back), the convolutions around it stay in their own precision."""
+    global _block_dtype
+    previous, _block_dtype = _block_dtype, dtype
+    try:
+        yield
+    finally:
+        _block_dtype = previous
 
 
 def get_attention_backend() -> str:
@@ -177,11 +190,17 @@ class SpatialTransformer(nn.Module):
         nn.init.zeros_(self.proj_out.bias)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if _block_dtype is None:
+            return x + self._update(x, context, attn_mask)
+        with torch.autocast(x.device.type, _block_dtype):
+            h = self._update(x, context, attn_mask)
+        return x + h.to(x.dtype)
+
+    def _update(self, x: torch.Tensor, context: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
         batch, channels, height, width = x.shape
         # NCHW -> (B, H*W, C): a view for channels_last inputs, one copy otherwise.
         h = self.norm(x).permute(0, 2, 3, 1).reshape(batch, height * width, channels)
         h = self.proj_in(h)
         for block in self.blocks:
             h = block(h, context, attn_mask)
-        h = self.proj_out(h).view(batch, height, width, channels).permute(0, 3, 1, 2)
-        return x + h
+        return self.proj_out(h).view(batch, height, width, channels).permute(0, 3, 1, 2)
