@@ -187,7 +187,8 @@ def choose(setting: str, workload: dict[str, Any], run: Callable[[FastPath], Non
                                                              == (setting == "fp32"))
     if len(candidates) == 1:
         return candidates[0]
-    key_data = {"machine": machine(device), "workload": workload, "setting": setting}
+    key_data = {"machine": machine(device), "workload": workload, "setting": setting,
+                "candidates": [c.name for c in candidates]}
     key = hashlib.sha256(json.dumps(key_data, sort_keys=True, default=str).encode()).hexdigest()[:20]
     path = cache_path()
     if use_cache:
