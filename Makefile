@@ -26,8 +26,9 @@ PYTEST_ARGS ?=
 
 install: $(STAMP)
 
-# INSTALLER=uv installs the same packages with uv (itself pip-installed first); `ldm bench --install` times both.
-INSTALLER ?= pip
+# uv (itself pip-installed first) installs the packages: a fresh clone's `make install` took 151 s instead of pip's
+# 1640 s (`ldm bench --install`, docs/results/bench.md). INSTALLER=pip installs with pip alone.
+INSTALLER ?= uv
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 ifeq ($(INSTALLER),uv)
