@@ -221,10 +221,12 @@ def denoiser_workload(denoiser: torch.nn.Module, x: torch.Tensor, cond: Any, mod
 def train_step_probe(denoiser: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Any
                      ) -> Callable[[FastPath], None]:
     """One forward + backward of a copy of ``denoiser`` on this batch (the optimizer step is fp32 whatever the
-    precision, so it is left out); the copy keeps the real model's weights and gradients untouched."""
+    precision, so it is left out); the copy keeps the real model's weights and gradients untouched, and trains
+    what the model trains (only the adapters of a LoRA fine-tuning)."""
     twin = copy.deepcopy(denoiser).train()
-    for p in twin.parameters():
-        p.requires_grad_(True)
+    if not any(p.requires_grad for p in twin.parameters()):  # a frozen denoiser: time a full backward
+        for p in twin.parameters():
+            p.requires_grad_(True)
     x, t = x.detach(), t.detach()
 
     def run(_: FastPath) -> None:

@@ -59,6 +59,28 @@ def test_fused_qkv_keeps_the_parameter_names():
     assert names == {"q.weight", "k.weight", "v.weight", "out.weight", "out.bias"}
 
 
+def test_a_lora_adapted_self_attention_is_not_fused_past_its_adapter():
+    """peft wraps q/k/v: the fused path (which reads the plain weights) must step aside, so the adapter counts."""
+    pytest.importorskip("peft")
+    from ldm.modules.lora import LoraSpec, add_lora
+
+    torch.manual_seed(0)
+    attn = Attention(12, num_heads=3)
+    x, _ = _inputs()
+    base = attn(x).detach()
+    add_lora(attn, LoraSpec(rank=2, target_modules=["q", "v"]))
+    for name, p in attn.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p)  # B starts at zero: make the adapter change the output
+    adapted = attn(x)
+    q = attn.q(x).view(3, 5, 3, 4).transpose(1, 2)
+    k = attn.k(x).view(3, 5, 3, 4).transpose(1, 2)
+    v = attn.v(x).view(3, 5, 3, 4).transpose(1, 2)
+    expected = attn.out(torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(3, 5, 12))
+    assert (adapted - base).abs().max() > 1e-3
+    torch.testing.assert_close(adapted, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_math_attention_kernel_equals_sdpa_with_and_without_mask():
     torch.manual_seed(0)
     cross = Attention(12, num_heads=3, context_dim=7)

@@ -16,9 +16,10 @@ Groups (each row: ours and the reference at the same config and weights, the wei
   ratio is in the JSON too;
 * ``vae``: encode / decode img/s vs diffusers' ``AutoencoderKL`` at the SD-compatible shapes geometry (32 px)
   and at the SD kl-f8 geometry (64 px);
-* ``generate``: end-to-end latency per image (text encoding, 20 DDIM steps with CFG, VAE decode) of our
-  pipeline vs diffusers' ``StableDiffusionPipeline`` with the converted U-Net and VAE; the diffusers side gets
-  the prompt embeddings of the same text encoder (timed on its side too): there is no CLIP conversion yet;
+* ``generate``: end-to-end latency per image (tokenizer, text encoder, 20 DDIM steps with CFG, VAE decode) of
+  our pipeline vs diffusers' ``StableDiffusionPipeline`` loaded from our pipeline converted by ``ldm.interop``
+  (``ldm convert --to diffusers``: the same U-Net, VAE, CLIP text weights and tokenizer), same initial latents;
+  the row records the largest pixel difference of the two sides' images;
 * ``data``: shard loader and cached-latent img/s vs what the training step consumes;
 * ``fastpath``: each fast-path switch on vs off on the mid config (precision, attention kernel, fused QKV,
   channels_last, inference mode, the mask check's sync, threads);
@@ -105,16 +106,6 @@ def vae_configs(s: Settings) -> dict[str, tuple[Any, int]]:
     return {"shapes-sd 32px": (shapes, s.vae_batch), "sd-kl-f8 64px": (sd, s.sd_vae_batch)}
 
 
-def text_encoder(context_dim: int, tokens: int) -> torch.nn.Module:
-    """A random text encoder of width ``context_dim`` (speed only: its weights do not matter)."""
-    from ldm.modules.text_encoder import CLIPTextConditioner, CLIPTextConditionerConfig
-
-    torch.manual_seed(0)
-    heads = 4 if context_dim % 4 == 0 else 1
-    return CLIPTextConditioner(CLIPTextConditionerConfig(context_length=max(tokens, 8), width=context_dim, heads=heads,
-                                                         layers=2, embed_dim=context_dim))
-
-
 def unet_pair(config: UNetConfig, device: str, seed: int = 0) -> tuple[UNet, torch.nn.Module]:
     """Our U-Net (random weights, output layer too) and diffusers' UNet2DConditionModel with the same weights."""
     from diffusers import UNet2DConditionModel
@@ -126,7 +117,7 @@ def unet_pair(config: UNetConfig, device: str, seed: int = 0) -> tuple[UNet, tor
     for p in (ours.conv_out.weight, ours.conv_out.bias, *(b.proj_out.weight for b in _transformers(ours))):
         torch.nn.init.normal_(p, std=0.02)  # not zero: the backward pass does real work through every block
     theirs = UNet2DConditionModel(**diffusers_config(config))
-    theirs.load_state_dict(ldm_to_diffusers(ours.state_dict()))
+    theirs.load_state_dict(ldm_to_diffusers(ours.state_dict(), config))
     return ours.to(device), theirs.to(device)
 
 
@@ -291,31 +282,42 @@ def vae_rows(s: Settings, ctx: dict) -> list[dict[str, Any]]:
     return rows
 
 
-def generation_pair(config: UNetConfig, size: int, s: Settings) -> tuple[Any, Any, int]:
-    """Our TextToImagePipeline and diffusers' StableDiffusionPipeline over the same U-Net and VAE weights."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+def text_encoder(context_dim: int, tokens: int, mask_padding: bool = True) -> torch.nn.Module:
+    """A random text encoder of width ``context_dim`` (speed only: its weights do not matter); ``mask_padding``
+    False is the SD convention (every position handed to the U-Net), what a diffusers pipeline can hold."""
+    from ldm.modules.text_encoder import CLIPTextConditioner, CLIPTextConditionerConfig
+
+    torch.manual_seed(0)
+    heads = 4 if context_dim % 4 == 0 else 1
+    return CLIPTextConditioner(CLIPTextConditionerConfig(context_length=max(tokens, 8), width=context_dim, heads=heads,
+                                                         layers=2, embed_dim=context_dim, mask_padding=mask_padding))
+
+
+def generation_pair(config: UNetConfig, size: int, s: Settings, folder: Path) -> tuple[Any, Any, int]:
+    """Our TextToImagePipeline and diffusers' StableDiffusionPipeline built from the same weights: ours is saved
+    under ``folder`` and converted by ``ldm.interop`` (``ldm convert --to diffusers``), text encoder and tokenizer
+    included, then loaded by ``StableDiffusionPipeline.from_pretrained``; both sample with DDIM."""
+    from diffusers import StableDiffusionPipeline
 
     from ldm.diffusion.schedules import DiscreteSchedule, ScheduleConfig
-    from ldm.interop.diffusers_vae import to_diffusers
+    from ldm.interop.diffusers_pipeline import export_diffusers
     from ldm.modules.autoencoder import AutoencoderKL
     from ldm.pipeline import PipelineConfig, TextToImagePipeline
 
     vae_config = vae_configs(s)["shapes-sd 32px"][0]
     resolution = size * vae_config.downsample_factor
     torch.manual_seed(0)
-    vae = AutoencoderKL(dataclasses.replace(vae_config, resolution=resolution))
-    unet, d_unet = unet_pair(config, s.device)
+    vae = AutoencoderKL(dataclasses.replace(vae_config, resolution=resolution, scaling_factor=0.5))
+    unet, _ = unet_pair(config, "cpu")
     schedule = DiscreteSchedule(ScheduleConfig(name="scaled_linear"))
-    pipe = TextToImagePipeline(vae, text_encoder(config.context_dim, s.tokens), unet, schedule,
+    pipe = TextToImagePipeline(vae, text_encoder(config.context_dim, s.tokens, mask_padding=False), unet, schedule,
                                PipelineConfig(height=resolution, width=resolution, steps=s.gen_steps,
-                                              guidance=s.guidance, sampler="ddim")).to(s.device)
-    scheduler = DDIMScheduler(**schedule.to_diffusers_config(), clip_sample=False, set_alpha_to_one=False,
-                              steps_offset=1)
-    d_pipe = StableDiffusionPipeline(vae=to_diffusers(vae), text_encoder=None, tokenizer=None, unet=d_unet,
-                                     scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                     requires_safety_checker=False).to(s.device)
+                                              guidance=s.guidance, sampler="ddim"))
+    pipe.save_pretrained(folder / "ours")
+    export_diffusers(folder / "ours", folder / "diffusers")
+    d_pipe = StableDiffusionPipeline.from_pretrained(folder / "diffusers", local_files_only=True).to(s.device)
     d_pipe.set_progress_bar_config(disable=True)
-    return pipe, d_pipe, resolution
+    return pipe.to(s.device), d_pipe, resolution
 
 
 PROMPTS = ("a large red circle on the left", "a small blue square at the top", "a green triangle",
@@ -323,31 +325,41 @@ PROMPTS = ("a large red circle on the left", "a small blue square at the top", "
 
 
 def generation_rows(s: Settings, ctx: dict) -> list[dict[str, Any]]:
+    """End to end, prompts in, images out (tokenizer, text encoder, U-Net steps with CFG, VAE decode), both sides
+    from the same initial latents; ``max_abs_diff``: the largest pixel difference of their images in [0, 1]
+    (the same weights and sampler give the same images up to float error)."""
     rows = []
     for name, (config, size) in denoiser_configs(s).items():
-        pipe, d_pipe, resolution = generation_pair(config, size, s)
+        with tempfile.TemporaryDirectory(prefix="ldm-bench-gen-") as tmp:
+            pipe, d_pipe, resolution = generation_pair(config, size, s, Path(tmp))
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(s.gen_images)]
+        f = pipe.vae.config.downsample_factor
+        latents = torch.randn((len(prompts), config.in_channels, resolution // f, resolution // f),
+                              generator=torch.Generator().manual_seed(0)).to(s.device)
+        images: dict[str, torch.Tensor] = {}
 
         def ours() -> None:
-            pipe.generate(prompts, seed=0, batch_size=len(prompts), progress=False)
+            out = pipe.generate(prompts, seed=0, batch_size=len(prompts), progress=False)
+            images["ours"] = (out / 2 + 0.5).clamp(0, 1)
 
         def diffusers() -> None:
-            with torch.inference_mode():  # the same text encoder as ours: its time counts on both sides
-                tokens = pipe.text_encoder.condition(prompts).tokens
-                negative = pipe.text_encoder.condition([""] * len(prompts)).tokens
-            d_pipe(prompt_embeds=tokens, negative_prompt_embeds=negative, num_inference_steps=s.gen_steps,
-                   guidance_scale=s.guidance, height=resolution, width=resolution, output_type="pt",
-                   generator=torch.Generator().manual_seed(0))
+            with torch.inference_mode():
+                images["diffusers"] = d_pipe(prompts, latents=latents, num_inference_steps=s.gen_steps,
+                                             guidance_scale=s.guidance, height=resolution, width=resolution,
+                                             output_type="pt").images.cpu()
 
         times = interleaved({"ours": ours, "diffusers": diffusers}, max(1, s.rounds - 2), 1, s.device)
         n = len(prompts)
+        diff = (images["ours"] - images["diffusers"]).abs().max().item()
+        fast = pipe.last_fast_path.name if pipe.last_fast_path else None
         rows.append({"group": "generate", "row": f"generate {name} {resolution}px {s.gen_steps} steps CFG",
                      "unit": "s/img", "ours": times["ours"]["wall_s"] / n,
                      "reference": times["diffusers"]["wall_s"] / n,
                      "speedup": ratio(times["diffusers"]["wall_s"], times["ours"]["wall_s"]),
                      "cpu_speedup": ratio(times["diffusers"]["cpu_s"], times["ours"]["cpu_s"]),
-                     "ran_as": pipe.last_fast_path.name if pipe.last_fast_path else None, "images": n,
-                     "note": "DDIM both; diffusers gets our text encoder's embeddings", "times": times})
+                     "ran_as": fast, "images": n, "max_abs_diff": diff,
+                     "note": f"StableDiffusionPipeline from `ldm convert --to diffusers`; DDIM both; "
+                             f"max |image diff| {diff:.1e}", "times": times})
     return rows
 
 

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         images = pipe(prompts, steps=args.steps[0], guidance=args.guidance[0], sampler=args.sampler[0],
                       seed=args.seed, n_per_prompt=4, progress=False)
         Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
-        image_grid(images, rows=len(prompts), scale=2).save(args.grid)
+        image_grid(images, rows=len(prompts), scale=4, row_labels=prompts).save(args.grid)
         Path(args.grid).with_suffix(".txt").write_text("\n".join(prompts) + "\n")
         print(f"wrote grid {args.grid} (rows = prompts in {Path(args.grid).with_suffix('.txt')})")
     return 0

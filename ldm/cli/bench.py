@@ -1,5 +1,5 @@
 """``ldm bench``: ldm vs diffusers in one table (``ldm.bench.suite``), ``--install`` the set-up time; the
-detailed benchmarks ``ldm bench data|unet|ddp``. A table on stdout, JSON under checkpoints/bench/."""
+detailed benchmarks ``ldm bench data|unet|ddp|lcm|interop``. A table on stdout, JSON under checkpoints/bench/."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import shlex
 from ldm.cli import checks
 
 HELP = ("speed vs diffusers in one table (ldm bench), the install time (--install); details: data loader (data), "
-        "U-Net vs diffusers (unet), DDP layouts (ddp)")
+        "U-Net vs diffusers (unet), DDP layouts (ddp), few-step students vs their teacher (lcm), "
+        "SD conversion parity and cost (interop)")
 
 POSITIVE = checks.int_at_least(1)
 
@@ -82,6 +83,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=POSITIVE, default=20, help="timed steps per layout")
     p.add_argument("--warmup", type=checks.int_at_least(0), default=3, help="untimed steps per layout")
     p.add_argument("--out", default="checkpoints/bench/ddp.json", help="JSON results file")
+
+    from ldm.bench import lcm
+
+    p = sub.add_parser("lcm", formatter_class=fmt, help="few-step students vs their teacher: adherence, FD, time/image",
+                       description="Prompt adherence, FD-CLIP and interleaved sampling time of LCM students against "
+                                   "their teacher, same prompts and seeds (docs/results/lcm.md).")
+    lcm.add_arguments(p)
+
+    from ldm.bench import interop
+
+    p = sub.add_parser("interop", formatter_class=fmt, help="`ldm convert`: image parity with diffusers, SD-1.5 cost",
+                       description="Image parity of converted pipelines with diffusers on tiny random SD 1.x / 2.x "
+                                   "pipelines (--parity, the default), and the time, CPU time and peak memory of "
+                                   "each `ldm convert` of an SD-1.5-sized pipeline (--sd15 FOLDER).")
+    interop.add_arguments(p)
 
 
 def _command(args: argparse.Namespace) -> str:
@@ -164,6 +180,16 @@ def run(args: argparse.Namespace) -> int:
         result = unet.benchmark(args.config, batch=args.batch, size=args.size, tokens=args.tokens, steps=args.steps,
                                 warmup=args.warmup, rounds=args.rounds, with_diffusers=not args.no_diffusers,
                                 channels_last=args.channels_last, device=device, on_result=show)
+    elif args.bench == "interop":
+        from ldm.bench import interop
+
+        result = interop.benchmark(args)
+        print(result["table"])
+    elif args.bench == "lcm":
+        from ldm.bench import lcm
+
+        result = lcm.benchmark(args)
+        print("\n" + result["table"])
     else:
         from ldm.bench import ddp
 

@@ -59,6 +59,10 @@ class Benchmark:
         The probe is loaded from ``probe_dir`` (trained on ``data_dir`` there first if missing)."""
         return None
 
+    def label_paths(self) -> dict[str, str]:
+        """Labels a latent cache stores by default: name -> path in each sample's json (``latents.label_at``)."""
+        return {}
+
 
 def dataset_module(name: str) -> ModuleType:
     """The module of a registered dataset; an unknown name lists the known ones."""

@@ -113,8 +113,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if context is None and self.fused_qkv:
-            q, k, v = self.qkv(x)
+        if context is None and self.fused_qkv and all(type(m) is nn.Linear for m in (self.q, self.k, self.v)):
+            q, k, v = self.qkv(x)  # (a LoRA-wrapped projection is not a plain Linear: it takes the path below)
         else:
             source = x if context is None else context
             q = split_heads(self.q(x), self.num_heads)
