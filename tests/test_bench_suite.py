@@ -46,6 +46,8 @@ def test_tiny_bench_writes_every_row_and_the_markdown_page(tmp_path, capsys):
     for r in by_group["denoiser"]:
         assert r["mem_ratio"] is not None and r["ran_as"] in {"fp32-sdpa", "bf16-sdpa", "bf16-math"}
         assert set(r["times"]) >= {"ours", "ours fp32", "diffusers"}
+    for r in by_group["generate"]:  # diffusers' pipeline from ldm.interop's conversion: the same images in fp32
+        assert r["images"] == 1 and (r["ran_as"] != "fp32-sdpa" or r["max_abs_diff"] < 1e-4), r
     forward = next(r for r in by_group["denoiser"] if r["row"].startswith("forward mid"))
     assert forward["gflop_per_img"] > 0 and 0 < forward["pct_fp32_peak"]
     page = md.read_text()

@@ -38,6 +38,7 @@ import dataclasses
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -529,8 +530,11 @@ def benchmark(groups: Sequence[str] | None = None, settings: Settings | None = N
     """Run ``groups`` (default: all, in :data:`GROUPS` order); the JSON-ready result. ``on_rows`` sees each
     group's rows as soon as they are measured."""
     from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
     diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
     s = settings or Settings()
     chosen = [g for g in GROUPS if g in (groups or GROUPS)]
     ctx: dict[str, Any] = {}
@@ -538,7 +542,9 @@ def benchmark(groups: Sequence[str] | None = None, settings: Settings | None = N
                               "context": run_context(), "rows": []}
     wall, cpu = time.perf_counter(), time.process_time()
     for group in chosen:
-        rows = RUNNERS[group](s, ctx)
+        with warnings.catch_warnings():  # diffusers' note on our DDIM config's steps_offset 0 (trailing spacing)
+            warnings.filterwarnings("ignore", message=".*steps_offset.*")
+            rows = RUNNERS[group](s, ctx)
         result["rows"] += rows
         if on_rows is not None:
             on_rows(rows)

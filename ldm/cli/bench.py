@@ -26,6 +26,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ldm.bench.suite import GROUPS
     from ldm.cli import DefaultsHelpFormatter as fmt
 
+    parser.epilog = (
+        "Without a BENCHMARK: one table, each row ldm vs its reference at the same config and weights, interleaved "
+        "rounds after warm-up, medians; speedup = reference time / ours. Groups: kernels (this CPU's peak GFLOP/s, "
+        "best of GEMMs and 3x3 convolutions, fp32 and bf16); denoiser (training step and forward vs diffusers' "
+        "UNet2DConditionModel at the shapes and mid configs: img/s, peak memory, FLOPs, percent of peak); vae "
+        "(encode/decode vs diffusers' AutoencoderKL); generate (end to end, 20 DDIM steps with CFG, vs a "
+        "StableDiffusionPipeline converted from the same pipeline); data (shard loader and cached latents vs the "
+        "training step's consumption); fastpath (each switch on vs off); compile (torch.compile vs eager, compile "
+        "time included). Examples: `ldm bench --only denoiser generate --rounds 3`; `make bench` (also writes "
+        "docs/results/bench.md); `ldm bench --tiny` (seconds). Times are wall and CPU seconds: on a shared machine "
+        "compare the cpu-s column.")
     parser.add_argument("--only", nargs="+", choices=GROUPS, metavar="GROUP",
                         help=f"measure only these row groups of the table ({', '.join(GROUPS)}); default: all")
     parser.add_argument("--rounds", type=POSITIVE, default=5, help="interleaved timed rounds per row")
@@ -192,7 +203,6 @@ def run(args: argparse.Namespace) -> int:
         print("\n" + result["table"])
     else:
         from ldm.bench import ddp
-
         from ldm.cli.train import resolve_config
 
         config = checks.existing_file("--config", resolve_config(args.config)) if args.config else ddp.DEFAULT_CONFIG
