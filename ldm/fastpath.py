@@ -179,8 +179,9 @@ def choose(setting: str, workload: dict[str, Any], run: Callable[[FastPath], Non
     """The fast path for ``workload`` (a JSON-able description: model config, shapes, train or sample).
 
     ``setting`` "fp32" is fp32 + SDPA (nothing measured), "bf16" measures the bf16 candidates (everywhere or in
-    the attention blocks only, each attention kernel), "auto" measures every candidate. A measured choice is cached per machine
-    and workload; ``run(candidate)`` performs one representative call (it is run inside the candidate's context).
+    the attention blocks only, each attention kernel), "auto" measures every candidate. A measured choice is cached
+    per machine and workload; ``run(candidate)`` performs one representative call (run inside the candidate's
+    context).
     """
     setting = resolve_setting(setting)
     candidates = CANDIDATES if setting == "auto" else tuple(c for c in CANDIDATES if (c.precision == "fp32")
