@@ -62,18 +62,14 @@ endif
 
 install: $(STAMP)
 
-# uv (itself pip-installed first) installs the packages: a fresh clone's `make install` took 151 s instead of pip's
-# 1640 s (`ldm bench --install`, docs/results/bench.md). INSTALLER=pip installs with pip alone.
+# tools/install.py: uv (pip-installed into the venv first) installs the packages, reading pip's configuration (the
+# same indexes, find-links and constraints: the same wheels); a fresh clone's `make install` took 151 s instead of
+# pip's 1640 s (docs/results/bench.md). If uv fails in any way, one line says so and pip installs instead.
+# INSTALLER=pip installs with pip alone.
 INSTALLER ?= uv
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml tools/install.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-ifeq ($(INSTALLER),uv)
-	$(PY) -m pip install -q uv
-	$(VENV)/bin/uv pip install -q --python $(PY) -e '.[test]'
-else
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
-endif
+	$(PY) tools/install.py --installer $(INSTALLER) -e '.[test]'
 	@touch $(STAMP)
 
 # ---- data ------------------------------------------------------------------------------------------
