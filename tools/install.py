@@ -28,16 +28,18 @@ LIST_OPTIONS = {"extra-index-url": "--extra-index-url", "find-links": "--find-li
 
 
 def pip_config(text: str) -> dict[str, str]:
-    """``pip config list`` output -> {option: value}; later scopes win, as in pip (global < user < site < env)."""
-    found: dict[str, str] = {}
+    """``pip config list`` output -> {option: value} with pip's precedence: PIP_* variables (``:env:``) over the
+    ``[install]`` section over ``[global]``, and within one section the file listed later (loaded later) wins."""
+    rank = {"global": 0, "install": 1, ":env:": 2}
+    found: dict[str, tuple[int, str]] = {}
     for line in text.splitlines():
         key, sep, value = line.partition("=")
-        if not sep or "." not in key:
+        section, dot, option = key.strip().rpartition(".")
+        if not sep or not dot or section not in rank:
             continue
-        scope, _, option = key.rpartition(".")
-        if scope.split(".")[0] in (":env:", "global", "install"):
-            found[option] = value.strip().strip("'\"")
-    return found
+        if option not in found or rank[section] >= found[option][0]:
+            found[option] = (rank[section], value.strip().strip("'\""))
+    return {option: value for option, (_, value) in found.items()}
 
 
 def uv_arguments(config: dict[str, str]) -> tuple[list[str], dict[str, str]]:
