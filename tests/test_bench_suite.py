@@ -64,3 +64,21 @@ def test_bench_flags_are_checked(tmp_path):
                   "--markdown", str(tmp_path / "b.txt")])
     with pytest.raises(UsageError, match="--only"):
         ldm_main(["--debug", "bench", "--only", "gpu"])
+
+
+def test_tiny_profile_sums_each_sides_operators(tmp_path, capsys):
+    out = tmp_path / "profile.json"
+    assert ldm_main(["bench", "profile", "--tiny", "--precision", "fp32", "--batch", "2", "--steps", "1", "--warmup", "0",
+                     "--top", "5",
+                     "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert len(rows) == 6 and rows[-1]["op"] == "total (all operators)" and result["kind"] == "train"
+    total = rows[-1]
+    assert total["ours_ms"] > 0 and total["diffusers_ms"] > 0
+    for r in rows[:-1]:  # each operator's self time is a part of its side's total
+        for side in ("ours", "diffusers"):
+            assert r[f"{side}_ms"] is None or 0 <= r[f"{side}_ms"] <= total[f"{side}_ms"] + 1e-9
+            assert 0 <= r[f"{side}_share"] <= 1
+    assert "aten::convolution_backward" in {r["op"] for r in rows}  # a training step runs the conv backward
+    assert "operator (self CPU time)" in capsys.readouterr().out

@@ -1,5 +1,5 @@
 """``ldm bench``: ldm vs diffusers in one table (``ldm.bench.suite``), ``--install`` the set-up time; the
-detailed benchmarks ``ldm bench data|unet|ddp|lcm|interop``. A table on stdout, JSON under checkpoints/bench/."""
+detailed benchmarks ``ldm bench data|unet|ddp|lcm|interop|profile``. A table on stdout, JSON under checkpoints/bench/."""
 
 from __future__ import annotations
 
@@ -110,6 +110,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                    "each `ldm convert` of an SD-1.5-sized pipeline (--sd15 FOLDER).")
     interop.add_arguments(p)
 
+    from ldm.bench import profile
+
+    p = sub.add_parser("profile", formatter_class=fmt, help="where the denoiser's time goes: operators, ours vs diffusers",
+                       description="Self CPU time per operator of the denoiser's training step or forward, ours beside "
+                                   "diffusers' UNet2DConditionModel at the same config and weights (torch.profiler).")
+    profile.add_arguments(p)
+
 
 def _command(args: argparse.Namespace) -> str:
     """The ``ldm bench`` command line that reproduces this run."""
@@ -191,6 +198,12 @@ def run(args: argparse.Namespace) -> int:
         result = unet.benchmark(args.config, batch=args.batch, size=args.size, tokens=args.tokens, steps=args.steps,
                                 warmup=args.warmup, rounds=args.rounds, with_diffusers=not args.no_diffusers,
                                 channels_last=args.channels_last, device=device, on_result=show)
+    elif args.bench == "profile":
+        from ldm.bench import profile
+
+        result = profile.benchmark(args)
+        print(f"{args.kind} step, {args.config} config, batch {args.batch}, ours ran as {result['ran_as']}")
+        print(result["table"])
     elif args.bench == "interop":
         from ldm.bench import interop
 
