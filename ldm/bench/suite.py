@@ -363,7 +363,7 @@ def generation_rows(s: Settings, ctx: dict) -> list[dict[str, Any]]:
                      "cpu_speedup": ratio(times["diffusers"]["cpu_s"], times["ours"]["cpu_s"]),
                      "ran_as": fast, "images": n, "max_abs_diff": diff,
                      "note": f"StableDiffusionPipeline from `ldm convert --to diffusers`; DDIM both; "
-                             f"max |image diff| {diff:.1e}", "times": times})
+                             f"max abs image diff {diff:.1e}", "times": times})
     return rows
 
 
