@@ -63,8 +63,8 @@ endif
 install: $(STAMP)
 
 # tools/install.py: uv (pip-installed into the venv first) installs the packages, reading pip's configuration (the
-# same indexes, find-links and constraints: the same wheels); a fresh clone's `make install` took 151 s instead of
-# pip's 1640 s (docs/results/bench.md). If uv fails in any way, one line says so and pip installs instead.
+# same indexes, find-links and constraints: the same wheels); a fresh clone's `make install` took 50 s with a cold uv
+# cache (docs/results/bench.md). If uv fails in any way, one line says so and pip installs instead.
 # INSTALLER=pip installs with pip alone.
 INSTALLER ?= uv
 $(STAMP): pyproject.toml tools/install.py

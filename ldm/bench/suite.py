@@ -604,7 +604,7 @@ def markdown_report(result: dict[str, Any], command: str, kept: str = "") -> str
     c = result["context"]
     tail = kept.split(GENERATED_END, 1)[1] if GENERATED_END in kept else "\n"
     return "\n".join([
-        "# `ldm bench`: ldm vs diffusers, measured in one run", "",
+        "# `ldm bench`: ldm vs diffusers, side by side in one process", "",
         f"- date: {c['time']}", f"- CPU: {c['cpu']} ({c['cpus']} CPUs, torch threads {c['threads']}; "
         f"flags {', '.join(c['cpu_flags']) or '-'})", f"- torch {c['torch']}",
         f"- load average before / after: {', '.join(f'{v:.1f}' for v in c['load_average'])} / "
