@@ -82,3 +82,20 @@ def test_tiny_profile_sums_each_sides_operators(tmp_path, capsys):
             assert 0 <= r[f"{side}_share"] <= 1
     assert "aten::convolution_backward" in {r["op"] for r in rows}  # a training step runs the conv backward
     assert "operator (self CPU time)" in capsys.readouterr().out
+
+
+def test_every_benchmark_is_an_ldm_bench_subcommand_with_its_flags_explained(capsys):
+    """interop and lcm (once `python -m` scripts) run through the one `ldm bench` CLI; --help explains each flag."""
+    expected = {"data": "--samples", "unet": "--channels-last", "ddp": "--layouts", "lcm": "--teacher",
+                "interop": "--sd15", "profile": "--kind"}
+    for name, flag in expected.items():
+        with pytest.raises(SystemExit) as done:
+            ldm_main(["bench", name, "--help"])
+        assert done.value.code == 0
+        assert flag in capsys.readouterr().out, name
+    with pytest.raises(SystemExit):
+        ldm_main(["bench", "--help"])
+    text = capsys.readouterr().out
+    from ldm.bench.suite import GROUPS
+
+    assert all(group in text for group in GROUPS) and "--install" in text and "make bench" in text
