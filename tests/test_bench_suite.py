@@ -68,8 +68,8 @@ def test_bench_flags_are_checked(tmp_path):
 
 def test_tiny_profile_sums_each_sides_operators(tmp_path, capsys):
     out = tmp_path / "profile.json"
-    assert ldm_main(["bench", "profile", "--tiny", "--precision", "fp32", "--batch", "2", "--steps", "1", "--warmup", "0",
-                     "--top", "5",
+    assert ldm_main(["bench", "profile", "--tiny", "--precision", "fp32", "--batch", "2", "--steps", "1",
+                     "--warmup", "0", "--top", "5",
                      "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     rows = result["rows"]
