@@ -207,6 +207,18 @@ def test_mask_check_is_remembered_per_tensor_and_version():
 
 
 # ---- the bench's memory counter -------------------------------------------------------------------------------
+def test_compiled_runs_skip_the_mask_check_that_would_break_the_graph(monkeypatch):
+    torch.manual_seed(0)
+    unet = UNet(TINY).eval()
+    x, t = torch.randn(2, 4, 8, 8), torch.full((2,), 10.0)
+    mask = torch.tensor([[True, True, False], [False, False, False]])  # row 1 masks every token
+    cond = Conditioning(torch.randn(2, 3, TINY.context_dim), mask)
+    with pytest.raises(ValueError, match="masks every token"):
+        unet(x, t, cond)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert unet(x, t, cond).shape == x.shape  # traced code: no host sync, no check
+
+
 def test_peak_memory_counts_live_tensors_exactly():
     from ldm.bench.measure import peak_memory
 
