@@ -294,7 +294,8 @@ def detector_loss(out: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]
 
 def train_detector(out_dir: str | Path | None = None, steps: int = DEFAULT_STEPS, batch_size: int = 128,
                    lr: float = 3e-3, seed: int = 0, config: PairDetectorConfig | None = None,
-                   val_dir: str | Path | None = None, log: Callable[[str], None] | None = print, num_threads: int | None = 1) -> PairDetector:
+                   val_dir: str | Path | None = None, log: Callable[[str], None] | None = print,
+                   num_threads: int | None = 1) -> PairDetector:
     """Train a detector on rendered scenes (``detector_scene``, degraded by ``augment``); export it to ``out_dir``.
 
     AdamW with a one-cycle (linear warm-up, cosine decay) learning rate on :func:`detector_loss`. With
