@@ -38,7 +38,7 @@ from ldm.io import load_part, save_part, write_json
 
 HEADS = ("shape", "position", "size")
 DETECTOR_DIR = "pair_detector"  # where a probe part folder keeps its two-object detector (``PROBE/pair_detector``)
-DEFAULT_STEPS = 1000
+DEFAULT_STEPS = 600
 POSITION_MARGIN = 0.1  # GenEval's POSITION_THRESHOLD: offsets within 0.1 × (sum of extents) count as none
 
 
