@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from ldm.cli import main as ldm_main
 from ldm.errors import LdmError, UsageError
@@ -44,6 +45,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (w / "prompts_blank.txt").write_text("\n   \n\n")
     (w / "prompts_latin1.txt").write_bytes("une cr\xe8me\n".encode("latin-1"))
     (w / "a_file.txt").write_text("not a folder\n")
+    Image.new("RGB", (16, 16), (200, 40, 40)).save(w / "image.png")  # an image with no ldm metadata
     (w / "table.xlsx").write_bytes(b"PK\x03\x04")
     (w / "garbage.ckpt").write_bytes(os.urandom(256))
     torch.save(torch.zeros(3), w / "tensor.ckpt")
@@ -95,6 +97,13 @@ CASES: list[tuple[str, list[str], str, dict[str, str]]] = [
     ("gen-sampler", ["generate", "--pipeline", "{w}/pipe", "--prompt", "x", "--sampler", "plms"], "--sampler", {}),
     ("gen-unknown-flag", ["generate", "--pipeline", "{w}/pipe", "--prompt", "x", "--stpes", "3"], "--stpes", {}),
     ("gen-no-prompt", ["generate", "--pipeline", "{w}/pipe"], "--prompt", {}),
+    ("gen-lora-missing", ["generate", "--pipeline", "{w}/pipe", "--prompt", "x", "--lora", "{w}/nope"], "--lora", {}),
+    ("gen-lora-scale", ["generate", "--pipeline", "{w}/pipe", "--prompt", "x", "--lora", "{w}/pipe:half"], "--lora", {}),
+    ("gen-lora-not-adapter", ["generate", "--pipeline", "{w}/pipe", "--prompt", "x", "--lora", "{w}/pipe"], "--lora", {}),
+    ("gen-lcm-on-diffusion", ["generate", "--pipeline", "{w}/pipe", "--prompt", "x", "--sampler", "lcm"],
+     "--sampler lcm", {}),
+    ("lora-merge-into-itself", ["lora", "merge", "--pipeline", "{w}/pipe", "--lora", "{w}/pipe", "--out", "{w}/pipe"],
+     "--lora", {}),
     ("gen-prompts-missing", ["generate", "--pipeline", "{w}/pipe", "--prompts-file", "{w}/nope.txt"], "nope.txt", {}),
     ("gen-prompts-blank", ["generate", "--pipeline", "{w}/pipe", "--prompts-file", "{w}/prompts_blank.txt"],
      "--prompt", {}),
@@ -102,6 +111,33 @@ CASES: list[tuple[str, list[str], str, dict[str, str]]] = [
      "prompts_latin1.txt", {}),
     ("gen-device", ["generate", "--pipeline", "{w}/pipe", "--prompt", "x", "--device", "gpu7"], "--device", {}),
     # ---- generate: files ------------------------------------------------------------------------------
+    ("gen-strength-high", ["generate", "--pipeline", "{w}/pipe", "--prompt", "x", "--init-image", "{w}/image.png",
+                           "--strength", "1.5"], "--strength", {}),
+    ("gen-strength-no-init", ["generate", "--pipeline", "{w}/pipe", "--prompt", "x", "--strength", "0.5"],
+     "--init-image", {}),
+    ("gen-init-missing", ["generate", "--pipeline", "{w}/pipe", "--prompt", "x", "--init-image", "{w}/nope.png"],
+     "nope.png", {}),
+    ("gen-init-not-image", ["generate", "--pipeline", "{w}/pipe", "--prompt", "x", "--init-image", "{w}/a_file.txt"],
+     "--init-image", {}),
+    ("gen-mask-no-init", ["generate", "--pipeline", "{w}/pipe", "--prompt", "x", "--mask", "{w}/image.png"],
+     "--init-image", {}),
+    ("gen-resample-neg", ["generate", "--pipeline", "{w}/pipe", "--prompt", "x", "--resample", "-1"], "--resample", {}),
+    ("gen-invert-sampler", ["generate", "--pipeline", "{w}/pipe", "--prompt", "x", "--init-image", "{w}/image.png",
+                            "--invert", "--sampler", "euler"], "--sampler", {}),
+    ("gen-classify-bad", ["generate", "--pipeline", "{w}/pipe", "--prompt", "x", "--classifier", "{w}/parts/vae",
+                          "--classify", "red"], "--classify", {}),
+    ("gen-classifier-missing", ["generate", "--pipeline", "{w}/pipe", "--prompt", "x", "--classifier", "{w}/nope",
+                                "--classify", "color=red"], "nope", {}),
+    ("gen-classifier-scale-neg", ["generate", "--pipeline", "{w}/pipe", "--prompt", "x", "--classifier-scale", "-1"],
+     "--classifier-scale", {}),
+    ("gen-from-png-missing", ["generate", "--pipeline", "{w}/pipe", "--from-png", "{w}/nope.png"], "nope.png", {}),
+    ("gen-from-png-foreign", ["generate", "--pipeline", "{w}/pipe", "--from-png", "{w}/image.png"], "--from-png", {}),
+    ("serve-pipe-missing", ["serve", "--pipeline", "{w}/no_pipe"], "no_pipe", {}),
+    ("serve-port", ["serve", "--pipeline", "{w}/pipe", "--port", "70000"], "--port", {}),
+    ("guidance-n", ["guidance", "--pipeline", "{w}/pipe", "--classifier", "{w}/parts/vae", "--probe", "{w}/parts/vae",
+                    "--data", "{d}", "--n", "1"], "--n", {}),
+    ("guidance-pipe-missing", ["guidance", "--pipeline", "{w}/no_pipe", "--classifier", "{w}/parts/vae", "--probe",
+                               "{w}/parts/vae", "--data", "{d}"], "no_pipe", {}),
     ("gen-pipe-missing", ["generate", "--pipeline", "{w}/no_pipe", "--prompt", "x"], "no_pipe", {}),
     ("gen-pipe-novae", ["generate", "--pipeline", "{w}/pipe_novae", "--prompt", "x"], "vae", {}),
     ("gen-pipe-trunc", ["generate", "--pipeline", "{w}/pipe_trunc", "--prompt", "x"], "model.safetensors", {}),
@@ -137,6 +173,8 @@ CASES: list[tuple[str, list[str], str, dict[str, str]]] = [
                          "--data", "{d}", "--out", "{w}/scratch/c"], "config.json", {}),
     ("cache-vae-trunc", ["cache", "--vae", "{w}/parts/vae_trunc", "--text-encoder", "{w}/parts/text_encoder",
                          "--data", "{d}", "--out", "{w}/scratch/c"], "model.safetensors", {}),
+    ("cache-labels-bad", ["cache", "--vae", "{w}/parts/vae", "--text-encoder", "{w}/parts/text_encoder",
+                          "--data", "{d}", "--out", "{w}/scratch/c", "--labels", "color"], "--labels", {}),
     ("cache-data-missing", ["cache", "--vae", "{w}/parts/vae", "--text-encoder", "{w}/parts/text_encoder",
                             "--data", "{w}/no_data", "--out", "{w}/scratch/c"], "--data", {}),
     ("cache-split", ["cache", "--vae", "{w}/parts/vae", "--text-encoder", "{w}/parts/text_encoder", "--data", "{d}",
@@ -234,7 +272,7 @@ def test_a_bad_input_is_one_line_on_stderr_exit_2_and_touches_nothing(name, argv
     assert code == 2, captured
     assert len(lines) == 1, captured.err
     command = argv[0] if argv[0] in ("generate", "data", "cache", "export", "fit", "validate", "fid", "adherence",
-                                     "probe", "vae-fidelity", "toy", "bench", "demo") else ""
+                                     "probe", "vae-fidelity", "toy", "bench", "demo", "lora") else ""
     assert lines[0].startswith(f"ldm {command}".strip()) and ": error: " in lines[0], lines[0]
     assert expand([names], world, shapes_dir)[0] in lines[0], lines[0]
     assert "Traceback" not in captured.err + captured.out

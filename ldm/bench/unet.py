@@ -67,7 +67,7 @@ def _models(config: UNetConfig, device: torch.device, with_diffusers: bool, seed
         from diffusers import UNet2DConditionModel  # test/bench dependency only
 
         theirs = UNet2DConditionModel(**diffusers_config(config))
-        theirs.load_state_dict(ldm_to_diffusers(ours.state_dict()))
+        theirs.load_state_dict(ldm_to_diffusers(ours.state_dict(), config))
         models["diffusers"] = (theirs.to(device), lambda m, b: m(b["x"], b["t"], b["cond"].tokens).sample)
     return models
 

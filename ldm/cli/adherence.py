@@ -91,6 +91,6 @@ def _grid(pipe, prompts: list[str], args: argparse.Namespace, path: str) -> None
     images = pipe(prompts, steps=args.steps[0], guidance=args.guidance[0], sampler=args.sampler[0],
                   seed=args.seed, n_per_prompt=4, progress=False)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    image_grid(images, rows=len(prompts), scale=2).save(path)
+    image_grid(images, rows=len(prompts), scale=4, row_labels=prompts).save(path)
     Path(path).with_suffix(".txt").write_text("\n".join(prompts) + "\n")
     print(f"wrote grid {path} (rows = prompts in {Path(path).with_suffix('.txt')})")

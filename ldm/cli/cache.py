@@ -21,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-samples", type=checks.int_at_least(1), default=None,
                         help="encode at most this many samples per split, the first in shard order (default: all); "
                              "a short training sees only a fraction of a large dataset")
+    parser.add_argument("--labels", default=None,
+                        help="labels to store from each sample's json, NAME=PATH,... (e.g. color=objects.only.color; "
+                             "'none' for no labels; default: the dataset's own, for shapes its attributes)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
 
@@ -31,14 +34,25 @@ def run(args: argparse.Namespace) -> int:
     checks.output_dir("--out", args.out)
     device = checks.torch_device("--device", args.device)
 
-    from ldm.data.latents import build_latent_cache
+    from ldm.data.latents import build_latent_cache, parse_label_paths
+    from ldm.data.registry import benchmark_named
+    from ldm.data.shards import read_info
+    from ldm.errors import UsageError
     from ldm.io import load_part
 
+    if args.labels is None:
+        benchmark = benchmark_named(read_info(args.data).get("name"))
+        labels = benchmark.label_paths() if benchmark is not None else {}
+    else:
+        try:
+            labels = parse_label_paths(args.labels)
+        except ValueError as e:
+            raise UsageError(f"--labels: {e}") from None
     vae = load_part(args.vae, kind="vae").to(device)
     text_encoder = load_part(args.text_encoder, kind="text_encoder").to(device)
     start = time.perf_counter()
     info = build_latent_cache(vae, text_encoder, args.data, args.out, args.resolution, tuple(args.splits),
-                              args.batch_size, max_samples=args.max_samples)
+                              args.batch_size, max_samples=args.max_samples, labels=labels)
     seconds = time.perf_counter() - start
     n = sum(s["samples"] for s in info["splits"].values())
     skipped = sum(s["skipped"] for s in info["splits"].values())

@@ -60,6 +60,10 @@ class Benchmark:
         than one read-back model keeps the others inside that folder (shapes: ``probe_dir/pair_detector``)."""
         return None
 
+    def label_paths(self) -> dict[str, str]:
+        """Labels a latent cache stores by default: name -> path in each sample's json (``latents.label_at``)."""
+        return {}
+
 
 def dataset_module(name: str) -> ModuleType:
     """The module of a registered dataset; an unknown name lists the known ones."""

@@ -451,6 +451,10 @@ class ShapesBenchmark(Benchmark):
         return {"color": list(COLORS), "shape": list(SHAPES), "position_phrase": list(PHRASES.values()),
                 "relation": list(RELATIONS), "position": list(POSITIONS)}
 
+    def label_paths(self) -> dict[str, str]:
+        """The attributes of one-object scenes (a two-object scene has no single colour: −1) and the background."""
+        return {**{a: f"objects.only.{a}" for a in ("color", "shape", "position", "size")}, "background": "background"}
+
 
     def adherence_scorer(self, data_dir, probe_dir, train_steps=1500, device=None):
         """The shapes probe reads colour, shape and position back on the single-object, positioned captions; the

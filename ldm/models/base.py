@@ -24,7 +24,7 @@ import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
@@ -40,7 +40,6 @@ from ldm.training.budget import planned_steps, warmup_cosine
 CLASS_KEY = "ldm_class_path"
 DATAMODULE_KEY = "ldm_datamodule"
 LR_DECAYS = ("cosine", "constant")
-T = TypeVar("T")
 
 
 @dataclass

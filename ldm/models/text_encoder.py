@@ -19,7 +19,6 @@ part and, inside it, the image tower as its own part (``image_encoder/``) for CL
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
 import random
