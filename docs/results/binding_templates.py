@@ -22,7 +22,8 @@ from ldm.pipeline import TextToImagePipeline
 def with_sizes(prompt: str, target: dict, rng: random.Random) -> str:
     """``prompt`` with a random size word before each object's colour ("a large red circle ...")."""
     for obj in target["objects"]:
-        prompt = prompt.replace(f" {obj['color']} {obj['shape']}", f" {rng.choice(list(SIZES))} {obj['color']} {obj['shape']}", 1)
+        words = f" {obj['color']} {obj['shape']}"
+        prompt = prompt.replace(words, f" {rng.choice(list(SIZES))}{words}", 1)
     return re.sub(r"\ban (?=(small|large) )", "a ", prompt)
 
 
