@@ -22,6 +22,7 @@ PARTS: dict[str, tuple[str, str]] = {
     "CLIPImageEncoder": ("ldm.modules.text_encoder", "image_encoder"),
     "UNet": ("ldm.modules.unet", "denoiser"),
     "ShapesProbe": ("ldm.evaluation.shapes_probe", "probe"),
+    "PairDetector": ("ldm.evaluation.pair_detector", "probe"),
     "LatentClassifier": ("ldm.modules.latent_classifier", "classifier"),
 }
 
