@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ldm.conditioning import Conditioning
 from ldm.modules.attention import SpatialTransformer
+from ldm.modules.denoiser import check_inputs
 from ldm.modules.embeddings import PooledTextEmbedding, TimestepEmbedding, spatial_position_embedding
 
 
@@ -236,36 +237,6 @@ class UNet(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor | float, cond: Conditioning
-                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        cfg = self.config
-        if not isinstance(cond, Conditioning):
-            raise TypeError(f"UNet: cond must be an ldm.conditioning.Conditioning, got {type(cond).__name__}")
-        pooled, context = cond.pooled, cond.tokens
-        if cfg.pooled_dim and (pooled is None or pooled.shape != (x.shape[0], cfg.pooled_dim)):
-            got = None if pooled is None else tuple(pooled.shape)
-            raise ValueError(f"UNet: this U-Net is conditioned on the pooled text embedding: cond.pooled must be "
-                             f"(B={x.shape[0]}, pooled_dim={cfg.pooled_dim}), got {got}")
-        if not cfg.pooled_dim and pooled is not None:
-            raise ValueError("UNet: cond.pooled was given but the U-Net has no pooled_dim (set pooled_dim in its config)")
-        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
-            raise ValueError(f"UNet: x must be (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
-        batch = x.shape[0]
-        t = torch.as_tensor(t, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(batch)
-        if t.shape != (batch,):
-            raise ValueError(f"UNet: t must be a (B,) = ({batch},) tensor of timesteps, got shape {tuple(t.shape)}")
-        if context.shape[0] != batch or context.shape[2] != cfg.context_dim:
-            raise ValueError(f"UNet: cond.tokens must be (B={batch}, L, context_dim={cfg.context_dim}), "
-                             f"got {tuple(context.shape)}; check the text encoder's width against unet context_dim")
-        if cond.mask is None:
-            return t, None
-        mask = cond.mask.to(device=x.device, dtype=torch.bool)
-        if not bool(mask.any(dim=1).all()):
-            raise ValueError("UNet: a cond.mask row masks every token; keep at least one (e.g. the BOS/EOS token)")
-        return t, mask[:, None, None, :]  # (B, 1, 1, L): broadcast over heads and queries
-
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, cond: Conditioning) -> torch.Tensor:
         """Denoiser output for latents ``x`` (B,C,H,W) at timesteps ``t`` (B,) given ``cond`` (the denoiser protocol).
 
@@ -273,7 +244,7 @@ class UNet(nn.Module):
         cross-attention (LDM sec. 3.3, keys/values restricted to the kept tokens). ``cond.pooled``
         (B, pooled_dim) joins the time embedding; required iff ``config.pooled_dim`` is set.
         """
-        t, attn_mask = self._check_inputs(x, t, cond)
+        t, attn_mask = check_inputs("UNet", self.config, x, t, cond)
         context = cond.tokens
         emb = self.time_embed(t)
         if self.pooled_embed is not None:
