@@ -156,7 +156,8 @@ def run(name: str, root: Path = ROOT, evaluate: bool = True) -> dict[str, Any]:
     out = root / name.replace("/", "-")
     pipeline = out / "pipeline"
     fit_args = ["fit", "--config", str(Path("ldm/configs/ldm") / config),
-                "--model.vae_path", str(PARTS["vae_path"]), "--model.text_encoder_path", str(PARTS["text_encoder_path"]),
+                "--model.vae_path", str(PARTS["vae_path"]),
+                "--model.text_encoder_path", str(PARTS["text_encoder_path"]),
                 "--model.sample_every_n_val", "0", "--data.cache_dir", str(CACHE), "--data.batch_size", str(BATCH),
                 "--trainer.default_root_dir", str(out / "ldm"), "--trainer.max_time", "null",
                 "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
@@ -177,7 +178,7 @@ def run(name: str, root: Path = ROOT, evaluate: bool = True) -> dict[str, Any]:
         _ldm("adherence", "--pipeline", str(pipeline), "--probe", str(PROBE), "--data", str(DATA), "--n", "200",
              "--out", str(out / "adherence.json"))
         _ldm("fid", "--pipeline", str(pipeline), "--data", str(DATA), "--probe", str(PROBE), "--n", "1000",
-             "--no-references", "--cache-dir", str(root / "fid_cache"), "--out", str(out / "fid.json"))
+             "--cache-dir", str(root / "fid_cache"), "--out", str(out / "fid.json"))
         adherence = json.loads((out / "adherence.json").read_text())["results"][0]
         fid = json.loads((out / "fid.json").read_text())
         result.update({"adherence": adherence, "fid": fid})
@@ -196,6 +197,87 @@ def final_val_loss(run_dir: Path) -> float | None:
     return values[-1] if values else None
 
 
+def load_runs(root: Path = ROOT) -> dict[str, dict[str, Any]]:
+    """Every finished run's figures (run.json), flattened: FD, caption and prompt adherence at the top level."""
+    runs = {}
+    for path in sorted(root.glob("*/run.json")):
+        r = json.loads(path.read_text())
+        fid, adh = r.get("fid") or {}, r.get("adherence") or {}
+        r.update({"fd_clip": fid.get("fd_clip"), "kid_clip": fid.get("kid_clip"), "clip_score": fid.get("clip_score"),
+                  "caption_all_three": fid.get("all_three"), "fd_floor": (fid.get("references") or {}).get(
+                      "fd_clip_train_vs_val")})
+        r.update({k: adh.get(k) for k in ("color", "shape", "position", "size", "all_three")})
+        runs[r["run"]] = r
+    return runs
+
+
+def plot_scaling(rows: list[dict[str, Any]], unet: dict[str, Any] | None, out: Path) -> Path:
+    """DiT's Figure (FID vs Gflops) at our scale: FD and adherence vs forward Gflops, one marker per size,
+    one colour per patch size; the U-Net as a star."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    markers, colours = {"shapes-S": "o", "shapes": "s", "shapes-L": "D"}, {1: "tab:red", 2: "tab:blue"}
+    for ax, key, label in ((axes[0], "fd_clip", "FD (CLIP space, 1000 val captions)"),
+                           (axes[1], "all_three", "adherence: colour, shape and position (%)")):
+        scale = 100 if key == "all_three" else 1
+        for patch in (2, 1):
+            line = sorted((r for r in rows if r["patch"] == patch), key=lambda r: r["gflops"])
+            ax.plot([r["gflops"] for r in line], [scale * r[key] for r in line], color=colours[patch], alpha=0.4)
+            for r in line:
+                ax.scatter(r["gflops"], scale * r[key], marker=markers[r["size"]], color=colours[patch], s=50,
+                           label=f"DiT-{r['size']}/{patch}")
+        if unet is not None and unet.get(key) is not None:
+            ax.scatter(unet["gflops"], scale * unet[key], marker="*", color="black", s=150, label="U-Net (shapes)")
+        ax.set_xscale("log")
+        ax.set_xlabel("forward Gflops (multiply-adds, one 8x8x4 latent)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"DiT scaling on shapes, {STEPS} steps x batch {BATCH} each (cf. Peebles & Xie 2023, Fig. 9)")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def report(root: Path = ROOT, plot: Path | None = None) -> str:
+    """Markdown tables of the runs (and the speed bench), and the scaling plot."""
+    from ldm.table import format_table, percent
+
+    runs = load_runs(root)
+    speed = {r["run"]: r for r in json.loads((root / "speed.json").read_text())["rows"]} \
+        if (root / "speed.json").is_file() else {}
+    for name, r in runs.items():
+        base = name.partition("@")[0]
+        r.update({k: v for k, v in speed.get(base, {}).items() if k != "run"})
+        if base.startswith("dit-"):
+            r["size"], _, patch = base[4:].partition("/")
+            r["patch"] = int(patch)
+    adherence = [(k, h, percent(k)) for k, h in (("color", "colour %"), ("shape", "shape %"),
+                                                  ("position", "position %"), ("size", "size %"),
+                                                  ("all_three", "all three %"))]
+    columns = [("run", "run", ""), ("params", "params", ","), ("gflops", "Gflops", ".3f"), ("steps", "steps", ""),
+               ("img_per_cpu_s", "train img/CPU-s", ".0f"), ("fit_cpu_s", "fit CPU s", ".0f"),
+               ("val_loss", "val loss", ".4f"), *adherence, ("fd_clip", "FD (CLIP)", ".2f"),
+               ("caption_all_three", "val-caption adherence %", percent("caption_all_three")),
+               ("two", "two-object adherence", lambda r: "later")]
+    main_runs = [r for n, r in runs.items() if n == "unet" or n.startswith("dit-shapes/")]
+    sweep = [r for n, r in runs.items() if "@" not in n and n.startswith("dit-")]
+    text = format_table(main_runs, columns, markdown=True)
+    text += "\n\n" + format_table(sorted(sweep, key=lambda r: (r["patch"], r["gflops"])), [
+        ("run", "run", ""), ("params", "params", ","), ("gflops", "Gflops", ".3f"),
+        ("img_per_cpu_s", "train img/CPU-s", ".0f"), ("fit_cpu_s", "fit CPU s", ".0f"), ("val_loss", "val loss", ".4f"),
+        ("fd_clip", "FD (CLIP)", ".2f"), ("all_three", "adherence all three %", percent("all_three"))], markdown=True)
+    if plot is not None and sweep:
+        plot_scaling(sweep, runs.get("unet"), plot)
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ldm.bench.dit", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -206,7 +288,12 @@ def main(argv: list[str] | None = None) -> int:
     runs = sub.add_parser("run", help="fit, export and evaluate runs (unet, dit-<size>/<patch>[@steps])")
     runs.add_argument("runs", nargs="+")
     runs.add_argument("--no-eval", action="store_true")
+    rep = sub.add_parser("report", help="Markdown tables of the finished runs and the Gflops plot")
+    rep.add_argument("--plot", type=Path, default=Path("docs/results/dit_scaling.png"))
     args = parser.parse_args(argv)
+    if args.command == "report":
+        print(report(ROOT, args.plot))
+        return 0
     if args.command == "speed":
         torch.set_num_threads(1)
         load = os.getloadavg()

@@ -74,7 +74,8 @@ def check_inputs(name: str, config: Any, x: torch.Tensor, t: torch.Tensor | floa
         raise ValueError(f"{name}: this {name} is conditioned on the pooled text embedding: cond.pooled must be "
                          f"(B={x.shape[0]}, pooled_dim={config.pooled_dim}), got {got}")
     if not config.pooled_dim and pooled is not None:
-        raise ValueError(f"{name}: cond.pooled was given but the {name} has no pooled_dim (set pooled_dim in its config)")
+        raise ValueError(f"{name}: cond.pooled was given but the {name} has no pooled_dim (set pooled_dim in its "
+                         "config)")
     if x.ndim != 4 or x.shape[1] != config.in_channels:
         raise ValueError(f"{name}: x must be (B, {config.in_channels}, H, W), got {tuple(x.shape)}")
     batch = x.shape[0]
@@ -85,7 +86,8 @@ def check_inputs(name: str, config: Any, x: torch.Tensor, t: torch.Tensor | floa
         raise ValueError(f"{name}: t must be a (B,) = ({batch},) tensor of timesteps, got shape {tuple(t.shape)}")
     if context.shape[0] != batch or context.shape[2] != config.context_dim:
         raise ValueError(f"{name}: cond.tokens must be (B={batch}, L, context_dim={config.context_dim}), "
-                         f"got {tuple(context.shape)}; check the text encoder's width against the denoiser's context_dim")
+                         f"got {tuple(context.shape)}; check the text encoder's width against the denoiser's "
+                         "context_dim")
     if cond.mask is None:
         return t, None
     mask = cond.mask.to(device=x.device, dtype=torch.bool)

@@ -262,7 +262,7 @@ class DiT(nn.Module):
         return block(*args)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, cond: Conditioning) -> torch.Tensor:
-        """Denoiser output for latents ``x`` (B, C, I, I) at timesteps ``t`` (B,) given ``cond`` (the denoiser protocol).
+        """Denoiser output for latents ``x`` (B, C, I, I) at timesteps ``t`` (B,) given ``cond`` (denoiser protocol).
 
         ``cond.tokens`` are cross-attended in every block (padding, ``cond.mask`` False, is never attended to);
         ``cond.pooled`` joins c iff ``pooled_dim`` is set; ``cond.extras["label"]`` iff ``num_classes`` is set.
