@@ -88,7 +88,9 @@ def forward_gflops(denoiser: torch.nn.Module, latent_size: int | None = None, to
     from torch.utils.flop_counter import FlopCounterMode
 
     cfg = denoiser.config
-    size = latent_size or cfg.input_size
+    size = latent_size or getattr(cfg, "input_size", None)
+    if size is None:
+        raise ValueError(f"{type(denoiser).__name__} has no fixed input_size: pass latent_size")
     device = next(denoiser.parameters()).device
     x = torch.empty(1, cfg.in_channels, size, size, device=device)
     if device.type != "meta":
@@ -139,14 +141,14 @@ def measure_speed(names: list[str], steps: int = 12, rounds: int = 4, warmup: in
     for name, s in models.items():
         cpu, wall = statistics.median(s["cpu"]), statistics.median(s["wall"])
         rows.append({"run": name, "params": sum(p.numel() for p in s["model"].parameters()),
-                     "gflops": forward_gflops(s["model"]), "step_cpu_s": cpu, "step_wall_s": wall,
+                     "gflops": forward_gflops(s["model"], 8), "step_cpu_s": cpu, "step_wall_s": wall,
                      "img_per_cpu_s": BATCH / cpu, "img_per_s": BATCH / wall})
     return rows
 
 
 def _ldm(*args: str) -> None:
-    command = [sys.executable, "-m", "ldm.cli", *args]
-    print("+", " ".join(command), flush=True)
+    command = [sys.executable, "-c", "import sys; from ldm.cli import main; sys.exit(main(sys.argv[1:]))", *args]
+    print("+ ldm", " ".join(args), flush=True)
     subprocess.run(command, check=True)
 
 
