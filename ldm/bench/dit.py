@@ -222,7 +222,7 @@ def plot_scaling(rows: list[dict[str, Any]], unet: dict[str, Any] | None, out: P
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    markers, colours = {"shapes-S": "o", "shapes": "s", "shapes-L": "D"}, {1: "tab:red", 2: "tab:blue"}
+    markers, colours = {"shapes-XS": "o", "shapes-S": "s", "shapes": "D"}, {1: "tab:red", 2: "tab:blue"}
     for ax, key, label in ((axes[0], "fd_clip", "FD (CLIP space, 1000 val captions)"),
                            (axes[1], "all_three", "adherence: colour, shape and position (%)")):
         scale = 100 if key == "all_three" else 1

@@ -23,7 +23,7 @@ learned-variance half of the output (Nichol & Dhariwal 2021, eq. 15; DiT sec. 3.
 
 Presets ``DiTConfig.preset("DiT-XL/2")`` are the paper's Table 1 (S/B/L/XL: depth 12/12/24/28, width
 384/768/1024/1152, heads 6/12/16/16, MLP ratio 4) x patch 2/4/8; ``DiTConfig.paper(name)`` adds the
-class-conditional ImageNet-256 head (DiT-XL/2: 675 M parameters) and ``DiT-shapes*`` are sized for the 8x8x4
+class-conditional ImageNet-256 head (DiT-XL/2: 675 M parameters) and ``DiT-shapes{-XS,-S,}/p`` are sized for the 8x8x4
 latents of the shapes data.
 """
 
@@ -46,7 +46,7 @@ from ldm.modules.embeddings import PooledTextEmbedding, TimestepEmbedding, spati
 # DiT-shapes/2 with 64-d tokens and 128-d pooled text has the shapes U-Net's parameter count, 3.58 M vs 3.54 M)
 SIZES: dict[str, tuple[int, int, int]] = {
     "S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16),
-    "shapes-S": (4, 128, 4), "shapes": (5, 180, 6), "shapes-L": (6, 256, 8),
+    "shapes-XS": (3, 96, 3), "shapes-S": (4, 128, 4), "shapes": (5, 180, 6),
 }
 POSITION_EMBEDDINGS = ("sincos", "learned")
 
@@ -99,7 +99,7 @@ class DiTConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> DiTConfig:
-        """``"DiT-{S,B,L,XL}/{p}"`` (DiT Table 1 at patch size p) or ``"DiT-shapes{-S,,-L}/{p}"``; ``overrides``
+        """``"DiT-{S,B,L,XL}/{p}"`` (DiT Table 1 at patch size p) or ``"DiT-shapes{-XS,-S,}/{p}"``; ``overrides``
         set any other field (channels, input_size, conditioning)."""
         match = re.fullmatch(r"DiT-([\w-]+)/(\d+)", name)
         if match is None or match.group(1) not in SIZES:
