@@ -23,6 +23,7 @@ PARTS: dict[str, tuple[str, str]] = {
     "UNet": ("ldm.modules.unet", "denoiser"),
     "DiT": ("ldm.modules.dit", "denoiser"),
     "ShapesProbe": ("ldm.evaluation.shapes_probe", "probe"),
+    "LatentClassifier": ("ldm.modules.latent_classifier", "classifier"),
 }
 
 # denoiser spellings in configs (``denoiser: {type: unet, ...}``) -> part class name
@@ -33,6 +34,8 @@ TRAINING: dict[str, tuple[str, str]] = {
     "AutoencoderModule": ("ldm.models.autoencoder", "model"),
     "ContrastiveCLIP": ("ldm.models.text_encoder", "model"),
     "LatentDiffusion": ("ldm.models.latent_diffusion", "model"),
+    "LatentConsistencyDistillation": ("ldm.models.lcm", "model"),
+    "LatentClassifierModule": ("ldm.models.latent_classifier", "model"),
     "WebDataModule": ("ldm.data.webdata", "datamodule"),
     "LatentDataModule": ("ldm.data.latents", "datamodule"),
 }
