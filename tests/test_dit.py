@@ -348,3 +348,128 @@ def test_shipped_configs_build():
     assert xl.config.input_size == 64 and xl.config.grid_size == 32 and xl.config.gradient_checkpointing
     assert dataclasses.replace(xl.config, gradient_checkpointing=False) == DiTConfig.preset(
         "DiT-XL/2", input_size=64, context_dim=768)
+
+
+# ---- LoRA and LCM on a DiT ------------------------------------------------------------------------------
+TINY_PIPE = DiTConfig(context_dim=32, input_size=4, patch_size=2, hidden_size=16, depth=2, num_heads=2)
+
+
+def tiny_dit_pipeline_dir(root, seed: int = 0):
+    """A 16x16 pipeline (tiny VAE, factor 4) whose denoiser is a seeded 2-block DiT."""
+    pipe = TextToImagePipeline(tiny_vae(seed), tiny_text_encoder(seed), tiny_dit(TINY_PIPE, seed), _schedule(),
+                               PipelineConfig(height=16, width=16))
+    pipe.save_pretrained(root)
+    return root
+
+
+def _random_lora_b(module: nn.Module, std: float = 0.05) -> None:
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def test_lora_adapts_every_dit_attention_and_fine_tunes_through_latent_diffusion(tmp_path):
+    """The default targets (q, k, v, out) reach the self- and cross-attention of every block; only the adapters
+    train; the adapter folder applies through `ldm lora merge` and `ldm generate --lora` as the U-Net's does."""
+    from ldm.cli import main as ldm_main
+    from ldm.models.latent_diffusion import LatentDiffusion
+    from ldm.modules.lora import lora_layers
+
+    pipe_dir = tiny_dit_pipeline_dir(tmp_path / "pipe")
+    model = LatentDiffusion(init_from=str(pipe_dir), lora={"rank": 2})
+    assert set(lora_layers(model.denoiser)) == {f"blocks.{i}.{a}.{p}" for i in range(2)
+                                                for a in ("attn", "cross_attn") for p in ("q", "k", "v", "out")}
+    names = [n for n, _ in model.trainable_parameters()]
+    assert len(names) == 2 * 2 * 4 * 2 and all("lora_" in n for n in names)
+    base = TextToImagePipeline.from_pretrained(pipe_dir)
+    x, t, ctx = inputs(TINY_PIPE)
+    with torch.no_grad():  # B = 0: the adapted DiT computes what the base computes
+        torch.testing.assert_close(model.denoiser(x, t, C(ctx)), base.denoiser(x, t, C(ctx)), atol=1e-6, rtol=0)
+    _random_lora_b(model.denoiser)
+    with torch.no_grad():
+        for shadow, (_, p) in zip(model.ema.shadow, model.trainable_parameters()):
+            shadow.copy_(p)
+    model.export(tmp_path / "adapter")
+    record = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert (record["denoiser_class"], record["key_layout"]) == ("DiT", "ldm")
+    expected = model.pipeline().generate(["a red circle"], steps=2, seed=3, progress=False)
+    assert (base.generate(["a red circle"], steps=2, seed=3, progress=False) - expected).abs().max() > 1e-3
+    merged = tmp_path / "merged"
+    assert ldm_main(["lora", "merge", "--pipeline", str(pipe_dir), "--lora", str(tmp_path / "adapter"),
+                     "--out", str(merged)]) == 0
+    got = TextToImagePipeline.from_pretrained(merged).generate(["a red circle"], steps=2, seed=3, progress=False)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    assert ldm_main(["generate", "--pipeline", str(pipe_dir), "--prompt", "a red circle", "--n", "1", "--steps", "2",
+                     "--lora", str(tmp_path / "adapter"), "--out", str(tmp_path / "grid.png")]) == 0
+
+
+def test_guidance_embedding_of_a_dit_starts_at_zero_and_reaches_the_output():
+    """w-conditioning (LCM's student input): zero-initialised, so the derived DiT equals its teacher at first."""
+    from ldm.conditioning import GUIDANCE_SCALE
+    from ldm.modules.denoiser import derive_denoiser
+
+    teacher = tiny_dit()
+    student = derive_denoiser(teacher, {"guidance_embed_dim": 8})
+    x, t, ctx = inputs()
+    w = {GUIDANCE_SCALE: torch.tensor([2.0, 7.5])}
+    with torch.no_grad():
+        torch.testing.assert_close(student(x, t, C(ctx, extras=w)), teacher(x, t, C(ctx)), atol=0, rtol=0)
+        student.time_embed.cond_proj.weight.normal_(0, 0.5)
+        assert (student(x, t, C(ctx, extras=w)) - teacher(x, t, C(ctx))).abs().max() > 1e-3
+    with pytest.raises(ValueError, match=r"DiT: this DiT is conditioned on the guidance scale"):
+        student(x, t, C(ctx))
+    assert DiT(dataclasses.replace(TINY, guidance_embed_dim=8)).time_embed.cond_proj.weight.abs().sum() == 0
+
+
+@pytest.mark.parametrize("lora", [None, {"rank": 2}])
+def test_latent_consistency_distillation_of_a_dit(tmp_path, lora):
+    """One LCD step on a fixed batch lowers the loss for the full (w-conditioned) student and for an LCM-LoRA; the
+    full student samples in one forward of B (no CFG batch), the LCM-LoRA applies to its DiT teacher."""
+    from ldm.lora import apply_to_pipeline
+    from ldm.models.latent_diffusion import encode_batch
+    from ldm.models.lcm import LatentConsistencyDistillation
+
+    teacher = tiny_dit_pipeline_dir(tmp_path / "teacher")
+    torch.manual_seed(0)
+    model = LatentConsistencyDistillation(str(teacher), lora=lora, guidance_embed_dim=16)
+    assert isinstance(model.denoiser, DiT)
+    params = [p for _, p in model.trainable_parameters()]
+    batch = {"image": torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(5)) * 2 - 1,
+             "caption": ["a red circle", "a blue star"] * 2}
+    z0, cond = encode_batch(batch, model.vae, model.text_encoder, model.teacher, sample=False)
+    g = torch.Generator().manual_seed(6)
+    index, w = model.draw(4, z0.device, g)
+    args = (z0, cond, index, torch.randn(z0.shape, generator=g), w)
+    before = model.lcd_loss(*args)
+    before.backward()
+    norm = torch.sqrt(sum(p.grad.square().sum() for p in params if p.grad is not None))
+    assert norm > 0
+    with torch.no_grad():
+        for p in params:
+            if p.grad is not None:
+                p -= 1e-3 * p.grad / norm
+        model.update_target()
+        assert model.lcd_loss(*args) < before
+        if lora is None:
+            model.denoiser.time_embed.cond_proj.weight.normal_(0, 0.1)
+        else:
+            _random_lora_b(model.denoiser)
+    model.export(tmp_path / "student")
+    if lora is None:
+        pipe = TextToImagePipeline.from_pretrained(tmp_path / "student")
+        assert isinstance(pipe.denoiser, DiT) and pipe.config.sampler == "lcm"
+        batches = []
+        pipe.denoiser.register_forward_hook(lambda module, a, out: batches.append(a[0].shape[0]))
+        images = pipe.generate(["a red circle", "a blue star"], steps=1, guidance=3.0, progress=False)
+        assert images.shape == (2, 3, 16, 16) and batches == [2]
+        other = pipe.generate(["a red circle", "a blue star"], steps=1, guidance=6.0, progress=False)
+        assert (images - other).abs().max() > 1e-4
+    else:
+        expected = model.pipeline().generate(["a red circle"], steps=2, seed=1, progress=False)
+        pipe = TextToImagePipeline.from_pretrained(teacher)
+        apply_to_pipeline(pipe, [(str(tmp_path / "student"), 1.0)])
+        assert pipe.config.sampler == "lcm"
+        torch.testing.assert_close(pipe.generate(["a red circle"], steps=2, seed=1, progress=False), expected,
+                                   atol=1e-4, rtol=0)

@@ -39,6 +39,7 @@ DATA = Path("/work/artifacts/shapes-data")
 CACHE = Path("checkpoints/shapes/cache")
 STEPS = 1000          # every run: the same number of optimizer steps of batch 32 (the paper's fixed-steps sweep)
 BATCH = 32
+FID_N = 300           # generated images per FD (the first n val captions); the tables compare runs at this n
 
 
 def run_spec(name: str) -> tuple[str, dict[str, Any], int]:
@@ -152,38 +153,43 @@ def _ldm(*args: str) -> None:
     subprocess.run(command, check=True)
 
 
-def run(name: str, root: Path = ROOT, evaluate: bool = True) -> dict[str, Any]:
-    """Train, export and evaluate one run; returns (and writes to <root>/<run>/run.json) its figures."""
+def run(name: str, root: Path = ROOT, adherence_n: int = 200, fid_n: int = FID_N) -> dict[str, Any]:
+    """Train, export and evaluate one run; returns (and writes to <root>/<run>/run.json) its figures.
+
+    Steps already done are kept (a run folder with ``last.ckpt`` is not refitted, an exported pipeline not
+    re-exported, an evaluation at the same n not repeated); ``adherence_n`` / ``fid_n`` 0 skip that evaluation."""
     config, block, steps = run_spec(name)
     out = root / name.replace("/", "-")
-    pipeline = out / "pipeline"
-    fit_args = ["fit", "--config", str(Path("ldm/configs/ldm") / config),
-                "--model.vae_path", str(PARTS["vae_path"]),
-                "--model.text_encoder_path", str(PARTS["text_encoder_path"]),
-                "--model.sample_every_n_val", "0", "--data.cache_dir", str(CACHE), "--data.batch_size", str(BATCH),
-                "--trainer.default_root_dir", str(out / "ldm"), "--trainer.max_time", "null",
-                "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
-                "--trainer.limit_val_batches", "16", "--trainer.enable_progress_bar", "false",
-                "--model.denoiser", json.dumps(block)]
-    load = os.getloadavg()
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    wall = time.perf_counter()
-    _ldm(*fit_args)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    result: dict[str, Any] = {
-        "run": name, "steps": steps, "batch": BATCH, "fit_wall_s": time.perf_counter() - wall,
-        "fit_cpu_s": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
-        "loadavg_before": load, "loadavg_after": os.getloadavg(), "val_loss": final_val_loss(out / "ldm"),
-    }
-    _ldm("export", "--ckpt", str(out / "ldm" / "checkpoints" / "last.ckpt"), "--out", str(pipeline))
-    if evaluate:
-        _ldm("adherence", "--pipeline", str(pipeline), "--probe", str(PROBE), "--data", str(DATA), "--n", "200",
-             "--out", str(out / "adherence.json"))
-        _ldm("fid", "--pipeline", str(pipeline), "--data", str(DATA), "--probe", str(PROBE), "--n", "1000",
-             "--cache-dir", str(root / "fid_cache"), "--out", str(out / "fid.json"))
-        adherence = json.loads((out / "adherence.json").read_text())["results"][0]
-        fid = json.loads((out / "fid.json").read_text())
-        result.update({"adherence": adherence, "fid": fid})
+    pipeline, ckpt = out / "pipeline", out / "ldm" / "checkpoints" / "last.ckpt"
+    result: dict[str, Any] = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {}
+    result.update(run=name, steps=steps, batch=BATCH)
+    if not ckpt.is_file():
+        fit_args = ["fit", "--config", str(Path("ldm/configs/ldm") / config),
+                    "--model.vae_path", str(PARTS["vae_path"]),
+                    "--model.text_encoder_path", str(PARTS["text_encoder_path"]),
+                    "--model.sample_every_n_val", "0", "--data.cache_dir", str(CACHE),
+                    "--data.batch_size", str(BATCH), "--trainer.default_root_dir", str(out / "ldm"),
+                    "--trainer.max_time", "null", "--trainer.max_steps", str(steps),
+                    "--trainer.val_check_interval", str(steps), "--trainer.limit_val_batches", "16",
+                    "--trainer.enable_progress_bar", "false", "--model.denoiser", json.dumps(block)]
+        load = os.getloadavg()
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        wall = time.perf_counter()
+        _ldm(*fit_args)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        result.update(fit_wall_s=time.perf_counter() - wall, loadavg_before=load, loadavg_after=os.getloadavg(),
+                      fit_cpu_s=(after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime))
+    result["val_loss"] = final_val_loss(out / "ldm")
+    if not (pipeline / "pipeline.json").is_file():
+        _ldm("export", "--ckpt", str(ckpt), "--out", str(pipeline))
+    if adherence_n and (result.get("adherence") or {}).get("n") != adherence_n:
+        _ldm("adherence", "--pipeline", str(pipeline), "--probe", str(PROBE), "--data", str(DATA),
+             "--n", str(adherence_n), "--out", str(out / "adherence.json"))
+        result["adherence"] = json.loads((out / "adherence.json").read_text())["results"][0]
+    if fid_n and f"fid_n{fid_n}" not in result:
+        _ldm("fid", "--pipeline", str(pipeline), "--data", str(DATA), "--probe", str(PROBE), "--n", str(fid_n),
+             "--cache-dir", str(root / "fid_cache"), "--out", str(out / f"fid-n{fid_n}.json"))
+        result[f"fid_n{fid_n}"] = json.loads((out / f"fid-n{fid_n}.json").read_text())
     write_json(out / "run.json", result)
     return result
 
@@ -289,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     speed.add_argument("--out", type=Path, default=ROOT / "speed.json")
     runs = sub.add_parser("run", help="fit, export and evaluate runs (unet, dit-<size>/<patch>[@steps])")
     runs.add_argument("runs", nargs="+")
-    runs.add_argument("--no-eval", action="store_true")
+    runs.add_argument("--adherence-n", type=int, default=200, help="ldm adherence --n (0: skip)")
+    runs.add_argument("--fid-n", type=int, default=FID_N, help="ldm fid --n (0: skip)")
     rep = sub.add_parser("report", help="Markdown tables of the finished runs and the Gflops plot")
     rep.add_argument("--plot", type=Path, default=Path("docs/results/dit_scaling.png"))
     args = parser.parse_args(argv)
@@ -309,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
                                   ("img_per_s", "img/s", ".0f")]))
         return 0
     for name in args.runs:
-        print(json.dumps(run(name, evaluate=not args.no_eval), indent=1, default=str), flush=True)
+        print(json.dumps(run(name, adherence_n=args.adherence_n, fid_n=args.fid_n), indent=1, default=str), flush=True)
     return 0
 
 

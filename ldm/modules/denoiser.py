@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ldm.conditioning import Conditioning
+from ldm.conditioning import GUIDANCE_SCALE, Conditioning
 from ldm.io import config_from_dict
 from ldm.registry import denoiser_class
 
@@ -117,6 +117,25 @@ def check_inputs(name: str, config: Any, x: torch.Tensor, t: torch.Tensor | floa
     if not bool(mask.any(dim=1).all()):
         raise ValueError(f"{name}: a cond.mask row masks every token; keep at least one (e.g. the BOS/EOS token)")
     return t, mask[:, None, None, :]  # (B, 1, 1, L): broadcast over heads and queries
+
+
+def guidance_features(name: str, config: Any, cond: Conditioning, x: torch.Tensor) -> torch.Tensor | None:
+    """Fourier features of ``cond.extras["guidance_scale"]`` (B,) for a w-conditioned denoiser (config field
+    ``guidance_embed_dim``; Meng et al. 2023, LCM sec. 4.2), else None. ``name`` starts every error message."""
+    from ldm.modules.embeddings import guidance_scale_embedding
+
+    dim = getattr(config, "guidance_embed_dim", None)
+    if not dim:
+        return None
+    scale = cond.extras.get(GUIDANCE_SCALE)
+    if scale is None:
+        raise ValueError(f"{name}: this {name} is conditioned on the guidance scale (guidance_embed_dim={dim}): "
+                         f"put a (B,) tensor in cond.extras[{GUIDANCE_SCALE!r}]")
+    scale = scale.to(x.device).reshape(-1)
+    if scale.shape[0] != x.shape[0]:
+        raise ValueError(f"{name}: cond.extras[{GUIDANCE_SCALE!r}] has {scale.shape[0]} values "
+                         f"for a batch of {x.shape[0]}")
+    return guidance_scale_embedding(scale, dim)
 
 
 def latent_size_problem(config: Any, height: int, width: int) -> str | None:

@@ -39,7 +39,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ldm.conditioning import Conditioning
 from ldm.modules.attention import Attention
-from ldm.modules.denoiser import check_inputs
+from ldm.modules.denoiser import check_inputs, guidance_features
 from ldm.modules.embeddings import PooledTextEmbedding, TimestepEmbedding, spatial_position_embedding
 
 # depth, hidden size, heads: DiT Table 1, and three for the 8x8x4 latents of the shapes data (not in the paper;
@@ -68,6 +68,7 @@ class DiTConfig:
     position_embedding: str = "sincos"  # "sincos" (fixed, the paper's) or "learned"
     cross_attention: bool = True       # attend to cond.tokens in every block (False: the paper's class-only DiT)
     num_classes: int | None = None     # class-conditional: c += embedding of cond.extras["label"] (ImageNet: 1000)
+    guidance_embed_dim: int | None = None  # w-conditioning: cond.extras["guidance_scale"] joins c (LCM students)
     qkv_bias: bool = True              # biases on the self-attention Q, K, V projections (ViT / DiT)
     frequency_dim: int = 256           # sinusoidal timestep features fed to the timestep MLP (DiT code)
     gradient_checkpointing: bool = False
@@ -89,6 +90,8 @@ class DiTConfig:
             raise ValueError(f"DiTConfig: sin-cos positions need hidden_size divisible by 4, got {self.hidden_size}")
         if self.num_classes is not None and self.num_classes < 1:
             raise ValueError(f"DiTConfig: num_classes must be >= 1 or null, got {self.num_classes}")
+        if self.guidance_embed_dim is not None and self.guidance_embed_dim < 4:
+            raise ValueError(f"DiTConfig: guidance_embed_dim must be >= 4 (or null), got {self.guidance_embed_dim}")
         if self.mlp_ratio <= 0:
             raise ValueError(f"DiTConfig: mlp_ratio must be > 0, got {self.mlp_ratio}")
 
@@ -208,7 +211,7 @@ class DiT(nn.Module):
         else:  # fixed: not a parameter and not in the state dict; computed on the CPU even under a meta device
             pos = spatial_position_embedding(cfg.grid_size, cfg.grid_size, hidden, device=torch.device("cpu"))
             self.register_buffer("pos_embed", pos.flatten(1).T[None].contiguous(), persistent=False)
-        self.time_embed = TimestepEmbedding(cfg.frequency_dim, hidden)
+        self.time_embed = TimestepEmbedding(cfg.frequency_dim, hidden, cfg.guidance_embed_dim)
         self.pooled_embed = PooledTextEmbedding(cfg.pooled_dim, hidden) if cfg.pooled_dim else None
         # one extra row: the null label of classifier-free guidance (DiT sec. 3.1)
         self.label_embed = nn.Embedding(cfg.num_classes + 1, hidden) if cfg.num_classes else None
@@ -235,17 +238,21 @@ class DiT(nn.Module):
         if isinstance(self.pos_embed, nn.Parameter):
             nn.init.normal_(self.pos_embed, std=0.02)
         zero = [self.final.modulation, self.final.linear]
+        if self.time_embed.cond_proj is not None:  # the w embedding starts at zero (LCM's time_cond_proj)
+            zero.append(self.time_embed.cond_proj)
         for block in self.blocks:
             zero.append(block.modulation)
             if block.cross_attn is not None:
                 zero.append(block.cross_attn.out)
         for linear in zero:
             nn.init.zeros_(linear.weight)
-            nn.init.zeros_(linear.bias)
+            if linear.bias is not None:
+                nn.init.zeros_(linear.bias)
 
     def conditioning_vector(self, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """c = time embedding (+ pooled text embedding) (+ label embedding), (B, hidden_size)."""
-        c = self.time_embed(t)
+        """c = time embedding (with the guidance-scale features when ``guidance_embed_dim`` is set) (+ pooled text
+        embedding) (+ label embedding), (B, hidden_size)."""
+        c = self.time_embed(t, guidance_features("DiT", self.config, cond, t))
         if self.pooled_embed is not None:
             c = c + self.pooled_embed(cond.pooled)
         if self.label_embed is not None:
@@ -265,7 +272,8 @@ class DiT(nn.Module):
         """Denoiser output for latents ``x`` (B, C, I, I) at timesteps ``t`` (B,) given ``cond`` (denoiser protocol).
 
         ``cond.tokens`` are cross-attended in every block (padding, ``cond.mask`` False, is never attended to);
-        ``cond.pooled`` joins c iff ``pooled_dim`` is set; ``cond.extras["label"]`` iff ``num_classes`` is set.
+        ``cond.pooled`` joins c iff ``pooled_dim`` is set; ``cond.extras["label"]`` iff ``num_classes`` is set;
+        ``cond.extras["guidance_scale"]`` (B,) iff ``guidance_embed_dim`` is set (w-conditioning, Meng et al. 2023).
         """
         cfg = self.config
         t, attn_mask = check_inputs("DiT", cfg, x, t, cond)

@@ -24,11 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ldm.conditioning import GUIDANCE_SCALE, Conditioning
+from ldm.conditioning import Conditioning
 from ldm.modules.attention import SpatialTransformer
-from ldm.modules.denoiser import check_inputs
-from ldm.modules.embeddings import (PooledTextEmbedding, TimestepEmbedding, guidance_scale_embedding,
-                                    spatial_position_embedding)
+from ldm.modules.denoiser import check_inputs, guidance_features
+from ldm.modules.embeddings import PooledTextEmbedding, TimestepEmbedding, spatial_position_embedding
 
 
 @dataclass
@@ -241,21 +240,6 @@ class UNet(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def _guidance_features(self, cond: Conditioning, x: torch.Tensor) -> torch.Tensor | None:
-        """Fourier features of ``cond.extras["guidance_scale"]`` (B,) for a w-conditioned U-Net, else None."""
-        dim = self.config.guidance_embed_dim
-        if not dim:
-            return None
-        scale = cond.extras.get(GUIDANCE_SCALE)
-        if scale is None:
-            raise ValueError(f"UNet: this U-Net is conditioned on the guidance scale (guidance_embed_dim={dim}): "
-                             f"put a (B,) tensor in cond.extras[{GUIDANCE_SCALE!r}]")
-        scale = scale.to(x.device).reshape(-1)
-        if scale.shape[0] != x.shape[0]:
-            raise ValueError(f"UNet: cond.extras[{GUIDANCE_SCALE!r}] has {scale.shape[0]} values "
-                             f"for a batch of {x.shape[0]}")
-        return guidance_scale_embedding(scale, dim)
-
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, cond: Conditioning) -> torch.Tensor:
         """Denoiser output for latents ``x`` (B,C,H,W) at timesteps ``t`` (B,) given ``cond`` (the denoiser protocol).
 
@@ -267,7 +251,7 @@ class UNet(nn.Module):
         """
         t, attn_mask = check_inputs("UNet", self.config, x, t, cond)
         context = cond.tokens
-        emb = self.time_embed(t, self._guidance_features(cond, x))
+        emb = self.time_embed(t, guidance_features("UNet", self.config, cond, x))
         if self.pooled_embed is not None:
             emb = emb + self.pooled_embed(cond.pooled)
         emb = F.silu(emb)  # every ResBlock projects SiLU(emb): compute it once
