@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from tiny_parts import export_tiny_parts, tiny_text_encoder, tiny_vae
 from torch import nn
 
 from ldm.conditioning import Conditioning as C
@@ -16,7 +17,6 @@ from ldm.io import ConfigError, PartError, load_part, save_part
 from ldm.modules.dit import DiT, DiTConfig, patchify, unpatchify
 from ldm.modules.embeddings import spatial_position_embedding
 from ldm.pipeline import PipelineConfig, TextToImagePipeline
-from tiny_parts import export_tiny_parts, tiny_text_encoder, tiny_vae
 
 TINY = DiTConfig(in_channels=4, out_channels=4, context_dim=6, input_size=8, patch_size=2, hidden_size=16,
                  depth=2, num_heads=2)
@@ -186,6 +186,7 @@ def test_presets_and_paper_gflops():
     (dict(out_channels=6), "out_channels=6"),
     (dict(position_embedding="rope"), "position_embedding"),
     (dict(num_classes=0), "num_classes"),
+    (dict(guidance_embed_dim=2), "guidance_embed_dim"),
 ])
 def test_bad_config_is_a_clear_error(changes, match):
     with pytest.raises(ValueError, match=match):

@@ -205,23 +205,26 @@ def final_val_loss(run_dir: Path) -> float | None:
     return values[-1] if values else None
 
 
-def load_runs(root: Path = ROOT) -> dict[str, dict[str, Any]]:
-    """Every finished run's figures (run.json), flattened: FD, caption and prompt adherence at the top level."""
+def load_runs(root: Path = ROOT, fid_n: int = FID_N) -> dict[str, dict[str, Any]]:
+    """Every run's figures (run.json), flattened: prompt adherence (``ldm adherence``), and FD, KID, CLIP score and
+    val-caption adherence of ``ldm fid`` at n = 1000 (``*_1000``) and at ``fid_n``."""
     runs = {}
     for path in sorted(root.glob("*/run.json")):
         r = json.loads(path.read_text())
-        fid, adh = r.get("fid") or {}, r.get("adherence") or {}
-        r.update({"fd_clip": fid.get("fd_clip"), "kid_clip": fid.get("kid_clip"), "clip_score": fid.get("clip_score"),
-                  "caption_all_three": fid.get("all_three"), "fd_floor": (fid.get("references") or {}).get(
-                      "fd_clip_train_vs_val")})
+        for n, suffix in ((1000, "_1000"), (fid_n, "")):
+            fid = r.get(f"fid_n{n}") or {}
+            r.update({f"fd_clip{suffix}": fid.get("fd_clip"), f"kid_clip{suffix}": fid.get("kid_clip"),
+                      f"clip_score{suffix}": fid.get("clip_score"), f"caption_all_three{suffix}": fid.get("all_three"),
+                      f"caption_n{suffix}": fid.get("adherence_n")})
+        adh = r.get("adherence") or {}
         r.update({k: adh.get(k) for k in ("color", "shape", "position", "size", "all_three")})
         runs[r["run"]] = r
     return runs
 
 
 def plot_scaling(rows: list[dict[str, Any]], unet: dict[str, Any] | None, out: Path) -> Path:
-    """DiT's Figure (FID vs Gflops) at our scale: FD and adherence vs forward Gflops, one marker per size,
-    one colour per patch size; the U-Net as a star."""
+    """DiT's Figure 9 (FID vs Gflops) at our scale: FD and val-caption adherence vs forward Gflops, one marker per
+    size, one colour per patch size; the U-Net as a star."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -229,15 +232,16 @@ def plot_scaling(rows: list[dict[str, Any]], unet: dict[str, Any] | None, out: P
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     markers, colours = {"shapes-XS": "o", "shapes-S": "s", "shapes": "D"}, {1: "tab:red", 2: "tab:blue"}
-    for ax, key, label in ((axes[0], "fd_clip", "FD (CLIP space, 1000 val captions)"),
-                           (axes[1], "all_three", "adherence: colour, shape and position (%)")):
-        scale = 100 if key == "all_three" else 1
+    for ax, key, label in ((axes[0], "fd_clip", f"FD in CLIP space ({FID_N} val captions)"),
+                           (axes[1], "caption_all_three", "adherence: colour, shape and position (%)")):
+        scale = 100 if key == "caption_all_three" else 1
         for patch in (2, 1):
-            line = sorted((r for r in rows if r["patch"] == patch), key=lambda r: r["gflops"])
+            line = sorted((r for r in rows if r["patch"] == patch and r.get(key) is not None),
+                          key=lambda r: r["gflops"])
             ax.plot([r["gflops"] for r in line], [scale * r[key] for r in line], color=colours[patch], alpha=0.4)
             for r in line:
-                ax.scatter(r["gflops"], scale * r[key], marker=markers[r["size"]], color=colours[patch], s=50,
-                           label=f"DiT-{r['size']}/{patch}")
+                ax.scatter(r["gflops"], scale * r[key], marker=markers[r["dit_size"]], color=colours[patch], s=50,
+                           label=f"DiT-{r['dit_size']}/{patch}")
         if unet is not None and unet.get(key) is not None:
             ax.scatter(unet["gflops"], scale * unet[key], marker="*", color="black", s=150, label="U-Net (shapes)")
         ax.set_xscale("log")
@@ -254,7 +258,7 @@ def plot_scaling(rows: list[dict[str, Any]], unet: dict[str, Any] | None, out: P
 
 
 def report(root: Path = ROOT, plot: Path | None = None) -> str:
-    """Markdown tables of the runs (and the speed bench), and the scaling plot."""
+    """Markdown tables of the runs (joined with the speed bench) and the scaling plot."""
     from ldm.table import format_table, percent
 
     runs = load_runs(root)
@@ -263,24 +267,28 @@ def report(root: Path = ROOT, plot: Path | None = None) -> str:
     for name, r in runs.items():
         base = name.partition("@")[0]
         r.update({k: v for k, v in speed.get(base, {}).items() if k != "run"})
+        r.setdefault("steps", run_spec(name)[2])
+        if r.get("step_cpu_s"):  # training compute of the run at the bench's (interleaved) speed
+            r["train_cpu_s"] = r["steps"] * r["step_cpu_s"]
         if base.startswith("dit-"):
-            r["size"], _, patch = base[4:].partition("/")
+            r["dit_size"], _, patch = base[4:].partition("/")
             r["patch"] = int(patch)
-    adherence = [(k, h, percent(k)) for k, h in (("color", "colour %"), ("shape", "shape %"),
-                                                  ("position", "position %"), ("size", "size %"),
-                                                  ("all_three", "all three %"))]
-    columns = [("run", "run", ""), ("params", "params", ","), ("gflops", "Gflops", ".3f"), ("steps", "steps", ""),
-               ("img_per_cpu_s", "train img/CPU-s", ".0f"), ("fit_cpu_s", "fit CPU s", ".0f"),
-               ("val_loss", "val loss", ".4f"), *adherence, ("fd_clip", "FD (CLIP)", ".2f"),
-               ("caption_all_three", "val-caption adherence %", percent("caption_all_three")),
-               ("two", "two-object adherence", lambda r: "later")]
-    main_runs = [r for n, r in runs.items() if n == "unet" or n.startswith("dit-shapes/")]
+    common = [("run", "run", ""), ("params", "params", ","), ("gflops", "Gflops", ".3f"), ("steps", "steps", ""),
+              ("img_per_cpu_s", "train img/CPU-s", ".0f"), ("train_cpu_s", "train CPU-s", ".0f"),
+              ("val_loss", "val loss", ".4f")]
+    main_runs = [runs[n] for n in ("unet", "dit-shapes/2", "dit-shapes/2@1500", "dit-shapes/1") if n in runs]
+    text = format_table(main_runs, common + [
+        ("color", "colour %", percent("color")), ("shape", "shape %", percent("shape")),
+        ("position", "position %", percent("position")), ("size", "size %", percent("size")),
+        ("all_three", "all three %", percent("all_three")), ("fd_clip_1000", "FD (n=1000)", ".2f"),
+        ("fd_clip", f"FD (n={FID_N})", ".2f")], markdown=True)
     sweep = [r for n, r in runs.items() if "@" not in n and n.startswith("dit-")]
-    text = format_table(main_runs, columns, markdown=True)
-    text += "\n\n" + format_table(sorted(sweep, key=lambda r: (r["patch"], r["gflops"])), [
-        ("run", "run", ""), ("params", "params", ","), ("gflops", "Gflops", ".3f"),
-        ("img_per_cpu_s", "train img/CPU-s", ".0f"), ("fit_cpu_s", "fit CPU s", ".0f"), ("val_loss", "val loss", ".4f"),
-        ("fd_clip", "FD (CLIP)", ".2f"), ("all_three", "adherence all three %", percent("all_three"))], markdown=True)
+    text += "\n\n" + format_table(sorted(sweep, key=lambda r: (-r["patch"], r["gflops"])) + [runs.get("unet", {})],
+                                   common + [("fd_clip", f"FD (n={FID_N})", ".2f"),
+                                             ("kid_clip", "KID", ".3f"), ("clip_score", "CLIP score", ".1f"),
+                                             ("caption_all_three", "caption adherence %",
+                                              percent("caption_all_three")),
+                                             ("caption_n", "captions read", "")], markdown=True)
     if plot is not None and sweep:
         plot_scaling(sweep, runs.get("unet"), plot)
     return text
