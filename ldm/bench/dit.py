@@ -275,7 +275,7 @@ def report(root: Path = ROOT, plot: Path | None = None) -> str:
             r["patch"] = int(patch)
     common = [("run", "run", ""), ("params", "params", ","), ("gflops", "Gflops", ".3f"), ("steps", "steps", ""),
               ("img_per_cpu_s", "train img/CPU-s", ".0f"), ("train_cpu_s", "train CPU-s", ".0f"),
-              ("val_loss", "val loss", ".4f")]
+              ("fit_cpu_s", "ldm fit CPU-s", ".0f"), ("val_loss", "val loss", ".4f")]
     main_runs = [runs[n] for n in ("unet", "dit-shapes/2", "dit-shapes/2@1500", "dit-shapes/1") if n in runs]
     text = format_table(main_runs, common + [
         ("color", "colour %", percent("color")), ("shape", "shape %", percent("shape")),
