@@ -474,3 +474,9 @@ def test_latent_consistency_distillation_of_a_dit(tmp_path, lora):
         assert pipe.config.sampler == "lcm"
         torch.testing.assert_close(pipe.generate(["a red circle"], steps=2, seed=1, progress=False), expected,
                                    atol=1e-4, rtol=0)
+
+
+def test_size_conditioning_with_a_dit_is_refused(parts):
+    """SDXL size/crop micro-conditioning lives in the U-Net's extra_conditions; a DiT would silently drop it."""
+    with pytest.raises(ConfigError, match="size_conditioning: the DiT denoiser takes no size/crop conditions"):
+        latent_diffusion(parts, TINY_SPEC, size_conditioning=True)
