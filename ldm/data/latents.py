@@ -36,8 +36,6 @@ import bisect
 import dataclasses
 import json
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +51,7 @@ from ldm.data.resumable import ResumableLoader
 from ldm.data.shards import list_shards, read_info
 from ldm.data.webdata import ShardDataset
 from ldm.data.workers import ShieldedLoader
-from ldm.io import PartError, read_json, weights_hash, write_json
+from ldm.io import PartError, atomic_folder, read_json, weights_hash, write_json
 
 CHUNK = "chunk-{:05d}.safetensors"
 EMPTY = "empty.safetensors"
@@ -159,7 +157,8 @@ def encode_split(vae: torch.nn.Module, text_encoder: torch.nn.Module, data_dir: 
         new = [c for c in dict.fromkeys(batch["caption"]) if c not in memo]
         if new:
             cond = text_encoder.condition(new)
-            memo.update(zip(new, zip(cond.tokens.half().cpu(), cond.full_mask().to(torch.uint8).cpu(), cond.pooled.half().cpu())))
+            rows = zip(cond.tokens.half().cpu(), cond.full_mask().to(torch.uint8).cpu(), cond.pooled.half().cpu())
+            memo.update(zip(new, rows))
         tokens, mask, pooled = (torch.stack([memo[c][i] for c in batch["caption"]]) for i in range(3))
         max_len = max(max_len, int(mask.sum(1).max()))
         size = tuple(batch["image"].shape[2:])
@@ -208,16 +207,15 @@ def build_latent_cache(vae: torch.nn.Module, text_encoder: torch.nn.Module, data
     Written into a fresh folder beside ``out_dir`` and swapped in when complete: an old cache there is
     replaced whole (never partly overwritten), and a failed run leaves the old one as it was.
     ``max_samples`` caps each split at its first that many samples (None: all)."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.new-"))
-    try:
+    info: dict[str, Any] = {}
+
+    def write(work: Path) -> None:
         vae.eval()
         text_encoder.eval()
-        info: dict[str, Any] = {"format": CACHE_FORMAT, "data_dir": str(data_dir), "resolution": resolution,
-                                "dataset": read_info(data_dir).get("name") if Path(data_dir).is_dir() else None,
-                                "parts": parts_provenance(vae, text_encoder), "splits": {},
-                                "buckets": dataclasses.asdict(buckets) if buckets is not None else None}
+        info.update({"format": CACHE_FORMAT, "data_dir": str(data_dir), "resolution": resolution,
+                     "dataset": read_info(data_dir).get("name") if Path(data_dir).is_dir() else None,
+                     "parts": parts_provenance(vae, text_encoder), "splits": {},
+                     "buckets": dataclasses.asdict(buckets) if buckets is not None else None})
         values: dict[str, set[str]] = {name: set() for name in labels or {}}
         for split in splits:
             done = encode_split(vae, text_encoder, data_dir, split, work / split, resolution, batch_size,
@@ -232,16 +230,8 @@ def build_latent_cache(vae: torch.nn.Module, text_encoder: torch.nn.Module, data
                    for k, v in empty.to_tensors().items()}, str(work / EMPTY))
         info["max_tokens"] = max([s["max_tokens"] for s in info["splits"].values()] + [int(empty.full_mask().sum())])
         write_json(work / "info.json", info)
-        old = out.parent / f".{out.name}.old"
-        if old.exists():
-            shutil.rmtree(old)
-        if out.exists():
-            out.rename(old)
-        work.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+
+    atomic_folder(out_dir, write)
     return info
 
 
@@ -379,7 +369,8 @@ class LatentBucketBatches(IterableDataset):
             if self.shuffle:
                 order = torch.randperm(n, generator=torch.Generator().manual_seed(
                     (self.seed * 1_000_003 + self.epoch) * 1009 + g))
-            share = (order[:n // self.world_size * self.world_size] if self.drop_last else order)[self.rank::self.world_size]
+            kept = order[:n // self.world_size * self.world_size] if self.drop_last else order
+            share = kept[self.rank::self.world_size]
             cuts = range(0, len(share) - (self.batch_size - 1 if self.drop_last else 0), self.batch_size)
             per_group.append([(start + share[i:i + self.batch_size]).tolist() for i in cuts])
         if not self.shuffle:
