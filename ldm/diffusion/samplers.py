@@ -293,6 +293,69 @@ def sample_lcm(model_fn: ModelFn, x: Tensor, schedule: NoiseSchedule, timesteps:
     return x
 
 
+# ---- score-based samplers (NCSN / SMLD), in sigma space -------------------------------------------------
+def _score(predict: Predictor, x: Tensor, g: Grid, i: int) -> tuple[Tensor, Tensor]:
+    """(∇ log p_σ̄(x̄), x̂0) at level i for the σ̄-space variable x̄ = x/α: Tweedie's formula
+    ∇ log p_σ̄(x̄) = (D(x̄; σ̄) − x̄)/σ̄² (Efron 2011; Karras et al. 2022 eq. 3), i.e. −ε̂/σ̄."""
+    x0 = predict.sigma_space(x, g.ts[i], g.ve_sigmas[i], g.ve_alphas[i])
+    return (x0 - x) / g.ve_sigmas[i] ** 2, x0
+
+
+def sample_langevin(model_fn: ModelFn, x: Tensor, schedule: NoiseSchedule, timesteps: Tensor, *,
+                    prediction_type: str = "eps", generator: torch.Generator | None = None, n_steps_each: int = 100,
+                    step_scale: float = 0.2, callback: Callback | None = None, progress: bool = False) -> Tensor:
+    """Annealed Langevin dynamics, Song & Ermon 2019 Algorithm 1, over the noise levels σ̄_1 > ... > σ̄_L of
+    ``timesteps`` (``spacing="geometric"`` gives their geometric ladder, §4.2): at each level
+    ``n_steps_each`` steps x̄ ← x̄ + (α_i/2) s_θ(x̄, σ̄_i) + √α_i z with α_i = ε σ̄_i²/σ̄_L², where
+    ``step_scale`` = ε/σ̄_L² (α_i/σ̄_i² is the same at every level; the defaults, 100 steps and 0.2, are the
+    paper's T = 100, ε = 2·10⁻⁵ at σ_L = 0.01). Works on x̄ = x/α, so
+    a VP model is used through its σ̄ view. Ends with one denoising step x̂0 = D(x̄; σ̄_L) (Song et al. 2021b
+    App. G; Jolicoeur-Martineau et al. 2021), so N·n_steps_each + 1 model evaluations."""
+    if n_steps_each < 1 or not step_scale > 0:
+        raise ValueError(f"langevin needs n_steps_each >= 1 and step_scale > 0, got {n_steps_each}, {step_scale}")
+    g, predict = Grid.build(schedule, timesteps), Predictor(model_fn, prediction_type, x)
+    x = x / g.ve_alphas[0]
+    x0 = x
+    for i in step_range(len(g), progress, "langevin"):
+        step = step_scale * g.ve_sigmas[i] ** 2
+        for _ in range(n_steps_each):
+            score, x0 = _score(predict, x, g, i)
+            x = x + 0.5 * step * score + math.sqrt(step) * standard_normal(x.shape, x, generator)
+        report_step(callback, i, g.ts[i], x * g.ve_alphas[i], x0)
+    return _score(predict, x, g, len(g) - 1)[1]
+
+
+def sample_pc(model_fn: ModelFn, x: Tensor, schedule: NoiseSchedule, timesteps: Tensor, *,
+              prediction_type: str = "eps", generator: torch.Generator | None = None, snr: float = 0.16,
+              corrector_steps: int = 1, callback: Callback | None = None, progress: bool = False) -> Tensor:
+    """Predictor–corrector sampling (Song et al. 2021b, Algorithm 2 for the VE SDE, as their code orders it:
+    corrector, then predictor at each level). Corrector: ``corrector_steps`` Langevin steps
+    x̄ ← x̄ + ε s + √(2ε) z with ε = 2 (r ‖z‖/‖s‖)² per sample, r = ``snr`` (Algorithm 4).
+    Predictor: the reverse-diffusion step x̄_s = x̄_t + (σ̄_t² − σ̄_s²) s + √(σ̄_t² − σ̄_s²) z (eq. 47, the
+    discretized reverse VE SDE); the last one, to σ̄ = 0, is the denoising step x̂0. In σ̄ space any
+    schedule is its VE view, so this is exactly VE-PC for a VE schedule. N·(corrector_steps + 1) evaluations."""
+    if corrector_steps < 0 or snr < 0:
+        raise ValueError(f"pc needs corrector_steps >= 0 and snr >= 0, got {corrector_steps}, {snr}")
+    g, predict = Grid.build(schedule, timesteps), Predictor(model_fn, prediction_type, x)
+    s = g.ve_sigmas
+    x = x / g.ve_alphas[0]
+    for i in step_range(len(g), progress, "pc"):
+        for _ in range(corrector_steps):
+            score, _ = _score(predict, x, g, i)
+            z = standard_normal(x.shape, x, generator)
+            ratio = z.flatten(1).norm(dim=1).mean() / score.flatten(1).norm(dim=1).mean().clamp(min=torch.finfo(x.dtype).tiny)
+            eps = 2 * (snr * ratio) ** 2
+            x = x + eps * score + (2 * eps).sqrt() * z
+        score, x0 = _score(predict, x, g, i)
+        if s[i + 1] > 0:
+            jump = s[i] ** 2 - s[i + 1] ** 2
+            x = x + jump * score + math.sqrt(jump) * standard_normal(x.shape, x, generator)
+        else:
+            x = x0
+        report_step(callback, i, g.ts[i], x * g.ve_alphas[i + 1], x0)
+    return x
+
+
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "ddpm": sample_ddpm,
     "ddim": sample_ddim,
@@ -301,6 +364,8 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "euler-a": sample_euler_ancestral,
     "heun": sample_heun,
     "lcm": sample_lcm,
+    "langevin": sample_langevin,
+    "pc": sample_pc,
 }
 
 
