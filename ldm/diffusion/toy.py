@@ -18,7 +18,8 @@ from torch import Tensor
 
 from ldm.diffusion.objectives import normalize_prediction_type, training_target
 from ldm.diffusion.samplers import SAMPLERS, ModelFn, sample
-from ldm.diffusion.schedules import DiscreteSchedule
+from ldm.diffusion.schedules import DiscreteSchedule, NoiseSchedule, gaussian_posterior
+from ldm.diffusion.variance import exact_reverse_raw_v
 from ldm.diffusion.sde import sample_probability_flow, sample_reverse_sde
 
 
@@ -62,6 +63,41 @@ class GaussianData:
             return training_target(x0, eps, alpha, sigma, kind)
 
         return model
+
+    def learned_variance_fn(self, schedule: NoiseSchedule, prediction_type: str = "eps") -> ModelFn:
+        """The exact model with a learned variance (2C outputs, ``ldm.diffusion.variance``): the mean part of
+        :meth:`model_fn` and the raw v whose eq. 15 variance is the true Var[x_{t−1} | x_t] of the step t → t − 1
+        (to the data at t = 0): β̃ + c0² Var[x0 | x_t], with Var[x0 | x_t] = s² σ²/(α² s² + σ²). With it
+        p_θ(x_{t−1} | x_t) = q(x_{t−1} | x_t) exactly, so the VLB is −log q(x0) up to the prior mismatch."""
+        mean_fn = self.model_fn(schedule, prediction_type)
+
+        def model(x: Tensor, t: Tensor) -> Tensor:
+            alpha_t, sigma_t = schedule.alpha_sigma(t, like=x)
+            prev = t - 1
+            alpha_s, sigma_s = schedule.alpha_sigma(prev.clamp(min=0), like=x)
+            data = (prev < 0).view(alpha_s.shape)
+            alpha_s = torch.where(data, torch.ones_like(alpha_s), alpha_s)
+            sigma_s = torch.where(data, torch.zeros_like(sigma_s), sigma_s)
+            c0, _, small, large = gaussian_posterior(alpha_t, sigma_t, alpha_s, sigma_s)
+            a1, s1 = (float(v) for v in schedule.alpha_sigma(torch.tensor(1)))
+            a0, s0 = (float(v) for v in schedule.alpha_sigma(torch.tensor(0)))
+            small = torch.where(data, torch.full_like(small, gaussian_posterior(a1, s1, a0, s0)[2]), small)
+            _, s = self._stats(x)
+            posterior_var = s**2 * sigma_t**2 / (alpha_t**2 * s**2 + sigma_t**2)
+            true_var = (torch.where(data, torch.zeros_like(small), small) + c0**2 * posterior_var).expand_as(x)
+            return torch.cat([mean_fn(x, t), exact_reverse_raw_v(true_var, small, large)], 1)
+
+        return model
+
+    def log_prob(self, x: Tensor, alpha: float = 1.0, sigma: float = 0.0) -> Tensor:
+        """log q(x_t) of the marginal at (α, σ) (the data density by default), summed over dimensions."""
+        mean, std = self.marginal(alpha, sigma)
+        mean, std = mean.to(x), std.to(x)
+        return (-0.5 * ((x - mean) / std) ** 2 - std.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+    def entropy(self) -> float:
+        """Differential entropy of the data, Σ ½ log(2πe s²) (nats)."""
+        return float((0.5 * torch.log(2 * math.pi * math.e * self.std**2)).sum())
 
     def consistency_fn(self, schedule: DiscreteSchedule) -> ModelFn:
         """The exact consistency function (x0-type output): the PF-ODE maps x_t to
