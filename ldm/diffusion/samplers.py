@@ -331,8 +331,9 @@ def sample_pc(model_fn: ModelFn, x: Tensor, schedule: NoiseSchedule, timesteps: 
     """Predictor–corrector sampling (Song et al. 2021b, Algorithm 2 for the VE SDE, as their code orders it:
     corrector, then predictor at each level). Corrector: ``corrector_steps`` Langevin steps
     x̄ ← x̄ + ε s + √(2ε) z with ε = 2 (r ‖z‖/‖s‖)² per sample, r = ``snr`` (Algorithm 4).
-    Predictor: the reverse-diffusion step x̄_s = x̄_t + (σ̄_t² − σ̄_s²) s + √(σ̄_t² − σ̄_s²) z (eq. 47, the
-    discretized reverse VE SDE); the last one, to σ̄ = 0, is the denoising step x̂0. In σ̄ space any
+    Predictor: the reverse-diffusion step x̄_s = x̄_t + (σ̄_t² − σ̄_s²) s + √(σ̄_t² − σ̄_s²) z (App. E's
+    discretization of the reverse VE SDE, their ReverseDiffusionPredictor); the last one, to σ̄ = 0, is the
+    denoising step x̂0. In σ̄ space any
     schedule is its VE view, so this is exactly VE-PC for a VE schedule. N·(corrector_steps + 1) evaluations."""
     if corrector_steps < 0 or snr < 0:
         raise ValueError(f"pc needs corrector_steps >= 0 and snr >= 0, got {corrector_steps}, {snr}")

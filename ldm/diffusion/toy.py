@@ -95,6 +95,19 @@ class GaussianData:
         mean, std = mean.to(x), std.to(x)
         return (-0.5 * ((x - mean) / std) ** 2 - std.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
 
+    def flow_log_prob(self, x: Tensor, schedule: NoiseSchedule, t_min: float = 0.0) -> Tensor:
+        """log-density of x under the exact probability-flow model: the PF-ODE of this data keeps the standardized
+        value z = (x − m_0)/sd_0 of the level-t_min marginal, so x(T) = m_T + sd_T z and
+        log p(x) = log N(x(T); 0, prior_std² I) + Σ log(sd_T/sd_0) (change of variables). It differs from
+        :meth:`log_prob` only by the prior's mismatch with the true marginal at T−1."""
+        a0, s0 = (float(v) for v in schedule.alpha_sigma(torch.tensor(float(t_min), dtype=torch.float64)))
+        aT, sT = (float(v) for v in schedule.alpha_sigma(torch.tensor(float(schedule.num_train_timesteps - 1))))
+        (m0, sd0), (mT, sdT) = self.marginal(a0, s0), self.marginal(aT, sT)
+        x_T = mT.to(x) + sdT.to(x) * (x - m0.to(x)) / sd0.to(x)
+        p = schedule.prior_std
+        prior = (-0.5 * (x_T / p) ** 2 - math.log(p) - 0.5 * math.log(2 * math.pi)).sum(-1)
+        return prior + (sdT / sd0).log().sum().item()
+
     def entropy(self) -> float:
         """Differential entropy of the data, Σ ½ log(2πe s²) (nats)."""
         return float((0.5 * torch.log(2 * math.pi * math.e * self.std**2)).sum())
