@@ -25,8 +25,8 @@ from PIL import Image
 from ldm import __version__
 from ldm.conditioning import Conditioning
 from ldm.diffusion.guidance import guided_model
-from ldm.diffusion.samplers import SAMPLERS, sample
-from ldm.diffusion.schedules import DiscreteSchedule
+from ldm.diffusion.samplers import SAMPLERS, ModelFn, sample
+from ldm.diffusion.schedules import NoiseSchedule, build_schedule
 from ldm.io import (CONFIG_NAME, PartError, config_from_dict, load_part, part_metadata, read_json, save_part,
                     weights_hash, write_json)
 from ldm.modules.denoiser import check_compatible, conditioning_for
@@ -49,19 +49,19 @@ class PipelineConfig:
     guidance_rescale: float = 0.0
 
 
-def save_schedule(schedule: DiscreteSchedule, out_dir: str | Path) -> Path:
+def save_schedule(schedule: NoiseSchedule, out_dir: str | Path) -> Path:
     """Write ``out_dir/config.json`` (a schedule has no weights)."""
     out = Path(out_dir)
-    write_json(out / CONFIG_NAME, {"_class_name": "DiscreteSchedule", "_ldm_version": __version__,
+    write_json(out / CONFIG_NAME, {"_class_name": type(schedule).__name__, "_ldm_version": __version__,
                                    **schedule.to_config()})
     return out
 
 
-def load_schedule(path: str | Path) -> DiscreteSchedule:
-    """Read a folder written by :func:`save_schedule` (a pipeline's ``scheduler/``)."""
+def load_schedule(path: str | Path) -> NoiseSchedule:
+    """Read a folder written by :func:`save_schedule` (a pipeline's ``scheduler/``): VP or VE by its name."""
     config = read_json(Path(path) / CONFIG_NAME)
     try:
-        return DiscreteSchedule.from_config(config)
+        return build_schedule(config)
     except (TypeError, ValueError) as e:
         raise PartError(f"{Path(path) / CONFIG_NAME}: {e}") from e
 
@@ -91,7 +91,7 @@ class TextToImagePipeline:
     """
 
     def __init__(self, vae: torch.nn.Module, text_encoder: torch.nn.Module, denoiser: torch.nn.Module,
-                 schedule: DiscreteSchedule, config: PipelineConfig | None = None):
+                 schedule: NoiseSchedule, config: PipelineConfig | None = None):
         self.vae, self.text_encoder, self.denoiser, self.schedule = vae, text_encoder, denoiser, schedule
         self.config = config or PipelineConfig()
         self._check_compatible()
@@ -192,6 +192,8 @@ class TextToImagePipeline:
         all_prompts = [p for p in prompts for _ in range(n_per_prompt)]
         gen = torch.Generator().manual_seed(seed)
         noise = torch.randn((len(all_prompts), zc, height // f, width // f), generator=gen)
+        if self.schedule.prior_std != 1.0:  # VE: the prior N(0, σ_max² I)
+            noise = noise * self.schedule.prior_std
         sample_gen = torch.Generator(device=self.device).manual_seed(seed + 1)
         uncond = self.condition([negative_prompt or ""])
         batches = range(0, len(all_prompts), batch_size)
@@ -202,11 +204,23 @@ class TextToImagePipeline:
         images = []
         for start in batches:
             cond = self.condition(all_prompts[start:start + batch_size])
-            model_fn = guided_model(self.denoiser, cond, uncond, guidance, rescale)
+            model_fn = self.model_fn(cond, uncond, guidance, rescale)
             x_T = noise[start:start + batch_size].to(self.device, self.dtype)
             z0 = sample(model_fn, x_T, self.schedule, steps, sampler=sampler, generator=sample_gen, **sampler_options)
             images.append(self.vae.decode_latents(z0).clamp(-1, 1).float().cpu())
         return torch.cat(images)
+
+    def model_fn(self, cond: Conditioning, uncond: Conditioning | None = None, guidance: float = 1.0,
+                 rescale: float = 0.0) -> ModelFn:
+        """The samplers' ``model_fn(x_t, t)``: the (guided) denoiser fed ``schedule.scale_model_input(x_t, t)``
+        (the identity for VP schedules). The one place the pipeline turns its denoiser into a model function."""
+        guided = guided_model(self.denoiser, cond, uncond if uncond is not None else cond, guidance, rescale)
+        schedule = self.schedule
+
+        def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return guided(schedule.scale_model_input(x, t), t)
+
+        return fn
 
     def condition(self, prompts: Sequence[str]) -> Conditioning:
         """The denoiser's conditioning for ``prompts``, padding columns cut (exact: masked cross-attention and a

@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "generate": "generate",
     "adherence": "adherence",
     "fid": "fid",
+    "nll": "nll",
     "toy": "toy",
 }
 

@@ -39,6 +39,9 @@ def classifier_free_guidance(denoiser: Denoiser, cond: Conditioning, uncond: Con
     of size 2B and returns :func:`guided_output`. ``scale`` = 1 gives the conditional model, 0 the
     unconditional one.
 
+    A denoiser with a learned variance (2C output channels, ``ldm.diffusion.variance``) is guided on its mean
+    part; the variance channels are the conditional branch's (as GLIDE does).
+
     ``cond``/``uncond`` hold B or 1 rows (a batch of 1 is broadcast); they are padded to a common token
     length once per batch size (exact: padded keys are masked out), on the device of ``x``.
     """
@@ -54,6 +57,10 @@ def classifier_free_guidance(denoiser: Denoiser, cond: Conditioning, uncond: Con
         if key not in batched:  # built once per batch size: the sampler loop only runs the denoiser
             batched[key] = Conditioning.cat([uncond.expand(b), cond.expand(b)]).to(x.device)
         out_uncond, out_cond = denoiser(torch.cat([x, x]), torch.cat([t, t]), batched[key]).chunk(2)
+        c = x.shape[1]
+        if x.ndim > 1 and out_cond.shape[1] == 2 * c:  # mean + learned variance: guide the mean, keep cond's v
+            mean = guided_output(out_uncond[:, :c], out_cond[:, :c], scale, rescale)
+            return torch.cat([mean, out_cond[:, c:]], 1)
         return guided_output(out_uncond, out_cond, scale, rescale)
 
     return model_fn

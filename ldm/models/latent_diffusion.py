@@ -9,6 +9,14 @@ a latent cache (``LatentDataModule``; several times faster on CPU) carrying a ``
 dropped to "" with probability ``p_uncond`` for classifier-free guidance (Ho & Salimans 2022, through
 ``ldm.conditioning.drop_for_guidance``). Validation logs the loss at fixed timesteps with fixed noise, and a
 sample grid of ``val_prompts`` from the EMA weights.
+
+The same class trains pixel-space and unconditional models, and the likelihood side of the lectures:
+``pixel_channels`` replaces the VAE by the identity first stage (``ldm.modules.identity_vae``; 1 = grayscale),
+``unconditional`` the text encoder by one constant token (``ldm.modules.null_text``); ``learned_variance``
+makes the denoiser output 2C channels (mean and v, Nichol & Dhariwal 2021 eq. 15) trained with
+``loss: hybrid`` (L_simple + λ L_vlb, eq. 16); ``noise_schedule: {name: ve, ...}`` trains a VE (NCSN) model,
+whose σ²-weighted denoising score matching is the ε-MSE (``objectives.dsm_loss``), the network seeing
+``schedule.scale_model_input(x_t)``.
 """
 
 from __future__ import annotations
@@ -22,15 +30,20 @@ import torch
 from torch import nn
 
 from ldm.conditioning import Conditioning, drop_for_guidance
+from ldm.diffusion.likelihood import hybrid_loss
 from ldm.diffusion.objectives import diffusion_loss, offset_noise
-from ldm.diffusion.schedules import DiscreteSchedule, ScheduleConfig
+from ldm.diffusion.schedules import build_schedule
+from ldm.diffusion.variance import split_output
 from ldm.io import PartError, load_part, weights_hash
 from ldm.models.base import PartModule
 from ldm.modules.denoiser import build_denoiser, conditioning_for, copy_denoiser
+from ldm.modules.identity_vae import IdentityFirstStage, IdentityFirstStageConfig
+from ldm.modules.null_text import UnconditionalText, UnconditionalTextConfig
 from ldm.pipeline import PipelineConfig, TextToImagePipeline
 from ldm.visual import image_grid
 
 
+LOSSES = ("simple", "hybrid")
 PARTS_KEY = "ldm_parts"  # checkpoint key: the weight hashes of the frozen parts the run trains with
 
 
@@ -71,6 +84,13 @@ class LatentDiffusion(PartModule):
             (``val_prompts`` None: the training dataset's own prompts, when its module has some).
         pooled_conditioning: also condition on the prompt's pooled embedding, added to the time embedding
             (GLIDE sec. 2.3, SDXL sec. 2.1).
+        pixel_channels: train in pixel space: the identity first stage with 3 (RGB) or 1 (grayscale) channels
+            instead of ``vae_path``.
+        unconditional: one constant token instead of ``text_encoder_path`` (an unconditional model p(x)).
+        learned_variance: the denoiser outputs 2C channels, the mean part and v of Σ_θ (iDDPM eq. 15).
+        loss / vlb_weight: "simple" (L_simple, weighted by ``loss_weighting``) or "hybrid" (L_simple + λ L_vlb,
+            iDDPM eq. 16, λ = ``vlb_weight``; needs ``learned_variance``). The L_0 term is the discretized
+            8-bit decoder in pixel space and the Gaussian density on latents.
     """
 
     default_optimizer = {"lr": 1e-3}
@@ -83,19 +103,41 @@ class LatentDiffusion(PartModule):
                  p_uncond: float = 0.1, ema_decay: float = 0.999, stratified_timesteps: bool = True,
                  resolution: int = 32, val_prompts: list[str] | None = None, sample_every_n_val: int = 1,
                  sample_steps: int = 10, sample_guidance: float = 4.0, val_timesteps: int = 8,
-                 pooled_conditioning: bool = False):
+                 pooled_conditioning: bool = False, pixel_channels: int | None = None, unconditional: bool = False,
+                 learned_variance: bool = False, loss: str = "simple", vlb_weight: float = 0.001):
         super().__init__(optimizer, lr_schedule)
         self.save_hyperparameters()
         if not 0.0 <= p_uncond <= 1.0:
             raise ValueError(f"p_uncond must be in [0, 1], got {p_uncond}")
-        self.vae = load_frozen_part(vae_path, "vae", "vae", "make train-vae")
-        self.text_encoder = load_frozen_part(text_encoder_path, "text_encoder", "text_encoder", "make train-clip")
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {list(LOSSES)}, got {loss!r}")
+        if (loss == "hybrid") != learned_variance:
+            raise ValueError("loss: hybrid trains the learned variance and a learned variance needs its L_vlb term: "
+                             "set both learned_variance: true and loss: hybrid, or neither")
+        if pixel_channels is not None:
+            if vae_path:
+                raise ValueError("give either vae_path or pixel_channels (pixel space), not both")
+            self.vae = IdentityFirstStage(IdentityFirstStageConfig(in_channels=3, z_channels=pixel_channels)).eval()
+        else:
+            self.vae = load_frozen_part(vae_path, "vae", "vae", "make train-vae")
+        if unconditional:
+            if text_encoder_path:
+                raise ValueError("give either text_encoder_path or unconditional: true, not both")
+            width = int((denoiser or {}).get("context_dim") or 32)
+            self.text_encoder = UnconditionalText(UnconditionalTextConfig(token_dim=width)).eval()
+        else:
+            self.text_encoder = load_frozen_part(text_encoder_path, "text_encoder", "text_encoder", "make train-clip")
         self.text_encoder.freeze()
         z = self.vae.config.z_channels
-        defaults = {"in_channels": z, "out_channels": z, "context_dim": self.text_encoder.token_dim,
+        defaults = {"in_channels": z, "out_channels": 2 * z if learned_variance else z,
+                    "context_dim": self.text_encoder.token_dim,
                     "pooled_dim": self.text_encoder.pooled_dim if pooled_conditioning else None}
         self.denoiser = build_denoiser(denoiser or {}, defaults, "model.init_args.denoiser")
-        self.schedule = DiscreteSchedule(ScheduleConfig(**(noise_schedule or {})))
+        if self.denoiser.config.out_channels != (2 if learned_variance else 1) * z:
+            raise ValueError(f"denoiser out_channels {self.denoiser.config.out_channels} does not match "
+                             f"learned_variance={learned_variance} on {z}-channel latents (expected "
+                             f"{(2 if learned_variance else 1) * z}); leave out_channels unset")
+        self.schedule = build_schedule(noise_schedule)
         self.track_ema(self.denoiser, ema_decay)
         self.val_prompts = None if val_prompts is None else list(val_prompts)
         self._empty: Conditioning | None = None
@@ -170,13 +212,23 @@ class LatentDiffusion(PartModule):
         return z0, conditioning_for(self.denoiser, cond.trim().to(self.device, self.dtype))
 
     # ---- training ----------------------------------------------------------------------------------
+    @property
+    def decoder_kind(self) -> str:
+        """The L_0 term's decoder: the discretized 8-bit one on pixels, the Gaussian density on latents."""
+        return "discretized" if getattr(self.vae, "is_identity", False) else "gaussian"
+
     def loss(self, z0: torch.Tensor, cond: Conditioning, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """Weighted denoising loss of the denoiser at timesteps ``t`` with ``noise`` (objectives.diffusion_loss)."""
+        """Weighted denoising loss of the denoiser at timesteps ``t`` with ``noise`` (objectives.diffusion_loss),
+        or the hybrid loss of a learned-variance denoiser (likelihood.hybrid_loss)."""
         x_t = self.schedule.q_sample(z0, t, noise)
-        out = self.denoiser(x_t, t.to(z0.dtype), cond)
+        out = self.denoiser(self.schedule.scale_model_input(x_t, t), t.to(z0.dtype), cond)
         h = self.hparams
-        return diffusion_loss(out, z0, noise, t, self.schedule, self.schedule.prediction_type,
-                              h.loss_weighting, h.min_snr_gamma)
+        if h.loss == "hybrid":
+            return hybrid_loss(out, z0, noise, t, self.schedule, prediction_type=self.schedule.prediction_type,
+                               lam=h.vlb_weight, decoder=self.decoder_kind, weighting=h.loss_weighting,
+                               gamma=h.min_snr_gamma)
+        return diffusion_loss(split_output(out, z0.shape[1])[0], z0, noise, t, self.schedule,
+                              self.schedule.prediction_type, h.loss_weighting, h.min_snr_gamma)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         z0, cond = self.latents_and_conditioning(batch)
@@ -241,11 +293,11 @@ class LatentDiffusion(PartModule):
     def exporter(self, datamodule: Any = None) -> Callable[[Path], None]:
         """The pipeline folder: vae/, text_encoder/, unet/ (the denoiser, EMA weights), scheduler/, pipeline.json."""
         pipe = self.pipeline(use_ema=True)
-        image_encoder = Path(self.hparams.text_encoder_path or "") / "image_encoder"
+        image_encoder = Path(self.hparams.text_encoder_path) / "image_encoder" if self.hparams.text_encoder_path else None
 
         def write(out: Path) -> None:
             pipe.save_pretrained(out)
-            if image_encoder.is_dir():  # the CLIP image tower travels along for FD-CLIP / CLIP score
+            if image_encoder is not None and image_encoder.is_dir():  # the CLIP image tower travels along for FD-CLIP / CLIP score
                 shutil.copytree(image_encoder, out / "text_encoder" / "image_encoder", dirs_exist_ok=True)
 
         return write
