@@ -204,8 +204,26 @@ def error_table_rows(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
 
 
 # ---- swiss roll --------------------------------------------------------------------------------------
+SWISS_ROLL_U = (1.5 * math.pi, 4.5 * math.pi)
+SWISS_ROLL_SCALE = 8.0
+
+
 def swiss_roll(n: int, generator: torch.Generator | None = None, noise: float = 0.02) -> Tensor:
     """n points of the 2-D swiss roll (u ↦ u(cos u, sin u), u ∈ [1.5π, 4.5π]), scaled to unit-ish std."""
-    u = 1.5 * math.pi * (1 + 2 * torch.rand(n, generator=generator))
-    x = torch.stack([u * torch.cos(u), u * torch.sin(u)], 1) / 8.0
+    u = SWISS_ROLL_U[0] + (SWISS_ROLL_U[1] - SWISS_ROLL_U[0]) * torch.rand(n, generator=generator)
+    x = torch.stack([u * torch.cos(u), u * torch.sin(u)], 1) / SWISS_ROLL_SCALE
     return x + noise * torch.randn(n, 2, generator=generator)
+
+
+def swiss_roll_log_density(points: Tensor, noise: float = 0.02, alpha: float = 1.0, sigma: float = 0.0,
+                           nodes: int = 4000) -> Tensor:
+    """log q_t(x) of the swiss roll's marginal x_t = α x_0 + σ ε at ``points`` (N, 2): the mixture over the curve
+    ∫ p(u) N(x; α c(u), (α² noise² + σ²) I) du with u ~ U[1.5π, 4.5π], by the midpoint rule on ``nodes`` nodes
+    (log-sum-exp; accurate once the node spacing along the curve is below the kernel width)."""
+    lo, hi = SWISS_ROLL_U
+    u = lo + (hi - lo) * (torch.arange(nodes, dtype=torch.float64) + 0.5) / nodes
+    centres = alpha * torch.stack([u * torch.cos(u), u * torch.sin(u)], 1) / SWISS_ROLL_SCALE
+    var = alpha**2 * noise**2 + sigma**2
+    d2 = torch.cdist(points.double(), centres).pow(2)
+    log_kernel = -d2 / (2 * var) - math.log(2 * math.pi * var)
+    return (torch.logsumexp(log_kernel, 1) - math.log(nodes)).to(points.dtype)
