@@ -224,6 +224,8 @@ def swiss_roll_log_density(points: Tensor, noise: float = 0.02, alpha: float = 1
     u = lo + (hi - lo) * (torch.arange(nodes, dtype=torch.float64) + 0.5) / nodes
     centres = alpha * torch.stack([u * torch.cos(u), u * torch.sin(u)], 1) / SWISS_ROLL_SCALE
     var = alpha**2 * noise**2 + sigma**2
-    d2 = torch.cdist(points.double(), centres).pow(2)
-    log_kernel = -d2 / (2 * var) - math.log(2 * math.pi * var)
-    return (torch.logsumexp(log_kernel, 1) - math.log(nodes)).to(points.dtype)
+    out = []
+    for chunk in points.double().split(1024):  # bounded memory: (1024, nodes) at a time
+        log_kernel = -torch.cdist(chunk, centres).pow(2) / (2 * var) - math.log(2 * math.pi * var)
+        out.append(torch.logsumexp(log_kernel, 1) - math.log(nodes))
+    return torch.cat(out).to(points.dtype)
