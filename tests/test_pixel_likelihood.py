@@ -187,10 +187,11 @@ def test_ldm_nll_cli(tmp_path) -> None:
     pixel_pipeline(False).save_pretrained(tmp_path / "pipe")
     out = tmp_path / "nll.json"
     code = ldm_main(["nll", "--pipeline", str(tmp_path / "pipe"), "--data", str(tmp_path / "digits"), "--n", "4",
-                     "--method", "both", "--timesteps", "5", "--solver", "euler", "--ode-steps", "3",
+                     "--method", "both", "--timesteps", "5", "--pilot", "1", "--solver", "euler", "--ode-steps", "3",
                      "--json", str(out)])
     rows = json.loads(out.read_text())
     assert code == 0 and [r["method"] for r in rows] == ["elbo", "ode"] and all(r["n"] == 4 for r in rows)
+    assert rows[0]["estimator"] == "importance" and rows[0]["timesteps"] == 5
     tiny_pipeline().save_pretrained(tmp_path / "latent")
     with pytest.raises(Exception, match="--method ode needs a pixel-space pipeline"):
         ldm_main(["nll", "--pipeline", str(tmp_path / "latent"), "--data", str(tmp_path / "digits"), "--n", "4",
