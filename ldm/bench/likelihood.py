@@ -77,14 +77,16 @@ def likelihood_rows(name: str, runs: Path, data: str, n: int, timesteps: int | N
             wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
             s = res.summary()
             how = "all T terms" if timesteps is None else f"{timesteps} terms IS (pilot {pilot})"
-            rows.append({"data": name, "loss": f"L_{run}", "method": f"ELBO, Σ = {variance}, {how}", "bpd": s["bits_per_dim"],
+            rows.append({"data": name, "loss": f"L_{run}", "method": f"ELBO, Σ = {variance}, {how}",
+                         "bpd": s["bits_per_dim"],
                          "se": s["standard_error"], "prior": s["prior_bpd"], "kl": s["kl_bpd"],
                          "decoder": s["decoder_bpd"], "n": s["n"], "cpu_s": round(cpu, 1), "wall_s": round(wall, 1)})
             print(rows[-1], flush=True)
         res, wall, cpu = timed(ode_nll_bits_per_dim, pipe, real.images, real.captions, method="dopri5", rtol=ode_tol,
                                atol=ode_tol, batch_size=batch_size)
         s = res.summary()
-        rows.append({"data": name, "loss": f"L_{run}", "method": f"PF-ODE (dopri5 {ode_tol:g}, nfe {s['nfe_mean']:.0f})",
+        method = f"PF-ODE (dopri5 {ode_tol:g}, nfe {s['nfe_mean']:.0f})"
+        rows.append({"data": name, "loss": f"L_{run}", "method": method,
                      "bpd": s["bits_per_dim"], "se": s["standard_error"], "n": s["n"], "cpu_s": round(cpu, 1),
                      "wall_s": round(wall, 1)})
         print(rows[-1], flush=True)
@@ -94,7 +96,8 @@ def likelihood_rows(name: str, runs: Path, data: str, n: int, timesteps: int | N
 def quality_rows(name: str, runs: Path, real_features: torch.Tensor, features, n: int, steps: list[int],
                  batch_size: int) -> list[dict[str, Any]]:
     rows = []
-    pipes = {run: TextToImagePipeline.from_pretrained(runs / f"{name}-{run}" / "pipeline") for run in ("simple", "hybrid")}
+    pipes = {run: TextToImagePipeline.from_pretrained(runs / f"{name}-{run}" / "pipeline")
+             for run in ("simple", "hybrid")}
     for variant, (run, variance) in VARIANTS.items():
         for k in steps:
             images, wall, cpu = timed(pipes[run].generate, [""] * n, steps=k, sampler="ddpm", variance=variance,
@@ -107,7 +110,8 @@ def quality_rows(name: str, runs: Path, real_features: torch.Tensor, features, n
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=Path, default=Path("checkpoints/likelihood"))
     p.add_argument("--digits", default="datasets/digits")
     p.add_argument("--shapes", default="datasets/shapes")

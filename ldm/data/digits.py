@@ -56,7 +56,8 @@ def build_digits(out_dir: str | Path, val: int = 297, seed: int = 0, shard_size:
             for i in indices[start:end]:
                 label = int(labels[i])
                 meta = {"label": label, "index": i, "split": split}
-                samples.append((f"{split}_{i:05d}", encode_sample(png_bytes(Image.fromarray(images[i], mode="L")), f"a handwritten digit {label}", meta)))
+                png = png_bytes(Image.fromarray(images[i], mode="L"))
+                samples.append((f"{split}_{i:05d}", encode_sample(png, f"a handwritten digit {label}", meta)))
             shards[split][shard_name(split, k)] = write_shard(out / split / shard_name(split, k), samples)
     info = {"name": "digits", "source": SOURCE, "license": LICENSE, "resolution": 8,
             "counts": {s: len(v) for s, v in splits.items()}, "shards": shards,

@@ -96,7 +96,8 @@ def integrate(f: OdeFn, y0: State, t0: float, t1: float, method: str = "rk4", st
     return _dopri5(f, y0, t0, t1, rtol, atol, max_steps)
 
 
-def _initial_step(f0: State, y0: State, f: OdeFn, t0: float, direction: float, rtol: float, atol: float) -> tuple[float, int]:
+def _initial_step(f0: State, y0: State, f: OdeFn, t0: float, direction: float, rtol: float,
+                  atol: float) -> tuple[float, int]:
     """Hairer et al. §II.4 "starting step size": h from ‖y0‖, ‖f0‖ and a trial Euler step (order 5)."""
     scale = [atol + rtol * y.abs() for y in y0]
     d0 = _rms([y / s for y, s in zip(y0, scale)])

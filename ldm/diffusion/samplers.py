@@ -344,7 +344,8 @@ def sample_pc(model_fn: ModelFn, x: Tensor, schedule: NoiseSchedule, timesteps: 
         for _ in range(corrector_steps):
             score, _ = _score(predict, x, g, i)
             z = standard_normal(x.shape, x, generator)
-            ratio = z.flatten(1).norm(dim=1).mean() / score.flatten(1).norm(dim=1).mean().clamp(min=torch.finfo(x.dtype).tiny)
+            score_norm = score.flatten(1).norm(dim=1).mean().clamp(min=torch.finfo(x.dtype).tiny)
+            ratio = z.flatten(1).norm(dim=1).mean() / score_norm
             eps = 2 * (snr * ratio) ** 2
             x = x + eps * score + (2 * eps).sqrt() * z
         score, x0 = _score(predict, x, g, i)

@@ -277,7 +277,8 @@ class NoiseSchedule:
         alpha, sigma = self.alpha_sigma(t, like=x0)
         return alpha * x0 + sigma * noise
 
-    def posterior_mean_variance(self, x0: Tensor, x_t: Tensor, t: Tensor, t_prev: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def posterior_mean_variance(self, x0: Tensor, x_t: Tensor, t: Tensor,
+                                t_prev: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Mean μ̃_t(x_t, x_0) and variance of q(x_{t_prev} | x_t, x_0) (DDPM eq. 6-7; :func:`gaussian_posterior`).
 
         ``t_prev`` defaults to t − 1; a negative t_prev means the clean sample (α = 1, σ = 0).

@@ -36,7 +36,8 @@ def split_output(output: Tensor, channels: int) -> tuple[Tensor, Tensor | None]:
     return output[:, :channels], output[:, channels:]
 
 
-def interpolate_log_variance(frac: Tensor | float, log_small: Tensor | float, log_large: Tensor | float) -> Tensor | float:
+def interpolate_log_variance(frac: Tensor | float, log_small: Tensor | float,
+                             log_large: Tensor | float) -> Tensor | float:
     """log Σ = v log β + (1 − v) log β̃ (Nichol & Dhariwal 2021, eq. 15) with v = ``frac``: v = 1 gives β,
     v = 0 gives β̃."""
     return frac * log_large + (1 - frac) * log_small

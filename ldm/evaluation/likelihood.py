@@ -130,7 +130,8 @@ def elbo_bits_per_dim(pipe: TextToImagePipeline, images: Tensor, captions: list[
         vlb = variational_bound(model_fn, z, pipe.schedule, variance=variance, decoder="gaussian",
                                 timesteps=timesteps, proposal=proposal, generator=gen, chunk=chunk)
         if posterior.deterministic:
-            raise ValueError("the latent bound needs a VAE with a Gaussian posterior (double_z); this one is deterministic")
+            raise ValueError("the latent bound needs a VAE with a Gaussian posterior (double_z); "
+                             "this one is deterministic")
         entropy = (0.5 * (math.log(2 * math.pi * math.e) + posterior.logvar + 2 * math.log(scale))).flatten(1).sum(1)
         recon = pipe.vae.decode(z_raw).clamp(-1, 1)
         recon_sq.append((recon - x).pow(2).flatten(1).double().cpu())
@@ -144,7 +145,8 @@ def elbo_bits_per_dim(pipe: TextToImagePipeline, images: Tensor, captions: list[
         sigma = decoder_std if decoder_std is not None else float(torch.cat(recon_sq).mean().sqrt())
         totals, latents, decoders = [], [], []
         for latent_nats, entropy, latent_dims, recon, x in latent_draws:
-            dec = -discretized_gaussian_log_likelihood(x.double(), recon.double(), 2 * math.log(sigma)).flatten(1).sum(1)
+            dec = -discretized_gaussian_log_likelihood(x.double(), recon.double(), 2 * math.log(sigma))
+            dec = dec.flatten(1).sum(1)
             pixel_dims = x[0].numel()
             latents.append((latent_nats - entropy) / (latent_dims * LN2))
             decoders.append(dec / (pixel_dims * LN2))
@@ -154,7 +156,8 @@ def elbo_bits_per_dim(pipe: TextToImagePipeline, images: Tensor, captions: list[
         info = {"space": "latent", "decoder_std": sigma, "latent_dims": latent_draws[0][2],
                 "pixel_dims": int(images[0].numel())}
     info.update(timesteps="all" if timesteps is None else timesteps,
-                estimator="exhaustive" if timesteps is None else ("importance" if proposal is not None else "stratified"),
+                estimator=("exhaustive" if timesteps is None
+                           else "importance" if proposal is not None else "stratified"),
                 wall_s=round(time.perf_counter() - start, 1),
                 cpu_s=round(time.process_time() - cpu, 1))
     return NLLResult("elbo", values.cpu(), {k: v.cpu() for k, v in parts.items()}, info)

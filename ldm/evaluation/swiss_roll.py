@@ -167,7 +167,8 @@ def score_views(out_dir: str | Path, vp_model: ToyMLP, vp_schedule: DiscreteSche
     ode_grid = ode_log_likelihood(vp_fn, points, vp_schedule, method="rk4", steps=ode_steps, exact=True)
     true_grid = swiss_roll_log_density(points, alpha=alpha0, sigma=sigma0)
     held_out = swiss_roll(n_samples, torch.Generator().manual_seed(seed + 2))
-    x_level0 = alpha0 * held_out + sigma0 * torch.randn(held_out.shape, generator=torch.Generator().manual_seed(seed + 4))
+    noise = torch.randn(held_out.shape, generator=torch.Generator().manual_seed(seed + 4))
+    x_level0 = alpha0 * held_out + sigma0 * noise
     ode_held = ode_log_likelihood(vp_fn, x_level0, vp_schedule, method="rk4", steps=ode_steps, exact=True)
     cell = (4.4 / (grid - 1)) ** 2
     metrics.update(ode_cpu_seconds=round(time.process_time() - cpu, 2), ode_nfe=ode_grid.nfe,
@@ -177,9 +178,9 @@ def score_views(out_dir: str | Path, vp_model: ToyMLP, vp_schedule: DiscreteSche
                    true_nll_nats=round(-swiss_roll_log_density(x_level0, alpha=alpha0, sigma=sigma0).mean().item(), 4),
                    level0_sigma=round(sigma0 / alpha0, 4))
     fig, axes = plt.subplots(1, 5, figsize=(11.5, 2.6))
-    for ax, (title, xs) in zip(axes[:3], [("data", data), (f"annealed Langevin (VE) · SW {metrics['swd']['langevin']:.3f}",
-                                                          panels["langevin"]),
-                                          (f"VE predictor-corrector · SW {metrics['swd']['ve-pc']:.3f}", panels["ve-pc"])]):
+    scatters = [("data", data), (f"annealed Langevin (VE) · SW {metrics['swd']['langevin']:.3f}", panels["langevin"]),
+                (f"VE predictor-corrector · SW {metrics['swd']['ve-pc']:.3f}", panels["ve-pc"])]
+    for ax, (title, xs) in zip(axes[:3], scatters):
         ax.scatter(xs[:, 0], xs[:, 1], s=1, c="k" if title == "data" else "tab:blue")
         ax.set_title(title, fontsize=7)
         ax.set_xlim(-2.2, 2.2)
