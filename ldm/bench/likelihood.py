@@ -61,7 +61,7 @@ def pixel_features(images: torch.Tensor, gray: bool) -> torch.Tensor:
 
 
 def likelihood_rows(name: str, runs: Path, data: str, n: int, timesteps: int | None, ode_tol: float,
-                    batch_size: int, pilot: int) -> list[dict[str, Any]]:
+                    batch_size: int, pilot: int, n_ode: int | None = None) -> list[dict[str, Any]]:
     rows = []
     for run in ("simple", "hybrid"):
         pipe = TextToImagePipeline.from_pretrained(runs / f"{name}-{run}" / "pipeline")
@@ -82,8 +82,9 @@ def likelihood_rows(name: str, runs: Path, data: str, n: int, timesteps: int | N
                          "se": s["standard_error"], "prior": s["prior_bpd"], "kl": s["kl_bpd"],
                          "decoder": s["decoder_bpd"], "n": s["n"], "cpu_s": round(cpu, 1), "wall_s": round(wall, 1)})
             print(rows[-1], flush=True)
-        res, wall, cpu = timed(ode_nll_bits_per_dim, pipe, real.images, real.captions, method="dopri5", rtol=ode_tol,
-                               atol=ode_tol, batch_size=batch_size)
+        k = n_ode or n
+        res, wall, cpu = timed(ode_nll_bits_per_dim, pipe, real.images[:k], real.captions[:k], method="dopri5",
+                               rtol=ode_tol, atol=ode_tol, batch_size=batch_size)
         s = res.summary()
         method = f"PF-ODE (dopri5 {ode_tol:g}, nfe {s['nfe_mean']:.0f})"
         rows.append({"data": name, "loss": f"L_{run}", "method": method,
@@ -94,11 +95,12 @@ def likelihood_rows(name: str, runs: Path, data: str, n: int, timesteps: int | N
 
 
 def quality_rows(name: str, runs: Path, real_features: torch.Tensor, features, n: int, steps: list[int],
-                 batch_size: int) -> list[dict[str, Any]]:
+                 batch_size: int, variants: list[str]) -> list[dict[str, Any]]:
     rows = []
     pipes = {run: TextToImagePipeline.from_pretrained(runs / f"{name}-{run}" / "pipeline")
              for run in ("simple", "hybrid")}
-    for variant, (run, variance) in VARIANTS.items():
+    for variant in variants:
+        run, variance = VARIANTS[variant]
         for k in steps:
             images, wall, cpu = timed(pipes[run].generate, [""] * n, steps=k, sampler="ddpm", variance=variance,
                                       guidance=1.0, seed=0, batch_size=batch_size, progress=False)
@@ -118,13 +120,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-encoder", default="checkpoints/shapes/parts/text_encoder/image_encoder")
     p.add_argument("--n-digits", type=int, default=128, help="val images for digits bits/dim")
     p.add_argument("--n-shapes", type=int, default=64, help="val images for shapes bits/dim")
+    p.add_argument("--n-ode-shapes", type=int, default=32, help="of those, images for the shapes PF-ODE bits/dim")
     p.add_argument("--timesteps-digits", default="all", help="KL terms for digits: all or a count")
     p.add_argument("--timesteps-shapes", default="100", help="KL terms for shapes: all or a count")
     p.add_argument("--pilot", type=int, default=4, help="images of the exhaustive pilot that sets the importance "
                                                           "proposal π(t) ∝ √E[L_t²] when a count of terms is used")
     p.add_argument("--ode-tol", type=float, default=1e-4)
     p.add_argument("--samples-digits", type=int, default=1000)
-    p.add_argument("--samples-shapes", type=int, default=256)
+    p.add_argument("--samples-shapes", type=int, default=200)
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None,
+                   help="sampling variants (default: all for digits, all but 'L_hybrid, β̃' for shapes)")
     p.add_argument("--steps", type=int, nargs="+", default=[25, 50, 100])
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--only", choices=("digits", "shapes"), default=None)
@@ -141,8 +146,9 @@ def main(argv: list[str] | None = None) -> int:
             n = args.n_digits if name == "digits" else args.n_shapes
             text = args.timesteps_digits if name == "digits" else args.timesteps_shapes
             timesteps = None if text == "all" else int(text)
+            n_ode = None if name == "digits" else args.n_ode_shapes
             results[f"{name}_nll"] = likelihood_rows(name, args.runs, data, n, timesteps, args.ode_tol, args.batch_size,
-                                                     args.pilot)
+                                                     args.pilot, n_ode)
         if "quality" not in args.skip:
             if name == "digits":
                 real = load_split(data, "train", 1500, 8)
@@ -153,12 +159,13 @@ def main(argv: list[str] | None = None) -> int:
                 extractor = CLIPImageFeatures.from_part(args.image_encoder)
                 features = lambda images: extract_features(extractor, images)  # noqa: E731
                 n = args.samples_shapes
+            variants = args.variants or [v for v in VARIANTS if name == "digits" or v != "L_hybrid, β̃"]
             real_features = features(real.images)
             half = len(real.images) // 2
             floor = frechet_distance(features(real.images[:half]), features(real.images[half:2 * half]))
             results[f"{name}_quality"] = {"real_vs_real_fd": floor, "real_n": len(real.images),
                                           "rows": quality_rows(name, args.runs, real_features, features, n, args.steps,
-                                                               args.batch_size)}
+                                                               args.batch_size, variants)}
         results[f"{name}_loadavg"] = {"start": load_start, "end": os.getloadavg()}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -34,6 +34,15 @@ class IdentityFirstStageConfig:
     def downsample_factor(self) -> int:
         return 1
 
+    @property
+    def scaling_factor(self) -> float:
+        """1: the latents are the pixels in [−1, 1] (what the latent cache and the discretized decoder assume)."""
+        return 1.0
+
+    @property
+    def shift_factor(self) -> float:
+        return 0.0
+
 
 class IdentityFirstStage(nn.Module):
     """Pixels as latents (see the module doc). ``is_identity`` tells likelihood code the latents are 8-bit pixels."""
