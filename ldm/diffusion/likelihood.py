@@ -150,12 +150,18 @@ def vlb_term(output: Tensor, x: Tensor, x_t: Tensor, t: Tensor, schedule: NoiseS
         raise ValueError(f"unknown variance {choice!r}: use fixed_small, fixed_large or learned")
     model_mean = c0 * x0_hat + ct * x_t
     dims = tuple(range(1, x.ndim))
-    kl = normal_kl(c0 * x + ct * x_t, log_small, model_mean, model_logvar)
-    if decoder == "discretized":
-        nll = -discretized_gaussian_log_likelihood(x, model_mean, model_logvar, bins)
-    else:
-        nll = -gaussian_log_likelihood(x, model_mean, model_logvar)
-    return torch.where(data, nll, kl).sum(dims)
+    out = torch.zeros(x.shape[0], dtype=torch.promote_types(x_t.dtype, torch.float32), device=x.device)
+    is_data = data.flatten()
+    if not bool(is_data.all()):  # KL terms (t ≥ 1)
+        kl = normal_kl(c0 * x + ct * x_t, log_small, model_mean, model_logvar).sum(dims)
+        out = torch.where(is_data, out, kl.to(out.dtype))
+    if bool(is_data.any()):  # decoder terms (t = 0)
+        if decoder == "discretized":
+            nll = -discretized_gaussian_log_likelihood(x, model_mean, model_logvar, bins).sum(dims)
+        else:
+            nll = -gaussian_log_likelihood(x, model_mean, model_logvar).sum(dims)
+        out = torch.where(is_data, nll.to(out.dtype), out)
+    return out
 
 
 def hybrid_loss(output: Tensor, x0: Tensor, noise: Tensor, t: Tensor, schedule: NoiseSchedule, *,
