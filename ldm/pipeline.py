@@ -8,13 +8,17 @@
     pipeline.json                image size and sampling defaults
 
 No Lightning and no webdataset are imported here. The generation is LDM eq. 3 at inference:
-z_T ~ N(0, I) → sampler(ε_θ(z_t, t, τ_θ(y)) with CFG) → x = D(z_0 / scale + shift).
+z_T ~ N(0, I) → sampler(ε_θ(z_t, t, τ_θ(y)) with CFG) → x = D(z_0 / scale + shift), optionally with classifier
+guidance (``ldm.diffusion.guidance``) and an image edit (``ldm.editing``: img2img, inversion, inpainting,
+colourisation), and a per-step callback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,11 +28,23 @@ from PIL import Image
 
 from ldm import __version__
 from ldm.conditioning import Conditioning
-from ldm.diffusion.guidance import guided_model
+from ldm.diffusion.guidance import classifier_guidance, guided_model
+from ldm.diffusion.objectives import standard_normal
 from ldm.diffusion.samplers import SAMPLERS, ModelFn, sample
 from ldm.diffusion.schedules import NoiseSchedule, build_schedule
-from ldm.io import (CONFIG_NAME, PartError, config_from_dict, load_part, part_metadata, read_json, save_part,
-                    weights_hash, write_json)
+from ldm.editing import ImageEdit
+from ldm.errors import UsageError
+from ldm.io import (
+    CONFIG_NAME,
+    PartError,
+    config_from_dict,
+    load_part,
+    part_metadata,
+    read_json,
+    save_part,
+    weights_hash,
+    write_json,
+)
 from ldm.modules.denoiser import check_compatible, conditioning_for
 from ldm.visual import to_pil
 
@@ -47,6 +63,7 @@ class PipelineConfig:
     guidance: float = 4.0
     sampler: str = "dpmpp-2m"
     guidance_rescale: float = 0.0
+    spacing: str = "trailing"          # sampling timestep spacing (DiscreteSchedule.timesteps)
 
 
 def save_schedule(schedule: NoiseSchedule, out_dir: str | Path) -> Path:
@@ -84,16 +101,24 @@ def check_trained_together(path: Path, recorded: dict[str, str] | None, current:
     warnings.warn(message, UserWarning, stacklevel=3)
 
 
+# denoiser config.json keys that are not provenance carried from one export to the next
+_PART_KEYS = ("_class_name", "_ldm_version", "_weights_sha256", "_trained_with")
+
+
 class TextToImagePipeline:
     """The three frozen parts + schedule, callable as ``pipe(prompts) -> list[PIL.Image]``.
 
     ``denoiser`` is any denoiser (``ldm.modules.denoiser``): the pipeline never names its class.
+    ``provenance``: ``_``-prefixed keys recorded beside the denoiser (e.g. ``_init_from``: the pipeline a
+    fine-tuning started from), read by ``from_pretrained`` and written again by ``save_pretrained``.
     """
 
     def __init__(self, vae: torch.nn.Module, text_encoder: torch.nn.Module, denoiser: torch.nn.Module,
-                 schedule: NoiseSchedule, config: PipelineConfig | None = None):
+                 schedule: NoiseSchedule, config: PipelineConfig | None = None,
+                 provenance: dict[str, Any] | None = None):
         self.vae, self.text_encoder, self.denoiser, self.schedule = vae, text_encoder, denoiser, schedule
         self.config = config or PipelineConfig()
+        self.provenance = {k if k.startswith("_") else f"_{k}": v for k, v in (provenance or {}).items()}
         self._check_compatible()
         for part in (vae, text_encoder, denoiser):
             part.eval().requires_grad_(False)
@@ -111,12 +136,14 @@ class TextToImagePipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None, allow_mismatch: bool = False) -> TextToImagePipeline:
+                        dtype: torch.dtype | None = None, allow_mismatch: bool = False,
+                        meta_init: bool = False) -> TextToImagePipeline:
         """Load a pipeline folder; a missing or mismatched part is an error naming it.
 
         The denoiser records the weight hashes of the VAE and text encoder it was trained with; parts that
         differ are refused (``allow_mismatch``: a warning instead), since a denoiser only works on the latents
-        and text features it was trained on."""
+        and text features it was trained on. ``meta_init``: the weights keep their file dtype and nothing is
+        initialised (``ldm.io.load_part``), for conversions; such a pipeline cannot generate."""
         path = Path(path)
         if not path.is_dir():
             raise PartError(f"pipeline folder {path} does not exist (train one with `make train-ldm`, or `make demo`)")
@@ -124,11 +151,14 @@ class TextToImagePipeline:
         if missing:
             raise PartError(f"pipeline folder {path} lacks {missing}; expected {list(PARTS)} and {PIPELINE_FILE}")
         config = config_from_dict(PipelineConfig, read_json(path / PIPELINE_FILE), str(path / PIPELINE_FILE))
-        vae, text_encoder = load_part(path / "vae", kind="vae"), load_part(path / "text_encoder", kind="text_encoder")
-        denoiser = load_part(path / DENOISER_DIR, kind="denoiser")
-        check_trained_together(path, part_metadata(path / DENOISER_DIR).get("_trained_with"),
+        vae = load_part(path / "vae", kind="vae", meta_init=meta_init)
+        text_encoder = load_part(path / "text_encoder", kind="text_encoder", meta_init=meta_init)
+        denoiser = load_part(path / DENOISER_DIR, kind="denoiser", meta_init=meta_init)
+        metadata = part_metadata(path / DENOISER_DIR)
+        check_trained_together(path, metadata.get("_trained_with"),
                                {"vae": weights_hash(vae), "text_encoder": weights_hash(text_encoder)}, allow_mismatch)
-        pipe = cls(vae, text_encoder, denoiser, load_schedule(path / "scheduler"), config)
+        provenance = {k: v for k, v in metadata.items() if k not in _PART_KEYS}
+        pipe = cls(vae, text_encoder, denoiser, load_schedule(path / "scheduler"), config, provenance)
         return pipe.to(device, dtype)
 
     def save_pretrained(self, path: str | Path) -> Path:
@@ -136,7 +166,7 @@ class TextToImagePipeline:
         save_part(self.vae, path / "vae")
         save_part(self.text_encoder, path / "text_encoder")
         trained_with = {"vae": weights_hash(self.vae), "text_encoder": weights_hash(self.text_encoder)}
-        save_part(self.denoiser, path / DENOISER_DIR, {"_trained_with": trained_with})
+        save_part(self.denoiser, path / DENOISER_DIR, {**self.provenance, "_trained_with": trained_with})
         save_schedule(self.schedule, path / "scheduler")
         write_json(path / PIPELINE_FILE, {"_ldm_version": __version__, **asdict(self.config)})
         return path
@@ -176,39 +206,121 @@ class TextToImagePipeline:
                  guidance: float | None = None, sampler: str | None = None, seed: int = 0,
                  height: int | None = None, width: int | None = None, n_per_prompt: int = 1,
                  batch_size: int = 64, guidance_rescale: float | None = None, progress: bool = True,
+                 edit: ImageEdit | None = None, classifier: torch.nn.Module | None = None,
+                 classifier_scale: float = 0.0,
+                 classifier_labels: dict[str, str] | Sequence[dict[str, str]] | None = None,
+                 callback: Callable[[dict[str, Any]], None] | None = None, only_index: int | None = None,
                  **sampler_options: Any) -> torch.Tensor:
         """Images (len(prompts)·n_per_prompt, 3, H, W) in [-1, 1], prompt-major order.
 
-        The initial noise of image i depends only on (seed, i), so the batch size does not change it.
+        The initial noise of image i depends only on (seed, i), so the batch size does not change it; a stochastic
+        sampler's noise is drawn per batch from seed + 1 + (index of the batch's first image).
+
+        edit: an :class:`ldm.editing.ImageEdit` (img2img, inversion, inpainting, colourisation).
+        classifier / classifier_scale / classifier_labels: classifier guidance (``guidance.classifier_guidance``)
+            with a ``LatentClassifier`` towards labels (one dict for every image, or one per prompt), on top of CFG.
+        callback: called after every sampler step with the sampler's ``{"i", "t", "x", "x0"}`` plus ``"phase"``
+            ("invert" or "sample"), ``"batch"`` (index of the batch's first image), ``"step"`` and ``"total"``
+            (steps done and to do in this call): a progress bar or previews (:meth:`decode` of ``x0``).
+        only_index: generate only the batch that holds image ``only_index`` and return that image (1, 3, H, W),
+            exactly as the whole call makes it (what ``ldm generate --from-png`` reproduces).
         """
         c = self.config
         steps = c.steps if steps is None else steps
         guidance = c.guidance if guidance is None else guidance
-        sampler = sampler or c.sampler
+        sampler = sampler or ("ddim" if edit is not None and edit.mode == "invert" else c.sampler)
         height, width = height or c.height, width or c.width
         rescale = c.guidance_rescale if guidance_rescale is None else guidance_rescale
+        sampler_options.setdefault("spacing", c.spacing)
         self._check_request(prompts, steps, guidance, height, width, n_per_prompt, sampler)
+        if edit is not None:
+            sampler = edit.sampler(sampler)
+            if edit.mode == "invert" and sampler_options.get("eta"):
+                raise UsageError("inversion editing needs the deterministic DDIM (eta 0)")
         f, zc = self.vae.config.downsample_factor, self.vae.config.z_channels
         all_prompts = [p for p in prompts for _ in range(n_per_prompt)]
+        if only_index is not None and not 0 <= only_index < len(all_prompts):
+            raise ValueError(f"only_index {only_index} is not an image of this request (0..{len(all_prompts) - 1})")
+        targets = self._classifier_targets(classifier, classifier_scale, classifier_labels, prompts, n_per_prompt,
+                                           height // f)
         gen = torch.Generator().manual_seed(seed)
         noise = torch.randn((len(all_prompts), zc, height // f, width // f), generator=gen)
         if self.schedule.prior_std != 1.0:  # VE: the prior N(0, σ_max² I)
             noise = noise * self.schedule.prior_std
-        sample_gen = torch.Generator(device=self.device).manual_seed(seed + 1)
+        ts = self.schedule.timesteps(steps, sampler_options.pop("spacing", "trailing"))
+        if edit is not None:
+            edit.prepare(self, height, width)
+            ts = edit.timesteps(ts)
         uncond = self.condition([negative_prompt or ""])
-        batches = range(0, len(all_prompts), batch_size)
-        if progress:
-            from tqdm.auto import tqdm
-
-            batches = tqdm(batches, desc=f"sampling ({sampler}, {steps} steps)", unit="batch")
+        starts = list(range(0, len(all_prompts), batch_size))
+        if only_index is not None:
+            starts = [only_index // batch_size * batch_size]
+        resample = edit.resample if edit is not None else 0
+        inverting = edit is not None and edit.mode == "invert"
+        total = len(starts) * (len(ts) * (1 + inverting) + resample * (len(ts) - len(ts) // 2))
+        reporter = StepReporter(total, callback, progress, f"sampling ({sampler}, {len(ts)} steps)")
         images = []
-        for start in batches:
-            cond = self.condition(all_prompts[start:start + batch_size])
+        for start in starts:
+            end = min(start + batch_size, len(all_prompts))
+            cond = self.condition(all_prompts[start:end])
             model_fn = self.model_fn(cond, uncond, guidance, rescale)
-            x_T = noise[start:start + batch_size].to(self.device, self.dtype)
-            z0 = sample(model_fn, x_T, self.schedule, steps, sampler=sampler, generator=sample_gen, **sampler_options)
-            images.append(self.vae.decode_latents(z0).clamp(-1, 1).float().cpu())
-        return torch.cat(images)
+            if targets is not None:
+                batch_targets = {k: v[start:end] for k, v in targets.items()}
+                model_fn = classifier_guidance(
+                    model_fn, lambda x, t, y=batch_targets: classifier.log_prob(x, t, y), classifier_scale,
+                    self.schedule)
+            sample_gen = torch.Generator(device=self.device).manual_seed(seed + 1 + start)
+            x = noise[start:end].to(self.device, self.dtype)
+            if edit is not None:
+                model_fn = edit.wrap(model_fn, self.schedule)
+                with reporter.phase("invert", start):
+                    x = edit.start(self, x, ts, steps, callback=reporter)
+            z0 = x
+            if len(ts):
+                with reporter.phase("sample", start):
+                    z0 = sample(model_fn, x, self.schedule, None, sampler=sampler, timesteps=ts, generator=sample_gen,
+                                callback=reporter, **sampler_options)
+                for _ in range(resample):  # RePaint-style: back to the middle of the run, inpaint again
+                    tail = ts[len(ts) // 2:]
+                    x = edit.renoise(self, z0, standard_normal(z0.shape, z0, sample_gen), tail)
+                    with reporter.phase("resample", start):
+                        z0 = sample(model_fn, x, self.schedule, None, sampler=sampler, timesteps=tail,
+                                    generator=sample_gen, callback=reporter, **sampler_options)
+            out = self.vae.decode_latents(z0)
+            if edit is not None:
+                out = edit.finish(out)
+            images.append(out.clamp(-1, 1).float().cpu())
+        reporter.close()
+        result = torch.cat(images)
+        return result[only_index - starts[0]:only_index - starts[0] + 1] if only_index is not None else result
+
+    def _classifier_targets(self, classifier: torch.nn.Module | None, scale: float,
+                            labels: dict[str, str] | Sequence[dict[str, str]] | None, prompts: Sequence[str],
+                            n_per_prompt: int, latent_side: int) -> dict[str, torch.Tensor] | None:
+        """Class indices per image for classifier guidance (None when it is off); bad labels are UsageErrors."""
+        if not math.isfinite(scale) or scale < 0:
+            raise UsageError(f"classifier scale must be >= 0, got {scale}")
+        if classifier is None or scale == 0:
+            if scale and classifier is None:
+                raise UsageError("a classifier scale needs a classifier (a LatentClassifier part)")
+            return None
+        if not labels:
+            raise UsageError("classifier guidance needs labels to guide towards (e.g. color=red)")
+        if classifier.config.in_channels != self.vae.config.z_channels or classifier.config.resolution != latent_side:
+            raise UsageError(f"the classifier reads {classifier.config.in_channels}x{classifier.config.resolution}² "
+                             f"latents; this request makes {self.vae.config.z_channels}x{latent_side}²")
+        rows = [labels] * len(prompts) if isinstance(labels, dict) else list(labels)
+        if len(rows) != len(prompts):
+            raise UsageError(f"give one label set for all prompts or one per prompt ({len(prompts)}), got {len(rows)}")
+        try:
+            return classifier.targets([r for r in rows for _ in range(n_per_prompt)])
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] from diffusion-space latents (a preview of a callback's ``x0``)."""
+        with torch.no_grad():
+            return self.vae.decode_latents(latents.to(self.device, self.dtype)).clamp(-1, 1).float().cpu()
 
     def model_fn(self, cond: Conditioning, uncond: Conditioning | None = None, guidance: float = 1.0,
                  rescale: float = 0.0) -> ModelFn:
@@ -230,3 +342,33 @@ class TextToImagePipeline:
     def __call__(self, prompts: Sequence[str], **kwargs: Any) -> list[Image.Image]:
         """``generate`` returning PIL images (prompt-major order)."""
         return to_pil(self.generate(prompts, **kwargs))
+
+
+class StepReporter:
+    """The per-step callback the samplers get: counts steps, moves a progress bar, and forwards each step to the
+    user's callback with the phase, batch and counts added."""
+
+    def __init__(self, total: int, callback: Callable[[dict[str, Any]], None] | None, progress: bool, desc: str):
+        self.total, self.done, self.callback = total, 0, callback
+        self.context: dict[str, Any] = {}
+        self.bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="step")
+
+    @contextlib.contextmanager
+    def phase(self, name: str, batch: int) -> Iterator[None]:
+        self.context = {"phase": name, "batch": batch}
+        yield
+
+    def __call__(self, info: dict[str, Any]) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(1)
+        if self.callback is not None:
+            self.callback({**info, **self.context, "step": self.done, "total": self.total})
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -24,6 +24,7 @@ PARTS: dict[str, tuple[str, str]] = {
     "CLIPImageEncoder": ("ldm.modules.text_encoder", "image_encoder"),
     "UNet": ("ldm.modules.unet", "denoiser"),
     "ShapesProbe": ("ldm.evaluation.shapes_probe", "probe"),
+    "LatentClassifier": ("ldm.modules.latent_classifier", "classifier"),
 }
 
 # denoiser spellings in configs (``denoiser: {type: unet, ...}``) -> part class name
@@ -34,6 +35,7 @@ TRAINING: dict[str, tuple[str, str]] = {
     "AutoencoderModule": ("ldm.models.autoencoder", "model"),
     "ContrastiveCLIP": ("ldm.models.text_encoder", "model"),
     "LatentDiffusion": ("ldm.models.latent_diffusion", "model"),
+    "LatentClassifierModule": ("ldm.models.latent_classifier", "model"),
     "WebDataModule": ("ldm.data.webdata", "datamodule"),
     "LatentDataModule": ("ldm.data.latents", "datamodule"),
 }

@@ -15,8 +15,17 @@ import torch
 from PIL import Image
 
 from ldm.data.shards import encode_sample, list_shards, read_shard, tar_bytes, write_shard
-from ldm.data.webdata import (DataSkipWarning, EpochLoader, ShardDataset, WebDataModule, decode_image,
-                              log_skipped, skipped_count)
+from ldm.data.webdata import (
+    SKIP_REASONS,
+    DataSkipWarning,
+    EpochLoader,
+    ShardDataset,
+    WebDataModule,
+    decode_image,
+    log_skip_reasons,
+    log_skipped,
+    skipped_count,
+)
 
 
 def _png(array: np.ndarray, fmt: str = "PNG") -> bytes:
@@ -41,7 +50,7 @@ def test_batches_follow_the_contract(shapes_dir):
     dm = WebDataModule(str(shapes_dir), batch_size=16, num_workers=0, shuffle_buffer=0)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"image", "caption", "meta", "key", "skipped"}
+    assert set(batch) == {"image", "caption", "meta", "key", "skipped", "skip_reasons"} and batch["skip_reasons"] == {}
     image = batch["image"]
     assert image.shape == (16, 3, 32, 32) and image.dtype == torch.float32 and image.is_contiguous()
     assert -1.0 <= image.min() < image.max() <= 1.0
@@ -154,6 +163,9 @@ def test_skipped_inputs_are_logged_as_a_metric(tmp_path):
             log_skipped(self, batch)
             return self.layer(batch["image"].mean((2, 3))).pow(2).mean()
 
+        def on_train_epoch_end(self):
+            log_skip_reasons(self, "train")
+
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
@@ -163,7 +175,11 @@ def test_skipped_inputs_are_logged_as_a_metric(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(Tiny(), dm)
-    assert trainer.callback_metrics["train/skipped_samples"].item() == n_bad
+    metrics = trainer.callback_metrics
+    assert metrics["train/skipped_samples"].item() == n_bad
+    by_reason = {r: metrics[f"train/skipped/{r}"].item() for r in SKIP_REASONS if f"train/skipped/{r}" in metrics}
+    assert by_reason == {"corrupt_image": 1, "unknown_format": 1, "missing_caption": 2, "bad_json": 1,
+                         "unreadable_shard": 3}  # the reasons that occurred, each once per epoch
 
 
 def test_missing_shards_are_clear_errors(tmp_path):

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))  # when run as a rank's script
 
-from ldm.data.webdata import WebDataModule  # noqa: E402
+from ldm.data.webdata import WebDataModule, log_skip_reasons  # noqa: E402
 from ldm.io import load_part  # noqa: E402
 from ldm.models.autoencoder import AutoencoderModule  # noqa: E402
 from ldm.models.latent_diffusion import LatentDiffusion  # noqa: E402
@@ -56,6 +56,13 @@ WORDS = ["red", "blue", "green", "pink", "gray", "gold", "teal", "lime"]
 
 
 # ---- tiny data and modules, built identically in the ranks and in the reference -------------------------
+class TinyImageModelByReason(TinyImageModel):
+    """Also logs the skip reasons at each epoch end (summed over the ranks)."""
+
+    def on_train_epoch_end(self) -> None:
+        log_skip_reasons(self, "train")
+
+
 def samples(n: int, offset: int = 0) -> list[dict[str, Any]]:
     """Images with a coloured square, distinct captions, and the latents/tokens the LDM trains on."""
     g = torch.Generator().manual_seed(offset)
@@ -257,9 +264,11 @@ def rank_main(spec_file: str) -> None:
     trainer = make_trainer(out / "faults", WORLD, -1, [Vanish(spec["vanish"]), counted], max_epochs=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(TinyImageModel(), faulty)
+        trainer.fit(TinyImageModelByReason(), faulty)
     report["faults"] = {"steps": trainer.global_step, "samples": sum(len(k) for k in counted.keys),
-                        "skipped": trainer.callback_metrics["train/skipped_samples"].item()}
+                        "skipped": trainer.callback_metrics["train/skipped_samples"].item(),
+                        "reasons": {k.rpartition("/")[2]: v.item() for k, v in trainer.callback_metrics.items()
+                                    if k.startswith("train/skipped/")}}
     print(f"all done in {time.perf_counter() - start:.1f} s", flush=True)
     (out / f"rank{rank}.json").write_text(json.dumps(report))
     torch.distributed.destroy_process_group()  # a clean exit: gloo's threads stopped before the interpreter
@@ -445,6 +454,7 @@ def test_corrupt_truncated_and_vanishing_shards_do_not_desync_ranks(ddp):
     assert faults[1]["samples"] == first_pass + 16 * (8 - math.ceil(first_pass / 16))
     # every bad input counted once over both ranks: 12 corrupt, the cut shard and the vanished one
     assert faults[0]["skipped"] == faults[1]["skipped"] == 12 + 1 + 1
+    assert faults[0]["reasons"] == faults[1]["reasons"] == {"unknown_format": 12, "unreadable_shard": 2}
 
 
 # ---- the real `ldm fit` with configs/trainer/ddp-cpu.yaml (slow: Lightning starts the second process) ------

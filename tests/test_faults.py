@@ -203,4 +203,7 @@ def test_corrupt_samples_and_a_truncated_and_a_vanishing_shard_are_skipped_and_c
     assert counter.samples == 240 - 12 - (30 - readable) - 30
     # every corrupt sample once, plus one event each for the rest of the cut shard and the vanished one
     assert t.callback_metrics["train/skipped_samples"].item() == 12 + 1 + 1
+    # the training base logs each reason once an epoch: 12 PNGs without a PNG body, the cut and the vanished shard
+    assert t.callback_metrics["train/skipped/unknown_format"].item() == 12
+    assert t.callback_metrics["train/skipped/unreadable_shard"].item() == 2
     assert math.isfinite(t.callback_metrics["train/loss"].item())

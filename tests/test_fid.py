@@ -132,8 +132,8 @@ def test_missing_inception_weights_name_the_file_and_the_flag(tmp_path, capsys):
     with pytest.raises(PartError, match="does not exist"):
         fid.inception_features(tmp_path / "nope.pth")
     code = ldm_main(["fid", "--pipeline", str(tmp_path / "no_pipeline"), "--features", "inception"])
-    out = capsys.readouterr().out
-    assert code == 2 and fid.INCEPTION_FILE in out and "--features clip" in out
+    err = capsys.readouterr().err
+    assert code == 2 and fid.INCEPTION_FILE in err and "--features clip" in err
 
 
 # --------------------------------------------------------------------------- Inception-v3 (FID), offline
@@ -190,8 +190,8 @@ def test_inception_weights_with_wrong_keys_shapes_or_objects_are_refused_naming_
     # through the CLI: exit code 2 and the message, before any pipeline is loaded
     code = ldm_main(["fid", "--pipeline", str(tmp_path / "no_pipeline"), "--features", "inception",
                      "--inception-weights", str(tmp_path / "wrong_keys.pth")])
-    out = capsys.readouterr().out
-    assert code == 2 and str(tmp_path / "wrong_keys.pth") in out and fid.INCEPTION_FILE in out
+    err = capsys.readouterr().err
+    assert code == 2 and str(tmp_path / "wrong_keys.pth") in err and fid.INCEPTION_FILE in err
 
 
 def nuclear_fd(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -351,4 +351,4 @@ def test_plot_sweep_draws_the_three_figures(tmp_path):
 def test_fid_without_an_image_encoder_says_which_flag_to_pass(tmp_path, shapes_dir, capsys):
     pipe = tiny_pipeline_dir(tmp_path / "pipe", with_image_encoder=False)
     assert ldm_main(["fid", "--pipeline", str(pipe), "--data", str(shapes_dir), "--n", "8"]) == 2
-    assert "--image-encoder" in capsys.readouterr().out
+    assert "--image-encoder" in capsys.readouterr().err

@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
+from ldm.cli import main as ldm_main
 from ldm.conditioning import Conditioning as C
-
 from ldm.interop.diffusers_unet import config_from_diffusers, diffusers_config, diffusers_to_ldm, ldm_to_diffusers
 from ldm.modules.unet import UNet, UNetConfig
 
@@ -35,7 +35,7 @@ def test_same_output_as_diffusers_with_converted_weights(name: str):
     config = CONFIGS[name]
     theirs = diffusers_unet(config)
     ours = UNet(config).eval()
-    ours.load_state_dict(diffusers_to_ldm(theirs.state_dict()), strict=True)
+    ours.load_state_dict(diffusers_to_ldm(theirs.state_dict(), config), strict=True)
     g = torch.Generator().manual_seed(1)
     x, ctx = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 6, config.context_dim, generator=g)
     t = torch.tensor([0.0, 17.25, 999.0])  # fractional timesteps too
@@ -52,18 +52,18 @@ def test_linear_projection_checkpoints_convert_too():
     config = CONFIGS["num_heads"]
     theirs = diffusers_unet(config, use_linear_projection=True)
     ours = UNet(config).eval()
-    ours.load_state_dict(diffusers_to_ldm(theirs.state_dict()))
+    ours.load_state_dict(diffusers_to_ldm(theirs.state_dict(), config))
     x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([3.0, 500.0]), torch.randn(2, 4, config.context_dim)
     with torch.no_grad():
         torch.testing.assert_close(ours(x, t, C(ctx)), theirs(x, t, ctx).sample, atol=2e-5, rtol=1e-4)
-    back = ldm_to_diffusers(ours.state_dict(), linear_projection=True)
+    back = ldm_to_diffusers(ours.state_dict(), config, linear_projection=True)
     assert all(torch.equal(back[k], v) for k, v in theirs.state_dict().items())
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_state_dict_round_trip_is_exact(name: str):
     theirs = diffusers_unet(CONFIGS[name]).state_dict()
-    back = ldm_to_diffusers(diffusers_to_ldm(theirs))
+    back = ldm_to_diffusers(diffusers_to_ldm(theirs, CONFIGS[name]), CONFIGS[name])
     assert back.keys() == theirs.keys()
     assert all(torch.equal(back[k], theirs[k]) for k in theirs)
 
@@ -80,7 +80,7 @@ def test_sd15_matches_diffusers_key_for_key_on_meta():
         theirs = diffusers.UNet2DConditionModel(**diffusers_config(config))
         ours = UNet(config)
     assert sum(p.numel() for p in theirs.parameters()) == 859_520_964
-    converted = diffusers_to_ldm(theirs.state_dict())
+    converted = diffusers_to_ldm(theirs.state_dict(), config)
     expected = ours.state_dict()
     assert converted.keys() == expected.keys()
     assert all(converted[k].shape == expected[k].shape for k in expected)
@@ -94,8 +94,11 @@ def test_sd15_matches_diffusers_key_for_key_on_meta():
 def test_unsupported_diffusers_options_are_named():
     with pytest.raises(ValueError, match="class_embed_type"):
         config_from_diffusers({"block_out_channels": [32, 64], "class_embed_type": "timestep"})
-    with pytest.raises(ValueError, match="upcast_attention"):
-        config_from_diffusers({"block_out_channels": [32, 64], "upcast_attention": True})
+    with pytest.raises(ValueError, match="only_cross_attention"):
+        config_from_diffusers({"block_out_channels": [32, 64], "only_cross_attention": True})
+    # SD 2.1's upcast_attention only changes the precision of fp16 attention scores: it converts
+    assert config_from_diffusers({"block_out_channels": [32, 64], "down_block_types": ["CrossAttnDownBlock2D"] * 2,
+                                  "upcast_attention": True}).model_channels == 32
     with pytest.raises(ValueError, match="ff_mult=2"):
         diffusers_config(UNetConfig(model_channels=8, channel_mult=(1,), num_heads=2, context_dim=6, num_groups=4,
                                     attention_resolutions=(1,), ff_mult=2))
@@ -112,8 +115,8 @@ def test_benchmark_runs_and_writes_json(tmp_path):
     ratio = result["ldm"]["train_img_s"] / result["diffusers"]["train_img_s"]
     assert result["train_img_s_ratio"] == pytest.approx(ratio)
     out = tmp_path / "unet.json"
-    assert bench.main(["--config", "shapes-s", "--batch", "2", "--steps", "1", "--warmup", "0", "--rounds", "1",
-                       "--no-diffusers", "--out", str(out)]) == 0
+    assert ldm_main(["bench", "unet", "--config", "shapes-s", "--batch", "2", "--steps", "1", "--warmup", "0",
+                     "--rounds", "1", "--no-diffusers", "--out", str(out)]) == 0
     saved = json.loads(out.read_text())
     assert saved["results"][0]["name"] == "shapes-s" and "diffusers" not in saved["results"][0]
 
@@ -124,7 +127,7 @@ def test_pooled_conditioning_is_diffusers_projection_class_embedding():
     assert diffusers_config(config)["class_embed_type"] == "projection"
     assert config_from_diffusers(dict(theirs.config)) == config
     ours = UNet(config).eval()
-    ours.load_state_dict(diffusers_to_ldm(theirs.state_dict()), strict=True)
+    ours.load_state_dict(diffusers_to_ldm(theirs.state_dict(), config), strict=True)
     g = torch.Generator().manual_seed(2)
     x, ctx, pooled = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 12, generator=g), torch.randn(2, 7, generator=g)
     t = torch.tensor([3.0, 700.5])
@@ -140,7 +143,7 @@ def test_scale_shift_norm_is_diffusers_scale_shift_resnets():
     theirs = diffusers_unet(config)
     assert config_from_diffusers(dict(theirs.config)) == config
     ours = UNet(config).eval()
-    ours.load_state_dict(diffusers_to_ldm(theirs.state_dict()), strict=True)
+    ours.load_state_dict(diffusers_to_ldm(theirs.state_dict(), config), strict=True)
     g = torch.Generator().manual_seed(3)
     x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, config.context_dim, generator=g)
     t = torch.tensor([5.0, 801.0])
@@ -150,3 +153,22 @@ def test_scale_shift_norm_is_diffusers_scale_shift_resnets():
         torch.testing.assert_close(ours(x, t, C(ctx)), expected, atol=2e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="resnet_time_scale_shift"):
         config_from_diffusers({"block_out_channels": [32, 64], "resnet_time_scale_shift": "ada_group"})
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_compvis_layout_is_what_diffusers_single_file_converter_reads(name: str):
+    """Our CompVis names, fed to diffusers' own single-file U-Net converter, give back diffusers' state dict."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    from ldm.interop.diffusers_unet import key_table
+
+    config = CONFIGS[name]
+    theirs = diffusers_unet(config, use_linear_projection=name == "head_dim")
+    ours = diffusers_to_ldm(theirs.state_dict(), config)
+    compvis = key_table(config, "compvis", linear_projection=name == "head_dim").with_prefix("model.diffusion_model.")
+    single = compvis.to_theirs(ours)
+    converted = convert_ldm_unet_checkpoint(single, dict(theirs.config))
+    assert converted.keys() == theirs.state_dict().keys()
+    assert all(torch.equal(converted[k], v) for k, v in theirs.state_dict().items())
+    back = compvis.to_ours(single)
+    assert all(torch.equal(back[k], v) for k, v in ours.items())

@@ -101,3 +101,27 @@ def test_legacy_attention_names_and_errors():
         from_diffusers_state_dict({k: v for k, v in legacy.items() if "decoder" not in k}, cfg)
     with pytest.raises(Exception, match="no weights"):
         convert_diffusers_folder(REPO / "configs", REPO / "unused")
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_compvis_layout_is_what_diffusers_single_file_converter_reads(name):
+    """Our CompVis names (1x1-conv attention), fed to diffusers' own single-file VAE converter, give diffusers'
+    state dict (that converter knows only the SD geometry: attention in the middle block); and they read back
+    bit-identically."""
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    from ldm.interop.diffusers_vae import key_table
+
+    cfg = CONFIGS[name]
+    ours = randomized(cfg)
+    table = key_table(cfg, "compvis").with_prefix("first_stage_model.")
+    single = table.to_theirs(ours.state_dict())
+    assert any(v.ndim == 4 and ".attn" in k and k.endswith("q.weight") for k, v in single.items())
+    expected = to_diffusers_state_dict(ours.state_dict(), cfg)
+    back = table.to_ours(single)
+    assert all(torch.equal(back[k], v) for k, v in ours.state_dict().items())
+    if cfg.attn_resolutions:
+        return
+    converted = convert_ldm_vae_checkpoint(single, to_diffusers_config(cfg))
+    assert converted.keys() == expected.keys()
+    assert all(torch.equal(converted[k], v) for k, v in expected.items())

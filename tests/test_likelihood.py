@@ -8,11 +8,25 @@ import math
 import pytest
 import torch
 
-from ldm.diffusion.likelihood import (LN2, discretized_gaussian_log_likelihood, hybrid_loss, kl_timesteps_for,
-                                      mean_and_standard_error, normal_kl, quantize, variational_bound, vlb_term)
+from ldm.diffusion.likelihood import (
+    LN2,
+    discretized_gaussian_log_likelihood,
+    hybrid_loss,
+    kl_timesteps_for,
+    mean_and_standard_error,
+    normal_kl,
+    quantize,
+    variational_bound,
+    vlb_term,
+)
 from ldm.diffusion.ode import integrate
-from ldm.diffusion.ode_likelihood import (draw_probes, exact_divergence, hutchinson_divergence, ode_bits_per_dim,
-                                          ode_log_likelihood)
+from ldm.diffusion.ode_likelihood import (
+    draw_probes,
+    exact_divergence,
+    hutchinson_divergence,
+    ode_bits_per_dim,
+    ode_log_likelihood,
+)
 from ldm.diffusion.samplers import sample
 from ldm.diffusion.schedules import DiscreteSchedule, VESchedule, VEScheduleConfig
 from ldm.diffusion.toy import GaussianData

@@ -11,6 +11,7 @@ from PIL import Image
 from ldm.cli import main as ldm_main
 from ldm.io import PartError
 from ldm.pipeline import TextToImagePipeline
+from ldm.visual import LABEL_FONT_SIZE
 from tiny_parts import tiny_pipeline
 
 
@@ -90,7 +91,8 @@ def test_generate_cli_writes_grid_and_images(pipe_dir, tmp_path, capsys):
                    "--n", "2", "--steps", "2", "--scale", "1", "--out", str(out)])
     assert rc == 0 and "wrote grid" in capsys.readouterr().out
     grid = Image.open(out)
-    assert grid.size == (2 * 18 + 2, 2 * 18 + 2)
+    band = LABEL_FONT_SIZE + 6  # each row is labelled with its prompt
+    assert grid.size == (2 * 18 + 2, 2 * (18 + band) + 2)
     assert len(list((tmp_path / "grid").glob("*.png"))) == 4
 
 

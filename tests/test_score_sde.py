@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from ldm.diffusion.objectives import dsm_loss, diffusion_loss
+from ldm.diffusion.objectives import diffusion_loss, dsm_loss
 from ldm.diffusion.samplers import SAMPLERS, sample
 from ldm.diffusion.schedules import DiscreteSchedule, VESchedule, VEScheduleConfig, build_schedule
 from ldm.diffusion.sde import VESDE, VPSDE, sample_probability_flow, sample_reverse_sde, sde_for

@@ -1,7 +1,7 @@
 """Data-parallel throughput on this machine: 2 DDP processes vs 1, same per-process batch, with a breakdown.
 
-    python -m ldm.bench.ddp                       # LDM U-Net of configs/ldm/shapes.yaml, batch 32 per process
-    python -m ldm.bench.ddp --batch 64 --steps 30 --layouts 1x1 2x1
+    ldm bench ddp                       # LDM U-Net of configs/ldm/shapes.yaml, batch 32 per process
+    ldm bench ddp --batch 64 --steps 30 --layouts 1x1 2x1
 
 Each layout ``PxT`` is P processes with T intra-op threads each (``1x2`` uses both cores in one process,
 ``2x1`` one core per DDP rank on gloo). A layout trains the LatentDiffusion U-Net through Lightning exactly
@@ -15,7 +15,6 @@ in the same invocation. Results: a table on stdout and JSON in ``checkpoints/ben
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -25,15 +24,16 @@ import sys
 import tempfile
 import time
 import warnings
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from ldm.io import write_json
 
 REPO_ROOT = Path.cwd()
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "ldm" / "shapes.yaml"
+DEFAULT_CONFIG = Path(str(resources.files("ldm") / "configs" / "ldm" / "shapes.yaml"))
 
 
 def unet_settings(config: Path) -> dict[str, Any]:
@@ -76,23 +76,26 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-def rank_main(args: argparse.Namespace) -> None:
-    """One rank of one layout: fit ``warmup + steps`` batches, rank 0 writes the timings to ``args.result``."""
+def rank_main(spec_file: str) -> None:
+    """One rank of one layout, as :func:`run_layout` starts it: fit ``warmup + steps`` batches of the spec
+    (a JSON file of :func:`run_layout`'s settings); rank 0 writes the timings to the spec's ``result``."""
     import pytorch_lightning as pl
 
     from ldm.models.latent_diffusion import LatentDiffusion
     from ldm.training import AllReduceTimer, ResumableLoader, StepTimer
 
-    torch.set_num_threads(args.threads)
+    spec = json.loads(Path(spec_file).read_text())
+    batch, warmup, steps = spec["batch"], spec["warmup"], spec["steps"]
+    torch.set_num_threads(spec["threads"])
     world = int(os.environ.get("WORLD_SIZE", 1))
-    vae, text = json.loads(args.parts)
+    vae, text = spec["parts"]
     model = LatentDiffusion(vae_path=vae, text_encoder_path=text, resolution=32, val_prompts=None,
-                            sample_every_n_val=0, **json.loads(args.settings))
-    loader = ResumableLoader(synthetic_latents(args.batch * world * (args.warmup + args.steps)), batch_size=args.batch,
+                            sample_every_n_val=0, **spec["settings"])
+    loader = ResumableLoader(synthetic_latents(batch * world * (warmup + steps)), batch_size=batch,
                              shuffle=True, drop_last=True, collate_fn=collate)
     strategy: Any = pl.strategies.DDPStrategy(process_group_backend="gloo") if world > 1 else "auto"
-    timer, comm = StepTimer(skip_first=args.warmup), AllReduceTimer(skip_first=args.warmup)
-    trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=args.warmup + args.steps,
+    timer, comm = StepTimer(skip_first=warmup), AllReduceTimer(skip_first=warmup)
+    trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=warmup + steps,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, limit_val_batches=0, callbacks=[timer, comm])
     with warnings.catch_warnings():
@@ -101,11 +104,11 @@ def rank_main(args: argparse.Namespace) -> None:
     if trainer.is_global_zero:
         ms, reduced = timer.summary(), comm.summary()
         ms["allreduce"] = reduced["allreduce"]
-        write_json(args.result, {"processes": world, "threads": args.threads, "batch": args.batch,
-                                 "timed_steps": timer.batches, "ms": ms,
-                                 "img_per_s": world * args.batch * 1000 / ms["step"],
-                                 "allreduce_mib_per_step": reduced["allreduce_mib"],
-                                 "allreduce_calls_per_step": reduced["allreduce_calls"]})
+        write_json(spec["result"], {"processes": world, "threads": spec["threads"], "batch": batch,
+                                    "timed_steps": timer.batches, "ms": ms,
+                                    "img_per_s": world * batch * 1000 / ms["step"],
+                                    "allreduce_mib_per_step": reduced["allreduce_mib"],
+                                    "allreduce_calls_per_step": reduced["allreduce_calls"]})
 
 
 def free_port() -> int:
@@ -114,16 +117,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_layout(processes: int, threads: int, args: argparse.Namespace, parts: tuple[str, str], settings: dict,
-               folder: Path) -> dict[str, Any]:
-    """Start ``processes`` ranks the way torchrun does and return rank 0's timings."""
+def run_layout(processes: int, threads: int, batch: int, steps: int, warmup: int, parts: tuple[str, str],
+               settings: dict, folder: Path) -> dict[str, Any]:
+    """Start ``processes`` ranks the way torchrun does (each runs :func:`rank_main`); rank 0's timings."""
     result = folder / f"{processes}x{threads}.json"
+    spec = folder / f"{processes}x{threads}-spec.json"
+    spec.write_text(json.dumps({"threads": threads, "batch": batch, "steps": steps, "warmup": warmup,
+                                "parts": list(parts), "settings": settings, "result": str(result)}))
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(processes),
            "LOCAL_WORLD_SIZE": str(processes), "GROUP_RANK": "0", "TORCHELASTIC_RUN_ID": "ldm-bench",
            "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"}
-    command = [sys.executable, "-m", "ldm.bench.ddp", "--rank-of", str(result), "--threads", str(threads),
-               "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--parts", json.dumps(parts), "--settings", json.dumps(settings)]
+    command = [sys.executable, "-c", "import sys; from ldm.bench.ddp import rank_main; rank_main(sys.argv[1])",
+               str(spec)]
     procs = [subprocess.Popen(command, cwd=REPO_ROOT, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in range(processes)]
     errors = [p.communicate()[1] for p in procs]
@@ -144,50 +149,21 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ldm.bench.ddp", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="LDM config whose U-Net is measured")
-    parser.add_argument("--layouts", nargs="+", default=["1x1", "2x1", "1x2"],
-                        help="PxT: P processes with T threads each; the first is the speed-up reference")
-    parser.add_argument("--batch", type=int, default=32, help="images per process per step")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per layout")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per layout")
-    parser.add_argument("--out", type=Path, default=Path("checkpoints/bench/ddp.json"), help="JSON results file")
-    parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
-    parser.add_argument("--rank-of", type=Path, default=None, help=argparse.SUPPRESS)  # internal: run one rank
-    parser.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--parts", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--settings", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.rank_of is not None:
-        args.result = args.rank_of
-        rank_main(args)
-        return 0
-    layouts = []
-    for layout in args.layouts:
-        p, _, t = layout.partition("x")
-        if not (p.isdigit() and t.isdigit() and int(p) > 0 and int(t) > 0):
-            raise SystemExit(f"--layouts: expected PxT such as 2x1, got {layout!r}")
-        layouts.append((int(p), int(t)))
-    settings = unet_settings(args.config)
+def benchmark(config: Path = DEFAULT_CONFIG, layouts: Sequence[tuple[int, int]] = ((1, 1), (2, 1), (1, 2)),
+              batch: int = 32, steps: int = 20, warmup: int = 3) -> dict[str, Any]:
+    """Every layout (processes, threads) of the U-Net of the LDM ``config``; the JSON-ready result, each row's
+    ``speedup`` relative to the first layout."""
+    settings = unet_settings(config)
     rows, load = [], os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         parts = random_parts(Path(tmp))
         for processes, threads in layouts:
             start = time.perf_counter()
-            row = run_layout(processes, threads, args, parts, settings, Path(tmp))
+            row = run_layout(processes, threads, batch, steps, warmup, parts, settings, Path(tmp))
             row["wall_s"] = time.perf_counter() - start
             rows.append(row)
     for row in rows:
         row["speedup"] = row["img_per_s"] / rows[0]["img_per_s"]
-    print(format_table(rows))
-    write_json(args.out, {"benchmark": "ddp-train-step", "config": str(args.config), "denoiser": settings.get("denoiser"),
-                          "torch": torch.__version__, "machine": platform.machine(), "cpus": os.cpu_count(),
-                          "load_average_before": load, "load_average_after": os.getloadavg(), "results": rows})
-    print(f"wrote {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return {"benchmark": "ddp-train-step", "config": str(config), "denoiser": settings.get("denoiser"),
+            "torch": torch.__version__, "machine": platform.machine(), "cpus": os.cpu_count(),
+            "load_average_before": load, "load_average_after": os.getloadavg(), "results": rows}

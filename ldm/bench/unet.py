@@ -1,7 +1,7 @@
 """Training-step throughput of ldm's U-Net vs diffusers' UNet2DConditionModel, same config and weights.
 
-    python -m ldm.bench.unet                          # the shapes candidates, batch 128, on CPU
-    python -m ldm.bench.unet --config shapes --batch 64 --steps 20 --channels-last
+    ldm bench unet                          # the shapes candidates, batch 128, on CPU
+    ldm bench unet --config shapes --batch 64 --steps 20 --channels-last
 
 A step is forward + eps-MSE loss + backward + AdamW (fused) on a fixed random batch of latents (B, 4, 8, 8)
 and text tokens (B, L, context_dim). Both models get the same weights (converted exactly) and run
@@ -12,20 +12,17 @@ Results: a table on stdout and JSON in ``checkpoints/bench/unet.json``.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import platform
 import statistics
 import time
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ldm.interop.diffusers_unet import diffusers_config, ldm_to_diffusers
 from ldm.conditioning import Conditioning
-from ldm.io import write_json
 from ldm.modules.unet import UNet, UNetConfig
 
 # Candidate sizes for the shapes text-to-image model (8x8x4 latents, 256-d text tokens).
@@ -70,7 +67,7 @@ def _models(config: UNetConfig, device: torch.device, with_diffusers: bool, seed
         from diffusers import UNet2DConditionModel  # test/bench dependency only
 
         theirs = UNet2DConditionModel(**diffusers_config(config))
-        theirs.load_state_dict(ldm_to_diffusers(ours.state_dict()))
+        theirs.load_state_dict(ldm_to_diffusers(ours.state_dict(), config))
         models["diffusers"] = (theirs.to(device), lambda m, b: m(b["x"], b["t"], b["cond"].tokens).sample)
     return models
 
@@ -162,40 +159,21 @@ def format_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ldm.bench.unet", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", action="append", choices=sorted(CANDIDATES) + ["sd15"],
-                        help="U-Net config(s) to measure (repeatable); default: all shapes candidates")
-    parser.add_argument("--batch", type=int, default=128, help="images per training step")
-    parser.add_argument("--size", type=int, default=8, help="latent height = width")
-    parser.add_argument("--tokens", type=int, default=24, help="text tokens per caption (context length L)")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per model (after warm-up)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps per model")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds the timed steps are split into")
-    parser.add_argument("--channels-last", action="store_true", help="run both models in channels_last memory format")
-    parser.add_argument("--no-diffusers", action="store_true", help="measure ldm's U-Net only (no reference)")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    parser.add_argument("--out", type=Path, default=Path("checkpoints/bench/unet.json"), help="JSON results file")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def benchmark(names: Sequence[str] | None = None, *, batch: int = 128, size: int = 8, tokens: int = 24,
+              steps: int = 10, warmup: int = 2, rounds: int = 5, with_diffusers: bool = True,
+              channels_last: bool = False, device: str = "cpu",
+              on_result: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """:func:`run` for each named config (:data:`CANDIDATES` or ``sd15``; None: every candidate); the JSON-ready
+    result. ``on_result`` sees each config's result as soon as it is measured."""
     results = []
-    for name in args.config or list(CANDIDATES):
+    for name in names or list(CANDIDATES):
         config = UNetConfig.sd15() if name == "sd15" else CANDIDATES[name]
-        r = run(config, batch=args.batch, size=args.size, tokens=args.tokens, steps=args.steps, warmup=args.warmup,
-                rounds=args.rounds, with_diffusers=not args.no_diffusers, channels_last=args.channels_last,
-                device=args.device)
+        r = run(config, batch=batch, size=size, tokens=tokens, steps=steps, warmup=warmup, rounds=rounds,
+                with_diffusers=with_diffusers, channels_last=channels_last, device=device)
         r["name"] = name
         results.append(r)
-        print(format_table([r]).splitlines()[-1] if len(results) > 1 else format_table([r]), flush=True)
-    write_json(args.out, {"benchmark": "unet-train-step", "torch": torch.__version__,
-                          "machine": platform.processor() or platform.machine(),
-                          "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "results": results})
-    print(f"wrote {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+        if on_result is not None:
+            on_result(r)
+    return {"benchmark": "unet-train-step", "torch": torch.__version__,
+            "machine": platform.processor() or platform.machine(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "results": results}

@@ -6,15 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
+from ldm.cli import checks
+
 HELP = "measure prompt adherence (colour/shape/position) of a shapes pipeline with the shapes probe"
-
-
-def _floats(text: str) -> list[float]:
-    return [float(v) for v in text.split(",") if v]
-
-
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,25 +16,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--probe", default="checkpoints/shapes/parts/probe",
                         help="shapes probe part; trained on --data and saved there if it does not exist yet")
     parser.add_argument("--data", default="datasets/shapes", help="shapes shards (only used to train a missing probe)")
-    parser.add_argument("--probe-steps", type=int, default=1500, help="training steps of a missing probe")
-    parser.add_argument("--n", type=int, default=200, help="number of prompts (balanced over colours, shapes, positions)")
-    parser.add_argument("--steps", type=_ints, default=[20], help="sampling steps; a comma list sweeps (e.g. 5,10,20,50)")
-    parser.add_argument("--guidance", type=_floats, default=[4.0], help="guidance scales; a comma list sweeps (e.g. 1,2,4,7)")
-    parser.add_argument("--sampler", default="dpmpp-2m", help="sampler name(s), comma-separated to sweep")
+    parser.add_argument("--probe-steps", type=checks.int_at_least(1), default=1500, help="training steps of a missing probe")
+    parser.add_argument("--n", type=checks.int_at_least(1), default=200, help="number of prompts (balanced over colours, shapes, positions)")
+    parser.add_argument("--steps", type=checks.comma_list(checks.int_at_least(1)), default=[20], help="sampling steps; a comma list sweeps (e.g. 5,10,20,50)")
+    parser.add_argument("--guidance", type=checks.comma_list(checks.float_in(0)), default=[4.0], help="guidance scales; a comma list sweeps (e.g. 1,2,4,7)")
+    parser.add_argument("--sampler", type=checks.comma_list(str), default="dpmpp-2m", help="sampler name(s), comma-separated to sweep")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and the noise")
-    parser.add_argument("--batch-size", type=int, default=100, help="images sampled together")
+    parser.add_argument("--batch-size", type=checks.int_at_least(1), default=100, help="images sampled together")
     parser.add_argument("--grid", default=None, help="also write a grid PNG of the first 40 prompts' images here")
     parser.add_argument("--out", default=None, help="JSON file for the results (default: <pipeline>/adherence.json)")
+    parser.add_argument("--allow-mismatch", action="store_true",
+                        help="load a pipeline whose parts were not trained together (a warning instead of an error)")
+
+
+def check(args: argparse.Namespace) -> None:
+    """Every flag that names something, before anything is loaded."""
+    from ldm.diffusion.samplers import SAMPLERS
+
+    checks.one_of("--sampler", args.sampler, SAMPLERS)
+    checks.existing_dir("--pipeline", args.pipeline, "pipeline folder")
+    if not (Path(args.probe) / "model.safetensors").is_file():  # a probe will be trained on --data
+        checks.shard_dataset("--data (to train the missing --probe)", args.data, ["train", "val"])
+    if args.out is not None:
+        checks.output_file("--out", args.out, (".json",))
+    if args.grid is not None:
+        checks.output_file("--grid", args.grid, checks.IMAGE_SUFFIXES)
 
 
 def run(args: argparse.Namespace) -> int:
+    check(args)
     from ldm.evaluation.adherence import format_table, sweep_adherence
     from ldm.evaluation.shapes_probe import load_or_train_probe
     from ldm.pipeline import TextToImagePipeline
 
-    pipe = TextToImagePipeline.from_pretrained(args.pipeline)
+    pipe = TextToImagePipeline.from_pretrained(args.pipeline, allow_mismatch=args.allow_mismatch)
     probe = load_or_train_probe(args.data, args.probe, steps=args.probe_steps)
-    rows = sweep_adherence(pipe, probe, args.steps, args.guidance, args.sampler.split(","), n=args.n,
+    rows = sweep_adherence(pipe, probe, args.steps, args.guidance, args.sampler, n=args.n,
                            seed=args.seed, batch_size=args.batch_size)
     print(format_table(rows))
     out = Path(args.out) if args.out else Path(args.pipeline) / "adherence.json"
@@ -52,10 +63,10 @@ def run(args: argparse.Namespace) -> int:
         from ldm.visual import image_grid
 
         prompts = [p for p, _ in eval_prompts(args.n, args.seed)][:40]
-        images = pipe(prompts, steps=args.steps[0], guidance=args.guidance[0], sampler=args.sampler.split(",")[0],
+        images = pipe(prompts, steps=args.steps[0], guidance=args.guidance[0], sampler=args.sampler[0],
                       seed=args.seed, n_per_prompt=4, progress=False)
         Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
-        image_grid(images, rows=len(prompts), scale=2).save(args.grid)
+        image_grid(images, rows=len(prompts), scale=4, row_labels=prompts).save(args.grid)
         Path(args.grid).with_suffix(".txt").write_text("\n".join(prompts) + "\n")
         print(f"wrote grid {args.grid} (rows = prompts in {Path(args.grid).with_suffix('.txt')})")
     return 0

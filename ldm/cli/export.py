@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ldm.cli import checks
 
 HELP = "export a trained part from a Lightning checkpoint (VAE: measures the latent scale on training data)"
 
@@ -17,6 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    checks.existing_file("--ckpt", args.ckpt)
+    checks.output_dir("--out", args.out)
+    if args.data_dir is not None:
+        checks.shard_dataset("--data-dir", args.data_dir, ["train"])
     from ldm.models.checkpoint import rebuild_from_checkpoint
 
     model, datamodule, note = rebuild_from_checkpoint(args.ckpt, args.data_dir)

@@ -13,19 +13,14 @@ import argparse
 import json
 from pathlib import Path
 
+from ldm.cli import checks
+
 HELP = "bits/dim of a pipeline on real images: variational bound (ELBO) and probability-flow ODE likelihood"
 
 
 def _timesteps(text: str) -> int | None:
-    if text == "all":
-        return None
-    try:
-        value = int(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"--timesteps takes 'all' or a count of KL terms, got {text!r}") from e
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"--timesteps must be >= 1 (or 'all'), got {value}")
-    return value
+    """argparse type: 'all' (None) or a count >= 1."""
+    return None if text == "all" else checks.int_at_least(1)(text)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,22 +29,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--model", help="a LatentDiffusion training checkpoint (.ckpt); its EMA weights are used")
     parser.add_argument("--data", required=True, help="dataset folder with webdataset shards (DATA/val/*.tar)")
     parser.add_argument("--split", default="val", help="split whose first --n images are scored")
-    parser.add_argument("--n", type=int, default=256, help="number of images (the standard error is over them)")
+    parser.add_argument("--n", type=checks.int_at_least(2), default=256,
+                        help="number of images (the standard error is over them)")
     parser.add_argument("--method", choices=("elbo", "ode", "both"), default="elbo",
                         help="variational bound, PF-ODE likelihood, or both on the same images")
     parser.add_argument("--timesteps", type=_timesteps, default=100,
                         help="KL terms per image: 'all' (exhaustive, T−1) or K stratified-sampled (unbiased)")
-    parser.add_argument("--pilot", type=int, default=0,
+    parser.add_argument("--pilot", type=checks.int_at_least(0), default=0,
                         help="with a count of --timesteps: importance-sample them from π(t) ∝ √E[L_t²] (iDDPM §3.3) "
                              "estimated exhaustively on the first PILOT images (0: stratified uniform)")
     parser.add_argument("--variance", choices=("auto", "fixed_small", "fixed_large", "learned"), default="auto",
                         help="reverse-process variance of the bound (auto: learned for a 2C-output denoiser, else β̃)")
     parser.add_argument("--solver", choices=("euler", "heun", "rk4", "dopri5"), default="rk4", help="ODE solver")
-    parser.add_argument("--ode-steps", type=int, default=50, help="steps of a fixed-step ODE solver")
-    parser.add_argument("--tolerance", type=float, default=1e-5, help="rtol = atol of the adaptive dopri5 solver")
-    parser.add_argument("--probes", type=int, default=1, help="Hutchinson probes per image (vectorised)")
+    parser.add_argument("--ode-steps", type=checks.int_at_least(1), default=50, help="steps of a fixed-step ODE solver")
+    parser.add_argument("--tolerance", type=checks.float_in(1e-12, 1.0), default=1e-5,
+                        help="rtol = atol of the adaptive dopri5 solver")
+    parser.add_argument("--probes", type=checks.int_at_least(1), default=1,
+                        help="Hutchinson probes per image (vectorised)")
     parser.add_argument("--probe", choices=("rademacher", "gaussian"), default="rademacher", help="probe distribution")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per model call")
+    parser.add_argument("--batch-size", type=checks.int_at_least(1), default=64, help="images per model call")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise, timesteps, probes and dequantization")
     parser.add_argument("--json", default=None, help="also write the summary rows to this JSON file")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -70,19 +68,26 @@ def load_pipeline(args: argparse.Namespace, device: str):
     return model.pipeline(use_ema=True).to(device)
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
+def check(args: argparse.Namespace) -> None:
+    """Every flag that names something, before anything is loaded."""
+    if args.pipeline:
+        checks.existing_dir("--pipeline", args.pipeline, "pipeline folder")
+    else:
+        checks.existing_file("--model", args.model)
+    checks.shard_dataset("--data", args.data, [args.split])
+    if args.json is not None:
+        checks.output_file("--json", args.json, (".json",))
+    args.device = checks.torch_device("--device", args.device)
 
+
+def run(args: argparse.Namespace) -> int:
+    check(args)
     from ldm.errors import UsageError
     from ldm.evaluation.fid import load_split
     from ldm.evaluation.likelihood import elbo_bits_per_dim, is_pixel_space, ode_nll_bits_per_dim, pilot_proposal
     from ldm.table import format_table
 
-    if args.n < 2:
-        raise UsageError(f"--n must be >= 2 (a standard error needs two images), got {args.n}")
-    if args.ode_steps < 1 or args.probes < 1 or args.batch_size < 1 or args.pilot < 0:
-        raise UsageError("--ode-steps, --probes and --batch-size must be >= 1, --pilot >= 0")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device
     pipe = load_pipeline(args, device)
     if args.method != "elbo" and not is_pixel_space(pipe):
         raise UsageError("--method ode needs a pixel-space pipeline (its latents are the 8-bit pixels); "

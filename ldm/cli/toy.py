@@ -17,6 +17,8 @@ import argparse
 import json
 from pathlib import Path
 
+from ldm.cli import checks
+
 HELP = "train a 2-D swiss-roll diffusion model (< 1 min on CPU) and plot every sampler at several step counts"
 
 
@@ -25,23 +27,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output folder for swiss_roll.png and metrics.json")
     parser.add_argument("--samplers", nargs="+", default=None,
                         help="samplers to plot; all seven when omitted (ddpm ddim dpmpp-2m euler euler-a heun lcm)")
-    parser.add_argument("--steps", nargs="+", type=int, default=[5, 10, 25, 50], help="sampling step counts (figure columns)")
-    parser.add_argument("--train-steps", type=int, default=4000, help="optimizer steps for the MLP")
-    parser.add_argument("--samples", type=int, default=2000, help="points drawn per panel")
+    parser.add_argument("--steps", nargs="+", type=checks.int_at_least(1), default=[5, 10, 25, 50], help="sampling step counts (figure columns)")
+    parser.add_argument("--train-steps", type=checks.int_at_least(1), default=4000, help="optimizer steps for the MLP")
+    parser.add_argument("--samples", type=checks.int_at_least(2), default=2000, help="points drawn per panel")
     parser.add_argument("--schedule", default="scaled_linear", help="noise schedule: linear, scaled_linear or cosine")
     parser.add_argument("--seed", type=int, default=0, help="seed for data, training and sampling")
     parser.add_argument("--score-views", action=argparse.BooleanOptionalAction, default=True,
                         help="also train a VE model and draw score_views.png: annealed Langevin, VE predictor-corrector "
                              "and the PF-ODE density beside the true density")
-    parser.add_argument("--langevin-levels", type=int, default=20, help="noise levels of annealed Langevin (geometric)")
-    parser.add_argument("--langevin-steps", type=int, default=100, help="Langevin steps per level")
-    parser.add_argument("--pc-steps", type=int, default=200, help="predictor steps of VE predictor-corrector")
-    parser.add_argument("--density-grid", type=int, default=100, help="grid points per side of the PF-ODE density map")
-    parser.add_argument("--ode-steps", type=int, default=40, help="RK4 steps of the PF-ODE likelihood")
+    parser.add_argument("--langevin-levels", type=checks.int_at_least(1), default=20,
+                        help="noise levels of annealed Langevin (geometric)")
+    parser.add_argument("--langevin-steps", type=checks.int_at_least(1), default=100, help="Langevin steps per level")
+    parser.add_argument("--pc-steps", type=checks.int_at_least(1), default=200,
+                        help="predictor steps of VE predictor-corrector")
+    parser.add_argument("--density-grid", type=checks.int_at_least(2), default=100,
+                        help="grid points per side of the PF-ODE density map")
+    parser.add_argument("--ode-steps", type=checks.int_at_least(1), default=40,
+                        help="RK4 steps of the PF-ODE likelihood")
     parser.add_argument("--gaussian-table", action="store_true",
                         help="also compute mean/variance errors of every sampler on Gaussian data with the exact model")
-    parser.add_argument("--table-std", type=float, default=1.0, help="data std of the Gaussian table")
-    parser.add_argument("--table-samples", type=int, default=100_000, help="Monte-Carlo samples for stochastic samplers in the table")
+    parser.add_argument("--table-std", type=checks.float_in(1e-6), default=1.0, help="data std of the Gaussian table")
+    parser.add_argument("--table-samples", type=checks.int_at_least(2), default=100_000, help="Monte-Carlo samples for stochastic samplers in the table")
     parser.add_argument("--table-spacing", default="trailing", help="timestep spacing for the table: trailing, leading, linspace or karras")
 
 
@@ -51,29 +57,20 @@ def run(args: argparse.Namespace) -> int:
 
     from ldm.diffusion import toy
     from ldm.diffusion.samplers import SAMPLERS
+    from ldm.diffusion.schedules import SCHEDULES, SPACINGS
     from ldm.evaluation.swiss_roll import run_toy
     from ldm.table import format_table
-    from ldm.diffusion.schedules import SCHEDULES, SPACINGS
 
-    if args.samplers:
-        unknown = [s for s in args.samplers if s not in SAMPLERS]
-        if unknown:
-            raise SystemExit(f"ldm toy: unknown --samplers {unknown}; choose from {list(SAMPLERS)}")
-    if args.schedule not in SCHEDULES:
-        raise SystemExit(f"ldm toy: unknown --schedule {args.schedule!r}; choose from {list(SCHEDULES)}")
-    if args.table_spacing not in SPACINGS:
-        raise SystemExit(f"ldm toy: unknown --table-spacing {args.table_spacing!r}; choose from {list(SPACINGS)}")
-    if any(s < 1 for s in args.steps) or args.train_steps < 1 or args.samples < 2:
-        raise SystemExit("ldm toy: --steps, --train-steps must be >= 1 and --samples >= 2")
+    checks.one_of("--samplers", args.samplers or [], SAMPLERS)
+    checks.one_of("--schedule", [args.schedule], SCHEDULES)
+    checks.one_of("--table-spacing", [args.table_spacing], SPACINGS)
+    checks.output_dir("--out", args.out)
+    torch.set_num_threads(1)  # tiny tensors: extra threads cost more than they give (and the machine may be shared)
     score_options = {"langevin_levels": args.langevin_levels, "langevin_steps": args.langevin_steps,
                      "pc_steps": args.pc_steps, "grid": args.density_grid, "ode_steps": args.ode_steps}
-    if min(score_options.values()) < 1 or args.density_grid < 2:
-        raise SystemExit("ldm toy: --langevin-levels/--langevin-steps/--pc-steps/--ode-steps must be >= 1, "
-                         "--density-grid >= 2")
-    torch.set_num_threads(1)  # tiny tensors: extra threads cost more than they give (and the machine may be shared)
     metrics = run_toy(args.out, samplers=args.samplers, step_counts=args.steps, train_steps=args.train_steps,
-                          n_samples=args.samples, seed=args.seed, schedule_name=args.schedule,
-                          score=args.score_views, score_options=score_options)
+                      n_samples=args.samples, seed=args.seed, schedule_name=args.schedule,
+                      score=args.score_views, score_options=score_options)
     print(f"trained {metrics['train_steps']} steps in {metrics['train_seconds']:.1f} s wall, "
           f"{metrics['train_cpu_seconds']:.1f} s CPU (final loss {metrics['final_loss']:.3f})")
     print(f"wrote {args.out / 'swiss_roll.png'} and {args.out / 'metrics.json'}")

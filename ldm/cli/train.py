@@ -1,31 +1,114 @@
 """``ldm fit`` / ``ldm validate``: LightningCLI in subclass mode over any ldm model and datamodule.
 
 Every model/data/trainer option is settable from YAML (``class_path``/``init_args``) or the command
-line (``--model.init_args.lr 1e-3``, ``--trainer.max_steps 100``). ``configs/trainer/cpu.yaml`` is read
-first when it exists, so a model config only states what differs. Run outputs go to
-``trainer.default_root_dir``: TensorBoard + CSV logs in ``version_N/``, checkpoints in
-``checkpoints/`` (``last.ckpt`` + the best by ``val/loss``), so ``--ckpt_path last`` resumes.
+line (``--model.init_args.lr 1e-3``, ``--trainer.max_steps 100``). A ``--config`` that is not a file here
+is looked up among the configs shipped with the package (``--config vae/shapes.yaml`` works after any
+install). The trainer defaults ``ldm/configs/trainer/cpu.yaml`` are read first (``$LDM_TRAINER_CONFIG``
+names another file; empty: none), so a model config only states what differs.
+
+The fault-tolerance pieces do not depend on any file: :data:`ROBUSTNESS` (atomic checkpoints, preemption
+checkpoint, NaN guard, per-step seeds, time-budget planning) is added to every trainer whose config does
+not already have one of the same class, and ``ldm fit`` prints which are on. Run outputs go to
+``trainer.default_root_dir``: TensorBoard + CSV logs in ``version_N/``, checkpoints in ``checkpoints/``
+(``last.ckpt`` + the best by ``val/loss``), so ``--ckpt_path last`` resumes.
+
+Parse errors (a missing config file, an unknown key, a bad value) are :class:`~ldm.errors.UsageError`:
+one line on stderr through ``ldm.cli.main``.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
+from collections.abc import Callable
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from pytorch_lightning.plugins.io import CheckpointIO
+from pytorch_lightning.utilities import rank_zero_only
 
-CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"   # ldm/configs, shipped as package data
+from ldm.errors import UsageError
+from ldm.training import (AtomicCheckpointIO, FitToTimeBudget, PreemptionCheckpoint, SeedEveryStep,
+                          SkipNonFiniteSteps)
+
+CONFIG_ROOT = Path(str(resources.files("ldm") / "configs"))   # ldm/configs, shipped as package data
 DEFAULT_TRAINER_CONFIG = CONFIG_ROOT / "trainer" / "cpu.yaml"
+TRAINER_CONFIG_ENV = "LDM_TRAINER_CONFIG"
+
+# The fault tolerance every `ldm fit` gets (name shown in the "on:" line, class, factory with its defaults).
+ROBUSTNESS_CALLBACKS: list[tuple[str, type[Callback], Callable[[], Callback]]] = [
+    ("per-step seeds", SeedEveryStep, SeedEveryStep),
+    ("preemption checkpoint", PreemptionCheckpoint, PreemptionCheckpoint),
+    ("NaN guard", SkipNonFiniteSteps, SkipNonFiniteSteps),
+    ("time-budget planning", FitToTimeBudget, FitToTimeBudget),
+]
+
+
+def resolve_config(name: str | os.PathLike) -> Path:
+    """``name`` if it is a file here, else the packaged config of that name (``vae/shapes.yaml`` or
+    ``configs/vae/shapes.yaml``); unchanged when neither exists (the parser then names it)."""
+    path = Path(name)
+    if path.is_file() or path.is_absolute():
+        return path
+    parts = path.parts[1:] if path.parts[:1] == ("configs",) else path.parts
+    packaged = CONFIG_ROOT.joinpath(*parts) if parts else CONFIG_ROOT
+    return packaged if packaged.is_file() else path
+
+
+def checked_config(name: str) -> str:
+    """:func:`resolve_config` of a ``--config`` value, checked to be a readable YAML file (an inline YAML
+    string, which LightningCLI also accepts, passes unchanged)."""
+    import yaml
+
+    if "\n" in name or name.lstrip().startswith("{"):
+        return name
+    path = resolve_config(name)
+    if not path.is_file():
+        raise UsageError(f"--config {name}: no such file (nor a config shipped with ldm, e.g. vae/shapes.yaml)")
+    try:
+        yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        raise UsageError(f"--config {path} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+    return str(path)
+
+
+def resolve_config_args(argv: list[str]) -> list[str]:
+    """``argv`` with every ``--config X`` / ``--config=X`` / ``-c X`` resolved and checked (:func:`checked_config`)."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("--config", "-c") and i + 1 < len(argv):
+            out += [arg, checked_config(argv[i + 1])]
+            i += 2
+            continue
+        if arg.startswith("--config="):
+            arg = "--config=" + checked_config(arg.partition("=")[2])
+        out.append(arg)
+        i += 1
+    return out
 
 
 def default_config_files() -> list[str]:
-    """The trainer defaults: ``$LDM_TRAINER_CONFIG`` if set, else the repo's configs/trainer/cpu.yaml."""
-    path = os.environ.get("LDM_TRAINER_CONFIG", str(DEFAULT_TRAINER_CONFIG))
-    return [path] if path and Path(path).is_file() else []
+    """The trainer defaults: ``$LDM_TRAINER_CONFIG`` (empty: none) if set, else the packaged trainer/cpu.yaml.
+
+    A named file that does not exist is an error, not silently skipped."""
+    name = os.environ.get(TRAINER_CONFIG_ENV)
+    if name is None:
+        return [str(DEFAULT_TRAINER_CONFIG)] if DEFAULT_TRAINER_CONFIG.is_file() else []
+    if not name.strip():
+        return []
+    path = resolve_config(name)
+    if not path.is_file():
+        raise UsageError(f"{TRAINER_CONFIG_ENV}={name}: no such file (nor a packaged config of that name, e.g. "
+                         f"trainer/cpu.yaml); unset it for the default trainer config or set it empty for none")
+    return [str(path)]
 
 
 def run_dirs(root: str | os.PathLike) -> tuple[list[pl.loggers.Logger], Path]:
@@ -35,8 +118,38 @@ def run_dirs(root: str | os.PathLike) -> tuple[list[pl.loggers.Logger], Path]:
     return [tb, csv], Path(root) / "checkpoints"
 
 
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def add_robustness(callbacks: Any, plugins: Any) -> tuple[list[Any], list[Any], list[str]]:
+    """``callbacks`` and ``plugins`` with every :data:`ROBUSTNESS_CALLBACKS` entry and
+    :class:`AtomicCheckpointIO` added unless one of the same class is there already (the config's own, with
+    its arguments, is kept). A config with another CheckpointIO keeps it and gets no atomic writes.
+    Returns (callbacks, plugins, names of the pieces that are on)."""
+    callbacks, plugins, on = _as_list(callbacks), _as_list(plugins), []
+    io = [p for p in plugins if isinstance(p, CheckpointIO)]
+    if not io:
+        plugins.append(AtomicCheckpointIO())
+    if not io or isinstance(io[0], AtomicCheckpointIO):
+        on.append("atomic checkpoints")
+    for name, cls, make in ROBUSTNESS_CALLBACKS:
+        if not any(isinstance(cb, cls) for cb in callbacks):
+            callbacks.append(make())
+        on.append(name)
+    return callbacks, plugins, on
+
+
+@rank_zero_only
+def _announce(on: list[str]) -> None:
+    print(f"ldm fit: on: {', '.join(on)}", flush=True)
+
+
 class LDMCLI(LightningCLI):
-    """LightningCLI whose default loggers and checkpoint folder live under ``default_root_dir``."""
+    """LightningCLI whose loggers and checkpoint folder live under ``default_root_dir`` and whose trainer
+    always has the fault-tolerance callbacks and atomic checkpoint IO (:func:`add_robustness`)."""
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         config = self._get(self.config_init, "trainer", default={})
@@ -47,19 +160,37 @@ class LDMCLI(LightningCLI):
         for cb in config.get("callbacks") or []:
             if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
                 cb.dirpath = str(ckpt_dir)
+        kwargs["callbacks"], kwargs["plugins"], on = add_robustness(config.get("callbacks"), config.get("plugins"))
+        if self.subcommand == "fit":
+            _announce(on)
         return super().instantiate_trainer(**kwargs)
+
+
+def build_cli(argv: list[str]) -> LDMCLI:
+    """Parse ``argv`` (starting with ``fit``/``validate``), build the model, data and trainer, and run it."""
+    from jsonargparse import ArgumentError
+
+    argv = resolve_config_args(argv)
+    defaults = default_config_files()
+    # `ldm` hands LightningCLI its own command line as `args`, which Lightning warns about when sys.argv is set too
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    sub_kwargs = {"default_config_files": defaults, "exit_on_error": False}
+    try:
+        return LDMCLI(
+            pl.LightningModule,
+            pl.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=argv,
+            parser_kwargs={"exit_on_error": False, "fit": sub_kwargs, "validate": dict(sub_kwargs)},
+            save_config_kwargs={"overwrite": True},
+            seed_everything_default=0,
+        )
+    except ArgumentError as e:
+        raise UsageError(str(e)) from e
 
 
 def run_lightning(argv: list[str]) -> int:
     """Run ``fit``/``validate`` with LightningCLI; ``argv`` starts with the subcommand."""
-    LDMCLI(
-        pl.LightningModule,
-        pl.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=argv,
-        parser_kwargs={sub: {"default_config_files": default_config_files()} for sub in ("fit", "validate")},
-        save_config_kwargs={"overwrite": True},
-        seed_everything_default=0,
-    )
+    build_cli(argv)
     return 0

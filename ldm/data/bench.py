@@ -1,4 +1,4 @@
-"""Data-loader throughput: ``python -m ldm.data.bench`` prints a table and writes JSON to checkpoints/bench/.
+"""Data-loader throughput (``ldm bench data`` prints the table and writes JSON to checkpoints/bench/).
 
 Measures decoded images per second of the ``ShardDataset`` pipeline (tar read → PNG decode → resize/crop
 → float batch), in-process (= one worker) and through a DataLoader with worker processes. Wall-clock
@@ -9,21 +9,19 @@ reference measured in the same run: bare PIL decoding of the same PNG bytes, the
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import platform
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
 
 from ldm.data.shards import list_shards, read_shard
 from ldm.data.webdata import EpochLoader, ShardDataset
-from ldm.io import write_json
 
 
 def _reference_decode(urls: list[str], samples: int) -> dict[str, float]:
@@ -69,56 +67,52 @@ def measure(urls: list[str], resolution: int, batch_size: int, num_workers: int,
     return row
 
 
-def _ensure_data(data_dir: str | None) -> tuple[str, tempfile.TemporaryDirectory | None]:
+def _ensure_data(data_dir: str | None, log: Callable[[str], None] | None
+                 ) -> tuple[str, tempfile.TemporaryDirectory | None]:
     if data_dir and Path(data_dir).exists():
         return data_dir, None
     from ldm.data.shapes import build_shapes
 
     tmp = tempfile.TemporaryDirectory(prefix="ldm-bench-")
-    print(f"{data_dir or 'no --data-dir'}: not found; building 6,000 shapes samples in {tmp.name}")
+    if log:
+        log(f"{data_dir or 'no data folder'}: not found; building 6,000 shapes samples in {tmp.name}")
     build_shapes(tmp.name, train=6000, val=0)
     return tmp.name, tmp
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ldm.data.bench", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--data-dir", default="datasets/shapes", help="dataset folder (built if missing)")
-    parser.add_argument("--split", default="train", help="split to read")
-    parser.add_argument("--samples", type=int, default=10_000, help="images decoded per measurement")
-    parser.add_argument("--batch-size", type=int, default=64, help="batch size")
-    parser.add_argument("--resolutions", type=int, nargs="+", default=[32, 64], help="output resolutions")
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader worker counts")
-    parser.add_argument("--out", default="checkpoints/bench/data_loader.json", help="JSON result file")
-    args = parser.parse_args(argv)
-    data_dir, tmp = _ensure_data(args.data_dir)
+def benchmark(data_dir: str | None = "datasets/shapes", split: str = "train", samples: int = 10_000,
+              batch_size: int = 64, resolutions: Sequence[int] = (32, 64), workers: Sequence[int] = (0, 2),
+              log: Callable[[str], None] | None = print) -> dict[str, Any]:
+    """Loader throughput at every (resolution, workers) beside bare PIL decoding; the JSON-ready result.
+
+    ``data_dir`` is built (6,000 shapes samples in a temp folder, removed afterwards) when it does not exist."""
+    data, tmp = _ensure_data(data_dir, log)
     try:
-        urls = list_shards(data_dir, args.split)
-        reference = _reference_decode(urls, min(args.samples, 5000))
-        rows = [measure(urls, r, args.batch_size, w, args.samples) for r in args.resolutions for w in args.workers]
+        urls = list_shards(data, split)
+        reference = _reference_decode(urls, min(samples, 5000))
+        rows = [measure(urls, r, batch_size, w, samples) for r in resolutions for w in workers]
     finally:
         if tmp is not None:
             tmp.cleanup()
     for row in rows:
         if "img_per_cpu_s" in row:
             row["vs_bare_pil_decode"] = row["img_per_cpu_s"] / reference["img_per_cpu_s"]
-    print(f"bare PIL decode (reference): {reference['img_per_s']:.0f} img/s wall, "
-          f"{reference['img_per_cpu_s']:.0f} img/CPU-s")
-    print(f"{'res':>4} {'workers':>7} {'images':>7} {'img/s':>8} {'img/s/worker':>12} {'img/CPU-s':>9} {'vs PIL':>6}")
-    for row in rows:
+    return {"benchmark": "data_loader", "data_dir": data_dir, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "machine": {"cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
+                        "python": platform.python_version()},
+            "reference_bare_pil_decode": reference, "rows": rows, "target_img_per_s_per_worker_32px": 2000}
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The reference line and one row per (resolution, workers) of a :func:`benchmark` result."""
+    reference = result["reference_bare_pil_decode"]
+    lines = [f"bare PIL decode (reference): {reference['img_per_s']:.0f} img/s wall, "
+             f"{reference['img_per_cpu_s']:.0f} img/CPU-s",
+             f"{'res':>4} {'workers':>7} {'images':>7} {'img/s':>8} {'img/s/worker':>12} {'img/CPU-s':>9} {'vs PIL':>6}"]
+    for row in result["rows"]:
         per_worker = row.get("img_per_s_per_worker", row["img_per_s"])
         cpu = f"{row['img_per_cpu_s']:.0f}" if "img_per_cpu_s" in row else "-"
         ratio = f"{row['vs_bare_pil_decode']:.2f}" if "vs_bare_pil_decode" in row else "-"
-        print(f"{row['resolution']:>4} {row['num_workers']:>7} {row['images']:>7} {row['img_per_s']:>8.0f} "
-              f"{per_worker:>12.0f} {cpu:>9} {ratio:>6}")
-    result = {"benchmark": "data_loader", "data_dir": args.data_dir, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "machine": {"cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
-                          "python": platform.python_version()},
-              "reference_bare_pil_decode": reference, "rows": rows, "target_img_per_s_per_worker_32px": 2000}
-    write_json(args.out, result)
-    print(f"wrote {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+        lines.append(f"{row['resolution']:>4} {row['num_workers']:>7} {row['images']:>7} {row['img_per_s']:>8.0f} "
+                     f"{per_worker:>12.0f} {cpu:>9} {ratio:>6}")
+    return "\n".join(lines)

@@ -6,11 +6,15 @@ Sources:
 * a ``.csv`` / ``.tsv`` (or ``.parquet`` when pyarrow is installed) with a path column and a caption
   column; relative paths are relative to the table's folder. URLs are not downloaded (skipped).
 
-Every image is decoded fully (so truncated files are caught), optionally resized (``size``: shorter side
-to ``size`` + centre crop; ``max_side``: downscale so the longer side fits), and deduplicated by the
-SHA-256 of its file bytes (the first path in sorted order is kept). Skipped files are reported by
-reason in ``report.json`` and counted in ``info.json``. The train/val assignment follows the content
-hash, so it is stable when files are added.
+Every image is decoded fully with ``ldm.data.images.decode_rgb`` (the decoding the loader uses: 16-bit,
+palette and CMYK modes, EXIF orientation, transparency composited on ``background``, the ``max_pixels``
+limit), so truncated or unusable files are caught here; captions are strict UTF-8. Images are optionally
+resized (``size``: shorter side to ``size`` + centre crop, exactly as the loader does; ``max_side``:
+downscale so the longer side fits) and deduplicated by the SHA-256 of their file bytes (the first path in
+sorted order is kept). An opaque RGB PNG/JPEG/WebP that needs no resizing is stored as is (no re-encoding loss;
+the loader applies its EXIF orientation), anything else as the decoded RGB pixels. Skipped files are
+listed by reason (the keys of ``SKIP_REASONS``) in ``report.json`` and counted in ``info.json``. The
+train/val assignment follows the content hash, so it is stable when files are added.
 """
 
 from __future__ import annotations
@@ -26,20 +30,40 @@ from typing import Any
 
 from PIL import Image
 
+from ldm.data.images import (
+    DECODE_REASONS,
+    DEFAULT_BACKGROUND,
+    DEFAULT_MAX_PIXELS,
+    DecodeError,
+    decode_caption,
+    decode_rgb,
+    fit_within,
+    open_image,
+    parse_background,
+    resize_crop,
+)
 from ldm.data.shards import clear_split, plan_shards, run_parallel, shard_name, write_info, write_shard
 from ldm.io import write_json
 
 READABLE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-Entry = tuple[str, str | None]  # (image path, caption or None when it has none)
+# (image path, caption: text, the raw bytes of a .txt file (decoded strictly later), or None when it has none)
+Entry = tuple[str, str | bytes | None]
+SKIP_REASONS: dict[str, str] = {
+    "url": "a URL (not downloaded; give local files)",
+    "file_not_found": "the file does not exist",
+    **DECODE_REASONS,
+    "missing_caption": "no caption (.txt or caption column), or an empty one",
+    "duplicate": "the same file content as an earlier path",
+}
 
 
-def _caption_file(image: Path) -> str | None:
+def _caption_file(image: Path) -> bytes | None:
     txt = image.with_suffix(".txt")
-    return txt.read_text(encoding="utf-8", errors="replace").strip() if txt.is_file() else None
+    return txt.read_bytes() if txt.is_file() else None
 
 
 def entries_from_folder(folder: Path) -> list[Entry]:
-    """Every image under ``folder`` (sorted) with the text of its same-name ``.txt`` (or None)."""
+    """Every image under ``folder`` (sorted) with the bytes of its same-name ``.txt`` (or None)."""
     images = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in READABLE_EXTS)
     return [(str(p), _caption_file(p)) for p in images]
 
@@ -77,42 +101,32 @@ def entries_from_table(table: Path, path_column: str = "path", caption_column: s
 
 
 def transform(image: Image.Image, size: int | None, max_side: int | None) -> Image.Image:
-    """RGB (transparent areas over white), then resize: shorter side to ``size`` + centre crop, or
-    downscale so the longer side is at most ``max_side``."""
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(canvas, rgba)
-    image = image.convert("RGB")
-    w, h = image.size
+    """Resize a decoded RGB image: shorter side to ``size`` + centre crop (the loader's ``resize_crop``), or
+    downscale so the longer side is at most ``max_side``; neither: unchanged."""
     if size is not None:
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        image = image.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        image = image.crop((left, top, left + size, top + size))
-    elif max_side is not None and max(w, h) > max_side:
-        scale = max_side / max(w, h)
-        image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC, reducing_gap=3.0)
+        return resize_crop(image, size)
+    if max_side is not None:
+        return fit_within(image, max_side)
     return image
 
 
-def _check(entry: Entry) -> tuple[str, str | None]:
-    """(sha256, None) for a readable image, ("", reason) otherwise."""
-    path, _ = entry
+Options = tuple[tuple[int, int, int], int | None, int | None]  # (background, max_pixels, size)
+
+
+def _check(task: tuple[Entry, Options]) -> tuple[str, str | None, str | None]:
+    """(sha256, caption, None) for a usable image, ("", None, reason) otherwise (a key of SKIP_REASONS)."""
+    (path, caption), (background, max_pixels, size) = task
     if "://" in path:
-        return "", "url (not downloaded; give local files)"
+        return "", None, "url"
     try:
         data = Path(path).read_bytes()
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            if im.width < 1 or im.height < 1:
-                return "", "empty image"
+        decode_rgb(data, background, max_pixels, min_side=size)
+        text = decode_caption(caption) if isinstance(caption, bytes) else caption
     except FileNotFoundError:
-        return "", "file not found"
-    except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
-        return "", f"unreadable image ({type(e).__name__})"
-    return hashlib.sha256(data).hexdigest(), None
+        return "", None, "file_not_found"
+    except DecodeError as e:
+        return "", None, e.reason
+    return hashlib.sha256(data).hexdigest(), text, None
 
 
 def _encode(image: Image.Image, fmt: str | None) -> tuple[str, bytes]:
@@ -127,19 +141,21 @@ def _encode(image: Image.Image, fmt: str | None) -> tuple[str, bytes]:
 KEEP_AS_IS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
 
 
-def _write(task: tuple[str, list[dict[str, Any]], int | None, int | None]) -> int:
-    path, items, size, max_side = task
+def _write(task: tuple[str, list[dict[str, Any]], int | None, int | None, Options]) -> int:
+    path, items, size, max_side, (background, max_pixels, _) = task
     samples = []
     for item in items:
         data = Path(item["path"]).read_bytes()
-        with Image.open(io.BytesIO(data)) as im:
-            fits = size is None and (max_side is None or max(im.size) <= max_side)
-            if fits and im.mode == "RGB" and im.format in KEEP_AS_IS:  # no re-encoding loss
-                ext, width, height = KEEP_AS_IS[im.format], im.width, im.height
-            else:
-                image = transform(im, size, max_side)
-                ext, data = _encode(image, im.format)
-                width, height = image.size
+        header = open_image(data, max_pixels=None)
+        fmt, plain_rgb = header.format, header.mode == "RGB" and "transparency" not in header.info
+        image = decode_rgb(data, background, max_pixels, min_side=size)
+        fits = size is None and (max_side is None or max(image.size) <= max_side)
+        if fits and plain_rgb and fmt in KEEP_AS_IS:  # no re-encoding loss
+            ext = KEEP_AS_IS[fmt]
+        else:
+            image = transform(image, size, max_side)
+            ext, data = _encode(image, fmt)
+        width, height = image.size
         meta = {"source_path": item["rel"], "sha256": item["sha256"], "width": width, "height": height}
         files = {ext: data, "txt": (item["caption"] or "").encode("utf-8"),
                  "json": json.dumps(meta, sort_keys=True).encode("utf-8")}
@@ -150,33 +166,37 @@ def _write(task: tuple[str, list[dict[str, Any]], int | None, int | None]) -> in
 def build_folder(src: str | Path, out_dir: str | Path, size: int | None = None, max_side: int | None = None,
                  val_fraction: float = 0.05, path_column: str = "path", caption_column: str = "caption",
                  require_caption: bool = True, seed: int = 0, shard_size: int = 1000,
-                 processes: int | None = None, license: str = "unknown", source: str | None = None
-                 ) -> dict[str, Any]:
+                 processes: int | None = None, license: str = "unknown", source: str | None = None,
+                 background: str | tuple[int, int, int] = DEFAULT_BACKGROUND,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict[str, Any]:
     """Convert a folder or table of images + captions to ``out_dir/{train,val}/*.tar`` + info.json.
 
-    Returns the info dict; skipped files (unreadable, missing caption, duplicate, URL) are listed by
-    reason in ``out_dir/report.json``.
+    ``background``: colour transparent images are composited on (the loader's default white);
+    ``max_pixels``: larger images are skipped (``too_many_pixels``) without being decoded.
+    Returns the info dict; skipped files are listed by reason (keys of ``SKIP_REASONS``) in
+    ``out_dir/report.json`` and counted in info.json's ``skipped``.
     """
     src = Path(src)
     if not src.exists():
         raise FileNotFoundError(f"--src {src} does not exist")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    options: Options = (parse_background(background), max_pixels, size)
     entries = entries_from_folder(src) if src.is_dir() else entries_from_table(src, path_column, caption_column)
     if not entries:
         raise ValueError(f"no images found in {src} (looked for {', '.join(READABLE_EXTS)})")
     root = src if src.is_dir() else src.parent
     skipped: dict[str, list[str]] = defaultdict(list)
-    checks = run_parallel(_check, entries, processes)
+    checks = run_parallel(_check, [(entry, options) for entry in entries], processes)
     kept, seen = [], {}
-    for (path, caption), (digest, problem) in zip(entries, checks):
+    for (path, _), (digest, caption, problem) in zip(entries, checks):
         rel = os.path.relpath(path, root) if "://" not in path else path
         if problem:
             skipped[problem].append(rel)
         elif require_caption and not caption:
-            skipped["missing caption (.txt or caption column)"].append(rel)
+            skipped["missing_caption"].append(rel)
         elif digest in seen:
-            skipped["duplicate content"].append(f"{rel} (same as {seen[digest]})")
+            skipped["duplicate"].append(f"{rel} (same as {seen[digest]})")
         else:
             seen[digest] = rel
             kept.append({"path": path, "rel": rel, "caption": caption, "sha256": digest})
@@ -198,14 +218,16 @@ def build_folder(src: str | Path, out_dir: str | Path, size: int | None = None, 
             it["key"] = f"{split}_{i:08d}"
         ranges = plan_shards(len(items), shard_size)
         shards[split] = {shard_name(split, k): e - s for k, (s, e) in enumerate(ranges)}
-        tasks += [(str(out / split / shard_name(split, k)), items[s:e], size, max_side)
+        tasks += [(str(out / split / shard_name(split, k)), items[s:e], size, max_side, options)
                   for k, (s, e) in enumerate(ranges)]
     run_parallel(_write, tasks, processes)
     report = {"skipped": {reason: sorted(paths) for reason, paths in sorted(skipped.items())},
-              "skipped_counts": {reason: len(paths) for reason, paths in sorted(skipped.items())}}
+              "skipped_counts": {reason: len(paths) for reason, paths in sorted(skipped.items())},
+              "reasons": {reason: SKIP_REASONS[reason] for reason in sorted(skipped)}}
     write_json(out / "report.json", report)
     info = {"name": "folder", "source": source or str(src), "license": license, "resolution": size,
-            "max_side": max_side, "counts": {k: len(v) for k, v in splits.items()}, "shards": shards,
+            "max_side": max_side, "background": list(options[0]), "max_pixels": max_pixels,
+            "counts": {k: len(v) for k, v in splits.items()}, "shards": shards,
             "skipped": report["skipped_counts"], "seed": seed}
     write_info(out, info)
     if skipped:

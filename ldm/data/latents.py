@@ -10,6 +10,12 @@ Layout written by ``ldm cache`` (``build_latent_cache``)::
         pooled      (N, E) float16      — the pooled text embedding
         mask        (N, L) uint8        — 1 on real tokens
       metadata "captions": JSON list of the N captions
+      metadata "labels":   JSON list of N objects {label: value or null} (only when labels were asked for)
+
+Labels: ``build_latent_cache(..., labels={"color": "objects.only.color"})`` also stores, per sample, the value
+at each path of its json metadata (:func:`label_at`); info.json lists each label's path and its classes (the
+values seen, sorted), and batches carry ``labels`` (B, A) class indices, −1 where the json has no value.
+A dataset may name default labels (``Benchmark.label_paths``; shapes: the attributes of one-object scenes).
 
 Training samples z = mean + std·ε each step, exactly ``vae.encode_latents(x, sample=True)``.
 
@@ -22,6 +28,7 @@ cache is written into a fresh folder beside ``OUT`` and swapped in whole, so a c
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -37,6 +44,7 @@ from ldm.conditioning import Conditioning
 from ldm.data.resumable import ResumableLoader
 from ldm.data.shards import list_shards, read_info
 from ldm.data.webdata import ShardDataset
+from ldm.data.workers import ShieldedLoader
 from ldm.io import PartError, read_json, weights_hash, write_json
 
 CHUNK = "chunk-{:05d}.safetensors"
@@ -49,11 +57,50 @@ class CacheError(PartError):
 
 
 @torch.no_grad()
+def label_at(meta: Any, path: str) -> str | None:
+    """The value at a dotted ``path`` of a sample's json metadata, as a string (None where there is none).
+
+    Each part is a key of an object or an index of a list; ``only`` picks the element of a one-element list
+    (None for any other length): ``objects.only.color`` is the colour of a one-object shapes scene, while
+    ``objects.0.color`` is the first object's colour in any scene. Objects and lists are not values (None)."""
+    node = meta
+    for part in path.split("."):
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list):
+            if part == "only":
+                node = node[0] if len(node) == 1 else None
+            elif re.fullmatch(r"-?\d+", part) and -len(node) <= int(part) < len(node):
+                node = node[int(part)]
+            else:
+                node = None
+        else:
+            return None
+        if node is None:
+            return None
+    return None if isinstance(node, (dict, list)) else str(node)
+
+
+def parse_label_paths(text: str) -> dict[str, str]:
+    """``"color=objects.only.color,shape=objects.only.shape"`` -> ``{"color": ..., "shape": ...}`` (``ldm cache
+    --labels``); "" or "none" gives {}. A malformed item is a ``ValueError`` naming it."""
+    if text.strip().lower() in ("", "none"):
+        return {}
+    out = {}
+    for item in text.split(","):
+        name, sep, path = item.strip().partition("=")
+        if not sep or not re.fullmatch(r"\w+", name.strip()) or not path.strip():
+            raise ValueError(f"label {item.strip()!r} is not NAME=PATH (e.g. color=objects.only.color)")
+        out[name.strip()] = path.strip()
+    return out
+
+
 def encode_split(vae: torch.nn.Module, text_encoder: torch.nn.Module, data_dir: str | Path, split: str,
                  out_dir: Path, resolution: int, batch_size: int = 256, chunk_size: int = 8192,
-                 progress: bool = True, num_workers: int = 1, max_samples: int | None = None) -> dict[str, Any]:
+                 progress: bool = True, num_workers: int = 1, max_samples: int | None = None,
+                 labels: dict[str, str] | None = None) -> dict[str, Any]:
     """Encode every sample of ``data_dir/split`` (or its first ``max_samples``) in shard order into chunk
-    files; returns counts and the chunk names.
+    files; returns counts and the chunk names (and, with ``labels``, the values seen under ``label_values``).
 
     Each distinct caption goes through the text encoder once (shapes: 20 k distinct of 50 k)."""
     if max_samples is not None and max_samples < 1:
@@ -61,7 +108,9 @@ def encode_split(vae: torch.nn.Module, text_encoder: torch.nn.Module, data_dir: 
     dataset = ShardDataset(list_shards(data_dir, split), resolution, batch_size, shuffle_buffer=0,
                            rank=0, world_size=1)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pending: dict[str, list] = {"mean": [], "std": [], "context": [], "pooled": [], "mask": [], "captions": []}
+    pending: dict[str, list] = {"mean": [], "std": [], "context": [], "pooled": [], "mask": [], "captions": [],
+                                "labels": []}
+    seen: dict[str, set[str]] = {name: set() for name in labels or {}}
     chunks: list[str] = []
     n_done, skipped, max_len = 0, 0, 0
     scale, shift = vae.config.scaling_factor, vae.config.shift_factor
@@ -77,27 +126,30 @@ def encode_split(vae: torch.nn.Module, text_encoder: torch.nn.Module, data_dir: 
             return
         tensors = {k: torch.cat(pending[k]) for k in ("mean", "std", "context", "pooled", "mask")}
         name = CHUNK.format(len(chunks))
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_dir / name),
-                  metadata={"captions": json.dumps(pending["captions"])})
+        metadata = {"captions": json.dumps(pending["captions"])}
+        if labels:
+            metadata["labels"] = json.dumps(pending["labels"])
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_dir / name), metadata=metadata)
         chunks.append(name)
         pending = {k: [] for k in pending}
 
     device = next(vae.parameters()).device
     memo: dict[str, tuple[torch.Tensor, ...]] = {}  # caption -> (tokens, mask, pooled): encode each text once
     # one worker decodes PNGs while this process encodes (the dataset yields whole batches)
-    loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False)
+    loader = ShieldedLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False)
     for batch in loader:
         skipped += int(batch.get("skipped", 0))
         if max_samples is not None:
             room = max_samples - n_done
             if room <= 0:
                 break
-            batch = {**batch, "image": batch["image"][:room], "caption": list(batch["caption"])[:room]}
+            batch = {**batch, "image": batch["image"][:room], "caption": list(batch["caption"])[:room],
+                     "meta": list(batch["meta"])[:room]}
         posterior = vae.encode(batch["image"].to(device))
         new = [c for c in dict.fromkeys(batch["caption"]) if c not in memo]
         if new:
             cond = text_encoder.condition(new)
-            memo.update(zip(new, zip(cond.tokens.half().cpu(), cond.mask.to(torch.uint8).cpu(), cond.pooled.half().cpu())))
+            memo.update(zip(new, zip(cond.tokens.half().cpu(), cond.full_mask().to(torch.uint8).cpu(), cond.pooled.half().cpu())))
         tokens, mask, pooled = (torch.stack([memo[c][i] for c in batch["caption"]]) for i in range(3))
         max_len = max(max_len, int(mask.sum(1).max()))
         pending["mean"].append(((posterior.mean - shift) * scale).float().cpu())
@@ -106,6 +158,12 @@ def encode_split(vae: torch.nn.Module, text_encoder: torch.nn.Module, data_dir: 
         pending["pooled"].append(pooled)
         pending["mask"].append(mask)
         pending["captions"].extend(batch["caption"])
+        for meta in batch["meta"] if labels else ():
+            row = {name: label_at(meta, path) for name, path in labels.items()}
+            pending["labels"].append(row)
+            for name, value in row.items():
+                if value is not None:
+                    seen[name].add(value)
         n_done += len(batch["caption"])
         if bar is not None:
             bar.update(len(batch["caption"]))
@@ -114,7 +172,8 @@ def encode_split(vae: torch.nn.Module, text_encoder: torch.nn.Module, data_dir: 
     flush()
     if bar is not None:
         bar.close()
-    return {"samples": n_done, "chunks": chunks, "skipped": skipped, "max_tokens": max_len}
+    out = {"samples": n_done, "chunks": chunks, "skipped": skipped, "max_tokens": max_len}
+    return {**out, "label_values": seen} if labels else out
 
 
 def parts_provenance(vae: torch.nn.Module, text_encoder: torch.nn.Module) -> dict[str, str | None]:
@@ -124,9 +183,12 @@ def parts_provenance(vae: torch.nn.Module, text_encoder: torch.nn.Module) -> dic
 
 def build_latent_cache(vae: torch.nn.Module, text_encoder: torch.nn.Module, data_dir: str | Path,
                        out_dir: str | Path, resolution: int, splits: tuple[str, ...] = ("train", "val"),
-                       batch_size: int = 256, progress: bool = True, max_samples: int | None = None
-                       ) -> dict[str, Any]:
+                       batch_size: int = 256, progress: bool = True, max_samples: int | None = None,
+                       labels: dict[str, str] | None = None) -> dict[str, Any]:
     """Write the cache for ``splits`` (see module docstring) and return its info.json contents.
+
+    ``labels``: name -> json path (:func:`label_at`) of labels to store beside each sample; their classes are
+    the values seen in any split, sorted.
 
     Written into a fresh folder beside ``out_dir`` and swapped in when complete: an old cache there is
     replaced whole (never partly overwritten), and a failed run leaves the old one as it was.
@@ -140,13 +202,19 @@ def build_latent_cache(vae: torch.nn.Module, text_encoder: torch.nn.Module, data
         info: dict[str, Any] = {"format": CACHE_FORMAT, "data_dir": str(data_dir), "resolution": resolution,
                                 "dataset": read_info(data_dir).get("name") if Path(data_dir).is_dir() else None,
                                 "parts": parts_provenance(vae, text_encoder), "splits": {}}
+        values: dict[str, set[str]] = {name: set() for name in labels or {}}
         for split in splits:
-            info["splits"][split] = encode_split(vae, text_encoder, data_dir, split, work / split, resolution,
-                                                 batch_size, progress=progress, max_samples=max_samples)
+            done = encode_split(vae, text_encoder, data_dir, split, work / split, resolution, batch_size,
+                                progress=progress, max_samples=max_samples, labels=labels)
+            for name, seen in done.pop("label_values", {}).items():
+                values[name] |= seen
+            info["splits"][split] = done
+        if labels:
+            info["labels"] = {name: {"path": path, "classes": sorted(values[name])} for name, path in labels.items()}
         empty = text_encoder.condition([""])
         save_file({k: (v.half() if v.is_floating_point() else v).cpu().contiguous()
                    for k, v in empty.to_tensors().items()}, str(work / EMPTY))
-        info["max_tokens"] = max([s["max_tokens"] for s in info["splits"].values()] + [int(empty.mask.sum())])
+        info["max_tokens"] = max([s["max_tokens"] for s in info["splits"].values()] + [int(empty.full_mask().sum())])
         write_json(work / "info.json", info)
         old = out.parent / f".{out.name}.old"
         if old.exists():
@@ -201,6 +269,8 @@ class LatentDataset(Dataset):
         keep = int(info["max_tokens"])
         parts: dict[str, list[torch.Tensor]] = {"mean": [], "std": [], "context": [], "mask": [], "pooled": []}
         self.captions: list[str] = []
+        self.label_classes: dict[str, list[str]] = {k: v["classes"] for k, v in (info.get("labels") or {}).items()}
+        rows: list[dict[str, str | None]] = []
         for name in listed["chunks"]:
             path = self.dir / split / name
             if not path.is_file():
@@ -210,19 +280,27 @@ class LatentDataset(Dataset):
                     t = f.get_tensor(k)
                     parts[k].append(t[:, :keep] if k in ("context", "mask") else t)
                 self.captions.extend(json.loads(f.metadata()["captions"]))
+                if self.label_classes:
+                    rows.extend(json.loads(f.metadata()["labels"]))
         if len(self.captions) != listed["samples"]:
             raise CacheError(f"latent cache {self.dir / split} holds {len(self.captions)} samples, info.json says "
                              f"{listed['samples']}: rebuild the cache")
         self.mean, self.std = torch.cat(parts["mean"]), torch.cat(parts["std"])
         self.cond = Conditioning(torch.cat(parts["context"]), torch.cat(parts["mask"]).bool(), torch.cat(parts["pooled"]))
+        index = {name: {c: i for i, c in enumerate(classes)} for name, classes in self.label_classes.items()}
+        self.labels = torch.tensor([[index[name].get(row.get(name), -1) for name in index] for row in rows],
+                                   dtype=torch.long).reshape(len(rows), len(index))
 
     def __len__(self) -> int:
         return len(self.captions)
 
     def __getitems__(self, indices: list[int]) -> dict[str, Any]:
         idx = torch.as_tensor(indices)
-        return {"latent_mean": self.mean[idx], "latent_std": self.std[idx],
-                "cond": self.cond.index(idx).to(dtype=torch.float32), "caption": [self.captions[i] for i in indices]}
+        batch = {"latent_mean": self.mean[idx], "latent_std": self.std[idx],
+                 "cond": self.cond.index(idx).to(dtype=torch.float32), "caption": [self.captions[i] for i in indices]}
+        if self.label_classes:
+            batch["labels"] = self.labels[idx]
+        return batch
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.__getitems__([index])
@@ -268,6 +346,11 @@ class LatentDataModule(pl.LightningDataModule):
 
         return benchmark_named(self.info.get("dataset"))
 
+    @property
+    def label_classes(self) -> dict[str, list[str]]:
+        """Each cached label's class names (batches' ``labels`` columns in this order); {} without labels."""
+        return {k: v["classes"] for k, v in (self.info.get("labels") or {}).items()}
+
     def check_parts(self, vae: torch.nn.Module, text_encoder: torch.nn.Module) -> None:
         check_cache_parts(self.info, vae, text_encoder, self.cache_dir)
 
@@ -291,5 +374,5 @@ class LatentDataModule(pl.LightningDataModule):
         self.setup("fit")
         if self.val_set is None:
             return []
-        return DataLoader(self.val_set, batch_size=self.val_batch_size, shuffle=False,
-                          collate_fn=_as_batch, num_workers=self.num_workers)
+        return ShieldedLoader(self.val_set, batch_size=self.val_batch_size, shuffle=False,
+                              collate_fn=_as_batch, num_workers=self.num_workers)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from types import ModuleType
+from collections.abc import Callable
 from typing import Any, Sequence
 
 import torch
@@ -51,6 +52,17 @@ class Benchmark:
     def hard_negative_groups(self) -> dict[str, list[str]] | None:
         """Interchangeable words/phrases of the captions (NegCLIP-style hard negatives)."""
         return None
+
+    def adherence_scorer(self, data_dir: str, probe_dir: str, train_steps: int = 1500,
+                         device: Any = None) -> Callable[[torch.Tensor, Sequence[dict[str, Any]]], dict[str, Any]] | None:
+        """``score(images, metas) -> {"adherence_n": n, <attribute>: fraction, ...}``: how often images generated
+        from captions show what the captions' metadata says (a probe read-back), or None when the dataset has none.
+        The probe is loaded from ``probe_dir`` (trained on ``data_dir`` there first if missing)."""
+        return None
+
+    def label_paths(self) -> dict[str, str]:
+        """Labels a latent cache stores by default: name -> path in each sample's json (``latents.label_at``)."""
+        return {}
 
 
 def dataset_module(name: str) -> ModuleType:

@@ -13,7 +13,8 @@ from typing import Any, Iterator
 
 import torch
 from lightning_fabric.utilities.data import sized_len
-from torch.utils.data import DataLoader
+
+from ldm.data.workers import ShieldedLoader
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -21,8 +22,10 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return seed + 1_000_003 * epoch
 
 
-class ResumableLoader(DataLoader):
+class ResumableLoader(ShieldedLoader):
     """A DataLoader whose stream position is part of Lightning checkpoints (see the module docstring).
+
+    Its worker processes leave preemption signals to the main process (``ldm.data.workers``).
 
     Each ``iter()`` is one pass: pass *e* reseeds the loader's generator with ``epoch_seed(seed, e)`` (so the
     shuffle order and worker seeds depend only on *e*) and sets ``dataset.epoch = e`` when the dataset has

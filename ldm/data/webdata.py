@@ -3,11 +3,17 @@
 Batches are dicts::
 
     {"image": FloatTensor (B, 3, H, W) in [-1, 1], "caption": list[str], "meta": list[dict],
-     "key": list[str], "skipped": LongTensor ()}
+     "key": list[str], "skipped": LongTensor (), "skip_reasons": dict[str, int]}
 
 ``skipped`` is the number of bad inputs (corrupt/truncated image, missing caption, bad json, unreadable
-shard) the producing worker skipped since its previous batch, so summing it over batches counts every
-skip exactly once; ``log_skipped(module, batch)`` logs that sum as a metric from a LightningModule.
+shard, ...) the producing worker skipped since its previous batch, so summing it over batches counts every
+skip exactly once; ``skip_reasons`` splits that number by reason (keys of ``SKIP_REASONS``, only the
+reasons that occurred). From a LightningModule, ``log_skipped(module, batch, split)`` in each step logs the
+sum and ``log_skip_reasons(module, split)`` at each epoch end logs the count of every reason that occurred.
+
+Images and captions are decoded by ``ldm.data.images`` (the decoding every reader shares: 16-bit and
+palette/CMYK modes, EXIF orientation, transparency composited on ``background``, a ``max_pixels`` limit
+checked from the header, strict UTF-8 captions).
 
 Splitting: shards are shuffled with a seed shared by every rank (per epoch), then dealt out by node
 (``rank::world_size``) and by DataLoader worker (``worker::num_workers``), so ranks and workers read
@@ -21,57 +27,63 @@ flip are available but off, and the flip is refused when captions speak of left 
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import random
 import re
 import warnings
+import weakref
 from typing import Any, Iterator
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from PIL import Image
 from torch.utils.data import IterableDataset
 
-from ldm.data.shards import IMAGE_EXTS, Sample, list_shards, read_info, read_shard
+from ldm.data.images import (
+    DECODE_REASONS,
+    DEFAULT_BACKGROUND,
+    DEFAULT_MAX_PIXELS,
+    DecodeError,
+    decode_caption,
+    decode_rgb,
+    parse_background,
+    resize_crop,
+)
 from ldm.data.resumable import ResumableLoader
+from ldm.dist import rank_and_world
+from ldm.data.shards import IMAGE_EXTS, Sample, list_shards, read_info, read_shard
+from ldm.errors import UsageError
 
 LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)
 # Lightning warns that an IterableDataset's __len__ may be wrong with several workers; ShardDataset deals
 # shards out per worker and computes its length from that split, so the warning does not apply.
 warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined", category=UserWarning)
 MAX_WARNINGS_PER_WORKER = 20
+# every reason a sample or shard is skipped for (the metric names of log_skipped)
+SKIP_REASONS: dict[str, str] = {
+    "no_image": f"sample without an image file ({'/'.join(IMAGE_EXTS)})",
+    "missing_caption": "sample without a caption, or an empty one (require_caption)",
+    "bad_json": "sample whose .json is not valid JSON",
+    **DECODE_REASONS,
+    "unreadable_shard": "a shard, or the rest of it, could not be read",
+}
 
 
 class DataSkipWarning(UserWarning):
     """A sample or shard was skipped (it is counted in the batches' ``skipped`` field)."""
 
 
-class DecodeError(ValueError):
-    """One sample cannot be used (bad image, missing caption, bad json)."""
-
-
-def decode_image(data: bytes, resolution: int, rng: random.Random | None = None) -> np.ndarray:
+def decode_image(data: bytes, resolution: int, rng: random.Random | None = None,
+                 background: tuple[int, int, int] = DEFAULT_BACKGROUND,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode image bytes to a uint8 (resolution, resolution, 3) array: shorter side resized, then cropped.
 
-    The crop is centred, or uniformly placed when ``rng`` is given (random crop).
+    Decoding is ``ldm.data.images.decode_rgb``; the crop is centred, or uniformly placed when ``rng`` is
+    given (random crop). Raises ``DecodeError`` (with a ``reason``) for unusable bytes.
     """
-    with Image.open(io.BytesIO(data)) as im:
-        if im.format == "JPEG":
-            im.draft("RGB", (resolution, resolution))  # decode JPEGs at reduced scale when possible
-        im = im.convert("RGB")
-    w, h = im.size
-    if (w, h) != (resolution, resolution):
-        scale = resolution / min(w, h)
-        nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-        if (nw, nh) != (w, h):
-            im = im.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0)
-        left = (nw - resolution) // 2 if rng is None else rng.randint(0, nw - resolution)
-        top = (nh - resolution) // 2 if rng is None else rng.randint(0, nh - resolution)
-        im = im.crop((left, top, left + resolution, top + resolution))
-    return np.asarray(im, dtype=np.uint8)
+    image = decode_rgb(data, background, max_pixels, min_side=resolution)
+    return np.asarray(resize_crop(image, resolution, rng), dtype=np.uint8)
 
 
 def images_to_tensor(arrays: list[np.ndarray]) -> torch.Tensor:
@@ -99,12 +111,6 @@ def _worker() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
-def _dist_rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 class ShardDataset(IterableDataset):
     """Batches decoded from tar shards, split by node and worker (see the module docstring).
 
@@ -116,7 +122,9 @@ class ShardDataset(IterableDataset):
                  samples_per_epoch: int | None = None, random_crop: bool = False, hflip: bool = False,
                  seed: int = 0, rank: int | None = None, world_size: int | None = None,
                  num_workers: int = 0, require_caption: bool = True,
-                 shard_counts: dict[str, int] | None = None) -> None:
+                 shard_counts: dict[str, int] | None = None,
+                 background: tuple[int, int, int] = DEFAULT_BACKGROUND,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
         super().__init__()
         if not urls:
             raise ValueError("ShardDataset needs at least one shard")
@@ -124,7 +132,7 @@ class ShardDataset(IterableDataset):
             raise ValueError(f"batch_size and resolution must be >= 1, got {batch_size} and {resolution}")
         if samples_per_epoch is not None and samples_per_epoch < 1:
             raise ValueError(f"samples_per_epoch must be >= 1 or None, got {samples_per_epoch}")
-        dist_rank, dist_world = _dist_rank_world()
+        dist_rank, dist_world = rank_and_world()
         self.urls = list(urls)
         self.resolution, self.batch_size, self.shuffle_buffer = resolution, batch_size, shuffle_buffer
         self.samples_per_epoch, self.random_crop, self.hflip = samples_per_epoch, random_crop, hflip
@@ -133,8 +141,9 @@ class ShardDataset(IterableDataset):
         self.world_size = dist_world if world_size is None else world_size
         self.num_workers = num_workers  # only used by __len__; iteration asks torch for the real count
         self.shard_counts = shard_counts
+        self.background, self.max_pixels = parse_background(background), max_pixels
         self.epoch = 0
-        self._pending_skips = 0
+        self._pending: dict[str, int] = {}
         self._warned = 0
 
     # ---- splitting ---------------------------------------------------------------------------------
@@ -166,8 +175,8 @@ class ShardDataset(IterableDataset):
                        for w in range(workers)) for r in range(self.world_size))
 
     # ---- reading -----------------------------------------------------------------------------------
-    def _skip(self, what: str) -> None:
-        self._pending_skips += 1
+    def _skip(self, reason: str, what: str) -> None:
+        self._pending[reason] = self._pending.get(reason, 0) + 1
         if self._warned < MAX_WARNINGS_PER_WORKER:
             self._warned += 1
             suffix = " (further skips are counted without warning)" if self._warned == MAX_WARNINGS_PER_WORKER else ""
@@ -188,7 +197,7 @@ class ShardDataset(IterableDataset):
                     failures_in_a_row = 0
                     yield sample
             except Exception as e:  # noqa: BLE001 - unreadable/truncated shard: skip, warn, count
-                self._skip(f"the rest of shard {url}: {type(e).__name__}: {e}")
+                self._skip("unreadable_shard", f"the rest of shard {url}: {type(e).__name__}: {e}")
                 failures_in_a_row += 1
                 if failures_in_a_row > 2 * len(self.urls) + 8:
                     raise RuntimeError(f"{failures_in_a_row} shards in a row were unreadable "
@@ -213,34 +222,39 @@ class ShardDataset(IterableDataset):
         """One sample's (uint8 HWC image, caption, metadata); raises ``DecodeError`` when it is unusable."""
         ext = next((e for e in IMAGE_EXTS if e in files), None)
         if ext is None:
-            raise DecodeError(f"sample {key} has no image ({'/'.join(IMAGE_EXTS)}); files: {sorted(files)}")
+            raise DecodeError("no_image", f"sample {key} has no image ({'/'.join(IMAGE_EXTS)}); files: {sorted(files)}")
         text = files.get("txt")
-        caption = "" if text is None else text.decode("utf-8", errors="replace").strip()
+        try:
+            caption = "" if text is None else decode_caption(text)
+        except DecodeError as e:
+            raise DecodeError(e.reason, f"sample {key}: {e}") from e
         if self.require_caption and not caption:
-            raise DecodeError(f"sample {key} has {'an empty' if text is not None else 'no'} caption (.txt)")
+            raise DecodeError("missing_caption",
+                              f"sample {key} has {'an empty' if text is not None else 'no'} caption (.txt)")
         meta: dict[str, Any] = {}
         if "json" in files:
             try:
                 meta = json.loads(files["json"])
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise DecodeError(f"sample {key} has invalid json: {e}") from e
+                raise DecodeError("bad_json", f"sample {key} has invalid json: {e}") from e
         try:
-            image = decode_image(files[ext], self.resolution, rng if self.random_crop else None)
-        except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
-            raise DecodeError(f"sample {key}: corrupt image .{ext} ({type(e).__name__}: {e})") from e
+            image = decode_image(files[ext], self.resolution, rng if self.random_crop else None,
+                                 self.background, self.max_pixels)
+        except DecodeError as e:
+            raise DecodeError(e.reason, f"sample {key}: .{ext} {e}") from e
         if self.hflip and not mentions_left_right(caption) and rng.random() < 0.5:
             image = image[:, ::-1]
         return image, caption, meta
 
     def _batch(self, items: list[tuple[str, np.ndarray, str, dict]]) -> dict[str, Any]:
-        skipped, self._pending_skips = self._pending_skips, 0
+        reasons, self._pending = self._pending, {}
         return {"image": images_to_tensor([it[1] for it in items]), "caption": [it[2] for it in items],
                 "meta": [it[3] for it in items], "key": [it[0] for it in items],
-                "skipped": torch.tensor(skipped, dtype=torch.long)}
+                "skipped": torch.tensor(sum(reasons.values()), dtype=torch.long), "skip_reasons": reasons}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker, num_workers = _worker()
-        self._pending_skips, self._warned = 0, 0
+        self._pending, self._warned = {}, 0
         rng = random.Random(f"samples/{self.seed}/{self.epoch}/{self.rank}/{worker}")
         limit = self.samples_per_worker(num_workers) if self.samples_per_epoch is not None else None
         samples = self._shuffled(self._raw_samples(self._shard_stream(rng, worker, num_workers)), rng)
@@ -252,7 +266,7 @@ class ShardDataset(IterableDataset):
             try:
                 image, caption, meta = self.decode(key, files, rng)
             except DecodeError as e:
-                self._skip(str(e))
+                self._skip(e.reason, str(e))
                 continue
             items.append((key, image, caption, meta))
             produced += 1
@@ -289,13 +303,14 @@ class EpochLoader(ResumableLoader):
     def _padded(self, target: int) -> Iterator[dict[str, Any]]:
         """Exactly ``target`` batches under DDP: a rank whose pass is shorter (fewer samples in its shards,
         skipped samples, a vanished shard) starts its own shards again, so no rank waits for the others
-        forever. Repeated batches carry ``skipped = 0``: skips are counted once."""
+        forever. Repeated batches carry ``skipped = 0`` and no ``skip_reasons``: skips are counted once."""
         produced, repeating = 0, False
         while produced < target:
             fresh = 0
             for batch in super()._source():
                 if repeating:
                     batch["skipped"] = torch.zeros_like(batch["skipped"])
+                    batch["skip_reasons"] = {}
                 yield batch
                 produced, fresh = produced + 1, fresh + 1
                 if produced == target:
@@ -312,12 +327,42 @@ def skipped_count(batch: dict[str, Any]) -> int:
     return int(value.item() if isinstance(value, torch.Tensor) else value)
 
 
+_REASON_COUNTS: "weakref.WeakKeyDictionary[pl.LightningModule, dict[str, dict[str, int]]]" = weakref.WeakKeyDictionary()
+
+
 def log_skipped(module: pl.LightningModule, batch: dict[str, Any], split: str = "train") -> int:
-    """Log ``{split}/skipped_samples``: the epoch's skipped inputs, summed over batches and DDP ranks."""
+    """Log ``{split}/skipped_samples`` (the epoch's skipped inputs, summed over batches and DDP ranks) and
+    add the batch's ``skip_reasons`` to the module's per-reason counts for ``log_skip_reasons``.
+
+    Call it from ``training_step``/``validation_step``; returns the batch's total. The reasons are logged once
+    per epoch, not per step: every ``self.log`` call costs about a millisecond, ten of them per step would
+    slow small models noticeably.
+    """
     n = skipped_count(batch)
     module.log(f"{split}/skipped_samples", float(n), on_step=False, on_epoch=True, reduce_fx="sum",
                sync_dist=True, batch_size=1)
+    reasons = batch.get("skip_reasons")
+    if reasons:
+        counts = _REASON_COUNTS.setdefault(module, {}).setdefault(split, {})
+        for reason, k in reasons.items():
+            counts[reason] = counts.get(reason, 0) + int(k)
     return n
+
+
+def log_skip_reasons(module: pl.LightningModule, split: str = "train") -> dict[str, int]:
+    """Log ``{split}/skipped/{reason}`` for each reason of ``SKIP_REASONS`` that occurred since the last call
+    (summed over DDP ranks with one all-reduce), then start counting afresh; returns the logged counts.
+
+    Call it from ``on_train_epoch_end`` / ``on_validation_epoch_end`` on every rank (the all-reduce needs all).
+    """
+    counts = _REASON_COUNTS.get(module, {}).pop(split, {})
+    local = torch.tensor([float(counts.get(r, 0)) for r in SKIP_REASONS], device=module.device)
+    trainer = getattr(module, "_trainer", None)
+    total = trainer.strategy.reduce(local, reduce_op="sum") if trainer is not None else local
+    logged = {r: int(v) for r, v in zip(SKIP_REASONS, total.tolist()) if v}
+    for reason, value in logged.items():  # the same reduced values on every rank: no further sync
+        module.log(f"{split}/skipped/{reason}", float(value), on_step=False, on_epoch=True, batch_size=1)
+    return logged
 
 
 class WebDataModule(pl.LightningDataModule):
@@ -336,13 +381,18 @@ class WebDataModule(pl.LightningDataModule):
         hflip: random horizontal flips; refused (with a warning) when the captions mention left/right.
         seed: seeds shard order, the shuffle buffer, crops and flips (with epoch, rank and worker).
         require_caption: skip (and count) samples without a caption.
+        background: colour transparent images are composited on (a name, ``#rrggbb`` or [r, g, b]); the
+            folder builder's default is the same white.
+        max_pixels: images with more pixels (read from the header, after JPEG draft downscaling) are
+            skipped as ``too_many_pixels`` without being decoded; ``None``: no limit.
     """
 
     def __init__(self, data_dir: str, resolution: int = 32, batch_size: int = 64,
                  num_workers: int = 2, shuffle_buffer: int = 2000, samples_per_epoch: int | None = None,
                  train_split: str = "train", val_split: str | None = "val", val_batch_size: int | None = None,
                  random_crop: bool = False, hflip: bool = False, seed: int = 0, require_caption: bool = True,
-                 pin_memory: bool = False) -> None:
+                 pin_memory: bool = False, background: str | list[int] = "white",
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.data_dir, self.resolution, self.batch_size = data_dir, resolution, batch_size
@@ -351,6 +401,13 @@ class WebDataModule(pl.LightningDataModule):
         self.val_batch_size = val_batch_size or batch_size
         self.random_crop, self.hflip, self.seed = random_crop, hflip, seed
         self.require_caption, self.pin_memory = require_caption, pin_memory
+        try:
+            self.background = parse_background(background)
+        except ValueError as e:
+            raise UsageError(f"--data.background: {e}") from None
+        if max_pixels is not None and max_pixels < 1:
+            raise UsageError(f"--data.max_pixels must be >= 1 (or null for no limit), got {max_pixels}")
+        self.max_pixels = max_pixels
         self.train_urls: list[str] = []
         self.val_urls: list[str] = []
         self.info: dict[str, Any] = {}
@@ -370,7 +427,7 @@ class WebDataModule(pl.LightningDataModule):
         trainer = self.trainer
         if trainer is not None:
             return trainer.global_rank, trainer.world_size
-        return _dist_rank_world()
+        return rank_and_world()
 
     def _counts(self, split: str) -> dict[str, int] | None:
         per_shard = self.info.get("shards", {}).get(split)
@@ -418,7 +475,8 @@ class WebDataModule(pl.LightningDataModule):
                             samples_per_epoch=self.samples_per_epoch if train else None,
                             random_crop=self.random_crop and train, hflip=self.hflip and train, seed=self.seed,
                             rank=rank, world_size=world, num_workers=self.num_workers,
-                            require_caption=self.require_caption, shard_counts=counts)
+                            require_caption=self.require_caption, shard_counts=counts,
+                            background=self.background, max_pixels=self.max_pixels)
 
     def _loader(self, dataset: ShardDataset) -> EpochLoader:
         return EpochLoader(dataset, num_workers=self.num_workers, pin_memory=self.pin_memory)

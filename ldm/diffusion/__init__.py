@@ -30,10 +30,18 @@ from ldm.diffusion.objectives import (
     predict_x0_eps,
     training_target,
 )
-from ldm.diffusion.samplers import SAMPLERS, ddim_invert, sample
 from ldm.diffusion.ode_likelihood import ode_bits_per_dim, ode_log_likelihood
-from ldm.diffusion.schedules import (SCHEDULES, SPACINGS, DiscreteSchedule, NoiseSchedule, ScheduleConfig, VESchedule,
-                                     VEScheduleConfig, build_schedule)
+from ldm.diffusion.samplers import SAMPLERS, ddim_invert, sample
+from ldm.diffusion.schedules import (
+    SCHEDULES,
+    SPACINGS,
+    DiscreteSchedule,
+    NoiseSchedule,
+    ScheduleConfig,
+    VESchedule,
+    VEScheduleConfig,
+    build_schedule,
+)
 from ldm.diffusion.sde import VESDE, VPSDE, sample_probability_flow, sample_reverse_sde, sde_for
 
 __all__ = [

@@ -1,5 +1,9 @@
-"""Classifier-free guidance (Ho & Salimans 2022) as a wrapper that turns a conditional denoiser
-``denoiser(x, t, cond)`` into the ``model_fn(x, t)`` every sampler takes.
+"""Guidance as wrappers of the ``model_fn(x, t)`` every sampler takes: classifier-free guidance (Ho & Salimans
+2022), which turns a conditional denoiser ``denoiser(x, t, cond)`` into a ``model_fn``, and classifier guidance
+(Dhariwal & Nichol 2021), which wraps any ``model_fn`` (CFG's included: the two combine).
+
+Both follow the lectures' Bayes rule on scores, ∇ log p(x_t | y) = ∇ log p(x_t) + ∇ log p(y | x_t), with the
+score of a VP model s(x_t) = −ε̂/σ_t (DDPM/score matching, Dhariwal & Nichol 2021 eq. 11).
 
 Guidance is applied to the model's raw output, whatever its prediction type. That is exact: for a
 fixed x_t the maps output → x̂0, ε̂, v̂ are affine with the same x_t term in both branches
@@ -10,14 +14,19 @@ space it acts in: like Lin et al. 2024 (§3.4, who use v-prediction) it acts on 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from ldm.conditioning import Conditioning
+from ldm.diffusion.objectives import normalize_prediction_type, predict_x0_eps, training_target
+from ldm.diffusion.schedules import DiscreteSchedule
 
 Denoiser = Callable[[Tensor, Tensor, Conditioning], Tensor]
+ModelFn = Callable[[Tensor, Tensor], Tensor]
+LogLikelihood = Callable[[Tensor, Tensor], Tensor]
 
 
 def guided_output(uncond: Tensor, cond: Tensor, scale: float, rescale: float = 0.0) -> Tensor:
@@ -86,3 +95,47 @@ def guided_model(denoiser: Denoiser, cond: Conditioning, uncond: Conditioning, s
     if scale == 1.0 and rescale == 0.0:
         return conditional_model(denoiser, cond)
     return classifier_free_guidance(denoiser, cond, uncond, scale, rescale)
+
+
+def shift_eps(output: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor, delta_eps: Tensor, prediction_type: str
+              ) -> Tensor:
+    """The model ``output`` whose implied ε̂ is moved by ``delta_eps`` at fixed x_t, re-expressed in the model's own
+    prediction type: ε̂' = ε̂ + Δ, x̂0' = (x_t − σ ε̂')/α = x̂0 − (σ/α) Δ (DDPM eq. 4 solved for x0, see
+    ``objectives.predict_x0_eps``), then eps → ε̂', x0 → x̂0', v → α ε̂' − σ x̂0' (Salimans & Ho 2022, App. D).
+    Where α = 0 (zero terminal SNR) x̂0 does not depend on ε̂: the output is returned unchanged there."""
+    kind = normalize_prediction_type(prediction_type)
+    x0, eps = predict_x0_eps(output, x, alpha, sigma, kind)
+    safe = alpha.clamp(min=torch.finfo(alpha.dtype).tiny)
+    shifted = training_target(x0 - (sigma / safe) * delta_eps, eps + delta_eps, alpha, sigma, kind)
+    return torch.where(alpha > 0, shifted, output)
+
+
+def classifier_guidance(model_fn: ModelFn, log_likelihood: LogLikelihood, scale: float, schedule: DiscreteSchedule,
+                        prediction_type: str | None = None) -> ModelFn:
+    """Classifier guidance in the prediction-type-agnostic form: every call computes g = ∇_{x_t} log p(y | x_t)
+    (``log_likelihood(x_t, t)`` returns (B,) log-probabilities; it is differentiated per sample) and shifts
+
+        ε̂' = ε̂ − s · σ_t · g                     (Dhariwal & Nichol 2021, §4.2, eq. 14 and Algorithm 2)
+
+    i.e. the score −ε̂/σ_t gains s·∇ log p(y | x_t), the Bayes rule of the lectures with the classifier term scaled
+    by s. The wrapped ``model_fn`` may already be classifier-free guided (CFG + classifier guidance). The shifted
+    ε̂ is re-expressed as the model's own output type (:func:`shift_eps`), so every sampler, whatever the
+    prediction type, takes the same step it would take from the guided ε̂. For one ancestral DDPM step the mean
+    μ = (x_t − β_t ε̂/σ_t)/√α_t (DDPM eq. 11) moves by s·β_t·g/√α_t: Algorithm 1's s·Σ·g with Σ = β_t, up to the
+    factor 1/√α_t ≈ 1. ``scale`` 0 returns ``model_fn`` itself (no gradient computed)."""
+    if not math.isfinite(scale) or scale < 0:
+        raise ValueError(f"classifier guidance scale must be >= 0, got {scale}")
+    if scale == 0:
+        return model_fn
+    kind = normalize_prediction_type(prediction_type or schedule.prediction_type)
+
+    def guided(x: Tensor, t: Tensor) -> Tensor:
+        out = model_fn(x, t)
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            log_p = log_likelihood(x_in, t)
+            (grad,) = torch.autograd.grad(log_p.sum(), x_in)
+        alpha, sigma = schedule.alpha_sigma(t, like=x)
+        return shift_eps(out, x, alpha, sigma, -scale * sigma * grad.to(x.dtype), kind)
+
+    return guided

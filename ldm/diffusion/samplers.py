@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ldm.diffusion.objectives import standard_normal, consistency_scalings, normalize_prediction_type, predict_x0_eps
+from ldm.diffusion.objectives import consistency_scalings, normalize_prediction_type, predict_x0_eps, standard_normal
 from ldm.diffusion.schedules import NoiseSchedule, gaussian_posterior
 from ldm.diffusion.variance import VARIANCE_TYPES, split_output, step_log_variance
 

@@ -38,8 +38,6 @@ SCHEDULES = ("linear", "scaled_linear", "cosine")
 SPACINGS = ("trailing", "leading", "linspace", "karras", "geometric")
 DEFAULT_BETAS = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012)}
 TERMINAL_ALPHA_CUMPROD_FLOOR = 2.0**-24  # sigma-space stand-in for ᾱ = 0 (diffusers' choice)
-_DIFFUSERS_NAMES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
-_DIFFUSERS_PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 
 
 @dataclass
@@ -394,30 +392,18 @@ class DiscreteSchedule(NoiseSchedule):
         return torch.ones_like(_as_float_tensor(t))
 
     def to_diffusers_config(self) -> dict[str, Any]:
-        """The equivalent diffusers scheduler config (DDIM/DDPM/DPMSolver... share these keys)."""
-        names = {v: k for k, v in _DIFFUSERS_NAMES.items()}
-        cfg = {"num_train_timesteps": self.num_train_timesteps, "beta_schedule": names[self.config.name],
-               "prediction_type": _DIFFUSERS_PREDICTION[self.config.prediction_type],
-               "rescale_betas_zero_snr": self.config.zero_terminal_snr}
-        if self.config.name in DEFAULT_BETAS:
-            cfg.update(beta_start=self.config.beta_start, beta_end=self.config.beta_end)
-        return cfg
+        """The equivalent diffusers scheduler config (DDIM/DDPM/DPMSolver... share these keys); the table is
+        ``ldm.interop.scheduler.FIELDS``."""
+        from ldm.interop.scheduler import to_diffusers_config
+
+        return to_diffusers_config(self)
 
     @classmethod
     def from_diffusers_config(cls, config: dict[str, Any]) -> DiscreteSchedule:
         """Build from a diffusers ``scheduler_config.json`` dict (beta_schedule, beta_start, ...)."""
-        if config.get("trained_betas") is not None:
-            raise ValueError("diffusers config has trained_betas; only linear/scaled_linear/squaredcos_cap_v2 schedules convert")
-        kind = config.get("beta_schedule", "linear")
-        if kind not in _DIFFUSERS_NAMES:
-            raise ValueError(f"diffusers beta_schedule {kind!r} has no equivalent here: use one of {list(_DIFFUSERS_NAMES)}")
-        name = _DIFFUSERS_NAMES[kind]
-        kwargs: dict[str, Any] = {"num_train_timesteps": config.get("num_train_timesteps", 1000),
-                                  "zero_terminal_snr": bool(config.get("rescale_betas_zero_snr", False)),
-                                  "prediction_type": config.get("prediction_type", "epsilon")}
-        if name in DEFAULT_BETAS:
-            kwargs.update(beta_start=config.get("beta_start", 1e-4), beta_end=config.get("beta_end", 0.02))
-        return cls.from_name(name, **kwargs)
+        from ldm.interop.scheduler import from_diffusers_config
+
+        return from_diffusers_config(config)
 
 
 @dataclass

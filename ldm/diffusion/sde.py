@@ -23,7 +23,7 @@ import math
 import torch
 from torch import Tensor
 
-from ldm.diffusion.objectives import standard_normal, normalize_prediction_type
+from ldm.diffusion.objectives import normalize_prediction_type, standard_normal
 from ldm.diffusion.samplers import Callback, ModelFn, Predictor, report_step, step_range
 from ldm.diffusion.schedules import NoiseSchedule
 

@@ -19,8 +19,8 @@ from torch import Tensor
 from ldm.diffusion.objectives import normalize_prediction_type, training_target
 from ldm.diffusion.samplers import SAMPLERS, ModelFn, sample
 from ldm.diffusion.schedules import DiscreteSchedule, NoiseSchedule, gaussian_posterior
-from ldm.diffusion.variance import exact_reverse_raw_v
 from ldm.diffusion.sde import sample_probability_flow, sample_reverse_sde
+from ldm.diffusion.variance import exact_reverse_raw_v
 
 
 # ---- Gaussian data: exact denoisers ----------------------------------------------------------------

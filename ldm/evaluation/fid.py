@@ -36,6 +36,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from ldm.data.shards import list_shards
+from ldm.errors import UsageError
 from ldm.io import PartError, atomic_write_bytes, load_part, torch_load_safely
 from ldm.modules.text_encoder import CLIPImageEncoder, CLIPTextConditioner
 
@@ -321,7 +322,7 @@ def load_split(data_dir: str | Path, split: str, n: int, resolution: int) -> Rea
     from ldm.data.webdata import ShardDataset
 
     if n < 2:
-        raise ValueError(f"--n must be >= 2 (a covariance needs two samples), got {n}")
+        raise UsageError(f"--n must be >= 2 (a covariance needs two samples), got {n}")
     dataset = ShardDataset(list_shards(data_dir, split), resolution, min(n, 256), shuffle_buffer=0, rank=0,
                            world_size=1)
     images, captions, metas = [], [], []
@@ -332,7 +333,7 @@ def load_split(data_dir: str | Path, split: str, n: int, resolution: int) -> Rea
         if len(captions) >= n:
             break
     if len(captions) < n:
-        raise ValueError(f"{data_dir} split {split!r} has only {len(captions)} usable samples; "
+        raise UsageError(f"{data_dir} split {split!r} has only {len(captions)} usable samples; "
                          "lower --n to at most that")
     return RealSplit(torch.cat(images)[:n], captions[:n], metas[:n])
 

@@ -28,9 +28,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ldm.diffusion.likelihood import (LN2, discretized_gaussian_log_likelihood, mean_and_standard_error,
-                                      variational_bound)
 from ldm.conditioning import Conditioning
+from ldm.diffusion.likelihood import (
+    LN2,
+    discretized_gaussian_log_likelihood,
+    mean_and_standard_error,
+    variational_bound,
+)
 from ldm.diffusion.ode_likelihood import ode_bits_per_dim
 from ldm.diffusion.samplers import ModelFn
 from ldm.pipeline import TextToImagePipeline

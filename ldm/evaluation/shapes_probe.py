@@ -15,7 +15,6 @@ Imports neither Lightning nor webdataset.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import time
@@ -30,6 +29,7 @@ from PIL import Image
 from torch import nn
 
 from ldm.data import shapes as shapes_data
+from ldm.data.images import decode_rgb
 from ldm.data.shards import list_shards, read_info, read_shard
 from ldm.io import load_part, save_part, write_json
 
@@ -155,7 +155,7 @@ def load_labelled(data_dir: str | Path, split: str, limit: int | None = None, re
             objects = meta.get("objects", [])
             if len(objects) != 1:
                 continue
-            im = Image.open(io.BytesIO(files["png"])).convert("RGB")
+            im = decode_rgb(files["png"])
             if im.size != (resolution, resolution):
                 im = im.resize((resolution, resolution), Image.BOX)
             images.append(np.asarray(im))
@@ -300,23 +300,3 @@ def load_or_train_probe(data_dir: str | Path, probe_dir: str | Path, **train_kwa
     if (Path(probe_dir) / "model.safetensors").is_file():
         return load_probe(probe_dir)
     return train_probe(data_dir, probe_dir, **train_kwargs)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m ldm.evaluation.shapes_probe --data-dir datasets/shapes --out checkpoints/shapes/probe``."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description="train the shapes probe and export it (config.json + "
-                                     "model.safetensors + metrics.json)",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--data-dir", default="datasets/shapes", help="shapes dataset (ldm data shapes)")
-    parser.add_argument("--out", default="checkpoints/shapes/probe", help="export folder")
-    parser.add_argument("--steps", type=int, default=800, help="optimizer steps")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
-    args = parser.parse_args(argv)
-    train_probe(args.data_dir, args.out, steps=args.steps, seed=args.seed)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -15,6 +15,7 @@ import itertools
 import math
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Sequence
 
 import torch
@@ -22,6 +23,7 @@ from torch import nn
 
 from ldm.data import shapes as shapes_data
 from ldm import table
+from ldm.errors import UsageError
 from ldm.table import percent
 from ldm.evaluation.fid import (RealSplit, cached_features, clip_score, distribution_metrics, extract_features,
                                 frechet_distance, load_split, metric_name, real_cache_key, to_uint8)
@@ -74,9 +76,10 @@ def generate_for(pipe: TextToImagePipeline, prompts: Sequence[str], sampler: str
 
 def evaluate_point(pipe: TextToImagePipeline, real: RealSplit, real_features: torch.Tensor, extractor: nn.Module,
                    sampler: str, steps: int, guidance: float, seed: int = 0, batch_size: int = 100,
-                   clip_metric: nn.Module | None = None, probe: ShapesProbe | None = None,
+                   clip_metric: nn.Module | None = None, scorer: Callable[..., dict[str, Any]] | None = None,
                    kid_subset_size: int = 1000) -> dict[str, Any]:
-    """One grid point: generate from ``real.captions`` and measure FD, KID, CLIP score and adherence."""
+    """One grid point: generate from ``real.captions`` and measure FD, KID, CLIP score and adherence (with the
+    dataset's ``scorer``, ``Benchmark.adherence_scorer``)."""
     images, seconds = generate_for(pipe, real.captions, sampler, steps, guidance, seed, batch_size)
     fake = extract_features(extractor, images, batch_size)
     row: dict[str, Any] = {"sampler": sampler, "steps": steps, "nfe": model_evaluations(sampler, steps),
@@ -84,8 +87,8 @@ def evaluate_point(pipe: TextToImagePipeline, real: RealSplit, real_features: to
     row.update(distribution_metrics(real_features, fake, metric_name(extractor), kid_subset_size, seed=seed))
     if clip_metric is not None:
         row["clip_score"] = clip_score(clip_metric, images, real.captions, batch_size)
-    if probe is not None:
-        row.update(caption_adherence(probe, images, real.metas))
+    if scorer is not None:
+        row.update(scorer(images, real.metas))
     row["seconds"] = round(seconds, 2)
     row["img_per_s"] = round(len(images) / max(seconds, 1e-9), 2)
     return row
@@ -121,7 +124,7 @@ def sweep_grid(values: dict[str, Sequence[Any]]) -> list[dict[str, Any]]:
     """The grid points (dicts of sampler, steps, guidance), samplers outermost, guidance innermost."""
     unknown = sorted(set(values) - set(SWEEP_KEYS))
     if unknown:
-        raise ValueError(f"cannot sweep {unknown}: --sweep takes {list(SWEEP_KEYS)} (e.g. guidance=1,2,4 steps=10,20)")
+        raise UsageError(f"cannot sweep {unknown}: --sweep takes {list(SWEEP_KEYS)} (e.g. guidance=1,2,4 steps=10,20)")
     return [dict(zip(SWEEP_KEYS, combo)) for combo in itertools.product(*(values[k] for k in SWEEP_KEYS))]
 
 

@@ -7,13 +7,12 @@ either. PSNR and SSIM (Wang et al. 2004, eq. 13) say how close the pixels are; t
 *content* survived. The comparison is against the probe's reading of the original, not the label, so a
 probe error on the original does not count against the VAE.
 
-``python -m ldm.evaluation.vae_fidelity --vae PART_OR_CKPT --probe checkpoints/shapes/parts/probe``.
+``ldm vae-fidelity --vae PART_OR_CKPT --probe checkpoints/shapes/parts/probe``.
 Imports neither Lightning nor webdataset.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import torch
 from torchmetrics.functional.image import structural_similarity_index_measure
 
-from ldm.evaluation.shapes_probe import ATTRIBUTES, ShapesProbe, adherence, load_labelled, load_probe, to_unit
+from ldm.evaluation.shapes_probe import ATTRIBUTES, ShapesProbe, adherence, load_labelled, to_unit
 from ldm.io import PartError, load_checkpoint, load_part, load_state_dict_checked
 from ldm.modules.autoencoder import AutoencoderKL, AutoencoderKLConfig
 
@@ -86,29 +85,3 @@ def reconstruction_fidelity(vae: AutoencoderKL, probe: ShapesProbe, data_dir: st
     result["ssim"] = structural_similarity_index_measure((recon + 1) / 2, (x + 1) / 2, data_range=1.0).item()
     result["seconds"] = round(time.perf_counter() - start, 2)
     return result
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Print (and optionally write) :func:`reconstruction_fidelity` of a VAE part or checkpoint as JSON."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description="probe-read fidelity, PSNR and SSIM of VAE reconstructions of "
-                                     "shapes images", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--vae", required=True, help="exported VAE part folder or an `ldm fit` checkpoint (.ckpt)")
-    parser.add_argument("--probe", default="checkpoints/shapes/parts/probe",
-                        help="exported shapes probe (python -m ldm.evaluation.shapes_probe)")
-    parser.add_argument("--data-dir", default="datasets/shapes", help="shapes dataset (ldm data shapes)")
-    parser.add_argument("--split", default="val", help="split to reconstruct (train or val)")
-    parser.add_argument("--n", type=int, default=None, help="first N single-object images (default: all)")
-    parser.add_argument("--out", default=None, help="also write the result to this JSON file")
-    args = parser.parse_args(argv)
-    result = reconstruction_fidelity(load_vae(args.vae), load_probe(args.probe), args.data_dir, args.n, args.split)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

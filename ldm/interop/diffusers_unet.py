@@ -1,7 +1,9 @@
-"""Exact conversion between ``ldm.modules.unet.UNet`` and diffusers' ``UNet2DConditionModel``.
+"""Exact conversion between ``ldm.modules.unet.UNet``, diffusers' ``UNet2DConditionModel`` and the CompVis
+``UNetModel`` of Stable Diffusion single files (``model.diffusion_model.*``).
 
-Only state dicts and config dicts are touched: diffusers is not imported here. The two networks
-compute the same function; besides names they differ in two places:
+Only state dicts and config dicts are touched: diffusers is not imported here. :func:`key_table` is the one
+table (our key ↔ diffusers key ↔ CompVis key), used in both directions. The networks compute the same
+function; besides names they differ in two places:
 
 * GEGLU ``ff.net.0.proj`` (2*inner x C, rows value|gate)  <->  ``ff.value`` + ``ff.gate`` (inner x C each)
 * ``proj_in/proj_out`` as 1x1 convs (SD 1.x, ``use_linear_projection=False``) or Linear (SD 2.x)
@@ -14,108 +16,142 @@ Beware diffusers' ``attention_head_dim``: for UNet2DConditionModel it is the num
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from ldm.modules.unet import UNetConfig
+from ldm.interop.tables import ConversionError, KeyTable, Row
+from ldm.modules.unet import UNet, UNetConfig
 
 Tensor = torch.Tensor
 
-# (diffusers pattern, ldm replacement), applied in order to every key; the inverse table goes back.
-_BLOCKS = [
-    (r"^time_embedding\.", "time_embed."),
-    (r"^class_embedding\.", "pooled_embed."),
-    (r"^conv_norm_out\.", "norm_out."),
-    (r"^down_blocks\.(\d+)\.resnets\.(\d+)\.", r"down.\1.res.\2."),
-    (r"^down_blocks\.(\d+)\.attentions\.(\d+)\.", r"down.\1.attn.\2."),
-    (r"^down_blocks\.(\d+)\.downsamplers\.0\.", r"down.\1.resample."),
-    (r"^mid_block\.resnets\.(\d+)\.", r"mid.res.\1."),
-    (r"^mid_block\.attentions\.0\.", "mid.attn."),
-    (r"^up_blocks\.(\d+)\.resnets\.(\d+)\.", r"up.\1.res.\2."),
-    (r"^up_blocks\.(\d+)\.attentions\.(\d+)\.", r"up.\1.attn.\2."),
-    (r"^up_blocks\.(\d+)\.upsamplers\.0\.", r"up.\1.resample."),
-    (r"\.time_emb_proj\.", ".time_proj."),
-    (r"\.conv_shortcut\.", ".skip."),
-    (r"\.transformer_blocks\.(\d+)\.", r".blocks.\1."),
-    (r"\.to_out\.0\.", ".out."),
-    (r"\.to_([qkv])\.", r".\1."),
-    (r"\.ff\.net\.2\.", ".ff.out."),
-]
-_BLOCKS_BACK = [
-    (r"^time_embed\.", "time_embedding."),
-    (r"^pooled_embed\.", "class_embedding."),
-    (r"^norm_out\.", "conv_norm_out."),
-    (r"^down\.(\d+)\.res\.(\d+)\.", r"down_blocks.\1.resnets.\2."),
-    (r"^down\.(\d+)\.attn\.(\d+)\.", r"down_blocks.\1.attentions.\2."),
-    (r"^down\.(\d+)\.resample\.", r"down_blocks.\1.downsamplers.0."),
-    (r"^mid\.res\.(\d+)\.", r"mid_block.resnets.\1."),
-    (r"^mid\.attn\.", "mid_block.attentions.0."),
-    (r"^up\.(\d+)\.res\.(\d+)\.", r"up_blocks.\1.resnets.\2."),
-    (r"^up\.(\d+)\.attn\.(\d+)\.", r"up_blocks.\1.attentions.\2."),
-    (r"^up\.(\d+)\.resample\.", r"up_blocks.\1.upsamplers.0."),
-    (r"\.time_proj\.", ".time_emb_proj."),
-    (r"\.skip\.", ".conv_shortcut."),
-    (r"\.blocks\.(\d+)\.", r".transformer_blocks.\1."),
-    (r"\.(attn[12])\.out\.", r".\1.to_out.0."),
-    (r"\.(attn[12])\.([qkv])\.", r".\1.to_\2."),
-    (r"\.ff\.out\.", ".ff.net.2."),
-]
+# Our module path prefix -> (diffusers prefix, CompVis prefix, what the rest of the key is). ``n`` is
+# num_res_blocks; the CompVis input/output blocks are numbered over the levels as in openaimodel.py.
+_Prefix = tuple[str, str, str]
 
 
-def _rename(key: str, table: list[tuple[str, str]]) -> str:
-    for pattern, replacement in table:
-        key = re.sub(pattern, replacement, key)
-    return key
+def _prefixes(config: UNetConfig) -> list[tuple[str, Callable[[re.Match], _Prefix]]]:
+    n, levels = config.num_res_blocks, len(config.channel_mult)
+
+    def up_attention(i: int) -> bool:  # our up[i] is level levels-1-i (deepest first, as diffusers' up_blocks)
+        return 2 ** (levels - 1 - i) in config.attention_resolutions
+
+    def g(m: re.Match, k: int) -> int:
+        return int(m.group(k))
+
+    return [
+        (r"conv_in\.", lambda m: ("conv_in.", "input_blocks.0.0.", "plain")),
+        (r"time_embed\.linear_([12])\.",
+         lambda m: (f"time_embedding.linear_{g(m, 1)}.", f"time_embed.{2 * g(m, 1) - 2}.", "plain")),
+        (r"pooled_embed\.linear_([12])\.",
+         lambda m: (f"class_embedding.linear_{g(m, 1)}.", f"label_emb.0.{2 * g(m, 1) - 2}.", "plain")),
+        (r"down\.(\d+)\.res\.(\d+)\.", lambda m: (f"down_blocks.{g(m, 1)}.resnets.{g(m, 2)}.",
+                                                 f"input_blocks.{1 + g(m, 1) * (n + 1) + g(m, 2)}.0.", "res")),
+        (r"down\.(\d+)\.attn\.(\d+)\.", lambda m: (f"down_blocks.{g(m, 1)}.attentions.{g(m, 2)}.",
+                                                  f"input_blocks.{1 + g(m, 1) * (n + 1) + g(m, 2)}.1.", "attn")),
+        (r"down\.(\d+)\.resample\.conv\.", lambda m: (f"down_blocks.{g(m, 1)}.downsamplers.0.conv.",
+                                                      f"input_blocks.{1 + g(m, 1) * (n + 1) + n}.0.op.", "plain")),
+        (r"mid\.res\.([01])\.", lambda m: (f"mid_block.resnets.{g(m, 1)}.", f"middle_block.{2 * g(m, 1)}.", "res")),
+        (r"mid\.attn\.", lambda m: ("mid_block.attentions.0.", "middle_block.1.", "attn")),
+        (r"up\.(\d+)\.res\.(\d+)\.", lambda m: (f"up_blocks.{g(m, 1)}.resnets.{g(m, 2)}.",
+                                               f"output_blocks.{g(m, 1) * (n + 1) + g(m, 2)}.0.", "res")),
+        (r"up\.(\d+)\.attn\.(\d+)\.", lambda m: (f"up_blocks.{g(m, 1)}.attentions.{g(m, 2)}.",
+                                                f"output_blocks.{g(m, 1) * (n + 1) + g(m, 2)}.1.", "attn")),
+        (r"up\.(\d+)\.resample\.conv\.",
+         lambda m: (f"up_blocks.{g(m, 1)}.upsamplers.0.conv.",
+                    f"output_blocks.{g(m, 1) * (n + 1) + n}.{2 if up_attention(g(m, 1)) else 1}.conv.", "plain")),
+        (r"norm_out\.", lambda m: ("conv_norm_out.", "out.0.", "plain")),
+        (r"conv_out\.", lambda m: ("conv_out.", "out.2.", "plain")),
+    ]
 
 
-def diffusers_to_ldm(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Rename a ``UNet2DConditionModel`` state dict into ``UNet``'s (exact, no numerical change)."""
-    out: dict[str, Tensor] = {}
-    for key, value in state_dict.items():
-        key = _rename(key, _BLOCKS)
-        prefix, _, leaf = key.rpartition(".")
-        if prefix.endswith(".ff.net.0.proj"):  # GEGLU rows are [value | gate]
-            base = prefix[: -len(".net.0.proj")]
-            out[f"{base}.value.{leaf}"], out[f"{base}.gate.{leaf}"] = value.chunk(2, dim=0)
-        elif re.search(r"\.proj_(in|out)$", prefix) and leaf == "weight" and value.ndim == 4:
-            out[key] = value[:, :, 0, 0]  # 1x1 conv -> Linear
-        else:
-            out[key] = value
-    return out
+# inside a ResBlock: ours -> (diffusers, CompVis)
+_RES_LEAVES = {"norm1": ("norm1", "in_layers.0"), "conv1": ("conv1", "in_layers.2"),
+               "time_proj": ("time_emb_proj", "emb_layers.1"), "norm2": ("norm2", "out_layers.0"),
+               "conv2": ("conv2", "out_layers.3"), "skip": ("conv_shortcut", "skip_connection")}
+# inside a SpatialTransformer (diffusers and CompVis agree here): ours -> theirs, applied in order
+_ATTN_LEAVES = [(r"^blocks\.(\d+)\.", r"transformer_blocks.\1."), (r"\.(attn[12])\.([qkv])\.", r".\1.to_\2."),
+                (r"\.(attn[12])\.out\.", r".\1.to_out.0."), (r"\.ff\.out\.", ".ff.net.2."),
+                (r"\.ff\.(value|gate)\.", ".ff.net.0.proj.")]
+LAYOUTS = ("diffusers", "compvis")
 
 
-def ldm_to_diffusers(state_dict: dict[str, Tensor], linear_projection: bool = False) -> dict[str, Tensor]:
-    """Inverse of :func:`diffusers_to_ldm`. ``linear_projection`` = diffusers' ``use_linear_projection``
-    (False for SD 1.x: ``proj_in/proj_out`` become 1x1 convs)."""
-    out: dict[str, Tensor] = {}
-    for key, value in state_dict.items():
+def _their_key(key: str, prefixes: list[tuple[str, Callable[[re.Match], _Prefix]]], layout: str) -> str:
+    for pattern, names in prefixes:
+        m = re.match(pattern, key)
+        if m is None:
+            continue
+        diffusers, compvis, kind = names(m)
+        rest = key[m.end():]
+        if kind == "res":
+            leaf, _, param = rest.partition(".")
+            rest = _RES_LEAVES[leaf][layout == "compvis"] + "." + param
+        elif kind == "attn":
+            for pat, repl in _ATTN_LEAVES:
+                rest = re.sub(pat, repl, rest)
+        return (compvis if layout == "compvis" else diffusers) + rest
+    raise ValueError(f"UNet key {key!r} has no entry in the conversion table")  # a new module: extend the table
+
+
+def key_table(config: UNetConfig, layout: str = "diffusers", linear_projection: bool = False) -> KeyTable:
+    """The U-Net's one key table: our keys ↔ diffusers' ``UNet2DConditionModel`` (``layout="diffusers"``) or the
+    CompVis ``openaimodel.UNetModel`` inside a single file (``"compvis"``, without its ``model.diffusion_model.``
+    prefix). ``linear_projection``: write ``proj_in/proj_out`` as Linear weights (SD 2.x) instead of 1x1
+    convolutions (SD 1.x); reading accepts both."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}: use one of {LAYOUTS}")
+    with torch.device("meta"):
+        keys = list(UNet(config).state_dict())
+    prefixes = _prefixes(config)
+    rows = []
+    for key in keys:
         prefix, _, leaf = key.rpartition(".")
         if prefix.endswith(".ff.gate"):
             continue  # joined with its value half
-        if prefix.endswith(".ff.value"):
-            base = prefix[: -len(".value")]
-            value = torch.cat([value, state_dict[f"{base}.gate.{leaf}"]], dim=0)
-            key = f"{base}.net.0.proj.{leaf}"
-        key = _rename(key, _BLOCKS_BACK)
-        if re.search(r"\.proj_(in|out)\.weight$", key) and not linear_projection:
-            value = value[:, :, None, None]
-        out[key] = value
-    return out
+        theirs = _their_key(key, prefixes, layout)
+        if prefix.endswith(".ff.value"):  # GEGLU rows are [value | gate]
+            rows.append(Row((key, f"{prefix[:-len('value')]}gate.{leaf}"), (theirs,), "cat"))
+        elif re.search(r"\.proj_(in|out)$", prefix) and leaf == "weight":
+            rows.append(Row((key,), (theirs,), "same" if linear_projection else "conv"))
+        else:
+            rows.append(Row((key,), (theirs,)))
+    return KeyTable(rows, "U-Net")
 
 
-def diffusers_config(config: UNetConfig) -> dict[str, Any]:
-    """Keyword arguments for ``diffusers.UNet2DConditionModel(**kw)`` with the same architecture."""
+def diffusers_to_ldm(state_dict: dict[str, Tensor], config: UNetConfig) -> dict[str, Tensor]:
+    """Rename a ``UNet2DConditionModel`` state dict into ``UNet``'s (exact, no numerical change)."""
+    return key_table(config).to_ours(state_dict, "diffusers U-Net")
+
+
+def ldm_to_diffusers(state_dict: dict[str, Tensor], config: UNetConfig, linear_projection: bool = False
+                     ) -> dict[str, Tensor]:
+    """Inverse of :func:`diffusers_to_ldm`. ``linear_projection`` = diffusers' ``use_linear_projection``
+    (False for SD 1.x: ``proj_in/proj_out`` become 1x1 convs)."""
+    return key_table(config, linear_projection=linear_projection).to_theirs(state_dict)
+
+
+def export_problems(config: UNetConfig) -> list[str]:
+    """Features of this U-Net that diffusers' ``UNet2DConditionModel`` (and the SD single file) cannot express."""
+    problems = []
     if config.position_embedding:
-        raise ValueError("diffusers' UNet2DConditionModel has no spatial position embedding; "
-                         "only position_embedding=False converts")
+        problems.append("U-Net position features (position_embedding: true; SD U-Nets have no spatial position "
+                        "embedding)")
     if config.ff_mult != 4:
-        raise ValueError(f"diffusers' UNet2DConditionModel has a fixed 4x GEGLU feed-forward; ff_mult="
-                         f"{config.ff_mult} does not convert (use ff_mult=4)")
+        problems.append(f"U-Net feed-forward ff_mult={config.ff_mult} (SD has a fixed 4x GEGLU)")
+    return problems
+
+
+def diffusers_config(config: UNetConfig, linear_projection: bool = False, sample_size: int | None = None
+                     ) -> dict[str, Any]:
+    """Keyword arguments for ``diffusers.UNet2DConditionModel(**kw)`` with the same architecture."""
+    problems = export_problems(config)
+    if problems:
+        raise ConversionError(f"diffusers' UNet2DConditionModel cannot express: {'; '.join(problems)}")
     widths = config.level_channels
     attn = [2**i in config.attention_resolutions for i in range(len(widths))]
     return {
-        "sample_size": None,
+        "sample_size": sample_size,
         "in_channels": config.in_channels,
         "out_channels": config.out_channels,
         "block_out_channels": tuple(widths),
@@ -134,7 +170,7 @@ def diffusers_config(config: UNetConfig) -> dict[str, Any]:
         "freq_shift": 0,
         "downsample_padding": 1,
         "act_fn": "silu",
-        "use_linear_projection": False,
+        "use_linear_projection": linear_projection,
         "resnet_time_scale_shift": "scale_shift" if config.scale_shift_norm else "default",
         # the pooled text embedding is diffusers' "projection" class embedding (added to the time embedding)
         **({"class_embed_type": "projection", "projection_class_embeddings_input_dim": config.pooled_dim}
@@ -145,7 +181,9 @@ def diffusers_config(config: UNetConfig) -> dict[str, Any]:
 def config_from_diffusers(dconfig: dict[str, Any]) -> UNetConfig:
     """``UNetConfig`` equivalent to a diffusers ``UNet2DConditionModel`` config (its config.json as a dict).
 
-    Raises ValueError naming the option when the diffusers model uses a feature this U-Net lacks.
+    Raises ConversionError (a ValueError) naming the option when the diffusers model uses a feature this U-Net lacks.
+    ``upcast_attention`` (SD 2.1) converts: it only computes attention scores in fp32 when the model runs in
+    fp16, the same function.
     """
     def get(name: str, default: Any) -> Any:
         return dconfig.get(name, default)
@@ -154,7 +192,7 @@ def config_from_diffusers(dconfig: dict[str, Any]) -> UNetConfig:
     if get("class_embed_type", None) == "projection" and not get("class_embeddings_concat", False):
         pooled_dim = int(get("projection_class_embeddings_input_dim", 0)) or None
     unsupported = {"class_embed_type": "projection" if pooled_dim else None, "addition_embed_type": None, "time_cond_proj_dim": None,
-                   "encoder_hid_dim": None, "only_cross_attention": False, "upcast_attention": False,
+                   "encoder_hid_dim": None, "only_cross_attention": False,
                    "center_input_sample": False, "dual_cross_attention": False,
                    "act_fn": "silu", "flip_sin_to_cos": True, "freq_shift": 0, "downsample_padding": 1,
                    "conv_in_kernel": 3, "conv_out_kernel": 3, "time_embedding_type": "positional",
@@ -164,30 +202,31 @@ def config_from_diffusers(dconfig: dict[str, Any]) -> UNetConfig:
         if isinstance(value, (list, tuple)) and expected is False:
             value = any(value)
         if value != expected:
-            raise ValueError(f"diffusers option {name}={get(name, expected)!r} is not supported by ldm's UNet "
+            raise ConversionError(f"diffusers option {name}={get(name, expected)!r} is not supported by ldm's UNet "
                              f"(it needs {expected!r})")
     scale_shift = get("resnet_time_scale_shift", "default")
     if scale_shift not in ("default", "scale_shift"):
-        raise ValueError(f"diffusers option resnet_time_scale_shift={scale_shift!r} is not supported by ldm's UNet "
+        raise ConversionError(f"diffusers option resnet_time_scale_shift={scale_shift!r} is not supported by ldm's UNet"
+                              " "
                          "(it needs 'default' or 'scale_shift')")
     if abs(get("norm_eps", 1e-5) - 1e-5) > 1e-12:
-        raise ValueError(f"diffusers norm_eps={get('norm_eps', None)} is not supported (ldm's UNet uses 1e-5)")
+        raise ConversionError(f"diffusers norm_eps={get('norm_eps', None)} is not supported (ldm's UNet uses 1e-5)")
     widths = list(get("block_out_channels", (320, 640, 1280, 1280)))
     base = widths[0]
     if any(w % base for w in widths):
-        raise ValueError(f"block_out_channels {widths} are not multiples of the first one "
+        raise ConversionError(f"block_out_channels {widths} are not multiples of the first one "
                          "(not expressible as model_channels * channel_mult)")
     down = list(get("down_block_types", ()))
     attention = tuple(2**i for i, name in enumerate(down) if name.startswith("CrossAttn"))
     depth = get("transformer_layers_per_block", 1)
     if isinstance(depth, (list, tuple)):
         if len(set(depth)) != 1:
-            raise ValueError(f"per-level transformer_layers_per_block {depth} is not supported; use one depth")
+            raise ConversionError(f"per-level transformer_layers_per_block {depth} is not supported; use one depth")
         depth = depth[0]
     layers = get("layers_per_block", 2)
     if isinstance(layers, (list, tuple)):
         if len(set(layers)) != 1:
-            raise ValueError(f"per-level layers_per_block {layers} is not supported")
+            raise ConversionError(f"per-level layers_per_block {layers} is not supported")
         layers = layers[0]
     heads = get("attention_head_dim", 8)  # = number of heads in UNet2DConditionModel
     heads = [heads] * len(widths) if isinstance(heads, int) else list(heads)
@@ -196,7 +235,8 @@ def config_from_diffusers(dconfig: dict[str, Any]) -> UNetConfig:
     elif len({w // h for w, h in zip(widths, heads)}) == 1:
         num_heads, head_dim = None, widths[0] // heads[0]
     else:
-        raise ValueError(f"attention_head_dim {heads} (heads per level) is neither constant nor a constant head width")
+        raise ConversionError(f"attention_head_dim {heads} (heads per level) is neither constant nor a constant "
+                              "head width")
     return UNetConfig(in_channels=get("in_channels", 4), out_channels=get("out_channels", 4), model_channels=base,
                       channel_mult=tuple(w // base for w in widths), num_res_blocks=layers,
                       attention_resolutions=attention, num_heads=num_heads, head_dim=head_dim,

@@ -1,7 +1,9 @@
-"""Convert the VAE between ``ldm.modules.autoencoder.AutoencoderKL`` and diffusers' ``AutoencoderKL``.
+"""Convert the VAE between ``ldm.modules.autoencoder.AutoencoderKL``, diffusers' ``AutoencoderKL`` and the
+CompVis autoencoder of Stable Diffusion single files (``first_stage_model.*``).
 
-Both implement the same Latent Diffusion geometry (Rombach et al. 2022, appendix G), so a conversion
-is a renaming of state-dict keys plus a config translation. diffusers is only imported by the
+All implement the same Latent Diffusion geometry (Rombach et al. 2022, appendix G), so a conversion
+is a renaming of state-dict keys (one table, :func:`key_table`, both directions) plus a config translation.
+diffusers is only imported by the
 helpers that build or read a diffusers model object; the dict/folder converters need only torch
 and safetensors.
 """
@@ -16,62 +18,75 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ldm.interop.tables import ConversionError, KeyTable, Row
 from ldm.io import PartError, read_json, save_part, write_json
 from ldm.modules.autoencoder import AutoencoderKL, AutoencoderKLConfig
 
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+LAYOUTS = ("diffusers", "compvis")
 
-# our module path prefix -> diffusers prefix (first match wins; the rest of the key is kept)
+# our module path prefix -> (diffusers prefix, CompVis prefix); ``L`` = number of levels. Our decoder.up[k]
+# runs deepest first, as diffusers' up_blocks; CompVis numbers decoder.up by level (deepest = L-1).
 _PREFIXES = [
-    (r"encoder\.down\.(\d+)\.blocks\.(\d+)\.", r"encoder.down_blocks.\1.resnets.\2."),
-    (r"encoder\.down\.(\d+)\.attns\.(\d+)\.", r"encoder.down_blocks.\1.attentions.\2."),
-    (r"encoder\.down\.(\d+)\.resample\.", r"encoder.down_blocks.\1.downsamplers.0."),
-    (r"decoder\.up\.(\d+)\.blocks\.(\d+)\.", r"decoder.up_blocks.\1.resnets.\2."),
-    (r"decoder\.up\.(\d+)\.attns\.(\d+)\.", r"decoder.up_blocks.\1.attentions.\2."),
-    (r"decoder\.up\.(\d+)\.resample\.", r"decoder.up_blocks.\1.upsamplers.0."),
-    (r"(encoder|decoder)\.mid\.block1\.", r"\1.mid_block.resnets.0."),
-    (r"(encoder|decoder)\.mid\.block2\.", r"\1.mid_block.resnets.1."),
-    (r"(encoder|decoder)\.mid\.attn\.", r"\1.mid_block.attentions.0."),
-    (r"(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out."),
+    (r"encoder\.down\.(\d+)\.blocks\.(\d+)\.", r"encoder.down_blocks.\1.resnets.\2.", r"encoder.down.\1.block.\2."),
+    (r"encoder\.down\.(\d+)\.attns\.(\d+)\.", r"encoder.down_blocks.\1.attentions.\2.", r"encoder.down.\1.attn.\2."),
+    (r"encoder\.down\.(\d+)\.resample\.", r"encoder.down_blocks.\1.downsamplers.0.", r"encoder.down.\1.downsample."),
+    (r"decoder\.up\.(\d+)\.blocks\.(\d+)\.", r"decoder.up_blocks.\1.resnets.\2.", r"decoder.up.{L-1-\1}.block.\2."),
+    (r"decoder\.up\.(\d+)\.attns\.(\d+)\.", r"decoder.up_blocks.\1.attentions.\2.", r"decoder.up.{L-1-\1}.attn.\2."),
+    (r"decoder\.up\.(\d+)\.resample\.", r"decoder.up_blocks.\1.upsamplers.0.", r"decoder.up.{L-1-\1}.upsample."),
+    (r"(encoder|decoder)\.mid\.block1\.", r"\1.mid_block.resnets.0.", r"\1.mid.block_1."),
+    (r"(encoder|decoder)\.mid\.block2\.", r"\1.mid_block.resnets.1.", r"\1.mid.block_2."),
+    (r"(encoder|decoder)\.mid\.attn\.", r"\1.mid_block.attentions.0.", r"\1.mid.attn_1."),
+    (r"(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out.", r"\1.norm_out."),
 ]
-# leaf renames inside a ResNet block / an attention block
-_RESNET_LEAVES = {"shortcut": "conv_shortcut"}
-_ATTN_LEAVES = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj": "to_out.0"}
+# leaf renames inside a ResNet block / an attention block: ours -> (diffusers, CompVis)
+_RESNET_LEAVES = {"shortcut": ("conv_shortcut", "nin_shortcut")}
+_ATTN_LEAVES = {"norm": ("group_norm", "norm"), "q": ("to_q", "q"), "k": ("to_k", "k"), "v": ("to_v", "v"),
+                "proj": ("to_out.0", "proj_out")}
 # attention names of diffusers checkpoints saved before its attention refactor
 _LEGACY_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
-def _to_diffusers_key(key: str) -> str:
-    for pattern, repl in _PREFIXES:
+def _their_key(key: str, layout: str, levels: int) -> tuple[str, bool]:
+    """(their key, whether it is an attention projection weight, a 1x1 convolution in CompVis)."""
+    compvis = layout == "compvis"
+    for pattern, diffusers, original in _PREFIXES:
         m = re.match(pattern, key)
         if m:
-            prefix, rest = m.expand(repl), key[m.end():]
-            leaf, _, param = rest.rpartition(".")
-            leaves = _ATTN_LEAVES if ".attentions." in prefix else _RESNET_LEAVES
-            return prefix + (leaves.get(leaf, leaf) + "." if leaf else "") + param
-    return key  # conv_in, conv_out, quant_conv, post_quant_conv keep their names
+            prefix = m.expand(original if compvis else diffusers)
+            prefix = re.sub(r"\{L-1-(\d+)\}", lambda n: str(levels - 1 - int(n.group(1))), prefix)
+            leaf, _, param = key[m.end():].rpartition(".")
+            attention = ".attn" in pattern
+            leaves = _ATTN_LEAVES if attention else _RESNET_LEAVES
+            name = leaves[leaf][compvis] if leaf in leaves else leaf
+            return prefix + (name + "." if leaf else "") + param, attention and leaf != "norm" and param == "weight"
+    return key, False  # conv_in, conv_out, quant_conv, post_quant_conv keep their names
+
+
+def key_table(config: AutoencoderKLConfig, layout: str = "diffusers") -> KeyTable:
+    """The VAE's one key table: our keys ↔ diffusers' ``AutoencoderKL`` (``layout="diffusers"``) or the CompVis
+    ``AutoencoderKL`` of a single file (``"compvis"``, without its ``first_stage_model.`` prefix; attention
+    projections are 1x1 convolutions there)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}: use one of {LAYOUTS}")
+    with torch.device("meta"):
+        keys = list(AutoencoderKL(config).state_dict())
+    rows = []
+    for key in keys:
+        theirs, projection = _their_key(key, layout, len(config.ch_mult))
+        rows.append(Row((key,), (theirs,), "conv" if projection and layout == "compvis" else "same"))
+    return KeyTable(rows, "VAE")
 
 
 def key_map(config: AutoencoderKLConfig) -> dict[str, str]:
     """Our state-dict key -> the diffusers key, for every parameter of a model with this config."""
-    with torch.device("meta"):
-        keys = list(AutoencoderKL(config).state_dict())
-    return {k: _to_diffusers_key(k) for k in keys}
-
-
-def _rename(state: dict[str, torch.Tensor], mapping: dict[str, str], source: str) -> dict[str, torch.Tensor]:
-    missing = sorted(set(mapping) - set(state))
-    unexpected = sorted(set(state) - set(mapping))
-    if missing or unexpected:
-        raise PartError(f"{source}: state dict does not match the config; missing {missing[:6]}"
-                        f"{' …' if len(missing) > 6 else ''}, unexpected {unexpected[:6]}{' …' if len(unexpected) > 6 else ''}")
-    return {mapping[k]: v for k, v in state.items()}
+    return {row.ours[0]: row.theirs[0] for row in key_table(config).rows}
 
 
 def to_diffusers_state_dict(state: dict[str, torch.Tensor], config: AutoencoderKLConfig) -> dict[str, torch.Tensor]:
     """Rename an ``ldm`` VAE state dict to diffusers' ``AutoencoderKL`` keys."""
     check_diffusers_expressible(config)
-    return _rename(state, key_map(config), "ldm VAE")
+    return key_table(config).to_theirs(state, "ldm VAE")
 
 
 def from_diffusers_state_dict(state: dict[str, torch.Tensor], config: AutoencoderKLConfig) -> dict[str, torch.Tensor]:
@@ -83,19 +98,26 @@ def from_diffusers_state_dict(state: dict[str, torch.Tensor], config: Autoencode
             return f"{stem}.{_LEGACY_ATTN[leaf]}.{param}"
         return key
 
-    state = {modern(k): v for k, v in state.items()}
-    inverse = {d: ours for ours, d in key_map(config).items()}
-    return _rename(state, inverse, "diffusers VAE")
+    return key_table(config).to_ours({modern(k): v for k, v in state.items()}, "diffusers VAE")
+
+
+def export_problems(config: AutoencoderKLConfig) -> list[str]:
+    """Features of this VAE that diffusers' ``AutoencoderKL`` (and the SD single file) cannot express."""
+    problems = []
+    if config.patch_size != 1:
+        problems.append(f"patchified VAE (patch_size={config.patch_size}; SD VAEs have no pixel (un)shuffle)")
+    if not config.double_z:
+        problems.append("deterministic VAE (double_z: false; SD VAEs predict mean and log-variance)")
+    if config.dropout:
+        problems.append(f"VAE dropout={config.dropout} (SD VAE blocks have none)")
+    return problems
 
 
 def check_diffusers_expressible(config: AutoencoderKLConfig) -> None:
-    """Raise if diffusers' AutoencoderKL cannot represent this geometry."""
-    if not config.double_z:
-        raise ValueError("diffusers' AutoencoderKL always predicts mean and logvar; set double_z=True to convert")
-    if config.dropout:
-        raise ValueError("diffusers' VAE blocks have no dropout; set dropout=0 to convert")
-    if config.patch_size != 1:
-        raise ValueError("diffusers' AutoencoderKL has no pixel (un)shuffle; only patch_size=1 converts")
+    """Raise a ConversionError naming every feature diffusers' AutoencoderKL cannot represent."""
+    problems = export_problems(config)
+    if problems:
+        raise ConversionError(f"diffusers' AutoencoderKL cannot express: {'; '.join(problems)}")
 
 
 def _level_sizes(config: AutoencoderKLConfig) -> list[int]:
@@ -127,13 +149,14 @@ def from_diffusers_config(d: dict[str, Any]) -> AutoencoderKLConfig:
     """Our config for a diffusers ``AutoencoderKL`` config dict (its config.json or ``model.config``)."""
     d = dict(d)
     if d.get("act_fn", "silu") != "silu":
-        raise ValueError(f"only act_fn='silu' VAEs convert, got {d['act_fn']!r}")
+        raise ConversionError(f"only act_fn='silu' VAEs convert, got {d['act_fn']!r}")
     if not d.get("use_quant_conv", True) or not d.get("use_post_quant_conv", True):
-        raise ValueError("VAEs without quant_conv/post_quant_conv do not convert")
+        raise ConversionError("VAEs without quant_conv/post_quant_conv do not convert")
     widths = list(d.get("block_out_channels", [64]))
     ch = widths[0]
     if any(w % ch for w in widths):
-        raise ValueError(f"block_out_channels {widths} are not multiples of the first width; cannot express as ch * ch_mult")
+        raise ConversionError(f"block_out_channels {widths} are not multiples of the first width; cannot express "
+                              "as ch * ch_mult")
     resolution = int(d.get("sample_size", 32))
     if isinstance(d.get("sample_size"), (list, tuple)):
         resolution = int(d["sample_size"][0])

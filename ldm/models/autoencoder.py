@@ -40,8 +40,10 @@ from ldm.modules.discriminator import (GAN_LOSSES, PatchDiscriminator, adaptive_
 from ldm.visual import tensor_rows_grid
 
 
-def latent_scale_and_shift(latents: Iterable[torch.Tensor]) -> tuple[float, float]:
-    """(scaling_factor, shift_factor) = (1 / std, mean) over every element of the given latents.
+def latent_scale_and_shift(latents: Iterable[torch.Tensor], shift: bool = True) -> tuple[float, float]:
+    """(scaling_factor, shift_factor) = (1 / std, mean) over every element of the given latents; without
+    ``shift``, (1 / rms, 0): unit second moment about zero, as Stable Diffusion's VAE (whose pipelines decode
+    latents / scaling_factor, with no shift).
 
     Rombach et al. 2022 (Sec. 4.3.2) rescale KL-regularized latents to unit variance before diffusion;
     the shift (mean) follows the SD3/FLUX VAEs. Sums are accumulated in float64 and, under
@@ -57,7 +59,7 @@ def latent_scale_and_shift(latents: Iterable[torch.Tensor]) -> tuple[float, floa
     if stats is None:
         raise ValueError("no latents to measure the scale on: the data loader produced no batches")
     total, total_sq, count = all_reduce(stats, "sum").tolist()
-    mean = total / count
+    mean = total / count if shift else 0.0
     var = max(total_sq / count - mean * mean, 0.0)
     if var <= 1e-24:
         raise ValueError(f"latents have zero variance over {int(count)} values; the encoder output is constant")
@@ -90,6 +92,8 @@ class AutoencoderModule(PartModule):
         grad_clip: max gradient norm for both optimizers (0 or None: no clipping).
         image_every_n_steps, num_images: reconstruction grid every N batches (0: never).
         export_batches: training batches used to measure the latent scale at export.
+        latent_shift: also measure and store a latent mean (``shift_factor``); false: scale only (1/rms), what
+            Stable Diffusion pipelines (diffusers, single files) can express.
     """
 
     def __init__(
@@ -115,6 +119,7 @@ class AutoencoderModule(PartModule):
         image_every_n_steps: int = 500,
         num_images: int = 8,
         export_batches: int = 32,
+        latent_shift: bool = True,
     ) -> None:
         super().__init__(optimizer, lr_schedule)
         self.save_hyperparameters()
@@ -285,7 +290,7 @@ class AutoencoderModule(PartModule):
                 yield self.vae.encode(self._images(batch).to(device)).mode()
 
         try:
-            return latent_scale_and_shift(latents())
+            return latent_scale_and_shift(latents(), self.hparams.latent_shift)
         finally:
             self.vae.train(was_training)
 

@@ -24,7 +24,7 @@ import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
@@ -40,7 +40,6 @@ from ldm.training.budget import planned_steps, warmup_cosine
 CLASS_KEY = "ldm_class_path"
 DATAMODULE_KEY = "ldm_datamodule"
 LR_DECAYS = ("cosine", "constant")
-T = TypeVar("T")
 
 
 @dataclass
@@ -213,6 +212,17 @@ class PartModule(pl.LightningModule, abc.ABC):
             from ldm.data.webdata import log_skipped
 
             log_skipped(self, batch, split)
+
+    def on_train_epoch_end(self) -> None:
+        from ldm.data.webdata import log_skip_reasons
+
+        log_skip_reasons(self, "train")  # per reason, once an epoch (every rank: one all-reduce)
+
+    def on_validation_epoch_end(self) -> None:
+        """Subclasses that override this call ``super().on_validation_epoch_end()`` (every rank must)."""
+        from ldm.data.webdata import log_skip_reasons
+
+        log_skip_reasons(self, "val")
 
     # ---- checkpoints -----------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -80,7 +80,9 @@ def checked_arguments(cls: type, values: dict[str, Any], source: str) -> dict[st
 
 
 def rebuild_from_checkpoint(ckpt_path: str | Path, data_dir: str | None = None) -> tuple[Any, Any, str | None]:
-    """(model with the checkpoint's weights, its datamodule or None, a note on the data used or None)."""
+    """(model with the checkpoint's weights, its datamodule or None, a note on the data used or None).
+
+    Everything the file names is resolved and checked before anything is constructed."""
     source = str(ckpt_path)
     ckpt = load_checkpoint(ckpt_path)
     name = ckpt.get(CLASS_KEY)
@@ -89,19 +91,24 @@ def rebuild_from_checkpoint(ckpt_path: str | Path, data_dir: str | None = None) 
     cls = training_class(name, "model", source)
     hparams = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if not str(k).startswith("_")}
     hparams = checked_arguments(cls, upgrade_hparams(cls.__name__, hparams), source)
-    model = cls(**hparams)
-    model.load_state_dict(ckpt["state_dict"], strict=True)
-    datamodule, note = None, None
+    dm_cls, dm_args, note = None, None, None
     dm_info = ckpt.get(DATAMODULE_KEY)
     if isinstance(dm_info, dict):
         dm_cls = training_class(str(dm_info.get("class_path")), "datamodule", source)
-        args = {k: v for k, v in (dm_info.get("init_args") or {}).items() if not str(k).startswith("_")}
+        dm_args = {k: v for k, v in (dm_info.get("init_args") or {}).items() if not str(k).startswith("_")}
         if data_dir is not None:
-            args["data_dir"] = data_dir
-        elif "data_dir" in args:
-            if not is_local_source(args["data_dir"]):
-                raise PartError(f"{source} records the data source {args['data_dir']!r}, which is not a local path; "
+            dm_args["data_dir"] = data_dir
+        elif "data_dir" in dm_args:
+            if not is_local_source(dm_args["data_dir"]):
+                raise PartError(f"{source} records the data source {dm_args['data_dir']!r}, which is not a local path; "
                                 "commands and URLs are never taken from a checkpoint: pass --data-dir")
-            note = f"using the data folder recorded in the checkpoint: {args['data_dir']} (--data-dir to change it)"
-        datamodule = dm_cls(**checked_arguments(dm_cls, args, source))
+            note = f"using the data folder recorded in the checkpoint: {dm_args['data_dir']} (--data-dir to change it)"
+        checked_arguments(dm_cls, dm_args, source)
+    model = cls(**hparams)
+    try:
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+    except RuntimeError as e:
+        raise PartError(f"{source}: the weights do not match {cls.__name__} built from its own arguments "
+                        f"({str(e).splitlines()[0]})") from e
+    datamodule = dm_cls(**dm_args) if dm_cls is not None else None
     return model.eval(), datamodule, note

@@ -21,6 +21,8 @@ whose σ²-weighted denoising score matching is the ε-MSE (``objectives.dsm_los
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -34,17 +36,19 @@ from ldm.diffusion.likelihood import hybrid_loss
 from ldm.diffusion.objectives import diffusion_loss, offset_noise
 from ldm.diffusion.schedules import build_schedule
 from ldm.diffusion.variance import split_output
-from ldm.io import PartError, load_part, weights_hash
+from ldm.errors import UsageError
+from ldm.io import PartError, config_from_dict, load_part, read_json, weights_hash
 from ldm.models.base import PartModule
 from ldm.modules.denoiser import build_denoiser, conditioning_for, copy_denoiser
 from ldm.modules.identity_vae import IdentityFirstStage, IdentityFirstStageConfig
 from ldm.modules.null_text import UnconditionalText, UnconditionalTextConfig
 from ldm.pipeline import PipelineConfig, TextToImagePipeline
+from ldm.registry import denoiser_class
 from ldm.visual import image_grid
-
 
 LOSSES = ("simple", "hybrid")
 PARTS_KEY = "ldm_parts"  # checkpoint key: the weight hashes of the frozen parts the run trains with
+INIT_KEY = "ldm_init_from"  # checkpoint key: the pipeline a fine-tuning started from (provenance)
 
 
 def load_frozen_part(path: str | None, kind: str, what: str, make_target: str) -> nn.Module:
@@ -65,6 +69,68 @@ def sample_timesteps(batch: int, num_train_timesteps: int, stratified: bool, dev
     return (u * num_train_timesteps).long().clamp_(max=num_train_timesteps - 1)[torch.randperm(batch, device=device)]
 
 
+# denoiser fields a fine-tuning may set differently from the pipeline it starts from (training-only)
+TRAINING_ONLY = ("gradient_checkpointing", "dropout")
+
+
+class InitSource:
+    """The pipeline a fine-tuning starts from (``init_from``): its denoiser spec and schedule, checked against
+    what the training config states, and its weights (hash-verified) to load."""
+
+    def __init__(self, path: str, denoiser: dict[str, Any] | None, noise_schedule: dict[str, Any] | None):
+        from ldm.pipeline import DENOISER_DIR, PIPELINE_FILE
+
+        self.path = Path(path)
+        missing = [p for p in ("vae", "text_encoder", DENOISER_DIR, "scheduler", PIPELINE_FILE)
+                   if not (self.path / p).exists()]
+        if missing:
+            raise UsageError(f"model.init_args.init_from {path}: not a pipeline folder (it lacks {missing}); give a "
+                             "folder written by `ldm convert --from ...` or `ldm export`")
+        config = read_json(self.path / DENOISER_DIR / "config.json")
+        self.metadata = {k: v for k, v in config.items() if k.startswith("_")}
+        recorded = {k: v for k, v in config.items() if not k.startswith("_")}
+        given = dict(denoiser or {})
+        kind = given.pop("type", None)
+        source_class = config.get("_class_name")
+        if kind is not None and denoiser_class(kind, "model.init_args.denoiser.type").__name__ != source_class:
+            raise UsageError(f"model.init_args.denoiser.type {kind!r} differs from {path}'s {source_class}")
+        self.denoiser_spec = {"type": config.get("_class_name"), **recorded,
+                              **self._agreeing(given, recorded, "denoiser", f"{path}/{DENOISER_DIR}", TRAINING_ONLY)}
+        schedule = {k: v for k, v in read_json(self.path / "scheduler" / "config.json").items()
+                    if not k.startswith("_")}
+        if noise_schedule:
+            full = build_schedule(noise_schedule).to_config()
+            self._agreeing({k: full[k] for k in noise_schedule}, schedule, "noise_schedule", f"{path}/scheduler", ())
+        self.schedule = schedule
+        self.pipeline_config = read_json(self.path / PIPELINE_FILE)
+
+    @staticmethod
+    def _agreeing(given: dict[str, Any], recorded: dict[str, Any], block: str, source: str,
+                  free: tuple[str, ...]) -> dict[str, Any]:
+        """The ``free`` fields of ``given``; any other field must equal the recorded one."""
+        def same(a: Any, b: Any) -> bool:
+            return json.loads(json.dumps(a)) == json.loads(json.dumps(b))
+
+        differ = {k: v for k, v in given.items() if k not in free and not (k in recorded and same(v, recorded[k]))}
+        if differ:
+            raise UsageError(f"model.init_args.{block} {differ} differs from {source} "
+                             f"({ {k: recorded.get(k) for k in differ} }): drop it, the fine-tuning starts from there")
+        return {k: v for k, v in given.items() if k in free}
+
+    def load_into(self, denoiser: nn.Module, vae: nn.Module, text_encoder: nn.Module) -> dict[str, Any]:
+        """Copy the source denoiser's weights into ``denoiser``; returns the ``_init_from`` provenance record."""
+        from ldm.pipeline import DENOISER_DIR, check_trained_together
+
+        part = load_part(self.path / DENOISER_DIR, kind="denoiser")
+        check_trained_together(self.path, self.metadata.get("_trained_with"),
+                               {"vae": weights_hash(vae), "text_encoder": weights_hash(text_encoder)})
+        denoiser.load_state_dict(part.state_dict())
+        record = {"path": str(self.path.resolve()), "denoiser_sha256": weights_hash(part)}
+        if self.metadata.get("_init_from"):
+            record["from"] = self.metadata["_init_from"]  # the source's own start: the whole lineage
+        return record
+
+
 class LatentDiffusion(PartModule):
     """The denoiser's LightningModule. Args are plain values so LightningCLI/YAML can set all of them.
 
@@ -79,7 +145,7 @@ class LatentDiffusion(PartModule):
         p_uncond: caption dropout probability for classifier-free guidance.
         ema_decay: EMA of the denoiser weights, with warm-up min(decay, (1+n)/(10+n)); used for sampling/export.
         stratified_timesteps: stratified t sampling per batch.
-        resolution: image size (the denoiser runs at resolution / vae factor).
+        resolution: image size (the denoiser runs at resolution / vae factor); default 32, or init_from's.
         val_prompts / sample_every_n_val / sample_steps / sample_guidance: the validation sample grid
             (``val_prompts`` None: the training dataset's own prompts, when its module has some).
         pooled_conditioning: also condition on the prompt's pooled embedding, added to the time embedding
@@ -91,6 +157,12 @@ class LatentDiffusion(PartModule):
         loss / vlb_weight: "simple" (L_simple, weighted by ``loss_weighting``) or "hybrid" (L_simple + λ L_vlb,
             iDDPM eq. 16, λ = ``vlb_weight``; needs ``learned_variance``). The L_0 term is the discretized
             8-bit decoder in pixel space and the Gaussian density on latents.
+        init_from: a pipeline folder (``ldm convert`` import, or an ``ldm export``) to fine-tune: its VAE and
+            text encoder replace ``vae_path``/``text_encoder_path``, its denoiser (config and weights) and noise
+            schedule are the starting point (a ``denoiser``/``noise_schedule`` block may only repeat them, or set
+            ``gradient_checkpointing``/``dropout``), ``resolution`` defaults to its image size, and the exported
+            pipeline records ``_init_from`` (the source folder and its denoiser's sha256). The latent cache must be
+            built with the pipeline's parts (``ldm cache --vae PIPELINE/vae --text-encoder PIPELINE/text_encoder``).
     """
 
     default_optimizer = {"lr": 1e-3}
@@ -101,28 +173,36 @@ class LatentDiffusion(PartModule):
                  optimizer: dict[str, Any] | None = None, lr_schedule: dict[str, Any] | None = None,
                  loss_weighting: str = "uniform", min_snr_gamma: float = 5.0, offset_noise: float = 0.0,
                  p_uncond: float = 0.1, ema_decay: float = 0.999, stratified_timesteps: bool = True,
-                 resolution: int = 32, val_prompts: list[str] | None = None, sample_every_n_val: int = 1,
+                 resolution: int | None = None, val_prompts: list[str] | None = None, sample_every_n_val: int = 1,
                  sample_steps: int = 10, sample_guidance: float = 4.0, val_timesteps: int = 8,
-                 pooled_conditioning: bool = False, pixel_channels: int | None = None, unconditional: bool = False,
+                 pooled_conditioning: bool = False, init_from: str | None = None,
+                 pixel_channels: int | None = None, unconditional: bool = False,
                  learned_variance: bool = False, loss: str = "simple", vlb_weight: float = 0.001):
         super().__init__(optimizer, lr_schedule)
         self.save_hyperparameters()
         if not 0.0 <= p_uncond <= 1.0:
             raise ValueError(f"p_uncond must be in [0, 1], got {p_uncond}")
         if loss not in LOSSES:
-            raise ValueError(f"loss must be one of {list(LOSSES)}, got {loss!r}")
+            raise UsageError(f"loss must be one of {list(LOSSES)}, got {loss!r}")
         if (loss == "hybrid") != learned_variance:
-            raise ValueError("loss: hybrid trains the learned variance and a learned variance needs its L_vlb term: "
+            raise UsageError("loss: hybrid trains the learned variance and a learned variance needs its L_vlb term: "
                              "set both learned_variance: true and loss: hybrid, or neither")
+        source = None
+        if init_from:
+            source = InitSource(init_from, denoiser, noise_schedule)
+            vae_path, text_encoder_path = str(source.path / "vae"), str(source.path / "text_encoder")
+            denoiser, noise_schedule = source.denoiser_spec, source.schedule
+            resolution = resolution or source.pipeline_config.get("height")
+        self.hparams.resolution = resolution = resolution or 32
         if pixel_channels is not None:
             if vae_path:
-                raise ValueError("give either vae_path or pixel_channels (pixel space), not both")
+                raise UsageError("give either vae_path or pixel_channels (pixel space), not both")
             self.vae = IdentityFirstStage(IdentityFirstStageConfig(in_channels=3, z_channels=pixel_channels)).eval()
         else:
             self.vae = load_frozen_part(vae_path, "vae", "vae", "make train-vae")
         if unconditional:
             if text_encoder_path:
-                raise ValueError("give either text_encoder_path or unconditional: true, not both")
+                raise UsageError("give either text_encoder_path or unconditional: true, not both")
             width = int((denoiser or {}).get("context_dim") or 32)
             self.text_encoder = UnconditionalText(UnconditionalTextConfig(token_dim=width)).eval()
         else:
@@ -134,10 +214,16 @@ class LatentDiffusion(PartModule):
                     "pooled_dim": self.text_encoder.pooled_dim if pooled_conditioning else None}
         self.denoiser = build_denoiser(denoiser or {}, defaults, "model.init_args.denoiser")
         if self.denoiser.config.out_channels != (2 if learned_variance else 1) * z:
-            raise ValueError(f"denoiser out_channels {self.denoiser.config.out_channels} does not match "
+            raise UsageError(f"denoiser out_channels {self.denoiser.config.out_channels} does not match "
                              f"learned_variance={learned_variance} on {z}-channel latents (expected "
                              f"{(2 if learned_variance else 1) * z}); leave out_channels unset")
         self.schedule = build_schedule(noise_schedule)
+        self.init_source: dict[str, Any] | None = None
+        self._pipeline_defaults = PipelineConfig()
+        if source is not None:
+            self.init_source = source.load_into(self.denoiser, self.vae, self.text_encoder)
+            self._pipeline_defaults = config_from_dict(PipelineConfig, source.pipeline_config,
+                                                       f"{init_from}/pipeline.json")
         self.track_ema(self.denoiser, ema_decay)
         self.val_prompts = None if val_prompts is None else list(val_prompts)
         self._empty: Conditioning | None = None
@@ -152,6 +238,8 @@ class LatentDiffusion(PartModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint[PARTS_KEY] = self.parts_provenance()
+        if self.init_source is not None:
+            checkpoint[INIT_KEY] = self.init_source
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(self._FROZEN)}
 
     def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True, assign: bool = False):
@@ -171,6 +259,8 @@ class LatentDiffusion(PartModule):
         return {"vae": weights_hash(self.vae), "text_encoder": weights_hash(self.text_encoder)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if isinstance(checkpoint.get(INIT_KEY), dict):  # where the run started, not where init_from points now
+            self.init_source = checkpoint[INIT_KEY]
         recorded = checkpoint.get(PARTS_KEY) or {}
         for name, current in self.parts_provenance().items():
             if recorded.get(name) and current and recorded[name] != current:
@@ -264,6 +354,7 @@ class LatentDiffusion(PartModule):
         return list(benchmark.val_prompts()) if benchmark is not None else []
 
     def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
         self._val_runs += 1
         every = self.hparams.sample_every_n_val
         if every and self._val_runs % every == 0 and self.trainer.is_global_zero and self.sample_prompts():
@@ -276,15 +367,17 @@ class LatentDiffusion(PartModule):
         if use_ema and self.ema is not None:
             self.ema.copy_to(denoiser)
         res = self.hparams.resolution
-        config = PipelineConfig(height=res, width=res, guidance=self.hparams.sample_guidance)
-        return TextToImagePipeline(self.vae, self.text_encoder, denoiser, self.schedule, config)
+        config = dataclasses.replace(self._pipeline_defaults, height=res, width=res,
+                                     guidance=self.hparams.sample_guidance)
+        provenance = {"_init_from": self.init_source} if self.init_source else None
+        return TextToImagePipeline(self.vae, self.text_encoder, denoiser, self.schedule, config, provenance)
 
     def log_samples(self) -> None:
         """Sample the validation prompts (EMA weights, cheap sampler) and log the grid (TensorBoard + PNG)."""
         prompts = self.sample_prompts()
         pipe = self.pipeline()
         images = pipe(prompts, steps=self.hparams.sample_steps, n_per_prompt=4, seed=0, progress=False)
-        self.log_image("val/samples", image_grid(images, rows=len(prompts), scale=2))
+        self.log_image("val/samples", image_grid(images, rows=len(prompts), scale=4, row_labels=prompts))
         # the pipeline's parts are shared with the training module: put them back in eval mode
         self.vae.eval()
         self.text_encoder.eval()

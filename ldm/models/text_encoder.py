@@ -19,7 +19,6 @@ part and, inside it, the image tower as its own part (``image_encoder/``) for CL
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
 import random
@@ -288,6 +287,7 @@ class ContrastiveCLIP(PartModule):
             self._val["labels"].append(labels.to(self.device))
 
     def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
         if not self._val.get("image"):
             return
         gathered = {k: self._gather(torch.cat(v)) for k, v in self._val.items() if v}

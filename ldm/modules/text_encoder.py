@@ -109,6 +109,9 @@ class CLIPTextConditionerConfig:
     ``backend="open_clip"`` uses the tower fields (``width`` … ``proj_bias``) and open_clip's BPE;
     ``backend="transformers"`` uses ``hf_text_config`` (a ``CLIPTextConfig`` dict) and ``hf_tokenizer``
     (vocab + merges + special tokens). ``context_length`` is the padded token count L of every prompt.
+    ``mask_padding``: the conditioning masks the padding after the end token (True, ldm's default: masked
+    cross-attention, padding columns trimmed) or hands the denoiser all L states, padding included (False:
+    Stable Diffusion's convention, which its U-Nets were trained with and diffusers' pipelines assume).
     """
 
     backend: str = "open_clip"
@@ -124,6 +127,7 @@ class CLIPTextConditionerConfig:
     proj_bias: bool = False
     hf_text_config: dict | None = None
     hf_tokenizer: dict | None = None
+    mask_padding: bool = True
 
 
 class CLIPTextConditioner(nn.Module):
@@ -309,9 +313,10 @@ class CLIPTextConditioner(nn.Module):
 
     def condition(self, prompts: Sequence[str]) -> Conditioning:
         """``prompts`` → the :class:`~ldm.conditioning.Conditioning` a denoiser takes: token states (B, L, D),
-        their mask and the pooled embedding (LDM eq. 3's τθ(y)), padded to ``context_length``."""
+        their mask and the pooled embedding (LDM eq. 3's τθ(y)), padded to ``context_length``. Without
+        ``mask_padding`` the mask is None: every one of the L states, padding included, is attended to."""
         tokens, pooled, mask = self.encode_text(prompts, return_mask=True)
-        return Conditioning(tokens, mask, pooled)
+        return Conditioning(tokens, mask if self.config.mask_padding else None, pooled)
 
     def attention_mask(self, prompts: Sequence[str]) -> torch.Tensor:
         """(B, L) bool, True on the real tokens of each prompt (start, words, end), False on padding."""
@@ -338,34 +343,19 @@ class CLIPTextConditioner(nn.Module):
     # -- loading pretrained encoders from local files ----------------------------------------------------
     @classmethod
     def from_hf(cls, folder: str | Path, layer: str = "last", text_encoder_subfolder: str = "text_encoder",
-                tokenizer_subfolder: str = "tokenizer") -> CLIPTextConditioner:
+                tokenizer_subfolder: str = "tokenizer", mask_padding: bool = True) -> CLIPTextConditioner:
         """A local ``transformers`` ``CLIPTextModel`` + ``CLIPTokenizer`` (SD-1.x ``text_encoder/`` + ``tokenizer/``).
 
-        Nothing is downloaded: a missing folder or file is a :class:`ldm.io.PartError` naming the path.
+        Nothing is downloaded and only safetensors weights are read: a missing folder or file is a
+        :class:`ldm.io.PartError` naming the path. The reader is ``ldm.interop.clip_text.read_hf_folder``.
         """
-        from transformers import CLIPTextModel, CLIPTokenizer
+        from ldm.interop.clip_text import read_hf_folder
 
         root = Path(folder)
-        enc_dir, tok_dir = root / text_encoder_subfolder, root / tokenizer_subfolder
         if not root.is_dir():
             raise PartError(f"transformers CLIP folder {root} does not exist (expected {text_encoder_subfolder}/ "
                             f"and {tokenizer_subfolder}/ inside, the SD-1.x layout)")
-        if not (enc_dir / "config.json").is_file():
-            raise PartError(f"missing {enc_dir / 'config.json'}: expected a CLIPTextModel saved with save_pretrained")
-        if not any(enc_dir.glob("*.safetensors")) and not any(enc_dir.glob("*.bin")):
-            raise PartError(f"no weights (*.safetensors or *.bin) in {enc_dir}")
-        if not tok_dir.is_dir():
-            raise PartError(f"missing tokenizer folder {tok_dir} (vocab.json + merges.txt or tokenizer.json)")
-        model = CLIPTextModel.from_pretrained(enc_dir, local_files_only=True)
-        tokenizer = CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True)
-        hf_config = {k: v for k, v in model.config.to_dict().items() if _is_json(v)}
-        config = CLIPTextConditionerConfig(
-            backend="transformers", layer=layer, context_length=int(model.config.max_position_embeddings),
-            hf_text_config=hf_config, hf_tokenizer=hf_tokenizer_spec(tokenizer),
-        )
-        conditioner = cls(config)
-        conditioner.hf.load_state_dict(model.state_dict())
-        return conditioner.freeze()
+        return read_hf_folder(root / text_encoder_subfolder, root / tokenizer_subfolder, layer, mask_padding)
 
     @classmethod
     def from_open_clip(cls, model: str | Path, checkpoint: str | Path, layer: str = "last",
@@ -425,14 +415,6 @@ def _check_prompts(prompts: Sequence[str]) -> list[str]:
     if not prompts:
         raise ValueError("prompts is empty: pass at least one prompt (\"\" is the unconditional prompt)")
     return list(prompts)
-
-
-def _is_json(value: Any) -> bool:
-    try:
-        json.dumps(value)
-        return True
-    except TypeError:
-        return False
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -1,6 +1,7 @@
 """Training at scale and through faults: Lightning callbacks and plugins for any ldm LightningModule.
 
-``configs/trainer/*.yaml`` switch them on for every ``ldm fit``:
+``ldm fit`` switches on AtomicCheckpointIO, PreemptionCheckpoint, SkipNonFiniteSteps, SeedEveryStep and
+FitToTimeBudget itself (``ldm.cli.train.add_robustness``), whatever the config says; the rest are opt-in:
 
 - :class:`AtomicCheckpointIO` (plugin): checkpoints are written to a temp file and renamed, so a crash never
   leaves a corrupt ``last.ckpt``; loads are ``weights_only=True`` and a failure names the file.
@@ -15,7 +16,7 @@
 """
 
 from ldm.training.budget import FitToTimeBudget, planned_steps, warmup_cosine
-from ldm.training.checkpoint_io import (AtomicCheckpointIO, CheckpointLoadError, atomic_torch_save,
+from ldm.training.checkpoint_io import (AtomicCheckpointIO, CheckpointLoadError, SafeFSDPStrategy, atomic_torch_save,
                                         resume_checkpoint_path, save_resume_checkpoint)
 from ldm.training.compile import CompileModules
 from ldm.training.nonfinite import NonFiniteLossError, SkipNonFiniteSteps
@@ -24,7 +25,7 @@ from ldm.training.profiling import AllReduceTimer, StepTimer
 from ldm.data.resumable import ResumableLoader
 from ldm.training.resume import SeedEveryStep, step_seed
 
-__all__ = ["AtomicCheckpointIO", "CheckpointLoadError", "atomic_torch_save",
+__all__ = ["AtomicCheckpointIO", "CheckpointLoadError", "SafeFSDPStrategy", "atomic_torch_save",
            "resume_checkpoint_path", "save_resume_checkpoint", "NonFiniteLossError", "SkipNonFiniteSteps",
            "Preempted", "PreemptionCheckpoint", "AllReduceTimer", "StepTimer", "ResumableLoader", "SeedEveryStep",
            "step_seed", "CompileModules", "FitToTimeBudget", "planned_steps", "warmup_cosine"]

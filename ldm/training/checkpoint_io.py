@@ -20,11 +20,12 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.strategies import FSDPStrategy
 
 from ldm.io import CheckpointLoadError, atomic_write, load_checkpoint
 
-__all__ = ["AtomicCheckpointIO", "CheckpointLoadError", "atomic_torch_save", "resume_checkpoint_path",
-           "save_resume_checkpoint"]
+__all__ = ["AtomicCheckpointIO", "CheckpointLoadError", "SafeFSDPStrategy", "atomic_torch_save",
+           "resume_checkpoint_path", "save_resume_checkpoint"]
 
 # What Lightning needs to resume a fit (a weights-only checkpoint lacks the rest).
 RESUME_KEYS = ("state_dict", "optimizer_states", "loops", "global_step", "epoch")
@@ -80,3 +81,22 @@ def save_resume_checkpoint(trainer: pl.Trainer) -> Path:
     path = resume_checkpoint_path(trainer)
     trainer.save_checkpoint(path)
     return path
+
+
+class SafeFSDPStrategy(FSDPStrategy):
+    """Lightning's FSDPStrategy, resuming only from checkpoints that load weights-only.
+
+    Lightning's FSDP resume bypasses the CheckpointIO plugin: a full checkpoint goes through its lazy loader,
+    an unpickler that accepts any class, and a sharded one through ``torch.distributed.checkpoint``, whose
+    metadata file is a pickle. Here a full checkpoint is first read with :func:`ldm.io.load_checkpoint`
+    (``weights_only=True``; anything else is refused with a clear error), and a sharded one is refused
+    (write ``state_dict_type: full`` checkpoints, as ``configs/trainer/fsdp.yaml`` does).
+    """
+
+    def load_checkpoint(self, checkpoint_path: str | os.PathLike, weights_only: bool | None = None) -> dict[str, Any]:
+        path = Path(self.broadcast(checkpoint_path))
+        if path.is_dir():
+            raise CheckpointLoadError(f"{path} is a sharded FSDP checkpoint, whose metadata torch reads with pickle; "
+                                      "ldm resumes FSDP runs from full checkpoints only (strategy state_dict_type: full)")
+        load_checkpoint(path)  # weights-only check of the whole file before Lightning's own loader touches it
+        return super().load_checkpoint(path, weights_only=True)

@@ -9,7 +9,7 @@ Submodules are compiled in place with ``nn.Module.compile`` before the strategy 
 wraps the compiled module and its gradient hooks still fire per parameter), and their ``state_dict``
 keys do not change (no ``_orig_mod.`` prefix): checkpoints and exports stay interchangeable with
 uncompiled runs. Off by default: on a 2-core CPU the compile time (tens of seconds) is not paid back by
-a short run; measure with ``python -m ldm.bench.ddp`` before turning it on.
+a short run; measure with ``ldm bench ddp`` before turning it on.
 """
 
 from __future__ import annotations

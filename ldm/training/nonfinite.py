@@ -77,7 +77,7 @@ class SkipNonFiniteSteps(Callback):
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         checked = self._losses + ([p.grad for p in params] if self.check_gradients else [])
         self._losses = []
-        bad = agree_across_ranks(int(not all_finite(checked)), trainer.strategy.root_device)
+        bad = agree_across_ranks(int(not all_finite(checked)))
         if not bad:
             return
         for p in params:

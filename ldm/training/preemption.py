@@ -8,6 +8,10 @@ the signal reached only some of them; then every rank takes part in writing ``la
 :class:`~ldm.training.AtomicCheckpointIO`) and raises :class:`Preempted`, a ``SystemExit`` with status
 128 + signal number. ``ldm fit ... --ckpt_path last`` continues exactly where the run stopped.
 
+When the whole process group is signalled (a scheduler's time limit, ``kill -- -PGID``), the DataLoader
+workers of every ldm loader ignore the signal (``ldm.data.workers``; the callback registers its signals
+there) and keep delivering batches until this process has saved and shuts them down normally.
+
 This replaces Lightning's own SIGTERM handling during training (which broadcasts from inside the signal
 handler and exits without a checkpoint); Lightning restores the original handlers at teardown.
 """
@@ -20,10 +24,11 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 
+from ldm.data.workers import shield_in_workers
+from ldm.dist import all_reduce
 from ldm.training.checkpoint_io import save_resume_checkpoint
 
 
@@ -41,17 +46,14 @@ def signal_number(name: str | int) -> int:
         return int(signal.Signals(name))
     key = name.upper() if name.upper().startswith("SIG") else f"SIG{name.upper()}"
     if not hasattr(signal, key):
-        raise ValueError(f"unknown signal {name!r} in PreemptionCheckpoint(signals=...): use names like SIGTERM, SIGUSR1")
+        raise ValueError(f"unknown signal {name!r} in PreemptionCheckpoint(signals=...): "
+                         "use names like SIGTERM, SIGUSR1")
     return int(getattr(signal, key))
 
 
-def agree_across_ranks(value: int, device: torch.device) -> int:
+def agree_across_ranks(value: int) -> int:
     """The maximum of ``value`` over all ranks (``value`` itself without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return value
-    tensor = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return int(tensor.item())
+    return int(all_reduce(torch.tensor([value], dtype=torch.int64), "max").item())
 
 
 class PreemptionCheckpoint(Callback):
@@ -67,6 +69,7 @@ class PreemptionCheckpoint(Callback):
 
     def __init__(self, signals: list[str] | None = None, check_every_n_batches: int = 1, exit: bool = True) -> None:
         self.signals = [signal_number(s) for s in (["SIGTERM", "SIGUSR1"] if signals is None else signals)]
+        shield_in_workers(self.signals)  # loader workers leave these to this process
         if check_every_n_batches < 1:
             raise ValueError(f"check_every_n_batches must be >= 1, got {check_every_n_batches}")
         self.check_every_n_batches = check_every_n_batches
@@ -110,7 +113,7 @@ class PreemptionCheckpoint(Callback):
                            batch_idx: int) -> None:
         if (batch_idx + 1) % self.check_every_n_batches:
             return
-        signum = agree_across_ranks(self.received or 0, trainer.strategy.root_device)
+        signum = agree_across_ranks(self.received or 0)
         if not signum:
             return
         path = save_resume_checkpoint(trainer)

@@ -1,0 +1,104 @@
+"""``ldm bench data|unet|ddp``: throughput benchmarks (a table on stdout, JSON under checkpoints/bench/)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ldm.cli import checks
+
+HELP = "speed benchmarks: data loader (data), U-Net vs diffusers (unet), DDP layouts on this machine (ddp)"
+
+POSITIVE = checks.int_at_least(1)
+
+
+def _layout(text: str) -> tuple[int, int]:
+    p, _, t = text.partition("x")
+    if not (p.isdigit() and t.isdigit() and int(p) > 0 and int(t) > 0):
+        raise argparse.ArgumentTypeError(f"expected PxT such as 2x1 (P processes, T threads each), got {text!r}")
+    return int(p), int(t)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ldm.cli import DefaultsHelpFormatter as fmt
+
+    sub = parser.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
+    p = sub.add_parser("data", formatter_class=fmt, help="data-loader throughput vs bare PIL decoding",
+                       description="Decoded images per second of the shard loader, in-process and with DataLoader "
+                                   "workers, beside bare PIL decoding of the same PNGs.")
+    p.add_argument("--data-dir", default="datasets/shapes", help="dataset folder (6,000 shapes samples built if missing)")
+    p.add_argument("--split", default="train", help="split to read")
+    p.add_argument("--samples", type=POSITIVE, default=10_000, help="images decoded per measurement")
+    p.add_argument("--batch-size", type=POSITIVE, default=64, help="batch size")
+    p.add_argument("--resolutions", type=POSITIVE, nargs="+", default=[32, 64], help="output resolutions")
+    p.add_argument("--workers", type=checks.int_at_least(0), nargs="+", default=[0, 2], help="DataLoader worker counts")
+    p.add_argument("--out", default="checkpoints/bench/data_loader.json", help="JSON result file")
+
+    from ldm.bench.unet import CANDIDATES
+
+    p = sub.add_parser("unet", formatter_class=fmt, help="U-Net training/sampling step vs diffusers' UNet2DConditionModel",
+                       description="Training-step and sampling throughput of ldm's U-Net and diffusers' with the same "
+                                   "config and weights, interleaved round by round.")
+    p.add_argument("--config", action="append", choices=sorted(CANDIDATES) + ["sd15"],
+                   help="U-Net config(s) to measure (repeatable); default: all shapes candidates")
+    p.add_argument("--batch", type=POSITIVE, default=128, help="images per training step")
+    p.add_argument("--size", type=POSITIVE, default=8, help="latent height = width")
+    p.add_argument("--tokens", type=POSITIVE, default=24, help="text tokens per caption (context length L)")
+    p.add_argument("--steps", type=POSITIVE, default=10, help="timed steps per model (after warm-up)")
+    p.add_argument("--warmup", type=checks.int_at_least(0), default=2, help="untimed warm-up steps per model")
+    p.add_argument("--rounds", type=POSITIVE, default=5, help="interleaved rounds the timed steps are split into")
+    p.add_argument("--channels-last", action="store_true", help="run both models in channels_last memory format")
+    p.add_argument("--no-diffusers", action="store_true", help="measure ldm's U-Net only (no reference)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    p.add_argument("--threads", type=POSITIVE, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--out", default="checkpoints/bench/unet.json", help="JSON results file")
+
+    p = sub.add_parser("ddp", formatter_class=fmt, help="data-parallel training throughput: P processes x T threads",
+                       description="The LDM U-Net trained through Lightning in each layout PxT (P DDP processes on "
+                                   "gloo, T threads each) on synthetic latents; img/s and a step-time breakdown.")
+    p.add_argument("--config", default=None, help="LDM config whose U-Net is measured (default: the packaged ldm/shapes.yaml)")
+    p.add_argument("--layouts", type=_layout, nargs="+", default=[(1, 1), (2, 1), (1, 2)],
+                   help="PxT: P processes with T threads each; the first is the speed-up reference")
+    p.add_argument("--batch", type=POSITIVE, default=32, help="images per process per step")
+    p.add_argument("--steps", type=POSITIVE, default=20, help="timed steps per layout")
+    p.add_argument("--warmup", type=checks.int_at_least(0), default=3, help="untimed steps per layout")
+    p.add_argument("--out", default="checkpoints/bench/ddp.json", help="JSON results file")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ldm.io import write_json
+
+    out = checks.output_file("--out", args.out, (".json",))
+    if args.bench == "data":
+        from ldm.data import bench
+
+        result = bench.benchmark(args.data_dir, args.split, args.samples, args.batch_size, args.resolutions,
+                                 args.workers)
+        print(bench.format_table(result))
+    elif args.bench == "unet":
+        import torch
+
+        from ldm.bench import unet
+
+        device = checks.torch_device("--device", args.device)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        shown = []
+
+        def show(r: dict) -> None:
+            shown.append(r)
+            print(unet.format_table([r]).splitlines()[-1] if len(shown) > 1 else unet.format_table([r]), flush=True)
+
+        result = unet.benchmark(args.config, batch=args.batch, size=args.size, tokens=args.tokens, steps=args.steps,
+                                warmup=args.warmup, rounds=args.rounds, with_diffusers=not args.no_diffusers,
+                                channels_last=args.channels_last, device=device, on_result=show)
+    else:
+        from ldm.bench import ddp
+
+        from ldm.cli.train import resolve_config
+
+        config = checks.existing_file("--config", resolve_config(args.config)) if args.config else ddp.DEFAULT_CONFIG
+        result = ddp.benchmark(config, args.layouts, batch=args.batch, steps=args.steps, warmup=args.warmup)
+        print(ddp.format_table(result["results"]))
+    write_json(out, result)
+    print(f"wrote {out}")
+    return 0

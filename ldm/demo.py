@@ -1,0 +1,296 @@
+"""``ldm demo``: from nothing to a sample grid and its prompt-adherence figures on shapes, in a fixed time budget.
+
+The stages, each one or two ``ldm`` commands run as child processes (their output goes to a log per stage):
+
+1. ``data``: ``ldm data shapes`` (all cores).
+2. ``vae`` ∥ ``text encoder``: the VAE and the CLIP text encoder train side by side, one core each
+   (``OMP_NUM_THREADS=1``), each for its wall-clock budget (``trainer.max_time``; ``FitToTimeBudget`` fits the
+   step count to it, the step counts are only ceilings), then each is exported as a part.
+3. ``probe`` ∥ ``cache``: the shapes probe trains beside the latent cache of the first ``cache_samples``
+   training images.
+4. ``unet``: the U-Net trains data-parallel in 2 processes (``configs/trainer/ddp-cpu.yaml``) for what is left
+   of ``budget_s``, counted from ``start_time`` (``make demo`` passes its own start, so the install counts),
+   less ``after_ldm_s`` for its start-up, the export and the adherence measurement; then it is exported as
+   the pipeline.
+5. ``adherence``: once the probe is done, ``ldm adherence`` of the pipeline: a grid and the figures.
+
+:func:`plan` builds every command (pure: tested without running anything), :func:`run_demo` runs them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ldm.errors import LdmError, UsageError
+
+DEFAULT_DATA_DIR = "datasets/shapes"
+DEFAULT_RUN_DIR = "checkpoints/shapes"
+
+
+class DemoStageError(LdmError):
+    """A stage of the demo failed; the message names the stage and its log."""
+
+
+@dataclass
+class DemoSettings:
+    """The demo's budgets and places (the defaults are ``make demo``'s DEMO_* variables)."""
+
+    budget_s: float = 870            # DEMO_BUDGET_S: the whole demo, from start_time
+    after_ldm_s: float = 60          # DEMO_AFTER_LDM_S: kept for the U-Net's start-up, export and adherence
+    min_ldm_s: float = 60            # fewer seconds than this left for the U-Net: stop with an error
+    start_time: float | None = None  # epoch seconds the budget counts from (None: when run_demo starts)
+    vae_time: str = "00:00:03:00"    # DEMO_VAE_TIME (trainer.max_time, DD:HH:MM:SS)
+    vae_steps: int = 4000            # DEMO_VAE_STEPS (ceiling)
+    clip_time: str = "00:00:02:45"   # DEMO_CLIP_TIME
+    clip_steps: int = 5000           # DEMO_CLIP_STEPS
+    cache_samples: int = 30000       # DEMO_CACHE_SAMPLES
+    ldm_steps: int = 10000           # DEMO_LDM_STEPS (ceiling)
+    probe_steps: int = 800
+    adherence_n: int = 200
+    data_dir: str = DEFAULT_DATA_DIR
+    run_dir: str = DEFAULT_RUN_DIR
+    log_dir: str | None = None       # None: <run_dir>/logs
+    data_args: list[str] = field(default_factory=list)  # extra flags of `ldm data shapes`
+    fit_args: list[str] = field(default_factory=list)   # extra flags of every `ldm fit`
+
+    @property
+    def logs(self) -> Path:
+        return Path(self.log_dir) if self.log_dir else Path(self.run_dir) / "logs"
+
+    @property
+    def parts(self) -> Path:
+        return Path(self.run_dir) / "parts"
+
+    @property
+    def pipeline(self) -> Path:
+        return Path(self.run_dir) / "pipeline"
+
+
+@dataclass
+class Stage:
+    """One stage: commands run one after the other, their output in ``log``, with ``threads`` OpenMP threads."""
+
+    name: str
+    commands: list[list[str]]
+    log: Path
+    threads: int | None = None  # OMP_NUM_THREADS for the stage (None: inherited)
+
+
+def ldm_command(*args: str) -> list[str]:
+    """``ldm ARGS`` as a child process of this interpreter (the same environment as the ``ldm`` script)."""
+    return [sys.executable, "-m", "ldm.cli", *args]
+
+
+def max_time(seconds: float) -> str:
+    """``trainer.max_time`` (DD:HH:MM:SS) of a whole number of seconds."""
+    s = int(seconds)
+    return f"{s // 86400:02d}:{s // 3600 % 24:02d}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def unet_seconds(settings: DemoSettings, start: float, now: float) -> int:
+    """What is left of the budget for the U-Net: start + budget_s − after_ldm_s − now, whole seconds."""
+    return int(start + settings.budget_s - settings.after_ldm_s - now)
+
+
+def _fit(config: str, settings: DemoSettings, time_limit: str, steps: int, *overrides: str) -> list[str]:
+    return ldm_command("fit", "--config", config, *overrides, "--trainer.max_time", time_limit,
+                       "--trainer.max_steps", str(steps), *settings.fit_args)
+
+
+def _place_overrides(settings: DemoSettings, kind: str) -> list[str]:
+    """Flags that point a shipped shapes config at --data-dir/--run-dir (none when they are the defaults)."""
+    flags = []
+    if kind in ("vae", "clip"):
+        if settings.data_dir != DEFAULT_DATA_DIR:
+            flags += ["--data.init_args.data_dir", settings.data_dir]
+        if settings.run_dir != DEFAULT_RUN_DIR:
+            flags += ["--trainer.default_root_dir", str(Path(settings.run_dir) / kind)]
+    elif kind == "ldm" and settings.run_dir != DEFAULT_RUN_DIR:
+        flags += ["--model.init_args.vae_path", str(settings.parts / "vae"),
+                  "--model.init_args.text_encoder_path", str(settings.parts / "text_encoder"),
+                  "--data.init_args.cache_dir", str(Path(settings.run_dir) / "cache"),
+                  "--trainer.default_root_dir", str(Path(settings.run_dir) / "ldm")]
+    return flags
+
+
+def plan(settings: DemoSettings, unet_s: int | None = None) -> dict[str, Stage]:
+    """Every stage with its commands; the U-Net's ``max_time`` is ``unet_s`` seconds (known only once the
+    stages before it have run; None plans it with the whole budget less ``after_ldm_s``)."""
+    run, parts, logs = Path(settings.run_dir), settings.parts, settings.logs
+    unet_s = int(settings.budget_s - settings.after_ldm_s) if unet_s is None else unet_s
+    return {
+        "data": Stage("data", [ldm_command("data", "shapes", "--out", settings.data_dir, *settings.data_args)],
+                      logs / "data.log"),
+        "vae": Stage("vae", [
+            _fit("configs/vae/shapes.yaml", settings, settings.vae_time, settings.vae_steps,
+                 *_place_overrides(settings, "vae")),
+            ldm_command("export", "--ckpt", str(run / "vae" / "checkpoints" / "last.ckpt"), "--out", str(parts / "vae")),
+        ], logs / "train-vae.log", threads=1),
+        "text encoder": Stage("text encoder", [
+            _fit("configs/clip/shapes.yaml", settings, settings.clip_time, settings.clip_steps,
+                 *_place_overrides(settings, "clip")),
+            ldm_command("export", "--ckpt", str(run / "clip" / "checkpoints" / "last.ckpt"),
+                        "--out", str(parts / "text_encoder")),
+        ], logs / "train-clip.log", threads=1),
+        "probe": Stage("probe", [ldm_command("probe", "--data-dir", settings.data_dir, "--out", str(parts / "probe"),
+                                             "--steps", str(settings.probe_steps))], logs / "probe.log", threads=1),
+        "cache": Stage("cache", [ldm_command("cache", "--vae", str(parts / "vae"), "--text-encoder",
+                                             str(parts / "text_encoder"), "--data", settings.data_dir,
+                                             "--out", str(run / "cache"), "--max-samples", str(settings.cache_samples))],
+                       logs / "cache.log", threads=1),
+        "unet": Stage("unet", [
+            _fit("configs/ldm/shapes.yaml", settings, max_time(unet_s), settings.ldm_steps,
+                 "--config", "configs/trainer/ddp-cpu.yaml", *_place_overrides(settings, "ldm")),
+            ldm_command("export", "--ckpt", str(run / "ldm" / "checkpoints" / "last.ckpt"), "--out", str(settings.pipeline)),
+        ], logs / "train-ldm.log", threads=1),
+        "adherence": Stage("adherence", [ldm_command(
+            "adherence", "--pipeline", str(settings.pipeline), "--probe", str(parts / "probe"), "--data",
+            settings.data_dir, "--n", str(settings.adherence_n), "--grid", str(run / "samples" / "demo.png"),
+            "--out", str(run / "adherence.json"))], logs / "adherence.log"),
+    }
+
+
+class Job:
+    """A stage running in a background thread: its commands one after another, stopped at the first failure."""
+
+    def __init__(self, stage: Stage) -> None:
+        self.stage, self.returncode, self.failed_command = stage, None, None
+        self._proc: subprocess.Popen | None = None
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._run_commands()
+        except OSError as e:  # the log cannot be written, the interpreter cannot be started, ...
+            self.returncode, self.failed_command = 127, [f"({type(e).__name__}: {e})"]
+
+    def _run_commands(self) -> None:
+        env = dict(os.environ)
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep (see the Makefile)
+        if self.stage.threads is not None:
+            env["OMP_NUM_THREADS"] = str(self.stage.threads)
+        self.stage.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.stage.log, "w") as log:
+            for command in self.stage.commands:
+                log.write(f"$ {shlex.join(command)}\n")
+                log.flush()
+                if self._stopped:
+                    self.returncode = -1
+                    return
+                self._proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                              start_new_session=True)
+                code = self._proc.wait()
+                if code != 0:
+                    self.returncode, self.failed_command = code, command
+                    return
+        self.returncode = 0
+
+    def wait(self) -> int:
+        self._thread.join()
+        return int(self.returncode)
+
+    def stop(self) -> None:
+        """Stop the stage: no further command starts, the running one (and its children) get SIGTERM."""
+        self._stopped = True
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            try:
+                os.killpg(proc.pid, 15)
+            except ProcessLookupError:
+                pass
+        self._thread.join(timeout=30)
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def run_demo(settings: DemoSettings, echo: Callable[[str], None] = print,
+             clock: Callable[[], float] = time.time) -> dict[str, float]:
+    """Run every stage of :func:`plan`; returns the seconds from ``start_time`` at which each stage ended.
+
+    A failed stage stops the stages still running and raises :class:`DemoStageError` naming it and its log
+    (whose last lines are echoed first)."""
+    start = clock() if settings.start_time is None else settings.start_time
+    stages = plan(settings)
+    ended: dict[str, float] = {}
+    running: list[Job] = []
+
+    def say(text: str) -> None:
+        s = int(clock() - start)
+        echo(f"demo [{s // 60:2d}:{s % 60:02d}] {text}")
+
+    def finish(job: Job, what: str) -> None:
+        code = job.wait()
+        running.remove(job)
+        if code != 0:
+            echo(_tail(job.stage.log))
+            raise DemoStageError(f"stage '{job.stage.name}' failed (exit {code}) in "
+                                 f"`{shlex.join(job.failed_command or [])}`; its log: {job.stage.log}")
+        ended[job.stage.name] = round(clock() - start, 1)
+        say(what)
+
+    def launch(name: str) -> Job:
+        job = Job(stages[name])
+        running.append(job)
+        return job
+
+    try:
+        say(f"budget {settings.budget_s:.0f} s; logs in {settings.logs}/")
+        finish(launch("data"), f"data: {settings.data_dir} built (log: {stages['data'].log})")
+        vae, clip = launch("vae"), launch("text encoder")
+        say(f"training the VAE and the text encoder side by side (logs: {vae.stage.log}, {clip.stage.log})")
+        finish(clip, f"text encoder trained and exported to {settings.parts / 'text_encoder'}")
+        finish(vae, f"VAE trained and exported to {settings.parts / 'vae'}")
+        probe, cache = launch("probe"), launch("cache")
+        say(f"training the shapes probe beside the latent cache (logs: {probe.stage.log}, {cache.stage.log})")
+        finish(cache, f"latent cache of {settings.cache_samples} training images written to "
+                      f"{Path(settings.run_dir) / 'cache'}")
+        left = unet_seconds(settings, start, clock())
+        if left < settings.min_ldm_s:
+            raise UsageError(f"only {left} s of the --budget-s {settings.budget_s:.0f} s are left for the U-Net "
+                             f"(at least {settings.min_ldm_s:.0f} s needed); raise --budget-s (make demo: DEMO_BUDGET_S)")
+        stages["unet"] = plan(settings, left)["unet"]
+        say(f"training the U-Net for {left} s, what is left of the budget (log: {stages['unet'].log})")
+        finish(launch("unet"), f"U-Net trained; pipeline exported to {settings.pipeline}")
+        finish(probe, f"probe trained and exported to {settings.parts / 'probe'}")
+        finish(launch("adherence"), f"adherence measured (log: {stages['adherence'].log})")
+    finally:
+        for job in list(running):
+            job.stop()
+    echo(_adherence_table(stages["adherence"].log))
+    say(f"done in {int(clock() - start)} s; grid: {Path(settings.run_dir) / 'samples' / 'demo.png'}, "
+        f"figures: {Path(settings.run_dir) / 'adherence.json'}")
+    return ended
+
+
+def _adherence_table(log: Path) -> str:
+    """The table ``ldm adherence`` printed (the lines from its header to the first blank or ``wrote`` line)."""
+    lines = log.read_text(errors="replace").splitlines() if log.is_file() else []
+    start = next((i for i, line in enumerate(lines) if line.startswith("sampler")), None)
+    if start is None:
+        return ""
+    end = next((i for i in range(start, len(lines)) if not lines[i].strip() or lines[i].startswith("wrote")),
+               len(lines))
+    return "\n".join(lines[start:end])
+
+
+def settings_from(**values: object) -> DemoSettings:
+    """DemoSettings from keyword values, ignoring None (keeps the defaults)."""
+    names = {f.name for f in dataclasses.fields(DemoSettings)}
+    return DemoSettings(**{k: v for k, v in values.items() if k in names and v is not None})
+

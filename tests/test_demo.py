@@ -1,0 +1,150 @@
+"""`ldm demo`: the stages' command lines and budget arithmetic (what `make demo` ran before), the runner's
+order, progress and failure handling with stand-in commands, and (slow) the real demo at tiny sizes."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ldm.cli import main as ldm_main
+from ldm.demo import DemoSettings, DemoStageError, Stage, max_time, plan, run_demo, unet_seconds
+from ldm.errors import UsageError
+
+LDM = [sys.executable, "-m", "ldm.cli"]
+
+
+def test_the_stages_run_the_commands_make_demo_ran():
+    stages = plan(DemoSettings())
+    assert [s for s in stages] == ["data", "vae", "text encoder", "probe", "cache", "unet", "adherence"]
+    commands = {name: [c[len(LDM):] for c in stage.commands] for name, stage in stages.items()}
+    assert all(c[:len(LDM)] == LDM for stage in stages.values() for c in stage.commands)
+    assert commands["data"] == [["data", "shapes", "--out", "datasets/shapes"]]
+    assert commands["vae"] == [
+        ["fit", "--config", "configs/vae/shapes.yaml", "--trainer.max_time", "00:00:03:00", "--trainer.max_steps", "4000"],
+        ["export", "--ckpt", "checkpoints/shapes/vae/checkpoints/last.ckpt", "--out", "checkpoints/shapes/parts/vae"]]
+    assert commands["text encoder"] == [
+        ["fit", "--config", "configs/clip/shapes.yaml", "--trainer.max_time", "00:00:02:45", "--trainer.max_steps", "5000"],
+        ["export", "--ckpt", "checkpoints/shapes/clip/checkpoints/last.ckpt",
+         "--out", "checkpoints/shapes/parts/text_encoder"]]
+    assert commands["probe"] == [["probe", "--data-dir", "datasets/shapes", "--out", "checkpoints/shapes/parts/probe",
+                                  "--steps", "800"]]
+    assert commands["cache"] == [["cache", "--vae", "checkpoints/shapes/parts/vae", "--text-encoder",
+                                  "checkpoints/shapes/parts/text_encoder", "--data", "datasets/shapes",
+                                  "--out", "checkpoints/shapes/cache", "--max-samples", "30000"]]
+    assert commands["adherence"] == [["adherence", "--pipeline", "checkpoints/shapes/pipeline", "--probe",
+                                      "checkpoints/shapes/parts/probe", "--data", "datasets/shapes", "--n", "200",
+                                      "--grid", "checkpoints/shapes/samples/demo.png",
+                                      "--out", "checkpoints/shapes/adherence.json"]]
+    # one core each for everything that runs beside something else, and for the 2-process U-Net
+    assert {n: s.threads for n, s in stages.items()} == {"data": None, "vae": 1, "text encoder": 1, "probe": 1,
+                                                         "cache": 1, "unet": 1, "adherence": None}
+    assert stages["vae"].log == Path("checkpoints/shapes/logs/train-vae.log")
+    assert stages["probe"].log == Path("checkpoints/shapes/logs/probe.log")
+
+
+def test_the_unet_gets_what_is_left_of_the_budget_counted_from_the_start():
+    settings = DemoSettings()  # 870 s in all, 60 s kept for after the U-Net
+    assert unet_seconds(settings, start=1_000.0, now=1_300.0) == 510
+    assert unet_seconds(settings, start=1_000.0, now=1_000.0 + 809.5) == 0
+    assert max_time(510) == "00:00:08:30" and max_time(3725) == "00:01:02:05" and max_time(90061) == "01:01:01:01"
+    unet = plan(settings, 510)["unet"].commands
+    assert unet[0][len(LDM):] == ["fit", "--config", "configs/ldm/shapes.yaml", "--config", "configs/trainer/ddp-cpu.yaml",
+                                  "--trainer.max_time", "00:00:08:30", "--trainer.max_steps", "10000"]
+    assert unet[1][len(LDM):] == ["export", "--ckpt", "checkpoints/shapes/ldm/checkpoints/last.ckpt",
+                                  "--out", "checkpoints/shapes/pipeline"]
+
+
+def test_other_folders_and_extra_flags_reach_every_command(tmp_path):
+    s = DemoSettings(data_dir=str(tmp_path / "d"), run_dir=str(tmp_path / "r"), fit_args=["--trainer.a", "1"],
+                     data_args=["--train", "100"], vae_steps=7)
+    stages = plan(s, 100)
+    assert stages["data"].commands[0][-4:] == ["--out", str(tmp_path / "d"), "--train", "100"]
+    vae_fit = stages["vae"].commands[0]
+    assert vae_fit[-6:] == ["--trainer.max_time", "00:00:03:00", "--trainer.max_steps", "7", "--trainer.a", "1"]
+    assert ["--data.init_args.data_dir", str(tmp_path / "d")] == vae_fit[vae_fit.index("--data.init_args.data_dir"):][:2]
+    assert str(tmp_path / "r" / "vae") in vae_fit
+    unet_fit = stages["unet"].commands[0]
+    for flag, value in (("--model.init_args.vae_path", tmp_path / "r" / "parts" / "vae"),
+                        ("--data.init_args.cache_dir", tmp_path / "r" / "cache"),
+                        ("--trainer.default_root_dir", tmp_path / "r" / "ldm")):
+        assert unet_fit[unet_fit.index(flag) + 1] == str(value)
+    assert all(str(tmp_path / "r" / "logs") in str(st.log) for st in stages.values())
+
+
+def fake_plan(tmp_path: Path, fail: str | None = None, slow: str | None = None):
+    """plan() with stand-in commands: each stage appends its name to order.txt; ``fail`` exits 3."""
+    def make(settings: DemoSettings, unet_s: int | None = None) -> dict[str, Stage]:
+        stages = {}
+        for name in ("data", "vae", "text encoder", "probe", "cache", "unet", "adherence"):
+            code = f"open({str(tmp_path / 'order.txt')!r}, 'a').write({name!r} + '\\n')"
+            if name == slow:
+                code = "import time; time.sleep(60)"
+            if name == fail:
+                code += "; print('boom'); raise SystemExit(3)"
+            if name == "adherence":
+                code += "; print('sampler  steps\\nddim     20\\n\\nwrote x')"
+            stages[name] = Stage(name, [[sys.executable, "-c", code]], tmp_path / "logs" / f"{name}.log")
+        return stages
+    return make
+
+
+def test_the_runner_keeps_the_order_prints_one_line_per_stage_and_shows_the_results(tmp_path, monkeypatch):
+    import ldm.demo
+
+    monkeypatch.setattr(ldm.demo, "plan", fake_plan(tmp_path))
+    lines = []
+    ended = run_demo(DemoSettings(run_dir=str(tmp_path), budget_s=3600, after_ldm_s=0), echo=lines.append)
+    assert list(ended) == ["data", "text encoder", "vae", "cache", "unet", "probe", "adherence"]
+    order = (tmp_path / "order.txt").read_text().split()
+    assert order[0] == "data" and order[-1] == "adherence" and order.index("unet") > order.index("cache")
+    progress = [line for line in lines if line.startswith("demo [")]
+    assert len(progress) == 7 + 5  # one per finished stage; the start, two "side by side", the U-Net's budget, done
+    assert "sampler  steps\nddim     20" in lines  # adherence's table, printed at the end
+    assert progress[-1].split("] ")[1].startswith("done in")
+
+
+def test_a_failed_stage_names_itself_and_its_log_and_stops_the_others(tmp_path, monkeypatch):
+    import ldm.demo
+
+    monkeypatch.setattr(ldm.demo, "plan", fake_plan(tmp_path, fail="text encoder", slow="vae"))
+    lines = []
+    start = time.time()
+    with pytest.raises(DemoStageError, match=r"stage 'text encoder' failed \(exit 3\).*text encoder\.log"):
+        run_demo(DemoSettings(run_dir=str(tmp_path)), echo=lines.append)
+    assert time.time() - start < 30  # the 60-s VAE stand-in was stopped, not waited for
+    assert "boom" in "\n".join(lines)  # the log's last lines are shown
+
+
+def test_too_little_time_for_the_unet_is_an_error_naming_the_budget(tmp_path, monkeypatch):
+    import ldm.demo
+
+    monkeypatch.setattr(ldm.demo, "plan", fake_plan(tmp_path))
+    settings = DemoSettings(run_dir=str(tmp_path), budget_s=100, after_ldm_s=60, start_time=time.time() - 30)
+    with pytest.raises(UsageError, match="--budget-s"):
+        run_demo(settings, echo=lambda line: None)
+    assert "unet" not in (tmp_path / "order.txt").read_text()
+
+
+@pytest.mark.slow
+def test_ldm_demo_end_to_end_at_tiny_sizes(tmp_path, monkeypatch):
+    """The real stages on 600 shapes images with budgets of seconds: every part, the pipeline and the figures."""
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # configs/ resolve as in `make demo`
+    data, run = tmp_path / "data", tmp_path / "run"
+    fit = ("--trainer.val_check_interval 10 --trainer.limit_val_batches 1 --trainer.enable_progress_bar false")
+    code = ldm_main(["demo", "--data-dir", str(data), "--run-dir", str(run), "--budget-s", "200",
+                     "--after-ldm-s", "60", "--min-ldm-s", "10", "--vae-time", "00:00:00:20",
+                     "--clip-time", "00:00:00:20", "--cache-samples", "600", "--probe-steps", "20",
+                     "--adherence-n", "8", "--data-args", "--train 600 --val 64 --shard-size 100 --processes 2",
+                     "--fit-args", fit])
+    assert code == 0
+    for part in ("vae", "text_encoder", "probe"):
+        assert (run / "parts" / part / "model.safetensors").is_file()
+    assert (run / "pipeline" / "unet" / "model.safetensors").is_file()
+    result = json.loads((run / "adherence.json").read_text())
+    assert result["n"] == 8 and 0 <= result["results"][0]["all_three"] <= 1
+    assert (run / "samples" / "demo.png").is_file() and os.path.getsize(run / "samples" / "demo.png") > 0
