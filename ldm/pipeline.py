@@ -28,7 +28,7 @@ from PIL import Image
 
 from ldm import __version__
 from ldm.conditioning import Conditioning
-from ldm.diffusion.guidance import classifier_guidance, guided_model
+from ldm.diffusion.guidance import classifier_guidance, clip_denoised, guided_model
 from ldm.diffusion.objectives import standard_normal
 from ldm.diffusion.samplers import SAMPLERS, ModelFn, sample
 from ldm.diffusion.schedules import NoiseSchedule, build_schedule
@@ -64,6 +64,7 @@ class PipelineConfig:
     sampler: str = "dpmpp-2m"
     guidance_rescale: float = 0.0
     spacing: str = "trailing"          # sampling timestep spacing (DiscreteSchedule.timesteps)
+    clip_denoised: bool = False        # clip x̂0 to [−1, 1] while sampling (pixel-space pipelines, as DDPM/iDDPM)
 
 
 def save_schedule(schedule: NoiseSchedule, out_dir: str | Path) -> Path:
@@ -210,7 +211,7 @@ class TextToImagePipeline:
                  classifier_scale: float = 0.0,
                  classifier_labels: dict[str, str] | Sequence[dict[str, str]] | None = None,
                  callback: Callable[[dict[str, Any]], None] | None = None, only_index: int | None = None,
-                 **sampler_options: Any) -> torch.Tensor:
+                 clip_denoised: bool | None = None, **sampler_options: Any) -> torch.Tensor:
         """Images (len(prompts)·n_per_prompt, 3, H, W) in [-1, 1], prompt-major order.
 
         The initial noise of image i depends only on (seed, i), so the batch size does not change it; a stochastic
@@ -263,7 +264,8 @@ class TextToImagePipeline:
         for start in starts:
             end = min(start + batch_size, len(all_prompts))
             cond = self.condition(all_prompts[start:end])
-            model_fn = self.model_fn(cond, uncond, guidance, rescale)
+            model_fn = self.model_fn(cond, uncond, guidance, rescale,
+                                     clip=c.clip_denoised if clip_denoised is None else clip_denoised)
             if targets is not None:
                 batch_targets = {k: v[start:end] for k, v in targets.items()}
                 model_fn = classifier_guidance(
@@ -323,16 +325,17 @@ class TextToImagePipeline:
             return self.vae.decode_latents(latents.to(self.device, self.dtype)).clamp(-1, 1).float().cpu()
 
     def model_fn(self, cond: Conditioning, uncond: Conditioning | None = None, guidance: float = 1.0,
-                 rescale: float = 0.0) -> ModelFn:
+                 rescale: float = 0.0, clip: bool = False) -> ModelFn:
         """The samplers' ``model_fn(x_t, t)``: the (guided) denoiser fed ``schedule.scale_model_input(x_t, t)``
-        (the identity for VP schedules). The one place the pipeline turns its denoiser into a model function."""
+        (the identity for VP schedules), with x̂0 clipped to [−1, 1] when ``clip`` (``guidance.clip_denoised``).
+        The one place the pipeline turns its denoiser into a model function; likelihoods use it unclipped."""
         guided = guided_model(self.denoiser, cond, uncond if uncond is not None else cond, guidance, rescale)
         schedule = self.schedule
 
         def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return guided(schedule.scale_model_input(x, t), t)
 
-        return fn
+        return clip_denoised(fn, schedule, schedule.prediction_type) if clip else fn
 
     def condition(self, prompts: Sequence[str]) -> Conditioning:
         """The denoiser's conditioning for ``prompts``, padding columns cut (exact: masked cross-attention and a

@@ -12,7 +12,7 @@ from tiny_parts import tiny_pipeline
 
 from ldm.cli import main as ldm_main
 from ldm.conditioning import Conditioning
-from ldm.diffusion.guidance import classifier_free_guidance
+from ldm.diffusion.guidance import classifier_free_guidance, clip_denoised
 from ldm.diffusion.likelihood import hybrid_loss
 from ldm.diffusion.schedules import DiscreteSchedule, VESchedule, VEScheduleConfig
 from ldm.evaluation.likelihood import elbo_bits_per_dim, ode_nll_bits_per_dim
@@ -202,3 +202,22 @@ def test_ldm_nll_cli(tmp_path, capsys) -> None:
                      "--timesteps", "0"]) == 2
     assert ldm_main(["nll", "--pipeline", str(tmp_path / "nope"), "--data", str(tmp_path / "digits")]) == 2
     assert "--pipeline" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["eps", "v", "x0"])
+def test_clip_denoised_clips_x0_in_every_parametrization(kind: str) -> None:
+    """DDPM's sampler clips x̂0 to [−1, 1] for images; the wrapper does it in the model's own output space and passes
+    the learned-variance channels through."""
+    from ldm.diffusion.objectives import predict_x0_eps, training_target
+
+    schedule = DiscreteSchedule.from_name("cosine")
+    t = torch.tensor([999.0, 500.0, 3.0], dtype=torch.float64)  # ᾱ_999 ≈ 2e-9: float64 to recover x0 from ε
+    x = torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    alpha, sigma = schedule.alpha_sigma(t, like=x)
+    x0 = torch.tensor([5.0, -0.5, -3.0], dtype=torch.float64).view(3, 1, 1, 1).expand_as(x)
+    out = training_target(x0, (x - alpha * x0) / sigma, alpha, sigma, kind)
+    v = torch.full_like(x, 0.25)
+    clipped = clip_denoised(lambda x_, t_: torch.cat([out, v], 1), schedule, kind)(x, t)
+    got = predict_x0_eps(clipped[:, :1], x, alpha, sigma, kind)[0]
+    torch.testing.assert_close(got, x0.clamp(-1, 1), rtol=1e-8, atol=1e-8)
+    assert torch.equal(clipped[:, 1:], v)

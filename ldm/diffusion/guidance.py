@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ldm.conditioning import Conditioning
 from ldm.diffusion.objectives import normalize_prediction_type, predict_x0_eps, training_target
-from ldm.diffusion.schedules import DiscreteSchedule
+from ldm.diffusion.schedules import DiscreteSchedule, NoiseSchedule
 
 Denoiser = Callable[[Tensor, Tensor, Conditioning], Tensor]
 ModelFn = Callable[[Tensor, Tensor], Tensor]
@@ -139,3 +139,24 @@ def classifier_guidance(model_fn: ModelFn, log_likelihood: LogLikelihood, scale:
         return shift_eps(out, x, alpha, sigma, -scale * sigma * grad.to(x.dtype), kind)
 
     return guided
+
+
+def clip_denoised(model_fn: ModelFn, schedule: NoiseSchedule, prediction_type: str, bound: float = 1.0) -> ModelFn:
+    """``model_fn`` with its x̂0 clipped to [−bound, bound]: the sampler of Ho et al. 2020 for images in [−1, 1]
+    and improved-diffusion's ``clip_denoised`` (Saharia et al. 2022, §2.3, "static thresholding"). The output is
+    turned into x̂0, clipped, and expressed back in the model's prediction type (exact: the conversions are
+    affine), so every sampler uses the clipped x̂0 and the ε̂ consistent with it; the channels of a learned
+    variance pass through. For pixel-space models: near t = T−1 of a cosine schedule ᾱ ≈ 0 and an ε-model's
+    x̂0 = (x − σ ε̂)/α is unbounded."""
+    kind = normalize_prediction_type(prediction_type)
+
+    def model(x: Tensor, t: Tensor) -> Tensor:
+        out = model_fn(x, t)
+        c = x.shape[1]
+        mean, rest = (out[:, :c], out[:, c:]) if x.ndim > 1 and out.shape[1] == 2 * c else (out, None)
+        alpha, sigma = schedule.alpha_sigma(t, like=x)
+        x0 = predict_x0_eps(mean, x, alpha, sigma, kind)[0].clamp(-bound, bound)
+        clipped = training_target(x0, (x - alpha * x0) / sigma, alpha, sigma, kind)
+        return clipped if rest is None else torch.cat([clipped, rest], 1)
+
+    return model

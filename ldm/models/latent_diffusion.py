@@ -367,8 +367,9 @@ class LatentDiffusion(PartModule):
         if use_ema and self.ema is not None:
             self.ema.copy_to(denoiser)
         res = self.hparams.resolution
+        clip = self._pipeline_defaults.clip_denoised or self.decoder_kind == "discretized"  # pixels live in [-1, 1]
         config = dataclasses.replace(self._pipeline_defaults, height=res, width=res,
-                                     guidance=self.hparams.sample_guidance)
+                                     guidance=self.hparams.sample_guidance, clip_denoised=clip)
         provenance = {"_init_from": self.init_source} if self.init_source else None
         return TextToImagePipeline(self.vae, self.text_encoder, denoiser, self.schedule, config, provenance)
 
