@@ -26,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``ldm toy``."""
     parser.add_argument("--out", type=Path, required=True, help="output folder for swiss_roll.png and metrics.json")
     parser.add_argument("--samplers", nargs="+", default=None,
-                        help="samplers to plot; all seven when omitted (ddpm ddim dpmpp-2m euler euler-a heun lcm)")
+                        help="samplers to plot; all of them when omitted (ddpm ddim dpmpp-2m euler euler-a heun lcm "
+                             "langevin pc)")
     parser.add_argument("--steps", nargs="+", type=checks.int_at_least(1), default=[5, 10, 25, 50], help="sampling step counts (figure columns)")
     parser.add_argument("--train-steps", type=checks.int_at_least(1), default=4000, help="optimizer steps for the MLP")
     parser.add_argument("--samples", type=checks.int_at_least(2), default=2000, help="points drawn per panel")
