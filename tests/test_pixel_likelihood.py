@@ -66,15 +66,23 @@ def test_identity_first_stage_and_constant_conditioner_round_trip(tmp_path) -> N
     assert load_part(tmp_path / "text", kind="text_encoder").token_dim == 8
 
 
-def test_digits_builder_writes_8bit_gray_shards(tmp_path) -> None:
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """scikit-learn's digits as shards (97 held out), built once for this module."""
     pytest.importorskip("sklearn")
     from ldm.data.digits import build_digits
+
+    out = tmp_path_factory.mktemp("digits") / "digits"
+    return out, build_digits(out, val=97, seed=1)
+
+
+def test_digits_builder_writes_8bit_gray_shards(tmp_path, digits) -> None:
     from ldm.data.registry import DATASETS, benchmark_named
     from ldm.evaluation.fid import load_split
 
-    info = build_digits(tmp_path / "digits", val=97, seed=1)
+    folder, info = digits
     assert info["counts"] == {"val": 97, "train": 1700} and info["name"] == "digits" and "digits" in DATASETS
-    real = load_split(tmp_path / "digits", "val", 97, 8)
+    real = load_split(folder, "val", 97, 8)
     assert real.images.shape == (97, 3, 8, 8)
     assert torch.equal(real.images[:, 0], real.images[:, 2])  # gray
     allowed = {round(k * 255 / 16 + 1e-9) if k * 255 % 16 != 8 else k * 255 // 16 + (k * 255 // 16) % 2
@@ -180,14 +188,11 @@ def test_latent_pipeline_bound_has_a_decoder_term() -> None:
         ode_nll_bits_per_dim(pipe, images, [""] * 4)
 
 
-def test_ldm_nll_cli(tmp_path, capsys) -> None:
-    pytest.importorskip("sklearn")
-    from ldm.data.digits import build_digits
-
-    build_digits(tmp_path / "digits", val=20)
+def test_ldm_nll_cli(tmp_path, capsys, digits) -> None:
+    data = digits[0]
     pixel_pipeline(False).save_pretrained(tmp_path / "pipe")
     out = tmp_path / "nll.json"
-    code = ldm_main(["nll", "--pipeline", str(tmp_path / "pipe"), "--data", str(tmp_path / "digits"), "--n", "4",
+    code = ldm_main(["nll", "--pipeline", str(tmp_path / "pipe"), "--data", str(data), "--n", "4",
                      "--method", "both", "--timesteps", "5", "--pilot", "1", "--solver", "euler", "--ode-steps", "3",
                      "--json", str(out)])
     rows = json.loads(out.read_text())
@@ -195,12 +200,12 @@ def test_ldm_nll_cli(tmp_path, capsys) -> None:
     assert rows[0]["estimator"] == "importance" and rows[0]["timesteps"] == 5
     tiny_pipeline().save_pretrained(tmp_path / "latent")
     capsys.readouterr()
-    assert ldm_main(["nll", "--pipeline", str(tmp_path / "latent"), "--data", str(tmp_path / "digits"), "--n", "4",
+    assert ldm_main(["nll", "--pipeline", str(tmp_path / "latent"), "--data", str(data), "--n", "4",
                      "--method", "ode"]) == 2
     assert "--method ode needs a pixel-space pipeline" in capsys.readouterr().err
-    assert ldm_main(["nll", "--pipeline", str(tmp_path / "pipe"), "--data", str(tmp_path / "digits"),
+    assert ldm_main(["nll", "--pipeline", str(tmp_path / "pipe"), "--data", str(data),
                      "--timesteps", "0"]) == 2
-    assert ldm_main(["nll", "--pipeline", str(tmp_path / "nope"), "--data", str(tmp_path / "digits")]) == 2
+    assert ldm_main(["nll", "--pipeline", str(tmp_path / "nope"), "--data", str(data)]) == 2
     assert "--pipeline" in capsys.readouterr().err
 
 

@@ -79,12 +79,20 @@ def test_swiss_roll_training_learns() -> None:
 def test_ldm_toy_cli_writes_figure_and_metrics(tmp_path, capsys) -> None:
     out = tmp_path / "toy"
     code = main(["toy", "--out", str(out), "--train-steps", "20", "--samplers", "ddim", "heun", "--steps", "2", "4",
-                 "--samples", "100", "--no-score-views"])
+                 "--samples", "100", "--langevin-levels", "3", "--langevin-steps", "2", "--pc-steps", "3",
+                 "--density-grid", "6", "--ode-steps", "2"])
     assert code == 0
     png = (out / "swiss_roll.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["swd"]) == {"ddim", "heun"} and set(metrics["swd"]["heun"]) == {"2", "4"}
+    # the score views: Langevin, VE-PC and the PF-ODE density map (tiny sizes; the real run is in the docs)
+    assert (out / "score_views.png").read_bytes()[:4] == b"\x89PNG"
+    views = metrics["score_views"]
+    assert set(views["swd"]) == {"langevin", "ve-pc"} and views["ode_nfe"] == 8
+    assert all(map(math.isfinite, (views["ode_nll_nats"], views["true_nll_nats"])))
+    assert main(["toy", "--out", str(out), "--density-grid", "1"]) == 2
+    assert "--density-grid" in capsys.readouterr().err
     assert main(["toy", "--out", str(out), "--samplers", "plms"]) == 2
     assert "--samplers: unknown 'plms'" in capsys.readouterr().err
 
@@ -100,17 +108,3 @@ def test_swiss_roll_density_is_normalized_and_peaks_on_the_data() -> None:
     data = swiss_roll(200, torch.Generator().manual_seed(0)).double()
     on, off = swiss_roll_log_density(data), swiss_roll_log_density(data + torch.tensor([0.3, 0.0]).double())
     assert (on.mean() - off.mean()).item() > 20
-
-
-def test_ldm_toy_score_views(tmp_path, capsys) -> None:
-    """Langevin, VE-PC and the PF-ODE density map: figure and metrics (tiny sizes; the real run is in the docs)."""
-    out = tmp_path / "toy"
-    code = main(["toy", "--out", str(out), "--train-steps", "30", "--samplers", "ddim", "--steps", "2", "--samples",
-                 "64", "--langevin-levels", "3", "--langevin-steps", "2", "--pc-steps", "3", "--density-grid", "6",
-                 "--ode-steps", "2"])
-    assert code == 0 and (out / "score_views.png").read_bytes()[:4] == b"\x89PNG"
-    views = json.loads((out / "metrics.json").read_text())["score_views"]
-    assert set(views["swd"]) == {"langevin", "ve-pc"} and views["ode_nfe"] == 8
-    assert all(map(math.isfinite, (views["ode_nll_nats"], views["true_nll_nats"])))
-    assert main(["toy", "--out", str(out), "--density-grid", "1"]) == 2
-    assert "--density-grid" in capsys.readouterr().err
