@@ -53,12 +53,12 @@ equal = $(and $(findstring x$(1)y,x$(2)y),$(findstring x$(2)y,x$(1)y))
 value_stamp = $(if $(and $(wildcard $(1)),$(call equal,$(2),$(file < $(1)))),,$(shell mkdir -p $(dir $(1)))$(file > $(1),$(2)))
 TEXT_SOURCE := $(RUN_DIR)/.text-encoder-source
 CACHE_STAMP := $(RUN_DIR)/.cache-args
-ifneq ($(filter train-ldm generate adherence fid export-sd $(TEXT_PART) $(CACHE) $(PIPELINE_PART),$(MAKECMDGOALS)),)
+ifneq ($(filter train-ldm train-lcm train-lcm-lora generate adherence fid export-sd $(TEXT_PART) $(CACHE) $(PIPELINE_PART),$(MAKECMDGOALS)),)
 $(call value_stamp,$(TEXT_SOURCE),$(TEXT_ENCODER))
 $(call value_stamp,$(CACHE_STAMP),$(CACHE_ARGS))
 endif
 
-.PHONY: install data train-vae train-clip train-ldm cache generate adherence fid export-sd demo bench lint test test-slow clean
+.PHONY: install data train-vae train-clip train-ldm train-lcm train-lcm-lora cache generate adherence fid export-sd demo bench lint test test-slow clean
 
 install: $(STAMP)
 
@@ -122,6 +122,18 @@ train-ldm: $(STAMP) $(VAE_PART) $(TEXT_PART) $(LDM_CACHE)
 
 $(PIPELINE_PART): $(LDM_CONFIG) $(CACHE) | $(STAMP)
 	$(MAKE) --no-print-directory train-ldm
+
+# ---- few-step students of the pipeline (latent consistency distillation, docs/results/lcm.md) -------------------
+# train-lcm: the full student (w-conditioned U-Net) -> $(RUN_DIR)/lcm/pipeline, sampled with `--sampler lcm --steps 1..8`;
+# train-lcm-lora: an LCM-LoRA of the pipeline -> $(RUN_DIR)/lcm-lora/adapter (ldm generate --lora, ldm lora merge).
+# Both distil $(PIPELINE) on its latent cache (each built first when missing).
+train-lcm: $(STAMP) $(CACHE) $(PIPELINE_PART)
+	$(LDM) fit --config configs/lcm/$(DATA).yaml $(ARGS)
+	$(LDM) export --ckpt $(RUN_DIR)/lcm/checkpoints/last.ckpt --out $(RUN_DIR)/lcm/pipeline
+
+train-lcm-lora: $(STAMP) $(CACHE) $(PIPELINE_PART)
+	$(LDM) fit --config configs/lcm/$(DATA)-lora.yaml $(ARGS)
+	$(LDM) export --ckpt $(RUN_DIR)/lcm-lora/checkpoints/last.ckpt --out $(RUN_DIR)/lcm-lora/adapter
 
 # ---- use the pipeline ---------------------------------------------------------------------------------
 generate: $(STAMP) $(PIPELINE_PART)

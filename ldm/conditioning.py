@@ -10,7 +10,8 @@ Fields, for a batch of B samples:
 * ``tokens`` (B, L, D): the token states τθ(y) the denoiser cross-attends to (LDM eq. 3);
 * ``mask`` (B, L) bool or None: True on real tokens, False on padding (None: every token is real);
 * ``pooled`` (B, E) or None: a pooled sentence embedding (GLIDE sec. 2.3, SDXL sec. 2.1);
-* ``extras``: named (B, ...) tensors such as a guidance-scale embedding input (LCM's w) or a class label.
+* ``extras``: named (B, ...) tensors such as the guidance scale of a w-conditioned denoiser
+  (``extras[GUIDANCE_SCALE]``, (B,) standard CFG scales; LCM's w) or a class label.
 
 Pure tensors: no nn.Module, no I/O, no Lightning.
 """
@@ -24,6 +25,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+GUIDANCE_SCALE = "guidance_scale"  # extras key: (B,) CFG scales fed to a w-conditioned denoiser (Meng et al. 2023)
 
 
 @dataclass

@@ -65,6 +65,8 @@ class PipelineConfig:
     guidance_rescale: float = 0.0
     spacing: str = "trailing"          # sampling timestep spacing (DiscreteSchedule.timesteps)
     clip_denoised: bool = False        # clip x̂0 to [−1, 1] while sampling (pixel-space pipelines, as DDPM/iDDPM)
+    # a consistency model (LCM student, or a base with an LCM-LoRA): maps any x_t to x_0, samples with `lcm`
+    consistency_model: bool = False
 
 
 def save_schedule(schedule: NoiseSchedule, out_dir: str | Path) -> Path:
@@ -198,6 +200,9 @@ class TextToImagePipeline:
             raise ValueError(f"n_per_prompt must be >= 1, got {n_per_prompt}")
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}: use one of {list(SAMPLERS)}")
+        if sampler == "lcm" and not self.config.consistency_model:
+            raise UsageError("sampler 'lcm' needs a consistency-distilled model (`make train-lcm`, or an LCM-LoRA "
+                             "through --lora); this pipeline is a diffusion model: use dpmpp-2m, ddim, euler, ...")
         f = self.vae.config.downsample_factor
         if height % f or width % f or height < f or width < f:
             raise ValueError(f"height and width must be positive multiples of the VAE factor {f}, got {height}x{width}")
@@ -214,6 +219,8 @@ class TextToImagePipeline:
                  clip_denoised: bool | None = None, **sampler_options: Any) -> torch.Tensor:
         """Images (len(prompts)·n_per_prompt, 3, H, W) in [-1, 1], prompt-major order.
 
+        A w-conditioned denoiser (a distilled LCM student) gets ``guidance`` as an input and runs without a CFG
+        batch (``ldm.diffusion.guidance.guided_model``); ``sampler="lcm"`` needs ``config.consistency_model``.
         The initial noise of image i depends only on (seed, i), so the batch size does not change it; a stochastic
         sampler's noise is drawn per batch from seed + 1 + (index of the batch's first image).
 

@@ -35,6 +35,7 @@ TRAINING: dict[str, tuple[str, str]] = {
     "AutoencoderModule": ("ldm.models.autoencoder", "model"),
     "ContrastiveCLIP": ("ldm.models.text_encoder", "model"),
     "LatentDiffusion": ("ldm.models.latent_diffusion", "model"),
+    "LatentConsistencyDistillation": ("ldm.models.lcm", "model"),
     "LatentClassifierModule": ("ldm.models.latent_classifier", "model"),
     "WebDataModule": ("ldm.data.webdata", "datamodule"),
     "LatentDataModule": ("ldm.data.latents", "datamodule"),

@@ -97,6 +97,13 @@ CASES: list[tuple[str, list[str], str, dict[str, str]]] = [
     ("gen-sampler", ["generate", "--pipeline", "{w}/pipe", "--prompt", "x", "--sampler", "plms"], "--sampler", {}),
     ("gen-unknown-flag", ["generate", "--pipeline", "{w}/pipe", "--prompt", "x", "--stpes", "3"], "--stpes", {}),
     ("gen-no-prompt", ["generate", "--pipeline", "{w}/pipe"], "--prompt", {}),
+    ("gen-lora-missing", ["generate", "--pipeline", "{w}/pipe", "--prompt", "x", "--lora", "{w}/nope"], "--lora", {}),
+    ("gen-lora-scale", ["generate", "--pipeline", "{w}/pipe", "--prompt", "x", "--lora", "{w}/pipe:half"], "--lora", {}),
+    ("gen-lora-not-adapter", ["generate", "--pipeline", "{w}/pipe", "--prompt", "x", "--lora", "{w}/pipe"], "--lora", {}),
+    ("gen-lcm-on-diffusion", ["generate", "--pipeline", "{w}/pipe", "--prompt", "x", "--sampler", "lcm"],
+     "--sampler lcm", {}),
+    ("lora-merge-into-itself", ["lora", "merge", "--pipeline", "{w}/pipe", "--lora", "{w}/pipe", "--out", "{w}/pipe"],
+     "--lora", {}),
     ("gen-prompts-missing", ["generate", "--pipeline", "{w}/pipe", "--prompts-file", "{w}/nope.txt"], "nope.txt", {}),
     ("gen-prompts-blank", ["generate", "--pipeline", "{w}/pipe", "--prompts-file", "{w}/prompts_blank.txt"],
      "--prompt", {}),
@@ -265,7 +272,7 @@ def test_a_bad_input_is_one_line_on_stderr_exit_2_and_touches_nothing(name, argv
     assert code == 2, captured
     assert len(lines) == 1, captured.err
     command = argv[0] if argv[0] in ("generate", "data", "cache", "export", "fit", "validate", "fid", "adherence",
-                                     "probe", "vae-fidelity", "toy", "bench", "demo") else ""
+                                     "probe", "vae-fidelity", "toy", "bench", "demo", "lora") else ""
     assert lines[0].startswith(f"ldm {command}".strip()) and ": error: " in lines[0], lines[0]
     assert expand([names], world, shapes_dir)[0] in lines[0], lines[0]
     assert "Traceback" not in captured.err + captured.out

@@ -40,6 +40,9 @@ def test_init_from_starts_from_the_pipeline(imported):
         LatentDiffusion(init_from=str(imported), noise_schedule={"prediction_type": "v"})
     with pytest.raises(LdmError, match="not a pipeline folder"):
         LatentDiffusion(init_from=str(imported / "unet"))
+    with pytest.raises(LdmError, match="vae_path .* init_from brings its own"):
+        LatentDiffusion(init_from=str(imported), vae_path=str(imported.parent))
+    LatentDiffusion(init_from=str(imported), vae_path=str(imported / "vae"))  # the same part: fine
 
 
 def test_finetune_from_imported_pipeline_trains_and_exports_with_provenance(imported, tmp_path, shapes_dir):

@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "cache": "cache",
     "convert": "convert",
     "generate": "generate",
+    "lora": "lora",
     "guidance": "guidance",
     "serve": "serve",
     "adherence": "adherence",

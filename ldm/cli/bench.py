@@ -1,4 +1,4 @@
-"""``ldm bench data|unet|ddp``: throughput benchmarks (a table on stdout, JSON under checkpoints/bench/)."""
+"""``ldm bench data|unet|ddp|lcm``: throughput benchmarks (a table on stdout, JSON under checkpoints/bench/)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import argparse
 
 from ldm.cli import checks
 
-HELP = "speed benchmarks: data loader (data), U-Net vs diffusers (unet), DDP layouts on this machine (ddp)"
+HELP = ("speed benchmarks: data loader (data), U-Net vs diffusers (unet), DDP layouts on this machine (ddp), "
+        "few-step students vs their teacher (lcm)")
 
 POSITIVE = checks.int_at_least(1)
 
@@ -63,6 +64,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=checks.int_at_least(0), default=3, help="untimed steps per layout")
     p.add_argument("--out", default="checkpoints/bench/ddp.json", help="JSON results file")
 
+    from ldm.bench import lcm
+
+    p = sub.add_parser("lcm", formatter_class=fmt, help="few-step students vs their teacher: adherence, FD, time/image",
+                       description="Prompt adherence, FD-CLIP and interleaved sampling time of LCM students against "
+                                   "their teacher, same prompts and seeds (docs/results/lcm.md).")
+    lcm.add_arguments(p)
+
 
 def run(args: argparse.Namespace) -> int:
     from ldm.io import write_json
@@ -91,6 +99,11 @@ def run(args: argparse.Namespace) -> int:
         result = unet.benchmark(args.config, batch=args.batch, size=args.size, tokens=args.tokens, steps=args.steps,
                                 warmup=args.warmup, rounds=args.rounds, with_diffusers=not args.no_diffusers,
                                 channels_last=args.channels_last, device=device, on_result=show)
+    elif args.bench == "lcm":
+        from ldm.bench import lcm
+
+        result = lcm.benchmark(args)
+        print("\n" + result["table"])
     else:
         from ldm.bench import ddp
 

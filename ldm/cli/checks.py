@@ -123,3 +123,21 @@ def shard_dataset(flag: str, data_dir: str | Path, splits: Iterable[str]) -> Non
             list_shards(data_dir, split)
         except (FileNotFoundError, ValueError) as e:
             raise UsageError(f"{flag}: {e}") from e
+
+
+def lora_adapters(flag: str, values: Iterable[str] | None) -> list[tuple[str, float]]:
+    """``PATH[:SCALE]`` values of a LoRA flag as (path, scale); each PATH an adapter folder or .safetensors file."""
+    from ldm.lora import WEIGHTS_NAME, parse_lora_argument
+
+    out = []
+    for text in values or []:
+        try:
+            path, scale = parse_lora_argument(text)
+        except UsageError as e:
+            raise UsageError(f"{flag} {text!r}: give PATH or PATH:SCALE with a number as SCALE") from e
+        p = Path(path)
+        if not (p.is_file() or (p / WEIGHTS_NAME).is_file()):
+            what = f"has no {WEIGHTS_NAME}" if p.is_dir() else "no such adapter folder or file"
+            raise UsageError(f"{flag} {path}: {what} (an adapter written by `ldm export` of a lora run)")
+        out.append((path, scale))
+    return out

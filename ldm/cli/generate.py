@@ -41,6 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="nearest-neighbour upscaling of the grid for viewing")
     parser.add_argument("--out", default="samples.png",
                         help="grid image path (.png, .jpg, .jpeg or .webp); single images go to <out stem>/")
+    parser.add_argument("--lora", action="append", default=None, metavar="PATH[:SCALE]",
+                        help="apply a LoRA adapter folder with weight SCALE (default 1), merged into the denoiser; "
+                             "repeat for several. An LCM-LoRA also sets the sampling defaults "
+                             "(lcm, 4 steps, guidance 1)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--allow-mismatch", action="store_true",
                         help="load a pipeline whose parts were not trained together (a warning instead of an error)")
@@ -138,11 +142,19 @@ def run(args: argparse.Namespace) -> int:
         request = request_from_args(args)
     out = checks.output_file("--out", args.out, checks.IMAGE_SUFFIXES)
     checks.existing_dir("--pipeline", args.pipeline, "pipeline folder")
+    loras = checks.lora_adapters("--lora", args.lora)
     device = checks.torch_device("--device", args.device)
 
     from ldm.pipeline import TextToImagePipeline
 
     pipe = TextToImagePipeline.from_pretrained(args.pipeline, device=device, allow_mismatch=args.allow_mismatch)
+    if loras:  # merged into the denoiser: the pipeline's fingerprint is then that of the merged weights
+        from ldm.lora import apply_to_pipeline
+
+        apply_to_pipeline(pipe, loras)
+    if request.sampler == "lcm" and not pipe.config.consistency_model:
+        raise UsageError(f"--sampler lcm needs a consistency-distilled model (`make train-lcm`, or an LCM-LoRA through "
+                         f"--lora); {args.pipeline} is a diffusion model: use dpmpp-2m, ddim, euler, ...")
     if args.from_png:
         generation.check_fingerprint(meta, pipe, args.pipeline, f"--from-png {args.from_png}")
     else:

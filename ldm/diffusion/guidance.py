@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ldm.conditioning import Conditioning
+from ldm.conditioning import GUIDANCE_SCALE, Conditioning
 from ldm.diffusion.objectives import normalize_prediction_type, predict_x0_eps, training_target
 from ldm.diffusion.schedules import DiscreteSchedule, NoiseSchedule
 
@@ -87,11 +87,27 @@ def conditional_model(denoiser: Denoiser, cond: Conditioning) -> Callable[[Tenso
     return model_fn
 
 
+def takes_guidance_scale(denoiser: Denoiser) -> bool:
+    """Whether ``denoiser`` is w-conditioned: it reads the CFG scale from ``cond.extras["guidance_scale"]``
+    (its config sets ``guidance_embed_dim``; a guidance-distilled student, Meng et al. 2023 / LCM)."""
+    return bool(getattr(getattr(denoiser, "config", None), "guidance_embed_dim", None))
+
+
+def with_guidance_scale(cond: Conditioning, scale: float | Tensor) -> Conditioning:
+    """``cond`` with ``extras["guidance_scale"]`` set to ``scale`` (a number for every row, or a (B,) tensor)."""
+    value = torch.as_tensor(scale, dtype=torch.float32, device=cond.tokens.device).reshape(-1)
+    value = value.expand(cond.batch_size) if value.numel() == 1 else value
+    return Conditioning(cond.tokens, cond.mask, cond.pooled, {**cond.extras, GUIDANCE_SCALE: value})
+
+
 def guided_model(denoiser: Denoiser, cond: Conditioning, uncond: Conditioning, scale: float,
                  rescale: float = 0.0) -> Callable[[Tensor, Tensor], Tensor]:
     """The sampler's ``model_fn``: :func:`classifier_free_guidance`, or :func:`conditional_model` when the
     guided output equals the conditional one (scale 1, no rescale: half the compute, the same images up to
-    rounding). The one place that decides whether a CFG batch is needed."""
+    rounding) or when the denoiser takes the scale as an input (:func:`takes_guidance_scale`: one forward,
+    ``rescale`` does not apply). The one place that decides whether a CFG batch is needed."""
+    if takes_guidance_scale(denoiser):
+        return conditional_model(denoiser, with_guidance_scale(cond, scale))
     if scale == 1.0 and rescale == 0.0:
         return conditional_model(denoiser, cond)
     return classifier_free_guidance(denoiser, cond, uncond, scale, rescale)

@@ -21,14 +21,14 @@ from typing import Any
 
 import torch
 
-from ldm.interop.tables import ConversionError, KeyTable, Row
+from ldm.interop.tables import ConversionError, KeyTable, Row, listing
 from ldm.modules.unet import UNet, UNetConfig
 
 Tensor = torch.Tensor
 
 # Our module path prefix -> (diffusers prefix, CompVis prefix, what the rest of the key is). ``n`` is
 # num_res_blocks; the CompVis input/output blocks are numbered over the levels as in openaimodel.py.
-_Prefix = tuple[str, str, str]
+_Prefix = tuple[str, str | None, str]
 
 
 def _prefixes(config: UNetConfig) -> list[tuple[str, Callable[[re.Match], _Prefix]]]:
@@ -44,6 +44,8 @@ def _prefixes(config: UNetConfig) -> list[tuple[str, Callable[[re.Match], _Prefi
         (r"conv_in\.", lambda m: ("conv_in.", "input_blocks.0.0.", "plain")),
         (r"time_embed\.linear_([12])\.",
          lambda m: (f"time_embedding.linear_{g(m, 1)}.", f"time_embed.{2 * g(m, 1) - 2}.", "plain")),
+        # w-conditioning (LCM): diffusers' time_cond_proj_dim; the CompVis single file has no such layer
+        (r"time_embed\.cond_proj\.", lambda m: ("time_embedding.cond_proj.", None, "plain")),
         (r"pooled_embed\.linear_([12])\.",
          lambda m: (f"class_embedding.linear_{g(m, 1)}.", f"label_emb.0.{2 * g(m, 1) - 2}.", "plain")),
         (r"down\.(\d+)\.res\.(\d+)\.", lambda m: (f"down_blocks.{g(m, 1)}.resnets.{g(m, 2)}.",
@@ -83,6 +85,9 @@ def _their_key(key: str, prefixes: list[tuple[str, Callable[[re.Match], _Prefix]
         if m is None:
             continue
         diffusers, compvis, kind = names(m)
+        if compvis is None and layout == "compvis":
+            raise ConversionError(f"UNet key {key!r} has no CompVis name: an SD single file cannot hold this layer "
+                                  "(the guidance-scale embedding of a distilled student); write a diffusers folder")
         rest = key[m.end():]
         if kind == "res":
             leaf, _, param = rest.partition(".")
@@ -175,6 +180,8 @@ def diffusers_config(config: UNetConfig, linear_projection: bool = False, sample
         # the pooled text embedding is diffusers' "projection" class embedding (added to the time embedding)
         **({"class_embed_type": "projection", "projection_class_embeddings_input_dim": config.pooled_dim}
            if config.pooled_dim else {}),
+        # w-conditioning (LCM): the guidance-scale embedding joins the time features through cond_proj
+        **({"time_cond_proj_dim": config.guidance_embed_dim} if config.guidance_embed_dim else {}),
     }
 
 
@@ -191,7 +198,7 @@ def config_from_diffusers(dconfig: dict[str, Any]) -> UNetConfig:
     pooled_dim = None
     if get("class_embed_type", None) == "projection" and not get("class_embeddings_concat", False):
         pooled_dim = int(get("projection_class_embeddings_input_dim", 0)) or None
-    unsupported = {"class_embed_type": "projection" if pooled_dim else None, "addition_embed_type": None, "time_cond_proj_dim": None,
+    unsupported = {"class_embed_type": "projection" if pooled_dim else None, "addition_embed_type": None,
                    "encoder_hid_dim": None, "only_cross_attention": False,
                    "center_input_sample": False, "dual_cross_attention": False,
                    "act_fn": "silu", "flip_sin_to_cos": True, "freq_shift": 0, "downsample_padding": 1,
@@ -242,5 +249,99 @@ def config_from_diffusers(dconfig: dict[str, Any]) -> UNetConfig:
                       attention_resolutions=attention, num_heads=num_heads, head_dim=head_dim,
                       transformer_depth=depth, context_dim=get("cross_attention_dim", 768),
                       dropout=get("dropout", 0.0), num_groups=get("norm_num_groups", 32), pooled_dim=pooled_dim,
-                      scale_shift_norm=scale_shift == "scale_shift")
+                      scale_shift_norm=scale_shift == "scale_shift",
+                      guidance_embed_dim=get("time_cond_proj_dim", None))
 
+
+
+# ---- LoRA weights (peft format: "<module>.lora_A.weight" (r, in, ...) and "<module>.lora_B.weight" (out, r, ...)) ----
+LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+
+
+def _lora_modules(state_dict: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    """``{module: {"A": lora_A, "B": lora_B}}``; anything but lora_A/lora_B weights is refused (DoRA, LoRA bias)."""
+    modules: dict[str, dict[str, Tensor]] = {}
+    for key, value in state_dict.items():
+        suffix = next((s for s in LORA_SUFFIXES if key.endswith(s)), None)
+        if suffix is None:
+            raise ConversionError(f"{key!r} is not a LoRA A/B weight: only plain LoRA (no DoRA, no LoRA bias) converts")
+        modules.setdefault(key[: -len(suffix)], {})["A" if suffix == LORA_SUFFIXES[0] else "B"] = value
+    incomplete = sorted(m for m, ab in modules.items() if len(ab) != 2)
+    if incomplete:
+        raise ConversionError(f"LoRA weights without their A or B half: {listing(incomplete)}")
+    return modules
+
+
+def _layer_rows(config: UNetConfig, linear_projection: bool) -> list[tuple[tuple[str, ...], str, str]]:
+    """(our layers, their layer, op) for every weight row of :func:`key_table`: the layers a LoRA can adapt."""
+    return [(tuple(k[: -len(".weight")] for k in row.ours), row.theirs[0][: -len(".weight")], row.op)
+            for row in key_table(config, linear_projection=linear_projection).rows
+            if len(row.theirs) == 1 and all(k.endswith(".weight") for k in row.ours)]
+
+
+def _put(out: dict[str, Tensor], module: str, a: Tensor, b: Tensor) -> None:
+    out[module + LORA_SUFFIXES[0]], out[module + LORA_SUFFIXES[1]] = a, b
+
+
+def ldm_lora_to_diffusers(state_dict: dict[str, Tensor], config: UNetConfig, linear_projection: bool = False
+                          ) -> dict[str, Tensor]:
+    """LoRA weights on ``UNet`` layers renamed by :func:`key_table` to ``UNet2DConditionModel``'s, exactly:
+
+    * a ``cat`` row (GEGLU: ``ff.value`` and ``ff.gate`` are the row halves of ``ff.net.0.proj``): LoRAs (A_i, B_i)
+      become one LoRA of rank Σ r_i with A = [A_1; A_2] and B = [[B_1, 0], [0, B_2]], so that B A = [B_1 A_1;
+      B_2 A_2] (a half without LoRA contributes zero rows). Its alpha must keep alpha/rank (``ldm.lora`` does);
+    * a ``conv`` row (``proj_in``/``proj_out`` of SD 1.x): Linear LoRAs become 1x1-conv ones.
+    """
+    modules = _lora_modules(state_dict)
+    out: dict[str, Tensor] = {}
+    for ours, theirs, op in _layer_rows(config, linear_projection):
+        parts = [modules.pop(layer, None) for layer in ours]
+        present = [p for p in parts if p is not None]
+        if not present:
+            continue
+        if op == "cat":
+            a = torch.cat([p["A"] for p in present], dim=0)
+            rows = present[0]["B"].shape[0]
+            b = a.new_zeros(rows * len(parts), a.shape[0])
+            col = 0
+            for i, p in enumerate(parts):
+                if p is not None:
+                    rank = p["B"].shape[1]
+                    b[i * rows:(i + 1) * rows, col:col + rank] = p["B"]
+                    col += rank
+            _put(out, theirs, a, b)
+        elif op == "conv" and present[0]["A"].ndim == 2:
+            _put(out, theirs, present[0]["A"][:, :, None, None], present[0]["B"][:, :, None, None])
+        else:
+            _put(out, theirs, present[0]["A"], present[0]["B"])
+    if modules:
+        raise ConversionError(f"LoRA weights on layers the U-Net does not have: {listing(modules)}")
+    return out
+
+
+def diffusers_lora_to_ldm(state_dict: dict[str, Tensor], config: UNetConfig) -> dict[str, Tensor]:
+    """Inverse of :func:`ldm_lora_to_diffusers`, for any diffusers U-Net LoRA in peft format (without the ``unet.``
+    prefix): a LoRA (A, B) on a ``cat`` row splits exactly into (A, B_i) per row block of B, each without the rank
+    components whose B column is zero there (they contribute nothing; an all-zero block is dropped), which undoes
+    the block-diagonal join; 1x1-conv LoRAs on ``conv`` rows become Linear ones."""
+    rows = {theirs: (ours, op) for ours, theirs, op in _layer_rows(config, False)}
+    out: dict[str, Tensor] = {}
+    unknown = []
+    for module, ab in _lora_modules(state_dict).items():
+        if module not in rows:
+            unknown.append(module)
+            continue
+        ours, op = rows[module]
+        a, b = ab["A"], ab["B"]
+        if op == "cat":
+            for layer, block in zip(ours, b.chunk(len(ours), dim=0)):
+                used = block.abs().sum(dim=0) > 0  # rank components this block uses (GEGLU is Linear)
+                if bool(used.any()):
+                    _put(out, layer, a[used], block[:, used])
+        elif op == "conv" and a.ndim == 4:
+            _put(out, ours[0], a[:, :, 0, 0], b[:, :, 0, 0])
+        else:
+            _put(out, ours[0], a, b)
+    if unknown:
+        raise ConversionError(f"LoRA weights on layers this U-Net does not have: {listing(unknown)}")
+    return out

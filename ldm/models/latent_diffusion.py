@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 from torch import nn
 
@@ -38,10 +39,15 @@ from ldm.diffusion.schedules import build_schedule
 from ldm.diffusion.variance import split_output
 from ldm.errors import UsageError
 from ldm.io import PartError, config_from_dict, load_part, read_json, weights_hash
+from ldm.lora import save_lora
 from ldm.models.base import PartModule
 from ldm.modules.denoiser import build_denoiser, conditioning_for, copy_denoiser
+<<<<<<< HEAD
 from ldm.modules.identity_vae import IdentityFirstStage, IdentityFirstStageConfig
 from ldm.modules.null_text import UnconditionalText, UnconditionalTextConfig
+=======
+from ldm.modules.lora import LoraSpec, add_lora
+>>>>>>> main
 from ldm.pipeline import PipelineConfig, TextToImagePipeline
 from ldm.registry import denoiser_class
 from ldm.visual import image_grid
@@ -67,6 +73,34 @@ def sample_timesteps(batch: int, num_train_timesteps: int, stratified: bool, dev
         return torch.randint(0, num_train_timesteps, (batch,), device=device)
     u = (torch.arange(batch, device=device) + torch.rand(batch, device=device)) / batch
     return (u * num_train_timesteps).long().clamp_(max=num_train_timesteps - 1)[torch.randperm(batch, device=device)]
+
+
+def empty_prompt_conditioning(module: pl.LightningModule, text_encoder: nn.Module) -> Conditioning:
+    """The "" prompt's conditioning (batch 1, on the module's device and dtype): the latent cache's when the run
+    trains on one (``datamodule.empty_conditioning()``), else the text encoder's."""
+    dm = getattr(module.trainer, "datamodule", None) if module._trainer is not None else None
+    empty = dm.empty_conditioning() if dm is not None and hasattr(dm, "empty_conditioning") else None
+    if empty is None:
+        empty = text_encoder.condition([""])
+    return empty.trim().to(module.device, module.dtype)
+
+
+@torch.no_grad()
+def encode_batch(batch: dict[str, Any], vae: nn.Module, text_encoder: nn.Module, denoiser: nn.Module,
+                 sample: bool = True) -> tuple[torch.Tensor, Conditioning]:
+    """(z0 scaled latents, the denoiser's conditioning) from a cached batch (``latent_mean``/``latent_std``/``cond``)
+    or an image batch (``image``/``caption``: both encoders run); ``sample``: a posterior draw, else its mean."""
+    if "latent_mean" in batch:
+        mean = batch["latent_mean"]
+        z0 = mean + batch["latent_std"] * torch.randn_like(mean) if sample else mean
+        cond = batch["cond"]
+    else:
+        z0 = vae.encode_latents(batch["image"], sample=sample)
+        cond = text_encoder.condition(batch["caption"])
+    if denoiser.config.pooled_dim and cond.pooled is None:
+        raise ValueError("this denoiser is conditioned on the pooled text embedding but the latent cache has none: "
+                         "rebuild it with `ldm cache` (make train-ldm does)")
+    return z0, conditioning_for(denoiser, cond.trim())
 
 
 # denoiser fields a fine-tuning may set differently from the pipeline it starts from (training-only)
@@ -163,6 +197,9 @@ class LatentDiffusion(PartModule):
             ``gradient_checkpointing``/``dropout``), ``resolution`` defaults to its image size, and the exported
             pipeline records ``_init_from`` (the source folder and its denoiser's sha256). The latent cache must be
             built with the pipeline's parts (``ldm cache --vae PIPELINE/vae --text-encoder PIPELINE/text_encoder``).
+        lora: ``{rank, alpha, target_modules, dropout}`` (``ldm.modules.lora.LoraSpec``): train LoRA adapters on the
+            denoiser (usually with ``init_from``) instead of its weights; the export is then the adapter folder
+            alone (``ldm.lora``: diffusers' LoRA layout), for ``ldm generate --lora`` and ``ldm lora merge``.
     """
 
     default_optimizer = {"lr": 1e-3}
@@ -176,8 +213,12 @@ class LatentDiffusion(PartModule):
                  resolution: int | None = None, val_prompts: list[str] | None = None, sample_every_n_val: int = 1,
                  sample_steps: int = 10, sample_guidance: float = 4.0, val_timesteps: int = 8,
                  pooled_conditioning: bool = False, init_from: str | None = None,
+<<<<<<< HEAD
                  pixel_channels: int | None = None, unconditional: bool = False,
                  learned_variance: bool = False, loss: str = "simple", vlb_weight: float = 0.001):
+=======
+                 lora: dict[str, Any] | None = None):
+>>>>>>> main
         super().__init__(optimizer, lr_schedule)
         self.save_hyperparameters()
         if not 0.0 <= p_uncond <= 1.0:
@@ -190,6 +231,10 @@ class LatentDiffusion(PartModule):
         source = None
         if init_from:
             source = InitSource(init_from, denoiser, noise_schedule)
+            for name, given in (("vae", vae_path), ("text_encoder", text_encoder_path)):
+                if given and Path(given).resolve() != (source.path / name).resolve():
+                    raise UsageError(f"model.init_args.{name}_path {given} and init_from {init_from} both name a "
+                                     f"{name}: init_from brings its own, drop {name}_path")
             vae_path, text_encoder_path = str(source.path / "vae"), str(source.path / "text_encoder")
             denoiser, noise_schedule = source.denoiser_spec, source.schedule
             resolution = resolution or source.pipeline_config.get("height")
@@ -224,6 +269,9 @@ class LatentDiffusion(PartModule):
             self.init_source = source.load_into(self.denoiser, self.vae, self.text_encoder)
             self._pipeline_defaults = config_from_dict(PipelineConfig, source.pipeline_config,
                                                        f"{init_from}/pipeline.json")
+        self.lora = LoraSpec(**lora) if lora else None
+        if self.lora is not None:  # only the adapters train; the EMA below tracks them alone
+            add_lora(self.denoiser, self.lora)
         self.track_ema(self.denoiser, ema_decay)
         self.val_prompts = None if val_prompts is None else list(val_prompts)
         self._empty: Conditioning | None = None
@@ -233,7 +281,7 @@ class LatentDiffusion(PartModule):
     _FROZEN = ("vae.", "text_encoder.")
 
     def trainable_parameters(self):
-        return self.denoiser.named_parameters()
+        return ((n, p) for n, p in self.denoiser.named_parameters() if p.requires_grad)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -278,28 +326,15 @@ class LatentDiffusion(PartModule):
     def empty_conditioning(self) -> Conditioning:
         """The "" prompt's conditioning (batch 1), used for caption dropout: the cache's when training on one."""
         if self._empty is None or self._empty.tokens.device != self.device:
-            dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-            empty = dm.empty_conditioning() if dm is not None and hasattr(dm, "empty_conditioning") else None
-            if empty is None:
-                empty = self.text_encoder.condition([""])
-            self._empty = empty.trim().to(self.device, self.dtype)
+            self._empty = empty_prompt_conditioning(self, self.text_encoder)
         return conditioning_for(self.denoiser, self._empty)
 
     @torch.no_grad()
     def latents_and_conditioning(self, batch: dict[str, Any], sample: bool = True) -> tuple[torch.Tensor, Conditioning]:
         """(z0 scaled latents, conditioning) from a cached or an image batch (``sample``: a posterior draw,
         else its mean)."""
-        if "latent_mean" in batch:
-            mean = batch["latent_mean"]
-            z0 = mean + batch["latent_std"] * torch.randn_like(mean) if sample else mean
-            cond = batch["cond"]
-        else:
-            z0 = self.vae.encode_latents(batch["image"], sample=sample)
-            cond = self.text_encoder.condition(batch["caption"])
-        if self.denoiser.config.pooled_dim and cond.pooled is None:
-            raise ValueError("this denoiser is conditioned on the pooled text embedding but the latent cache has none: "
-                             "rebuild it with `ldm cache` (make train-ldm does)")
-        return z0, conditioning_for(self.denoiser, cond.trim().to(self.device, self.dtype))
+        z0, cond = encode_batch(batch, self.vae, self.text_encoder, self.denoiser, sample)
+        return z0, cond.to(self.device, self.dtype)
 
     # ---- training ----------------------------------------------------------------------------------
     @property
@@ -385,9 +420,19 @@ class LatentDiffusion(PartModule):
 
     # ---- export ------------------------------------------------------------------------------------
     def exporter(self, datamodule: Any = None) -> Callable[[Path], None]:
-        """The pipeline folder: vae/, text_encoder/, unet/ (the denoiser, EMA weights), scheduler/, pipeline.json."""
+        """The pipeline folder: vae/, text_encoder/, unet/ (the denoiser, EMA weights), scheduler/, pipeline.json;
+        with a ``lora`` block, the adapter folder alone (``ldm.lora``, EMA weights)."""
         pipe = self.pipeline(use_ema=True)
+<<<<<<< HEAD
         image_encoder = Path(self.hparams.text_encoder_path) / "image_encoder" if self.hparams.text_encoder_path else None
+=======
+        if self.lora is not None:
+            spec, start = self.lora, self.init_source or {}
+            record = {"trained_from": start.get("path")} if start else {}
+            return lambda out: save_lora(pipe.denoiser, out, spec, base_hash=start.get("denoiser_sha256"),
+                                         record=record)
+        image_encoder = Path(self.hparams.text_encoder_path or "") / "image_encoder"
+>>>>>>> main
 
         def write(out: Path) -> None:
             pipe.save_pretrained(out)

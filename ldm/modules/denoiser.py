@@ -6,13 +6,16 @@ with at least the fields ``in_channels``, ``out_channels``, ``context_dim`` and 
     forward(x: Tensor (B, C, H, W), t: Tensor (B,), cond: Conditioning) -> Tensor (B, out_channels, H, W)
 
 predicts what it was trained to predict (ε, v or x0; see ``ldm.diffusion.objectives``) at (possibly
-fractional) timesteps ``t``. Concrete classes are registered in ``ldm.registry`` (``PARTS`` with kind
-"denoiser", and a config spelling in ``DENOISERS``); nothing else names one. The U-Net is one
+fractional) timesteps ``t``. An optional config field ``guidance_embed_dim`` (int or None) says the denoiser
+reads the CFG scale from ``cond.extras["guidance_scale"]`` (w-conditioning; samplers then run it without a CFG
+batch, ``ldm.diffusion.guidance.guided_model``). Concrete classes are registered in ``ldm.registry`` (``PARTS``
+with kind "denoiser", and a config spelling in ``DENOISERS``); nothing else names one. The U-Net is one
 implementation; a DiT or a LoRA-wrapped U-Net plugs in without touching the pipeline.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any, Protocol
 
@@ -56,9 +59,29 @@ def conditioning_for(denoiser: nn.Module, cond: Conditioning) -> Conditioning:
 
 
 def copy_denoiser(denoiser: nn.Module) -> nn.Module:
-    """A fresh instance of the same class and config holding a copy of the weights."""
+    """A fresh instance of the same class and config holding a copy of the weights; a wrapped denoiser (layers
+    replaced in place, e.g. by LoRA adapters: its state dict has other keys than a fresh instance's) is deep-copied."""
     twin = type(denoiser)(denoiser.config)
-    twin.load_state_dict(denoiser.state_dict())
+    state = denoiser.state_dict()
+    if state.keys() != twin.state_dict().keys():
+        return copy.deepcopy(denoiser)
+    twin.load_state_dict(state)
+    return twin
+
+
+def derive_denoiser(denoiser: nn.Module, overrides: dict[str, Any], source: str = "denoiser") -> nn.Module:
+    """A denoiser of the same class whose config has ``overrides`` applied, holding every weight of ``denoiser``
+    that still fits; layers the overrides add keep their initialisation (e.g. the zero-initialised guidance
+    embedding of ``guidance_embed_dim``). A weight that no longer fits is an error naming it."""
+    overrides = {k: v for k, v in overrides.items() if k != "type"}
+    if not overrides:
+        return copy_denoiser(denoiser)
+    values = {**dataclasses.asdict(denoiser.config), **overrides}
+    twin = type(denoiser)(config_from_dict(type(denoiser.config), values, source))
+    result = twin.load_state_dict(denoiser.state_dict(), strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"{source}: {overrides} drop weights of the {type(denoiser).__name__} "
+                         f"({result.unexpected_keys[:4]}); only fields that keep or add layers can change")
     return twin
 
 

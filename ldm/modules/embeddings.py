@@ -31,17 +31,46 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb
 
 
-class TimestepEmbedding(nn.Module):
-    """``t -> Linear(SiLU(Linear(sinusoid(t))))``: the DDPM/LDM time-conditioning MLP (width ``4 * channels``)."""
+def guidance_scale_embedding(scale: torch.Tensor, dim: int) -> torch.Tensor:
+    """Fourier features of a classifier-free guidance scale for w-conditioning (Meng et al. 2023, "On
+    distillation of guided diffusion models", sec. 3.1; LCM, Luo et al. 2023, sec. 4.2), in the layout of
+    LCM's released models: ``[sin(ω' f_i) | cos(ω' f_i)]`` with ``ω' = 1000 (s − 1)`` for the standard scale
+    ``s`` (ω = s − 1 is LCM's guidance weight, eq. 9) and ``f_i = 10000^(−i/(dim/2 − 1))``.
 
-    def __init__(self, channels: int, embed_dim: int):
+    ``scale``: (B,) standard CFG scales (1 = no guidance). Returns (B, dim) float32 (zero column for odd dim).
+    """
+    if scale.ndim != 1:
+        raise ValueError(f"guidance scales must be a 1-D tensor (B,), got shape {tuple(scale.shape)}")
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, device=scale.device, dtype=torch.float32) * (-math.log(10000.0) / (half - 1)))
+    angles = (1000.0 * (scale.float() - 1))[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+class TimestepEmbedding(nn.Module):
+    """``t -> Linear(SiLU(Linear(sinusoid(t) + P c)))``: the DDPM/LDM time-conditioning MLP (width ``4 * channels``).
+
+    With ``cond_dim`` an extra input ``c`` (B, cond_dim), e.g. :func:`guidance_scale_embedding`, joins the
+    sinusoid through a bias-free projection ``P`` that starts at zero, so a model extended with it computes
+    exactly what it computed before (diffusers' ``time_cond_proj_dim``, as LCM's models use it).
+    """
+
+    def __init__(self, channels: int, embed_dim: int, cond_dim: int | None = None):
         super().__init__()
         self.channels = channels
         self.linear_1 = nn.Linear(channels, embed_dim)
         self.linear_2 = nn.Linear(embed_dim, embed_dim)
+        self.cond_proj = nn.Linear(cond_dim, channels, bias=False) if cond_dim else None
+        if self.cond_proj is not None:
+            nn.init.zeros_(self.cond_proj.weight)
 
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, t: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         emb = timestep_embedding(t, self.channels).to(self.linear_1.weight.dtype)
+        if self.cond_proj is not None:
+            if condition is None:
+                raise ValueError("this time embedding takes a condition (cond_dim is set); pass one")
+            emb = emb + self.cond_proj(condition.to(emb.dtype))
         return self.linear_2(F.silu(self.linear_1(emb)))
 
 

@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ldm.conditioning import Conditioning
+from ldm.conditioning import GUIDANCE_SCALE, Conditioning
 from ldm.modules.attention import SpatialTransformer
-from ldm.modules.embeddings import PooledTextEmbedding, TimestepEmbedding, spatial_position_embedding
+from ldm.modules.embeddings import (PooledTextEmbedding, TimestepEmbedding, guidance_scale_embedding,
+                                    spatial_position_embedding)
 
 
 @dataclass
@@ -57,6 +58,7 @@ class UNetConfig:
     position_embedding: bool = False   # add fixed 2-D sin-cos features to conv_in's output (not in SD)
     pooled_dim: int | None = None      # width of the pooled text embedding added to the time embedding (None: off)
     scale_shift_norm: bool = False     # ADM's AdaGN: the embedding scales and shifts norm2 (False: adds, as SD)
+    guidance_embed_dim: int | None = None  # w-conditioning: cond.extras["guidance_scale"] joins the time embedding
 
     def __post_init__(self) -> None:
         self.channel_mult = tuple(int(m) for m in self.channel_mult)
@@ -64,6 +66,8 @@ class UNetConfig:
         if (self.num_heads is None) == (self.head_dim is None):
             raise ValueError(f"UNetConfig: set exactly one of num_heads or head_dim (got num_heads={self.num_heads}, "
                              f"head_dim={self.head_dim}); set the other to null")
+        if self.guidance_embed_dim is not None and self.guidance_embed_dim < 4:
+            raise ValueError(f"UNetConfig: guidance_embed_dim must be >= 4 (or null), got {self.guidance_embed_dim}")
         if not self.channel_mult or min(self.num_res_blocks, self.transformer_depth, self.ff_mult) < 1:
             raise ValueError("UNetConfig: channel_mult must be non-empty, num_res_blocks, transformer_depth and "
                              "ff_mult >= 1")
@@ -201,7 +205,7 @@ class UNet(nn.Module):
         self.gradient_checkpointing = config.gradient_checkpointing
         mc, widths, nrb = config.model_channels, config.level_channels, config.num_res_blocks
         self.conv_in = nn.Conv2d(config.in_channels, mc, 3, padding=1)
-        self.time_embed = TimestepEmbedding(mc, 4 * mc)
+        self.time_embed = TimestepEmbedding(mc, 4 * mc, config.guidance_embed_dim)
         self.pooled_embed = PooledTextEmbedding(config.pooled_dim, 4 * mc) if config.pooled_dim else None
 
         skip_channels = [mc]  # channels of every tensor the encoder hands to the decoder, in order
@@ -266,16 +270,33 @@ class UNet(nn.Module):
             raise ValueError("UNet: a cond.mask row masks every token; keep at least one (e.g. the BOS/EOS token)")
         return t, mask[:, None, None, :]  # (B, 1, 1, L): broadcast over heads and queries
 
+    def _guidance_features(self, cond: Conditioning, x: torch.Tensor) -> torch.Tensor | None:
+        """Fourier features of ``cond.extras["guidance_scale"]`` (B,) for a w-conditioned U-Net, else None."""
+        dim = self.config.guidance_embed_dim
+        if not dim:
+            return None
+        scale = cond.extras.get(GUIDANCE_SCALE)
+        if scale is None:
+            raise ValueError(f"UNet: this U-Net is conditioned on the guidance scale (guidance_embed_dim={dim}): "
+                             f"put a (B,) tensor in cond.extras[{GUIDANCE_SCALE!r}]")
+        scale = scale.to(x.device).reshape(-1)
+        if scale.shape[0] != x.shape[0]:
+            raise ValueError(f"UNet: cond.extras[{GUIDANCE_SCALE!r}] has {scale.shape[0]} values "
+                             f"for a batch of {x.shape[0]}")
+        return guidance_scale_embedding(scale, dim)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, cond: Conditioning) -> torch.Tensor:
         """Denoiser output for latents ``x`` (B,C,H,W) at timesteps ``t`` (B,) given ``cond`` (the denoiser protocol).
 
         ``cond.tokens`` (B, L, D) are cross-attended; padding tokens (``cond.mask`` False) are ignored by every
         cross-attention (LDM sec. 3.3, keys/values restricted to the kept tokens). ``cond.pooled``
-        (B, pooled_dim) joins the time embedding; required iff ``config.pooled_dim`` is set.
+        (B, pooled_dim) joins the time embedding; required iff ``config.pooled_dim`` is set. With
+        ``config.guidance_embed_dim`` the CFG scale ``cond.extras["guidance_scale"]`` (B,) joins it too (w-conditioning,
+        Meng et al. 2023), through a zero-initialised projection.
         """
         t, attn_mask = self._check_inputs(x, t, cond)
         context = cond.tokens
-        emb = self.time_embed(t)
+        emb = self.time_embed(t, self._guidance_features(cond, x))
         if self.pooled_embed is not None:
             emb = emb + self.pooled_embed(cond.pooled)
         emb = F.silu(emb)  # every ResBlock projects SiLU(emb): compute it once
