@@ -42,12 +42,9 @@ from ldm.io import PartError, config_from_dict, load_part, read_json, weights_ha
 from ldm.lora import save_lora
 from ldm.models.base import PartModule
 from ldm.modules.denoiser import build_denoiser, conditioning_for, copy_denoiser
-<<<<<<< HEAD
 from ldm.modules.identity_vae import IdentityFirstStage, IdentityFirstStageConfig
-from ldm.modules.null_text import UnconditionalText, UnconditionalTextConfig
-=======
 from ldm.modules.lora import LoraSpec, add_lora
->>>>>>> main
+from ldm.modules.null_text import UnconditionalText, UnconditionalTextConfig
 from ldm.pipeline import PipelineConfig, TextToImagePipeline
 from ldm.registry import denoiser_class
 from ldm.visual import image_grid
@@ -213,12 +210,9 @@ class LatentDiffusion(PartModule):
                  resolution: int | None = None, val_prompts: list[str] | None = None, sample_every_n_val: int = 1,
                  sample_steps: int = 10, sample_guidance: float = 4.0, val_timesteps: int = 8,
                  pooled_conditioning: bool = False, init_from: str | None = None,
-<<<<<<< HEAD
                  pixel_channels: int | None = None, unconditional: bool = False,
-                 learned_variance: bool = False, loss: str = "simple", vlb_weight: float = 0.001):
-=======
+                 learned_variance: bool = False, loss: str = "simple", vlb_weight: float = 0.001,
                  lora: dict[str, Any] | None = None):
->>>>>>> main
         super().__init__(optimizer, lr_schedule)
         self.save_hyperparameters()
         if not 0.0 <= p_uncond <= 1.0:
@@ -423,16 +417,12 @@ class LatentDiffusion(PartModule):
         """The pipeline folder: vae/, text_encoder/, unet/ (the denoiser, EMA weights), scheduler/, pipeline.json;
         with a ``lora`` block, the adapter folder alone (``ldm.lora``, EMA weights)."""
         pipe = self.pipeline(use_ema=True)
-<<<<<<< HEAD
-        image_encoder = Path(self.hparams.text_encoder_path) / "image_encoder" if self.hparams.text_encoder_path else None
-=======
         if self.lora is not None:
             spec, start = self.lora, self.init_source or {}
             record = {"trained_from": start.get("path")} if start else {}
             return lambda out: save_lora(pipe.denoiser, out, spec, base_hash=start.get("denoiser_sha256"),
                                          record=record)
-        image_encoder = Path(self.hparams.text_encoder_path or "") / "image_encoder"
->>>>>>> main
+        image_encoder = Path(self.hparams.text_encoder_path) / "image_encoder" if self.hparams.text_encoder_path else None
 
         def write(out: Path) -> None:
             pipe.save_pretrained(out)
