@@ -61,13 +61,14 @@ def pixel_features(images: torch.Tensor, gray: bool) -> torch.Tensor:
 
 
 def likelihood_rows(name: str, runs: Path, data: str, n: int, timesteps: int | None, ode_tol: float,
-                    batch_size: int, pilot: int, n_ode: int | None = None) -> list[dict[str, Any]]:
+                    batch_size: int, pilot: int, n_ode: int | None = None,
+                    parts: tuple[str, ...] = ("elbo", "ode")) -> list[dict[str, Any]]:
     rows = []
     for run in ("simple", "hybrid"):
         pipe = TextToImagePipeline.from_pretrained(runs / f"{name}-{run}" / "pipeline")
         real = load_split(data, "val", n, pipe.config.height)
         variances = ("fixed_small", "fixed_large") if run == "simple" else ("learned", "fixed_small")
-        for variance in variances:
+        for variance in variances if "elbo" in parts else ():
             wall0, cpu0 = time.perf_counter(), time.process_time()
             proposal = None
             if timesteps is not None and pilot:
@@ -82,6 +83,8 @@ def likelihood_rows(name: str, runs: Path, data: str, n: int, timesteps: int | N
                          "se": s["standard_error"], "prior": s["prior_bpd"], "kl": s["kl_bpd"],
                          "decoder": s["decoder_bpd"], "n": s["n"], "cpu_s": round(cpu, 1), "wall_s": round(wall, 1)})
             print(rows[-1], flush=True)
+        if "ode" not in parts:
+            continue
         k = n_ode or n
         res, wall, cpu = timed(ode_nll_bits_per_dim, pipe, real.images[:k], real.captions[:k], method="dopri5",
                                rtol=ode_tol, atol=ode_tol, batch_size=batch_size)
@@ -133,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, nargs="+", default=[25, 50, 100])
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--only", choices=("digits", "shapes"), default=None)
-    p.add_argument("--skip", nargs="*", choices=("nll", "quality"), default=[])
+    p.add_argument("--skip", nargs="*", choices=("nll", "elbo", "ode", "quality"), default=[],
+                   help="parts to leave out (nll = elbo and ode)")
     p.add_argument("--out", type=Path, default=Path("checkpoints/likelihood/results.json"))
     args = p.parse_args(argv)
     results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
@@ -142,13 +146,14 @@ def main(argv: list[str] | None = None) -> int:
     for name in datasets:
         data = args.digits if name == "digits" else args.shapes
         load_start = os.getloadavg()
-        if "nll" not in args.skip:
+        parts = tuple(x for x in ("elbo", "ode") if x not in args.skip and "nll" not in args.skip)
+        if parts:
             n = args.n_digits if name == "digits" else args.n_shapes
             text = args.timesteps_digits if name == "digits" else args.timesteps_shapes
             timesteps = None if text == "all" else int(text)
             n_ode = None if name == "digits" else args.n_ode_shapes
             results[f"{name}_nll"] = likelihood_rows(name, args.runs, data, n, timesteps, args.ode_tol, args.batch_size,
-                                                     args.pilot, n_ode)
+                                                     args.pilot, n_ode, parts)
         if "quality" not in args.skip:
             if name == "digits":
                 real = load_split(data, "train", 1500, 8)
@@ -162,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             variants = args.variants or [v for v in VARIANTS if name == "digits" or v != "L_hybrid, β̃"]
             real_features = features(real.images)
             half = len(real.images) // 2
-            floor = frechet_distance(features(real.images[:half]), features(real.images[half:2 * half]))
+            floor = frechet_distance(real_features[:half], real_features[half:2 * half])  # per-image features
             results[f"{name}_quality"] = {"real_vs_real_fd": floor, "real_n": len(real.images),
                                           "rows": quality_rows(name, args.runs, real_features, features, n, args.steps,
                                                                args.batch_size, variants)}
