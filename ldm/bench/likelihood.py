@@ -98,7 +98,7 @@ def likelihood_rows(name: str, runs: Path, data: str, n: int, timesteps: int | N
 
 
 def quality_rows(name: str, runs: Path, real_features: torch.Tensor, features, n: int, steps: list[int],
-                 batch_size: int, variants: list[str]) -> list[dict[str, Any]]:
+                 batch_size: int, variants: list[str], seed: int = 0) -> list[dict[str, Any]]:
     rows = []
     pipes = {run: TextToImagePipeline.from_pretrained(runs / f"{name}-{run}" / "pipeline")
              for run in ("simple", "hybrid")}
@@ -106,10 +106,10 @@ def quality_rows(name: str, runs: Path, real_features: torch.Tensor, features, n
         run, variance = VARIANTS[variant]
         for k in steps:
             images, wall, cpu = timed(pipes[run].generate, [""] * n, steps=k, sampler="ddpm", variance=variance,
-                                      guidance=1.0, seed=0, batch_size=batch_size, progress=False)
+                                      guidance=1.0, seed=seed, batch_size=batch_size, progress=False)
             fd = frechet_distance(real_features, features(to_uint8(images)))
-            rows.append({"data": name, "variant": variant, "steps": k, "fd": fd, "n": n, "cpu_s": round(cpu, 1),
-                         "wall_s": round(wall, 1)})
+            rows.append({"data": name, "variant": variant, "steps": k, "fd": fd, "n": n, "seed": seed,
+                         "cpu_s": round(cpu, 1), "wall_s": round(wall, 1)})
             print(rows[-1], flush=True)
     return rows
 
@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="sampling variants (default: all for digits, all but 'L_hybrid, β̃' for shapes)")
     p.add_argument("--steps", type=int, nargs="+", default=[25, 50, 100])
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (every variant uses the same noise)")
     p.add_argument("--only", choices=("digits", "shapes"), default=None)
     p.add_argument("--skip", nargs="*", choices=("nll", "elbo", "ode", "quality"), default=[],
                    help="parts to leave out (nll = elbo and ode)")
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             floor = frechet_distance(real_features[:half], real_features[half:2 * half])  # per-image features
             results[f"{name}_quality"] = {"real_vs_real_fd": floor, "real_n": len(real.images),
                                           "rows": quality_rows(name, args.runs, real_features, features, n, args.steps,
-                                                               args.batch_size, variants)}
+                                                               args.batch_size, variants, args.seed)}
         results[f"{name}_loadavg"] = {"start": load_start, "end": os.getloadavg()}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")
