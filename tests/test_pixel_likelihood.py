@@ -226,3 +226,35 @@ def test_clip_denoised_clips_x0_in_every_parametrization(kind: str) -> None:
     got = predict_x0_eps(clipped[:, :1], x, alpha, sigma, kind)[0]
     torch.testing.assert_close(got, x0.clamp(-1, 1), rtol=1e-8, atol=1e-8)
     assert torch.equal(clipped[:, 1:], v)
+
+
+def test_likelihood_bench_rows_are_the_evaluations_they_name(tmp_path, digits) -> None:
+    """ldm.bench.likelihood (the iDDPM comparison runner) on two tiny digits runs: --skip picks the parts, the
+    ELBO row is elbo_bits_per_dim's value, and an FD row is the FD of pipe.generate with that variance and seed."""
+    from ldm.bench import likelihood as bench
+    from ldm.evaluation.fid import frechet_distance, load_split, to_uint8
+
+    data = digits[0]
+    for run, learned in (("simple", False), ("hybrid", True)):
+        pixel_pipeline(learned).save_pretrained(tmp_path / "runs" / f"digits-{run}" / "pipeline")
+    common = ["--runs", str(tmp_path / "runs"), "--digits", str(data), "--only", "digits", "--n-digits", "4",
+              "--timesteps-digits", "3", "--pilot", "0", "--ode-tol", "0.1"]
+    assert bench.main([*common, "--skip", "ode", "quality", "--out", str(tmp_path / "elbo.json")]) == 0
+    rows = json.loads((tmp_path / "elbo.json").read_text())["digits_nll"]
+    assert [(r["loss"], r["method"].split(",")[1].strip()) for r in rows] == [
+        ("L_simple", "Σ = fixed_small"), ("L_simple", "Σ = fixed_large"),
+        ("L_hybrid", "Σ = learned"), ("L_hybrid", "Σ = fixed_small")]
+    hybrid = TextToImagePipeline.from_pretrained(tmp_path / "runs" / "digits-hybrid" / "pipeline")
+    real = load_split(data, "val", 4, 8)
+    direct = elbo_bits_per_dim(hybrid, real.images, real.captions, timesteps=3, variance="learned", chunk=8)
+    assert rows[2]["bpd"] == pytest.approx(direct.summary()["bits_per_dim"], rel=1e-6)
+    out = tmp_path / "q.json"
+    assert bench.main([*common, "--skip", "nll", "--samples-digits", "6", "--steps", "3", "--seed", "2",
+                       "--variants", "L_hybrid, learned Σ", "--out", str(out)]) == 0
+    quality = json.loads(out.read_text())["digits_quality"]
+    assert "digits_nll" not in json.loads(out.read_text()) and len(quality["rows"]) == 1
+    images = hybrid.generate([""] * 6, steps=3, sampler="ddpm", variance="learned", guidance=1.0, seed=2,
+                             progress=False)
+    train = bench.pixel_features(load_split(data, "train", 1500, 8).images, gray=True)
+    fd = frechet_distance(train, bench.pixel_features(to_uint8(images), gray=True))
+    assert quality["rows"][0]["fd"] == pytest.approx(fd, rel=1e-9) and quality["rows"][0]["seed"] == 2
