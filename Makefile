@@ -58,7 +58,7 @@ $(call value_stamp,$(TEXT_SOURCE),$(TEXT_ENCODER))
 $(call value_stamp,$(CACHE_STAMP),$(CACHE_ARGS))
 endif
 
-.PHONY: install data train-vae train-clip train-ldm train-lcm train-lcm-lora cache generate adherence fid export-sd demo bench lint test test-slow clean
+.PHONY: install data train-vae train-clip train-ldm train-lcm train-lcm-lora cache generate adherence fid export-sd demo bench gpu-check lint test test-slow clean
 
 install: $(STAMP)
 
@@ -173,6 +173,8 @@ DEMO_CLIP_STEPS ?= 5000
 DEMO_CACHE_SAMPLES ?= 30000
 DEMO_LDM_STEPS ?= 10000
 demo: $(STAMP)
+	@if [ "$(DATA)" != shapes ]; then echo "make demo is the shapes demo; for DATA=$(DATA) run the make train-* sequence" \
+	  "of docs/results/scale.md (make train-ldm DATA=$(DATA))" >&2; exit 2; fi
 	$(LDM) demo --start-time $(DEMO_START) --budget-s $(DEMO_BUDGET_S) --after-ldm-s $(DEMO_AFTER_LDM_S) \
 	  --vae-time $(DEMO_VAE_TIME) --vae-steps $(DEMO_VAE_STEPS) --clip-time $(DEMO_CLIP_TIME) \
 	  --clip-steps $(DEMO_CLIP_STEPS) --cache-samples $(DEMO_CACHE_SAMPLES) --ldm-steps $(DEMO_LDM_STEPS)
@@ -180,6 +182,16 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(LDM) bench data
 	$(LDM) bench unet
+
+# GPU readiness, on a CUDA machine: the KL-f8 VAE, an SD-sized CLIP and the SD 1.5 U-Net each train GPU_CHECK_STEPS
+# steps in bf16 with DDP on every GPU, then the pipeline samples; img/s, s/step and peak memory per part go to
+# checkpoints/gpu-check/gpu_check.json (+ samples.png). `ldm bench gpu --size tiny` is the same on a CPU.
+GPU_CHECK_STEPS ?= 300
+GPU_CHECK_ARGS ?=
+gpu-check: $(STAMP)
+	$(LDM) bench gpu --steps $(GPU_CHECK_STEPS) --work-dir checkpoints/gpu-check \
+	  --out checkpoints/gpu-check/gpu_check.json $(GPU_CHECK_ARGS)
+	$(PY) -m pytest -q -m cuda tests/
 
 # ---- lint and tests -----------------------------------------------------------------------------------
 lint: $(STAMP)

@@ -5,7 +5,7 @@ One :class:`ImageEdit` describes the edit; ``TextToImagePipeline.generate(..., e
 timesteps to run, the latent to start from, a wrapper of the sampler's ``model_fn`` and a last touch on the images.
 Every sampler works unchanged, because everything happens at the start and inside ``model_fn``:
 
-* **img2img / SDEdit** (Meng et al. 2022, §3.2 and Algorithm 1, VP form): encode the image, z = E(x), perturb it
+* **img2img / SDEdit** (Meng et al. 2022, §3.2; the VP-SDE form of its algorithm): encode the image, z = E(x), perturb it
   to t₀ with q(z_t₀ | z) = N(α_t₀ z, σ_t₀² I) (DDPM eq. 4) and solve the reverse process from t₀. ``strength`` ∈
   [0, 1] picks t₀: of the N sampling timesteps the last ⌊strength·N⌋ run (as diffusers does). Strength 0 runs none
   and returns D(E(x)); strength 1 starts from the pure noise text-to-image starts from (the usual N(0, I) ≈
@@ -16,7 +16,7 @@ Every sampler works unchanged, because everything happens at the start and insid
   new prompt. With the same prompt and guidance 1 it returns (nearly) the input.
 * **inpainting**: the unknown region (white in the mask) is generated, the known one kept. At every model call the
   prediction x̂0 is replaced by the known latent where the image is known,
-  x̂0' = m ⊙ z + (1 − m) ⊙ x̂0 — the range/null-space rectification of DDNM (Wang et al. 2023, §3.1 eq. 8 and
+  x̂0' = m ⊙ z + (1 − m) ⊙ x̂0 — the range/null-space rectification of DDNM (Wang et al. 2023, §3.1 and
   Algorithm 1, with A = the known-pixel mask) — and ε̂' = (x_t − α_t x̂0')/σ_t is re-expressed as the model's
   output. Every sampler whose step is linear in (x_t, x̂0) and exact on the forward path (DDIM, DPM-Solver++,
   Euler, Heun) then keeps the known region at α_s z + σ_s ε after *every* step, ε the run's noise: the latent
@@ -202,7 +202,8 @@ class ImageEdit:
             from ldm.diffusion.guidance import conditional_model
             from ldm.diffusion.samplers import ddim_invert
 
-            fn = conditional_model(pipe.denoiser, pipe.condition([self.source_prompt]))
+            h, w = (s * pipe.vae.config.downsample_factor for s in z.shape[2:])
+            fn = conditional_model(pipe.denoiser, pipe.condition([self.source_prompt], h, w))
             return ddim_invert(fn, z, pipe.schedule, ts, prediction_type=pipe.schedule.prediction_type,
                                fixed_point_iters=INVERT_ITERS, callback=callback)
         if len(ts) == full_steps and self.mode in ("img2img", "colorize"):

@@ -65,6 +65,7 @@ class PipelineConfig:
     guidance_rescale: float = 0.0
     spacing: str = "trailing"          # sampling timestep spacing (DiscreteSchedule.timesteps)
     clip_denoised: bool = False        # clip x̂0 to [−1, 1] while sampling (pixel-space pipelines, as DDPM/iDDPM)
+    sizes: list[list[int]] | None = None  # other [height, width] the denoiser was trained at (aspect buckets)
     # a consistency model (LCM student, or a base with an LCM-LoRA): maps any x_t to x_0, samples with `lcm`
     consistency_model: bool = False
 
@@ -241,6 +242,7 @@ class TextToImagePipeline:
         rescale = c.guidance_rescale if guidance_rescale is None else guidance_rescale
         sampler_options.setdefault("spacing", c.spacing)
         self._check_request(prompts, steps, guidance, height, width, n_per_prompt, sampler)
+        self._warn_untrained_size(height, width)
         if edit is not None:
             sampler = edit.sampler(sampler)
             if edit.mode == "invert" and sampler_options.get("eta"):
@@ -259,7 +261,7 @@ class TextToImagePipeline:
         if edit is not None:
             edit.prepare(self, height, width)
             ts = edit.timesteps(ts)
-        uncond = self.condition([negative_prompt or ""])
+        uncond = self.condition([negative_prompt or ""], height, width)
         starts = list(range(0, len(all_prompts), batch_size))
         if only_index is not None:
             starts = [only_index // batch_size * batch_size]
@@ -270,7 +272,7 @@ class TextToImagePipeline:
         images = []
         for start in starts:
             end = min(start + batch_size, len(all_prompts))
-            cond = self.condition(all_prompts[start:end])
+            cond = self.condition(all_prompts[start:end], height, width)
             model_fn = self.model_fn(cond, uncond, guidance, rescale,
                                      clip=c.clip_denoised if clip_denoised is None else clip_denoised)
             if targets is not None:
@@ -344,10 +346,24 @@ class TextToImagePipeline:
 
         return clip_denoised(fn, schedule, schedule.prediction_type) if clip else fn
 
-    def condition(self, prompts: Sequence[str]) -> Conditioning:
+    def condition(self, prompts: Sequence[str], height: int | None = None, width: int | None = None) -> Conditioning:
         """The denoiser's conditioning for ``prompts``, padding columns cut (exact: masked cross-attention and a
-        causal text tower)."""
-        return conditioning_for(self.denoiser, self.text_encoder.condition(prompts).trim())
+        causal text tower), with the size/crop extras it asks for at their defaults for ``height``×``width``
+        (SDXL micro-conditioning, ``ldm.modules.micro``; default: the training size)."""
+        from ldm.modules.micro import with_default_extras
+
+        cond = conditioning_for(self.denoiser, self.text_encoder.condition(prompts).trim())
+        return with_default_extras(self.denoiser, cond, height or self.config.height, width or self.config.width)
+
+    def _warn_untrained_size(self, height: int, width: int) -> None:
+        """Generating at a size the denoiser never trained at works (it is convolutional) but may repeat or
+        break up objects: say so once per call."""
+        trained = [[self.config.height, self.config.width]] + [list(s) for s in self.config.sizes or []]
+        if [height, width] not in trained:
+            warnings.warn(f"generating at {height}x{width} but the denoiser was trained at "
+                          f"{' / '.join(f'{h}x{w}' for h, w in trained)}: other sizes work but may repeat or cut "
+                          "objects (train at that size, or resume at it: ldm fit --continue-from)", UserWarning,
+                          stacklevel=3)
 
     def __call__(self, prompts: Sequence[str], **kwargs: Any) -> list[Image.Image]:
         """``generate`` returning PIL images (prompt-major order)."""

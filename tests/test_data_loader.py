@@ -50,7 +50,9 @@ def test_batches_follow_the_contract(shapes_dir):
     dm = WebDataModule(str(shapes_dir), batch_size=16, num_workers=0, shuffle_buffer=0)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"image", "caption", "meta", "key", "skipped", "skip_reasons"} and batch["skip_reasons"] == {}
+    assert set(batch) == {"image", "caption", "meta", "key", "original_size", "crop_coords", "skipped",
+                          "skip_reasons"} and batch["skip_reasons"] == {}
+    assert batch["original_size"].tolist() == [[32, 32]] * 16 and batch["crop_coords"].tolist() == [[0, 0]] * 16
     image = batch["image"]
     assert image.shape == (16, 3, 32, 32) and image.dtype == torch.float32 and image.is_contiguous()
     assert -1.0 <= image.min() < image.max() <= 1.0

@@ -283,11 +283,16 @@ def free_port() -> int:
 
 def launch(spec_file: Path, world: int, timeout: float = 420) -> None:
     """Start ``world`` ranks of this file like torchrun does; fail with their output on error or hang."""
+    launch_script(__file__, spec_file, world, timeout)
+
+
+def launch_script(script: str, spec_file: Path, world: int, timeout: float = 420) -> None:
+    """Start ``world`` ranks of ``script`` (run with ``spec_file``) like torchrun does; fail with their output."""
     common = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world),
               "LOCAL_WORLD_SIZE": str(world), "GROUP_RANK": "0", "TORCHELASTIC_RUN_ID": "ldm-test",
               "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "LDM_TEST_LAUNCHED": str(time.time())}
     logs = [spec_file.parent / f"rank{r}.log" for r in range(world)]
-    procs = [subprocess.Popen([sys.executable, __file__, str(spec_file)], env={**common, "RANK": str(r), "LOCAL_RANK": str(r)},
+    procs = [subprocess.Popen([sys.executable, script, str(spec_file)], env={**common, "RANK": str(r), "LOCAL_RANK": str(r)},
                               stdout=open(log, "w"), stderr=subprocess.STDOUT) for r, log in enumerate(logs)]
     deadline, failed_at = time.monotonic() + timeout, None
     try:

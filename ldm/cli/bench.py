@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 
 from ldm.cli import checks
+from ldm.errors import UsageError
 
 HELP = ("speed benchmarks: data loader (data), U-Net vs diffusers (unet), DDP layouts on this machine (ddp), "
-        "few-step students vs their teacher (lcm)")
+        "few-step students vs their teacher (lcm), GPU readiness at SD scale (gpu)")
 
 POSITIVE = checks.int_at_least(1)
 
@@ -64,6 +65,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=checks.int_at_least(0), default=3, help="untimed steps per layout")
     p.add_argument("--out", default="checkpoints/bench/ddp.json", help="JSON results file")
 
+    p = sub.add_parser("gpu", formatter_class=fmt, help="GPU readiness: each part a few hundred bf16 DDP steps at SD size",
+                       description="Train the KL-f8 VAE, an SD-sized CLIP and the SD 1.5 U-Net for --steps steps each "
+                                   "in bf16 with DDP on every GPU, sample, and write img/s, step time and peak memory "
+                                   "(make gpu-check). Needs CUDA unless --size tiny.")
+    p.add_argument("--steps", type=POSITIVE, default=300, help="optimizer steps per part")
+    p.add_argument("--warmup", type=checks.int_at_least(0), default=20, help="steps before the timing starts")
+    p.add_argument("--size", choices=("sd", "tiny"), default="sd", help="sd: SD-like models; tiny: a CPU smoke test")
+    p.add_argument("--devices", default="-1", help="GPUs to use (-1: all)")
+    p.add_argument("--precision", default="bf16-mixed", help="Lightning precision")
+    p.add_argument("--parts", type=checks.comma_list(str), default="vae,clip,ldm", help="parts to train (ldm needs both)")
+    p.add_argument("--work-dir", default="checkpoints/gpu-check", help="folder of the data, parts and sample grid")
+    p.add_argument("--out", default="checkpoints/gpu-check/gpu_check.json", help="JSON results file")
+
     from ldm.bench import lcm
 
     p = sub.add_parser("lcm", formatter_class=fmt, help="few-step students vs their teacher: adherence, FD, time/image",
@@ -99,6 +113,25 @@ def run(args: argparse.Namespace) -> int:
         result = unet.benchmark(args.config, batch=args.batch, size=args.size, tokens=args.tokens, steps=args.steps,
                                 warmup=args.warmup, rounds=args.rounds, with_diffusers=not args.no_diffusers,
                                 channels_last=args.channels_last, device=device, on_result=show)
+    elif args.bench == "gpu":
+        import torch
+
+        from ldm.bench import gpu
+
+        if args.size == "sd" and not torch.cuda.is_available():
+            raise UsageError("ldm bench gpu needs a CUDA GPU (none is visible here); --size tiny runs the same "
+                             "sequence with tiny models on the CPU")
+        unknown = set(args.parts) - {"vae", "clip", "ldm"}
+        if unknown or ("ldm" in args.parts and not {"vae", "clip"} <= set(args.parts)):
+            raise UsageError(f"--parts: choose among vae,clip,ldm (ldm needs vae and clip), got {','.join(args.parts)}")
+        checks.output_dir("--work-dir", args.work_dir)
+        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+        devices = int(args.devices) if args.devices.lstrip("-").isdigit() else args.devices
+        result = gpu.gpu_check(args.work_dir, args.steps, args.warmup, args.size, accelerator,
+                               devices if accelerator == "gpu" else 1, args.precision, tuple(args.parts))
+        if int(__import__("os").environ.get("LOCAL_RANK", "0")) != 0:
+            return 0  # ranks > 0 (started by Lightning re-running this command) leave the writing to rank 0
+        print(gpu.format_table(result))
     elif args.bench == "lcm":
         from ldm.bench import lcm
 

@@ -6,6 +6,7 @@ import argparse
 import time
 
 from ldm.cli import checks
+from ldm.errors import UsageError
 
 HELP = "precompute VAE latents + text-token embeddings of a dataset so U-Net training skips both encoders"
 
@@ -21,6 +22,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-samples", type=checks.int_at_least(1), default=None,
                         help="encode at most this many samples per split, the first in shard order (default: all); "
                              "a short training sees only a fraction of a large dataset")
+    parser.add_argument("--buckets", action="store_true",
+                        help="aspect-ratio buckets of about RESOLUTION² pixels instead of square crops, one bucket per "
+                             "chunk (the dataset's info.json buckets when `ldm data folder --buckets` recorded them)")
+    parser.add_argument("--bucket-step", type=checks.int_at_least(1), default=None,
+                        help="bucket sides are multiples of this (default 32: an f=4 VAE's factor x 8)")
     parser.add_argument("--labels", default=None,
                         help="labels to store from each sample's json, NAME=PATH,... (e.g. color=objects.only.color; "
                              "'none' for no labels; default: the dataset's own, for shapes its attributes)")
@@ -37,7 +43,6 @@ def run(args: argparse.Namespace) -> int:
     from ldm.data.latents import build_latent_cache, parse_label_paths
     from ldm.data.registry import benchmark_named
     from ldm.data.shards import read_info
-    from ldm.errors import UsageError
     from ldm.io import load_part
 
     if args.labels is None:
@@ -51,8 +56,21 @@ def run(args: argparse.Namespace) -> int:
     vae = load_part(args.vae, kind="vae").to(device)
     text_encoder = load_part(args.text_encoder, kind="text_encoder").to(device)
     start = time.perf_counter()
+    buckets = None
+    if args.buckets or args.bucket_step:
+        from ldm.data.buckets import BucketSpec
+        from ldm.data.shards import read_info
+
+        recorded = dict(read_info(args.data).get("buckets") or {})
+        recorded.pop("list", None)
+        if args.bucket_step:
+            recorded["step"] = args.bucket_step
+        try:
+            buckets = BucketSpec.from_config(recorded, args.resolution)
+        except ValueError as e:
+            raise UsageError(f"--buckets: {e}") from None
     info = build_latent_cache(vae, text_encoder, args.data, args.out, args.resolution, tuple(args.splits),
-                              args.batch_size, max_samples=args.max_samples, labels=labels)
+                              args.batch_size, max_samples=args.max_samples, labels=labels, buckets=buckets)
     seconds = time.perf_counter() - start
     n = sum(s["samples"] for s in info["splits"].values())
     skipped = sum(s["skipped"] for s in info["splits"].values())

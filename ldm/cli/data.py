@@ -58,6 +58,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="resize the shorter side to SIZE and centre-crop to SIZE×SIZE (default: keep the shape)")
     p.add_argument("--max-side", type=POSITIVE, default=None,
                    help="downscale images whose longer side exceeds MAX_SIDE (keeps the aspect ratio)")
+    p.add_argument("--buckets", action="store_true",
+                   help="aspect-ratio buckets of about SIZE² pixels: keep each image's shape, downscaled to just cover "
+                        "its bucket (the loader crops); needs --size. Without it: --size centre-crops to squares")
+    p.add_argument("--bucket-step", type=POSITIVE, default=32,
+                   help="with --buckets: bucket sides are multiples of this (the VAE factor x 8)")
+    p.add_argument("--max-aspect", type=checks.float_in(1), default=4.0,
+                   help="with --buckets: the most elongated bucket (long side / short side)")
+    p.add_argument("--max-upscale", type=checks.float_in(1), default=2.0,
+                   help="with --buckets: skip images that would need a larger enlargement to cover their bucket")
     p.add_argument("--val-fraction", type=checks.float_in(0, 1, high_open=True), default=0.05,
                    help="fraction of samples put in val/")
     p.add_argument("--path-column", default="path", help="table column with the image path (relative to the table)")
@@ -106,6 +115,8 @@ def check(args: argparse.Namespace) -> None:
             raise UsageError(f"--src {src}: no such folder or file")
         if src.is_file() and src.suffix.lower() not in TABLE_SUFFIXES:
             raise UsageError(f"--src {src}: expected a folder of images or a {'/'.join(TABLE_SUFFIXES)} table")
+        if args.buckets and (args.size is None or args.max_side is not None):
+            raise UsageError("--buckets needs --size (the buckets' area is SIZE²) and no --max-side")
     elif args.dataset == "openmoji":
         if args.font is not None:
             checks.existing_file("--font", args.font)
@@ -123,14 +134,22 @@ def run(args: argparse.Namespace) -> int:
                             shard_size=args.shard_size, two_object_fraction=args.two_object_fraction,
                             processes=args.processes)
     elif args.dataset == "folder":
+        from ldm.data.buckets import BucketSpec
         from ldm.data.folder import build_folder
 
+        buckets = None
+        if args.buckets:
+            try:
+                buckets = BucketSpec(area=args.size * args.size, step=args.bucket_step, max_aspect=args.max_aspect,
+                                     max_upscale=args.max_upscale)
+            except ValueError as e:
+                raise UsageError(f"--buckets: {e}") from None
         info = build_folder(args.src, args.out, size=args.size, max_side=args.max_side,
                             val_fraction=args.val_fraction, path_column=args.path_column,
                             caption_column=args.caption_column, require_caption=not args.allow_missing_caption,
                             seed=args.seed, shard_size=args.shard_size, processes=args.processes,
                             license=args.license, source=args.source, background=args.background,
-                            max_pixels=args.max_pixels)
+                            max_pixels=args.max_pixels, buckets=buckets)
     elif args.dataset == "digits":
         from ldm.data.digits import build_digits
 

@@ -18,7 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    checks.existing_file("--ckpt", args.ckpt)
+    from ldm.training.sharded import is_sharded_checkpoint
+
+    if not is_sharded_checkpoint(args.ckpt):  # a file, or the folder a sharded FSDP run writes
+        checks.existing_file("--ckpt", args.ckpt)
     checks.output_dir("--out", args.out)
     if args.data_dir is not None:
         checks.shard_dataset("--data-dir", args.data_dir, ["train"])

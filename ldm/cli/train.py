@@ -12,6 +12,10 @@ not already have one of the same class, and ``ldm fit`` prints which are on. Run
 ``trainer.default_root_dir``: TensorBoard + CSV logs in ``version_N/``, checkpoints in ``checkpoints/``
 (``last.ckpt`` + the best by ``val/loss``), so ``--ckpt_path last`` resumes.
 
+``ldm fit --continue-from CKPT`` starts a new stage of a run (another resolution, another cache) from the
+previous stage's checkpoint: weights, optimizer state, LR-schedule step and step count carry over where shapes
+match (:class:`ldm.training.ContinueFrom`); ``trainer.max_steps`` then counts the whole run.
+
 Parse errors (a missing config file, an unknown key, a bad value) are :class:`~ldm.errors.UsageError`:
 one line on stderr through ``ldm.cli.main``.
 """
@@ -147,9 +151,31 @@ def _announce(on: list[str]) -> None:
     print(f"ldm fit: on: {', '.join(on)}", flush=True)
 
 
+def pop_continue_from(argv: list[str]) -> tuple[list[str], str | None]:
+    """``argv`` without ``--continue-from X`` / ``--continue-from=X``, and X (None when absent)."""
+    out, found, i = [], None, 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--continue-from":
+            if i + 1 >= len(argv):
+                raise UsageError("--continue-from needs a checkpoint path (e.g. checkpoints/shapes/ldm/checkpoints/last.ckpt)")
+            found, i = argv[i + 1], i + 2
+            continue
+        if arg.startswith("--continue-from="):
+            found = arg.partition("=")[2]
+        else:
+            out.append(arg)
+        i += 1
+    if found is not None and not Path(found).is_file():
+        raise UsageError(f"--continue-from {found}: no such checkpoint file")
+    return out, found
+
+
 class LDMCLI(LightningCLI):
     """LightningCLI whose loggers and checkpoint folder live under ``default_root_dir`` and whose trainer
     always has the fault-tolerance callbacks and atomic checkpoint IO (:func:`add_robustness`)."""
+
+    continue_from: str | None = None
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         config = self._get(self.config_init, "trainer", default={})
@@ -161,6 +187,11 @@ class LDMCLI(LightningCLI):
             if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
                 cb.dirpath = str(ckpt_dir)
         kwargs["callbacks"], kwargs["plugins"], on = add_robustness(config.get("callbacks"), config.get("plugins"))
+        if self.continue_from and self.subcommand == "fit":
+            from ldm.training import ContinueFrom
+
+            kwargs["callbacks"].append(ContinueFrom(self.continue_from))
+            on.append(f"continuing {self.continue_from}")
         if self.subcommand == "fit":
             _announce(on)
         return super().instantiate_trainer(**kwargs)
@@ -170,7 +201,7 @@ def build_cli(argv: list[str]) -> LDMCLI:
     """Parse ``argv`` (starting with ``fit``/``validate``), build the model, data and trainer, and run it."""
     from jsonargparse import ArgumentError
 
-    argv = resolve_config_args(argv)
+    argv, LDMCLI.continue_from = pop_continue_from(resolve_config_args(argv))
     defaults = default_config_files()
     # `ldm` hands LightningCLI its own command line as `args`, which Lightning warns about when sys.argv is set too
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")

@@ -10,7 +10,8 @@ Every image is decoded fully with ``ldm.data.images.decode_rgb`` (the decoding t
 palette and CMYK modes, EXIF orientation, transparency composited on ``background``, the ``max_pixels``
 limit), so truncated or unusable files are caught here; captions are strict UTF-8. Images are optionally
 resized (``size``: shorter side to ``size`` + centre crop, exactly as the loader does; ``max_side``:
-downscale so the longer side fits) and deduplicated by the SHA-256 of their file bytes (the first path in
+downscale so the longer side fits; ``buckets``: keep the aspect ratio, downscaled to just cover the image's
+aspect-ratio bucket of ``ldm.data.buckets``, for bucketed training) and deduplicated by the SHA-256 of their file bytes (the first path in
 sorted order is kept). An opaque RGB PNG/JPEG/WebP that needs no resizing is stored as is (no re-encoding loss;
 the loader applies its EXIF orientation), anything else as the decoded RGB pixels. Skipped files are
 listed by reason (the keys of ``SKIP_REASONS``) in ``report.json`` and counted in ``info.json``. The
@@ -20,6 +21,7 @@ train/val assignment follows the content hash, so it is stable when files are ad
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -42,6 +44,7 @@ from ldm.data.images import (
     parse_background,
     resize_crop,
 )
+from ldm.data.buckets import BucketSpec, assign_bucket, cover_crop, cover_scale, size_key
 from ldm.data.shards import clear_split, plan_shards, run_parallel, shard_name, write_info, write_shard
 from ldm.io import write_json
 
@@ -53,6 +56,7 @@ SKIP_REASONS: dict[str, str] = {
     "file_not_found": "the file does not exist",
     **DECODE_REASONS,
     "missing_caption": "no caption (.txt or caption column), or an empty one",
+    "too_small": "with --buckets: would need more than max_upscale enlargement to cover its bucket",
     "duplicate": "the same file content as an earlier path",
 }
 
@@ -110,23 +114,39 @@ def transform(image: Image.Image, size: int | None, max_side: int | None) -> Ima
     return image
 
 
-Options = tuple[tuple[int, int, int], int | None, int | None]  # (background, max_pixels, size)
+# (background, max_pixels, size, buckets)
+Options = tuple[tuple[int, int, int], int | None, int | None, BucketSpec | None]
 
 
 def _check(task: tuple[Entry, Options]) -> tuple[str, str | None, str | None]:
     """(sha256, caption, None) for a usable image, ("", None, reason) otherwise (a key of SKIP_REASONS)."""
-    (path, caption), (background, max_pixels, size) = task
+    (path, caption), (background, max_pixels, size, buckets) = task
     if "://" in path:
         return "", None, "url"
     try:
         data = Path(path).read_bytes()
-        decode_rgb(data, background, max_pixels, min_side=size)
+        image = decode_rgb(data, background, max_pixels, min_side=None if buckets else size)
         text = decode_caption(caption) if isinstance(caption, bytes) else caption
     except FileNotFoundError:
         return "", None, "file_not_found"
     except DecodeError as e:
         return "", None, e.reason
+    if buckets is not None:
+        choices = buckets.buckets()
+        if cover_scale(image.size, choices[assign_bucket(image.size, choices)]) > buckets.max_upscale:
+            return "", None, "too_small"
     return hashlib.sha256(data).hexdigest(), text, None
+
+
+def fit_bucket(image: Image.Image, buckets: BucketSpec) -> tuple[Image.Image, list[int]]:
+    """Keep the aspect ratio; downscale (bicubic) to just cover the image's bucket, never enlarge (the loader
+    crops, and enlarges by at most ``max_upscale``). Returns (image, bucket [width, height])."""
+    choices = buckets.buckets()
+    bucket = choices[assign_bucket(image.size, choices)]
+    (nw, nh), _ = cover_crop(image.size, bucket)
+    if nw < image.size[0]:
+        image = image.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0)
+    return image, list(bucket)
 
 
 def _encode(image: Image.Image, fmt: str | None) -> tuple[str, bytes]:
@@ -141,26 +161,38 @@ def _encode(image: Image.Image, fmt: str | None) -> tuple[str, bytes]:
 KEEP_AS_IS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
 
 
-def _write(task: tuple[str, list[dict[str, Any]], int | None, int | None, Options]) -> int:
-    path, items, size, max_side, (background, max_pixels, _) = task
-    samples = []
+def _write(task: tuple[str, list[dict[str, Any]], int | None, int | None, Options]) -> list[list[int]]:
+    """Write one shard; returns the stored images' [width, height]."""
+    path, items, size, max_side, (background, max_pixels, _, buckets) = task
+    samples, sizes = [], []
     for item in items:
         data = Path(item["path"]).read_bytes()
         header = open_image(data, max_pixels=None)
         fmt, plain_rgb = header.format, header.mode == "RGB" and "transparency" not in header.info
-        image = decode_rgb(data, background, max_pixels, min_side=size)
-        fits = size is None and (max_side is None or max(image.size) <= max_side)
+        image = decode_rgb(data, background, max_pixels, min_side=None if buckets else size)
+        original = image.size
+        bucket = None
+        if buckets is not None:
+            image, bucket = fit_bucket(image, buckets)
+        fits = image.size == original and (buckets is not None or size is None) and (
+            max_side is None or max(image.size) <= max_side)
         if fits and plain_rgb and fmt in KEEP_AS_IS:  # no re-encoding loss
             ext = KEEP_AS_IS[fmt]
         else:
-            image = transform(image, size, max_side)
+            if buckets is None:
+                image = transform(image, size, max_side)
             ext, data = _encode(image, fmt)
         width, height = image.size
-        meta = {"source_path": item["rel"], "sha256": item["sha256"], "width": width, "height": height}
+        meta = {"source_path": item["rel"], "sha256": item["sha256"], "width": width, "height": height,
+                "original_width": original[0], "original_height": original[1]}
+        if bucket is not None:
+            meta["bucket"] = bucket
         files = {ext: data, "txt": (item["caption"] or "").encode("utf-8"),
                  "json": json.dumps(meta, sort_keys=True).encode("utf-8")}
         samples.append((item["key"], files))
-    return write_shard(path, samples)
+        sizes.append([width, height])
+    write_shard(path, samples)
+    return sizes
 
 
 def build_folder(src: str | Path, out_dir: str | Path, size: int | None = None, max_side: int | None = None,
@@ -168,11 +200,16 @@ def build_folder(src: str | Path, out_dir: str | Path, size: int | None = None, 
                  require_caption: bool = True, seed: int = 0, shard_size: int = 1000,
                  processes: int | None = None, license: str = "unknown", source: str | None = None,
                  background: str | tuple[int, int, int] = DEFAULT_BACKGROUND,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict[str, Any]:
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, buckets: BucketSpec | None = None) -> dict[str, Any]:
     """Convert a folder or table of images + captions to ``out_dir/{train,val}/*.tar`` + info.json.
 
     ``background``: colour transparent images are composited on (the loader's default white);
-    ``max_pixels``: larger images are skipped (``too_many_pixels``) without being decoded.
+    ``max_pixels``: larger images are skipped (``too_many_pixels``) without being decoded;
+    ``buckets``: keep each image's aspect ratio, downscaled to just cover its aspect-ratio bucket (``size`` is
+    ignored; images that would need more than ``max_upscale`` enlargement are skipped as ``too_small``), and
+    record the spec in info.json for ``ldm cache --buckets`` / ``WebDataModule(buckets=...)``.
+    Every sample's json holds its stored ``width``/``height`` and ``original_width``/``original_height``;
+    info.json's ``sizes`` counts the stored sizes per split (``"WxH": n``), which the bucketed loader reads.
     Returns the info dict; skipped files are listed by reason (keys of ``SKIP_REASONS``) in
     ``out_dir/report.json`` and counted in info.json's ``skipped``.
     """
@@ -181,7 +218,7 @@ def build_folder(src: str | Path, out_dir: str | Path, size: int | None = None, 
         raise FileNotFoundError(f"--src {src} does not exist")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    options: Options = (parse_background(background), max_pixels, size)
+    options: Options = (parse_background(background), max_pixels, size, buckets)
     entries = entries_from_folder(src) if src.is_dir() else entries_from_table(src, path_column, caption_column)
     if not entries:
         raise ValueError(f"no images found in {src} (looked for {', '.join(READABLE_EXTS)})")
@@ -220,7 +257,12 @@ def build_folder(src: str | Path, out_dir: str | Path, size: int | None = None, 
         shards[split] = {shard_name(split, k): e - s for k, (s, e) in enumerate(ranges)}
         tasks += [(str(out / split / shard_name(split, k)), items[s:e], size, max_side, options)
                   for k, (s, e) in enumerate(ranges)]
-    run_parallel(_write, tasks, processes)
+    written = run_parallel(_write, tasks, processes)
+    sizes: dict[str, dict[str, int]] = {split: {} for split in splits}
+    for task, shard_sizes in zip(tasks, written):
+        split = Path(task[0]).parent.name
+        for w, h in shard_sizes:
+            sizes[split][size_key((w, h))] = sizes[split].get(size_key((w, h)), 0) + 1
     report = {"skipped": {reason: sorted(paths) for reason, paths in sorted(skipped.items())},
               "skipped_counts": {reason: len(paths) for reason, paths in sorted(skipped.items())},
               "reasons": {reason: SKIP_REASONS[reason] for reason in sorted(skipped)}}
@@ -228,7 +270,9 @@ def build_folder(src: str | Path, out_dir: str | Path, size: int | None = None, 
     info = {"name": "folder", "source": source or str(src), "license": license, "resolution": size,
             "max_side": max_side, "background": list(options[0]), "max_pixels": max_pixels,
             "counts": {k: len(v) for k, v in splits.items()}, "shards": shards,
-            "skipped": report["skipped_counts"], "seed": seed}
+            "skipped": report["skipped_counts"], "seed": seed,
+            "sizes": {split: dict(sorted(v.items())) for split, v in sizes.items()},
+            "buckets": None if buckets is None else {**dataclasses.asdict(buckets), "list": [list(b) for b in buckets.buckets()]}}
     write_info(out, info)
     if skipped:
         print(f"skipped {sum(len(v) for v in skipped.values())} of {len(entries)} files: "

@@ -185,16 +185,22 @@ def decode_rgb(data: bytes, background: tuple[int, int, int] = DEFAULT_BACKGROUN
 
 def resize_crop(image: Image.Image, resolution: int, rng: random.Random | None = None) -> Image.Image:
     """Shorter side to ``resolution`` (bicubic), then a centred (or, with ``rng``, uniformly placed) square crop."""
+    return resize_crop_coords(image, resolution, rng)[0]
+
+
+def resize_crop_coords(image: Image.Image, resolution: int, rng: random.Random | None = None
+                       ) -> tuple[Image.Image, tuple[int, int]]:
+    """:func:`resize_crop` and the crop's (top, left) corner in the resized image (SDXL's crop coordinates)."""
     w, h = image.size
     if (w, h) == (resolution, resolution):
-        return image
+        return image, (0, 0)
     scale = resolution / min(w, h)
     nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
     if (nw, nh) != (w, h):
         image = image.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0)
     left = (nw - resolution) // 2 if rng is None else rng.randint(0, nw - resolution)
     top = (nh - resolution) // 2 if rng is None else rng.randint(0, nh - resolution)
-    return image.crop((left, top, left + resolution, top + resolution))
+    return image.crop((left, top, left + resolution, top + resolution)), (top, left)
 
 
 def fit_within(image: Image.Image, max_side: int) -> Image.Image:

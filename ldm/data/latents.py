@@ -9,6 +9,7 @@ Layout written by ``ldm cache`` (``build_latent_cache``)::
         context     (N, L, D) float16   — token embeddings, L trimmed to the longest caption (exact under masking)
         pooled      (N, E) float16      — the pooled text embedding
         mask        (N, L) uint8        — 1 on real tokens
+        original_size, crop_coords (N, 2) int32 — (height, width) before resizing, (top, left) of the crop
       metadata "captions": JSON list of the N captions
       metadata "labels":   JSON list of N objects {label: value or null} (only when labels were asked for)
 
@@ -16,6 +17,10 @@ Labels: ``build_latent_cache(..., labels={"color": "objects.only.color"})`` also
 at each path of its json metadata (:func:`label_at`); info.json lists each label's path and its classes (the
 values seen, sorted), and batches carry ``labels`` (B, A) class indices, −1 where the json has no value.
 A dataset may name default labels (``Benchmark.label_paths``; shapes: the attributes of one-object scenes).
+
+With aspect-ratio buckets (``ldm cache --buckets``, ``ldm.data.buckets``) every chunk holds one bucket, its
+image (height, width) listed in info.json's ``chunk_sizes``; :class:`LatentDataModule` then cuts every batch
+from one bucket and draws the buckets in the same order on every DDP rank (:class:`LatentBucketBatches`).
 
 Training samples z = mean + std·ε each step, exactly ``vae.encode_latents(x, sample=True)``.
 
@@ -27,6 +32,8 @@ cache is written into a fresh folder beside ``OUT`` and swapped in whole, so a c
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import json
 import re
 import shutil
@@ -38,9 +45,10 @@ import pytorch_lightning as pl
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ldm.conditioning import Conditioning
+from ldm.data.buckets import BucketSpec, bucket_schedule
 from ldm.data.resumable import ResumableLoader
 from ldm.data.shards import list_shards, read_info
 from ldm.data.webdata import ShardDataset
@@ -98,20 +106,22 @@ def parse_label_paths(text: str) -> dict[str, str]:
 def encode_split(vae: torch.nn.Module, text_encoder: torch.nn.Module, data_dir: str | Path, split: str,
                  out_dir: Path, resolution: int, batch_size: int = 256, chunk_size: int = 8192,
                  progress: bool = True, num_workers: int = 1, max_samples: int | None = None,
-                 labels: dict[str, str] | None = None) -> dict[str, Any]:
+                 buckets: BucketSpec | None = None, labels: dict[str, str] | None = None) -> dict[str, Any]:
     """Encode every sample of ``data_dir/split`` (or its first ``max_samples``) in shard order into chunk
-    files; returns counts and the chunk names (and, with ``labels``, the values seen under ``label_values``).
+    files (one bucket per chunk with ``buckets``); returns counts and the chunk names (and, with ``labels``, the
+    values seen under ``label_values``).
 
     Each distinct caption goes through the text encoder once (shapes: 20 k distinct of 50 k)."""
     if max_samples is not None and max_samples < 1:
         raise ValueError(f"max_samples must be >= 1 (or None for all), got {max_samples}")
     dataset = ShardDataset(list_shards(data_dir, split), resolution, batch_size, shuffle_buffer=0,
-                           rank=0, world_size=1)
+                           rank=0, world_size=1, buckets=buckets, greedy_buckets=buckets is not None)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pending: dict[str, list] = {"mean": [], "std": [], "context": [], "pooled": [], "mask": [], "captions": [],
-                                "labels": []}
+    fields = ("mean", "std", "context", "pooled", "mask", "original_size", "crop_coords", "captions", "labels")
+    pending: dict[tuple[int, int], dict[str, list]] = {}  # image (height, width) -> the chunk being filled
     seen: dict[str, set[str]] = {name: set() for name in labels or {}}
     chunks: list[str] = []
+    chunk_sizes: dict[str, list[int]] = {}
     n_done, skipped, max_len = 0, 0, 0
     scale, shift = vae.config.scaling_factor, vae.config.shift_factor
     bar = None
@@ -120,18 +130,18 @@ def encode_split(vae: torch.nn.Module, text_encoder: torch.nn.Module, data_dir: 
 
         bar = tqdm(desc=f"caching {split}", unit="img")
 
-    def flush() -> None:
-        nonlocal pending
-        if not pending["captions"]:
+    def flush(size: tuple[int, int]) -> None:
+        part = pending.pop(size, None)
+        if not part or not part["captions"]:
             return
-        tensors = {k: torch.cat(pending[k]) for k in ("mean", "std", "context", "pooled", "mask")}
+        tensors = {k: torch.cat(part[k]) for k in fields if k not in ("captions", "labels")}
         name = CHUNK.format(len(chunks))
-        metadata = {"captions": json.dumps(pending["captions"])}
+        metadata = {"captions": json.dumps(part["captions"]), "size": f"{size[0]}x{size[1]}"}
         if labels:
-            metadata["labels"] = json.dumps(pending["labels"])
+            metadata["labels"] = json.dumps(part["labels"])
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_dir / name), metadata=metadata)
         chunks.append(name)
-        pending = {k: [] for k in pending}
+        chunk_sizes[name] = list(size)
 
     device = next(vae.parameters()).device
     memo: dict[str, tuple[torch.Tensor, ...]] = {}  # caption -> (tokens, mask, pooled): encode each text once
@@ -143,8 +153,8 @@ def encode_split(vae: torch.nn.Module, text_encoder: torch.nn.Module, data_dir: 
             room = max_samples - n_done
             if room <= 0:
                 break
-            batch = {**batch, "image": batch["image"][:room], "caption": list(batch["caption"])[:room],
-                     "meta": list(batch["meta"])[:room]}
+            batch = {**batch, **{k: batch[k][:room] for k in ("image", "original_size", "crop_coords")},
+                     "caption": list(batch["caption"])[:room], "meta": list(batch["meta"])[:room]}
         posterior = vae.encode(batch["image"].to(device))
         new = [c for c in dict.fromkeys(batch["caption"]) if c not in memo]
         if new:
@@ -152,27 +162,32 @@ def encode_split(vae: torch.nn.Module, text_encoder: torch.nn.Module, data_dir: 
             memo.update(zip(new, zip(cond.tokens.half().cpu(), cond.full_mask().to(torch.uint8).cpu(), cond.pooled.half().cpu())))
         tokens, mask, pooled = (torch.stack([memo[c][i] for c in batch["caption"]]) for i in range(3))
         max_len = max(max_len, int(mask.sum(1).max()))
-        pending["mean"].append(((posterior.mean - shift) * scale).float().cpu())
-        pending["std"].append((posterior.std * scale).float().cpu())
-        pending["context"].append(tokens)
-        pending["pooled"].append(pooled)
-        pending["mask"].append(mask)
-        pending["captions"].extend(batch["caption"])
+        size = tuple(batch["image"].shape[2:])
+        part = pending.setdefault(size, {k: [] for k in fields})
+        part["mean"].append(((posterior.mean - shift) * scale).float().cpu())
+        part["std"].append((posterior.std * scale).float().cpu())
+        part["context"].append(tokens)
+        part["pooled"].append(pooled)
+        part["mask"].append(mask)
+        part["original_size"].append(batch["original_size"].to(torch.int32))
+        part["crop_coords"].append(batch["crop_coords"].to(torch.int32))
+        part["captions"].extend(batch["caption"])
         for meta in batch["meta"] if labels else ():
             row = {name: label_at(meta, path) for name, path in labels.items()}
-            pending["labels"].append(row)
+            part["labels"].append(row)
             for name, value in row.items():
                 if value is not None:
                     seen[name].add(value)
         n_done += len(batch["caption"])
         if bar is not None:
             bar.update(len(batch["caption"]))
-        if len(pending["captions"]) >= chunk_size:
-            flush()
-    flush()
+        if len(part["captions"]) >= chunk_size:
+            flush(size)
+    for size in sorted(pending):
+        flush(size)
     if bar is not None:
         bar.close()
-    out = {"samples": n_done, "chunks": chunks, "skipped": skipped, "max_tokens": max_len}
+    out = {"samples": n_done, "chunks": chunks, "chunk_sizes": chunk_sizes, "skipped": skipped, "max_tokens": max_len}
     return {**out, "label_values": seen} if labels else out
 
 
@@ -184,7 +199,7 @@ def parts_provenance(vae: torch.nn.Module, text_encoder: torch.nn.Module) -> dic
 def build_latent_cache(vae: torch.nn.Module, text_encoder: torch.nn.Module, data_dir: str | Path,
                        out_dir: str | Path, resolution: int, splits: tuple[str, ...] = ("train", "val"),
                        batch_size: int = 256, progress: bool = True, max_samples: int | None = None,
-                       labels: dict[str, str] | None = None) -> dict[str, Any]:
+                       buckets: BucketSpec | None = None, labels: dict[str, str] | None = None) -> dict[str, Any]:
     """Write the cache for ``splits`` (see module docstring) and return its info.json contents.
 
     ``labels``: name -> json path (:func:`label_at`) of labels to store beside each sample; their classes are
@@ -201,11 +216,12 @@ def build_latent_cache(vae: torch.nn.Module, text_encoder: torch.nn.Module, data
         text_encoder.eval()
         info: dict[str, Any] = {"format": CACHE_FORMAT, "data_dir": str(data_dir), "resolution": resolution,
                                 "dataset": read_info(data_dir).get("name") if Path(data_dir).is_dir() else None,
-                                "parts": parts_provenance(vae, text_encoder), "splits": {}}
+                                "parts": parts_provenance(vae, text_encoder), "splits": {},
+                                "buckets": dataclasses.asdict(buckets) if buckets is not None else None}
         values: dict[str, set[str]] = {name: set() for name in labels or {}}
         for split in splits:
             done = encode_split(vae, text_encoder, data_dir, split, work / split, resolution, batch_size,
-                                progress=progress, max_samples=max_samples, labels=labels)
+                                progress=progress, max_samples=max_samples, buckets=buckets, labels=labels)
             for name, seen in done.pop("label_values", {}).items():
                 values[name] |= seen
             info["splits"][split] = done
@@ -255,7 +271,10 @@ def check_cache_parts(info: dict[str, Any], vae: torch.nn.Module, text_encoder: 
 class LatentDataset(Dataset):
     """One split of the cache held in memory; ``__getitems__`` gathers whole batches at once.
 
-    Reads exactly the chunks ``info.json`` lists and checks their sample count against it."""
+    Reads exactly the chunks ``info.json`` lists and checks their sample count against it. Chunks of one latent
+    shape form a *group* (a bucket; a cache without buckets has one), stored contiguously: indices
+    ``offsets[g]:offsets[g + 1]`` are group g, whose latents are ``shapes[g]`` (h, w). A batch comes from one group.
+    """
 
     def __init__(self, cache_dir: str | Path, split: str):
         self.dir = Path(cache_dir)
@@ -267,43 +286,123 @@ class LatentDataset(Dataset):
         if listed is None or not listed["chunks"]:
             raise CacheError(f"latent cache {self.dir} has no {split!r} split; rebuild it with `ldm cache`")
         keep = int(info["max_tokens"])
-        parts: dict[str, list[torch.Tensor]] = {"mean": [], "std": [], "context": [], "mask": [], "pooled": []}
-        self.captions: list[str] = []
+        names = ("mean", "std", "context", "mask", "pooled", "original_size", "crop_coords")
+        grouped: dict[tuple[int, ...], dict[str, list]] = {}
         self.label_classes: dict[str, list[str]] = {k: v["classes"] for k, v in (info.get("labels") or {}).items()}
-        rows: list[dict[str, str | None]] = []
         for name in listed["chunks"]:
             path = self.dir / split / name
             if not path.is_file():
                 raise CacheError(f"latent cache chunk {path} listed in info.json is missing: rebuild the cache")
             with safe_open(str(path), framework="pt") as f:
-                for k in parts:
-                    t = f.get_tensor(k)
-                    parts[k].append(t[:, :keep] if k in ("context", "mask") else t)
-                self.captions.extend(json.loads(f.metadata()["captions"]))
+                present = set(f.keys())
+                shape = tuple(f.get_slice("mean").get_shape()[2:])
+                parts = grouped.setdefault(shape, {k: [] for k in (*names, "captions", "labels")})
+                for k in names:
+                    if k in present:
+                        t = f.get_tensor(k)
+                        parts[k].append(t[:, :keep] if k in ("context", "mask") else t)
+                parts["captions"].extend(json.loads(f.metadata()["captions"]))
                 if self.label_classes:
-                    rows.extend(json.loads(f.metadata()["labels"]))
+                    parts["labels"].extend(json.loads(f.metadata()["labels"]))
+        index = {name: {c: i for i, c in enumerate(classes)} for name, classes in self.label_classes.items()}
+        self.shapes = list(grouped)
+        self.groups: list[dict[str, Any]] = []
+        self.offsets = [0]
+        self.captions: list[str] = []
+        for parts in grouped.values():
+            n = len(parts["captions"])
+            sizes = {k: torch.cat(parts[k]) for k in ("original_size", "crop_coords")
+                     if sum(len(t) for t in parts[k]) == n}  # chunks of an older ldm lack them
+            rows = parts["labels"]
+            labels = torch.tensor([[index[name].get(row.get(name), -1) for name in index] for row in rows],
+                                  dtype=torch.long).reshape(len(rows), len(index))
+            self.groups.append({"mean": torch.cat(parts["mean"]), "std": torch.cat(parts["std"]),
+                                "cond": Conditioning(torch.cat(parts["context"]), torch.cat(parts["mask"]).bool(),
+                                                     torch.cat(parts["pooled"])), "labels": labels, **sizes})
+            self.captions.extend(parts["captions"])
+            self.offsets.append(self.offsets[-1] + n)
         if len(self.captions) != listed["samples"]:
             raise CacheError(f"latent cache {self.dir / split} holds {len(self.captions)} samples, info.json says "
                              f"{listed['samples']}: rebuild the cache")
-        self.mean, self.std = torch.cat(parts["mean"]), torch.cat(parts["std"])
-        self.cond = Conditioning(torch.cat(parts["context"]), torch.cat(parts["mask"]).bool(), torch.cat(parts["pooled"]))
-        index = {name: {c: i for i, c in enumerate(classes)} for name, classes in self.label_classes.items()}
-        self.labels = torch.tensor([[index[name].get(row.get(name), -1) for name in index] for row in rows],
-                                   dtype=torch.long).reshape(len(rows), len(index))
+        if len(self.groups) == 1:  # one shape: the whole split as plain tensors
+            self.mean, self.std, self.cond = self.groups[0]["mean"], self.groups[0]["std"], self.groups[0]["cond"]
+        self.labels = (torch.cat([g["labels"] for g in self.groups]) if self.groups
+                       else torch.zeros(0, len(index), dtype=torch.long))
 
     def __len__(self) -> int:
         return len(self.captions)
 
+    def group_of(self, index: int) -> int:
+        return bisect.bisect_right(self.offsets, index) - 1
+
     def __getitems__(self, indices: list[int]) -> dict[str, Any]:
-        idx = torch.as_tensor(indices)
-        batch = {"latent_mean": self.mean[idx], "latent_std": self.std[idx],
-                 "cond": self.cond.index(idx).to(dtype=torch.float32), "caption": [self.captions[i] for i in indices]}
+        g = self.group_of(indices[0])
+        idx = torch.as_tensor(indices) - self.offsets[g]
+        if int(idx.min()) < 0 or int(idx.max()) >= self.offsets[g + 1] - self.offsets[g]:
+            raise ValueError(f"a batch of the latent cache must come from one bucket (indices {self.offsets[g]}.."
+                             f"{self.offsets[g + 1] - 1}); use LatentBucketBatches for a bucketed cache")
+        group = self.groups[g]
+        batch = {"latent_mean": group["mean"][idx], "latent_std": group["std"][idx],
+                 "cond": group["cond"].index(idx).to(dtype=torch.float32),
+                 "caption": [self.captions[i] for i in indices]}
+        batch.update({k: group[k][idx].long() for k in ("original_size", "crop_coords") if k in group})
         if self.label_classes:
-            batch["labels"] = self.labels[idx]
+            batch["labels"] = group["labels"][idx]
         return batch
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.__getitems__([index])
+
+
+class LatentBucketBatches(IterableDataset):
+    """Whole batches of a bucketed :class:`LatentDataset`, each from one bucket, in a bucket order that depends on
+    (seed, epoch) alone, so every DDP rank trains the same bucket shape at every step.
+
+    Each bucket's samples are shuffled by (seed, epoch, bucket) and dealt ``rank::world_size``; with ``drop_last``
+    every rank makes ``⌊⌊n_b / world⌋ / batch⌋`` batches of bucket b (equal on every rank). DataLoader workers take
+    every ``num_workers``-th batch. ``epoch`` is set by ``ResumableLoader`` before each pass.
+    """
+
+    def __init__(self, dataset: LatentDataset, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = True, drop_last: bool = True):
+        super().__init__()
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.rank, self.world_size, self.shuffle, self.drop_last = rank, world_size, shuffle, drop_last
+        self.epoch = 0
+
+    def _plan(self) -> list[list[int]]:
+        """This rank's batches (global indices) in the shared bucket order."""
+        ds, per_group = self.dataset, []
+        for g in range(len(ds.groups)):
+            start, n = ds.offsets[g], ds.offsets[g + 1] - ds.offsets[g]
+            order = torch.arange(n)
+            if self.shuffle:
+                order = torch.randperm(n, generator=torch.Generator().manual_seed(
+                    (self.seed * 1_000_003 + self.epoch) * 1009 + g))
+            share = (order[:n // self.world_size * self.world_size] if self.drop_last else order)[self.rank::self.world_size]
+            cuts = range(0, len(share) - (self.batch_size - 1 if self.drop_last else 0), self.batch_size)
+            per_group.append([(start + share[i:i + self.batch_size]).tolist() for i in cuts])
+        if not self.shuffle:
+            return [b for batches in per_group for b in batches]
+        counts = [len(b) for b in per_group]
+        if not sum(counts):
+            return []
+        order = bucket_schedule(counts, sum(counts), self.seed, self.epoch)
+        taken = [0] * len(per_group)
+        plan = []
+        for g in order:
+            plan.append(per_group[g][taken[g]])
+            taken[g] += 1
+        return plan
+
+    def __len__(self) -> int:
+        return len(self._plan())
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        for indices in self._plan()[worker::workers]:
+            yield self.dataset.__getitems__(indices)
 
 
 def _as_batch(batch: dict[str, Any]) -> dict[str, Any]:
@@ -321,9 +420,11 @@ def load_empty_conditioning(cache_dir: str | Path) -> Conditioning:
 
 
 class LatentDataModule(pl.LightningDataModule):
-    """Batches ``{"latent_mean", "latent_std", "cond", "caption"}`` from a latent cache.
+    """Batches ``{"latent_mean", "latent_std", "cond", "caption", "original_size", "crop_coords"}`` from a cache.
 
-    Map-style, so under DDP Lightning's DistributedSampler gives each rank a disjoint share.
+    Map-style, so under DDP Lightning's DistributedSampler gives each rank a disjoint share. A bucketed cache
+    (several latent shapes) is read through :class:`LatentBucketBatches` instead: one bucket per batch, the same
+    bucket order on every rank.
     """
 
     def __init__(self, cache_dir: str, batch_size: int = 128, val_batch_size: int | None = None,
@@ -364,8 +465,27 @@ class LatentDataModule(pl.LightningDataModule):
     def empty_conditioning(self) -> Conditioning:
         return load_empty_conditioning(self.cache_dir)
 
+    @property
+    def image_sizes(self) -> list[list[int]]:
+        """The (height, width) of the cached images, one per bucket (one for a cache without buckets)."""
+        sizes = {tuple(v) for split in self.info["splits"].values() for v in (split.get("chunk_sizes") or {}).values()}
+        return [list(s) for s in sorted(sizes)]
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is not None:
+            return trainer.global_rank, trainer.world_size
+        from ldm.dist import rank_and_world
+
+        return rank_and_world()
+
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
+        if len(self.train_set.groups) > 1:
+            rank, world = self._rank_world()
+            batches = LatentBucketBatches(self.train_set, self.batch_size, self.hparams.seed, rank, world)
+            return ResumableLoader(batches, batch_size=None, collate_fn=_as_batch, num_workers=self.num_workers,
+                                   seed=self.hparams.seed)
         # pass e is shuffled with a seed of (seed, e) alone and its position is checkpointed: exact resume
         return ResumableLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
                                collate_fn=_as_batch, num_workers=self.num_workers, seed=self.hparams.seed)
@@ -374,5 +494,10 @@ class LatentDataModule(pl.LightningDataModule):
         self.setup("fit")
         if self.val_set is None:
             return []
+        if len(self.val_set.groups) > 1:
+            rank, world = self._rank_world()
+            batches = LatentBucketBatches(self.val_set, self.val_batch_size, self.hparams.seed, rank, world,
+                                          shuffle=False, drop_last=False)
+            return ShieldedLoader(batches, batch_size=None, collate_fn=_as_batch, num_workers=self.num_workers)
         return ShieldedLoader(self.val_set, batch_size=self.val_batch_size, shuffle=False,
                               collate_fn=_as_batch, num_workers=self.num_workers)

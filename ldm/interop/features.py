@@ -29,6 +29,9 @@ def export_problems(pipe) -> list[str]:
         if config.pooled_dim:
             problems.append(f"pooled-text conditioning (U-Net pooled_dim={config.pooled_dim}; "
                             "StableDiffusionPipeline gives the U-Net no pooled embedding)")
+        if config.extra_conditions:
+            problems.append(f"size/crop micro-conditioning (U-Net extra_conditions={config.extra_conditions}; "
+                            "StableDiffusionPipeline passes no such inputs)")
         if config.out_channels != config.in_channels:
             problems.append(f"a learned-variance output ({config.out_channels} channels for "
                             f"{config.in_channels}-channel latents)")

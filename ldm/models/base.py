@@ -163,6 +163,32 @@ class PartModule(pl.LightningModule, abc.ABC):
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": self.make_scheduler(optimizer), "interval": "step"}}
 
+    # ---- sharding (ldm.training.sharded.ShardedStrategy: FSDP2) ------------------------------------------
+    @property
+    def sharded(self) -> bool:
+        """Whether the parameters are split over the ranks (FSDP2): gathering them is then a collective."""
+        return getattr(self, "_sharded", False)
+
+    def shard_roots(self) -> list[nn.Module]:
+        """The submodules a sharded strategy wraps: the EMA-tracked module, else every child with trainable
+        parameters (a LightningModule itself is never wrapped)."""
+        if self._ema_source is not None:
+            return [self._ema_source]
+        return [m for m in self.children() if any(p.requires_grad for p in m.parameters())
+                and m is not self.ema]
+
+    def configure_model(self) -> None:
+        """Shard the model when the strategy shards (``ShardedStrategy.shard``); nothing otherwise."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if hasattr(strategy, "shard") and not self.sharded:
+            strategy.shard(self)
+
+    def after_sharding(self) -> None:
+        """Rebuild the EMA from the sharded parameters: every shadow tensor then holds this rank's slice."""
+        self._sharded = True
+        if self.ema is not None:
+            self.ema = EMA(self._ema_source, self.ema.decay)
+
     # ---- EMA -----------------------------------------------------------------------------------------
     def track_ema(self, module: nn.Module, decay: float | None) -> None:
         """Keep an EMA of ``module``'s weights, updated after every optimizer step (None: no EMA)."""

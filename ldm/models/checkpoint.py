@@ -83,8 +83,10 @@ def rebuild_from_checkpoint(ckpt_path: str | Path, data_dir: str | None = None) 
     """(model with the checkpoint's weights, its datamodule or None, a note on the data used or None).
 
     Everything the file names is resolved and checked before anything is constructed."""
+    from ldm.training.sharded import is_sharded_checkpoint, load_sharded_checkpoint
+
     source = str(ckpt_path)
-    ckpt = load_checkpoint(ckpt_path)
+    ckpt = load_sharded_checkpoint(ckpt_path) if is_sharded_checkpoint(ckpt_path) else load_checkpoint(ckpt_path)
     name = ckpt.get(CLASS_KEY)
     if not isinstance(name, str):
         raise PartError(f"{source} records no model class ({CLASS_KEY}); was it written by `ldm fit` with an ldm model?")

@@ -44,6 +44,7 @@ from ldm.models.base import PartModule
 from ldm.modules.denoiser import build_denoiser, conditioning_for, copy_denoiser
 from ldm.modules.identity_vae import IdentityFirstStage, IdentityFirstStageConfig
 from ldm.modules.lora import LoraSpec, add_lora
+from ldm.modules.micro import SIZE_CONDITIONS, size_extras, wanted_conditions
 from ldm.modules.null_text import UnconditionalText, UnconditionalTextConfig
 from ldm.pipeline import PipelineConfig, TextToImagePipeline
 from ldm.registry import denoiser_class
@@ -97,7 +98,19 @@ def encode_batch(batch: dict[str, Any], vae: nn.Module, text_encoder: nn.Module,
     if denoiser.config.pooled_dim and cond.pooled is None:
         raise ValueError("this denoiser is conditioned on the pooled text embedding but the latent cache has none: "
                          "rebuild it with `ldm cache` (make train-ldm does)")
-    return z0, conditioning_for(denoiser, cond.trim())
+    cond = conditioning_for(denoiser, cond.trim())
+    wanted = wanted_conditions(denoiser)
+    if wanted:  # SDXL micro-conditioning from the batch's sizes and crops
+        f = vae.config.downsample_factor
+        target = (z0.shape[2] * f, z0.shape[3] * f)
+        original = batch.get("original_size")
+        if original is None:  # a cache or batch without sizes: as if uncropped at the target size
+            original = torch.tensor([list(target)]).expand(z0.shape[0], 2)
+        crop = batch.get("crop_coords")
+        crop = torch.zeros(z0.shape[0], 2) if crop is None else crop
+        extras = {k: v.to(z0.device) for k, v in size_extras(original, crop, target, wanted).items()}
+        cond = dataclasses.replace(cond, extras={**cond.extras, **extras})
+    return z0, cond
 
 
 # denoiser fields a fine-tuning may set differently from the pipeline it starts from (training-only)
@@ -194,6 +207,10 @@ class LatentDiffusion(PartModule):
             ``gradient_checkpointing``/``dropout``), ``resolution`` defaults to its image size, and the exported
             pipeline records ``_init_from`` (the source folder and its denoiser's sha256). The latent cache must be
             built with the pipeline's parts (``ldm cache --vae PIPELINE/vae --text-encoder PIPELINE/text_encoder``).
+        size_conditioning: condition the denoiser on each image's original size, its crop's corner and the target
+            size (SDXL's micro-conditioning, Podell et al. 2023 sec. 2.2-2.3): the denoiser's ``extra_conditions``
+            default to ``ldm.modules.micro.SIZE_CONDITIONS``, fed from the batches' ``original_size``/``crop_coords``
+            (image batches and latent caches both carry them); sampling uses the requested size and no crop.
         lora: ``{rank, alpha, target_modules, dropout}`` (``ldm.modules.lora.LoraSpec``): train LoRA adapters on the
             denoiser (usually with ``init_from``) instead of its weights; the export is then the adapter folder
             alone (``ldm.lora``: diffusers' LoRA layout), for ``ldm generate --lora`` and ``ldm lora merge``.
@@ -212,7 +229,7 @@ class LatentDiffusion(PartModule):
                  pooled_conditioning: bool = False, init_from: str | None = None,
                  pixel_channels: int | None = None, unconditional: bool = False,
                  learned_variance: bool = False, loss: str = "simple", vlb_weight: float = 0.001,
-                 lora: dict[str, Any] | None = None):
+                 lora: dict[str, Any] | None = None, size_conditioning: bool = False):
         super().__init__(optimizer, lr_schedule)
         self.save_hyperparameters()
         if not 0.0 <= p_uncond <= 1.0:
@@ -251,6 +268,8 @@ class LatentDiffusion(PartModule):
         defaults = {"in_channels": z, "out_channels": 2 * z if learned_variance else z,
                     "context_dim": self.text_encoder.token_dim,
                     "pooled_dim": self.text_encoder.pooled_dim if pooled_conditioning else None}
+        if size_conditioning:
+            defaults["extra_conditions"] = dict(SIZE_CONDITIONS)
         self.denoiser = build_denoiser(denoiser or {}, defaults, "model.init_args.denoiser")
         if self.denoiser.config.out_channels != (2 if learned_variance else 1) * z:
             raise UsageError(f"denoiser out_channels {self.denoiser.config.out_channels} does not match "
@@ -386,7 +405,13 @@ class LatentDiffusion(PartModule):
         super().on_validation_epoch_end()
         self._val_runs += 1
         every = self.hparams.sample_every_n_val
-        if every and self._val_runs % every == 0 and self.trainer.is_global_zero and self.sample_prompts():
+        if not (every and self._val_runs % every == 0 and self.sample_prompts()):
+            return
+        if self.sharded:  # gathering the sharded weights is a collective: every rank builds the pipeline
+            pipe = self.pipeline()
+            if self.trainer.is_global_zero:
+                self.log_samples(pipe)
+        elif self.trainer.is_global_zero:
             self.log_samples()
 
     @torch.no_grad()
@@ -402,10 +427,10 @@ class LatentDiffusion(PartModule):
         provenance = {"_init_from": self.init_source} if self.init_source else None
         return TextToImagePipeline(self.vae, self.text_encoder, denoiser, self.schedule, config, provenance)
 
-    def log_samples(self) -> None:
+    def log_samples(self, pipe: TextToImagePipeline | None = None) -> None:
         """Sample the validation prompts (EMA weights, cheap sampler) and log the grid (TensorBoard + PNG)."""
         prompts = self.sample_prompts()
-        pipe = self.pipeline()
+        pipe = pipe or self.pipeline()
         images = pipe(prompts, steps=self.hparams.sample_steps, n_per_prompt=4, seed=0, progress=False)
         self.log_image("val/samples", image_grid(images, rows=len(prompts), scale=4, row_labels=prompts))
         # the pipeline's parts are shared with the training module: put them back in eval mode
@@ -417,6 +442,9 @@ class LatentDiffusion(PartModule):
         """The pipeline folder: vae/, text_encoder/, unet/ (the denoiser, EMA weights), scheduler/, pipeline.json;
         with a ``lora`` block, the adapter folder alone (``ldm.lora``, EMA weights)."""
         pipe = self.pipeline(use_ema=True)
+        res = self.hparams.resolution
+        sizes = [list(s) for s in getattr(datamodule, "image_sizes", None) or [] if list(s) != [res, res]]
+        pipe.config.sizes = sizes or None  # the buckets of a bucketed cache: generating at them does not warn
         if self.lora is not None:
             spec, start = self.lora, self.init_source or {}
             record = {"trained_from": start.get("path")} if start else {}

@@ -59,10 +59,13 @@ def conditioning_for(denoiser: nn.Module, cond: Conditioning) -> Conditioning:
 
 
 def copy_denoiser(denoiser: nn.Module) -> nn.Module:
-    """A fresh instance of the same class and config holding a copy of the weights; a wrapped denoiser (layers
-    replaced in place, e.g. by LoRA adapters: its state dict has other keys than a fresh instance's) is deep-copied."""
-    twin = type(denoiser)(denoiser.config)
-    state = denoiser.state_dict()
+    """A fresh instance of the same class and config holding a copy of the weights (the weights of a sharded
+    denoiser are gathered whole: a collective every rank must join); a wrapped denoiser (layers replaced in place,
+    e.g. by LoRA adapters: its state dict has other keys than a fresh instance's) is deep-copied."""
+    cls = next(c for c in type(denoiser).__mro__ if getattr(c, "config_class", None) is not None
+               and "FSDP" not in c.__name__)
+    twin = cls(denoiser.config)
+    state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in denoiser.state_dict().items()}
     if state.keys() != twin.state_dict().keys():
         return copy.deepcopy(denoiser)
     twin.load_state_dict(state)

@@ -45,10 +45,14 @@ class EMA(nn.Module):
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
-        """Write the averaged weights into ``model``."""
+        """Write the averaged weights into ``model``. A sharded shadow (FSDP2 DTensors, one slice per rank) goes
+        into a plain model whole: gathered, a collective every rank must join."""
         params = dict(model.named_parameters())
         for n, s in zip(self.names, self.shadow):
-            params[n].copy_(s)
+            target = params[n]
+            if type(s) is not type(target) and hasattr(s, "full_tensor"):
+                s = s.full_tensor()
+            target.copy_(s)
 
     @contextlib.contextmanager
     def swapped_into(self, model: nn.Module) -> Iterator[nn.Module]:

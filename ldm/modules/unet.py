@@ -28,6 +28,7 @@ from ldm.conditioning import GUIDANCE_SCALE, Conditioning
 from ldm.modules.attention import SpatialTransformer
 from ldm.modules.embeddings import (PooledTextEmbedding, TimestepEmbedding, guidance_scale_embedding,
                                     spatial_position_embedding)
+from ldm.modules.micro import ExtraConditionEmbedding
 
 
 @dataclass
@@ -58,10 +59,15 @@ class UNetConfig:
     position_embedding: bool = False   # add fixed 2-D sin-cos features to conv_in's output (not in SD)
     pooled_dim: int | None = None      # width of the pooled text embedding added to the time embedding (None: off)
     scale_shift_norm: bool = False     # ADM's AdaGN: the embedding scales and shifts norm2 (False: adds, as SD)
+    # scalar conditions from cond.extras added to the time embedding, {name: count} (ldm.modules.micro; SDXL's
+    # size/crop micro-conditioning is {original_size: 2, crop_coords: 2, target_size: 2}); None: off
+    extra_conditions: dict[str, int] | None = None
     guidance_embed_dim: int | None = None  # w-conditioning: cond.extras["guidance_scale"] joins the time embedding
 
     def __post_init__(self) -> None:
         self.channel_mult = tuple(int(m) for m in self.channel_mult)
+        if self.extra_conditions is not None:
+            self.extra_conditions = {str(k): int(v) for k, v in dict(self.extra_conditions).items()} or None
         self.attention_resolutions = tuple(sorted({int(r) for r in self.attention_resolutions}, reverse=True))
         if (self.num_heads is None) == (self.head_dim is None):
             raise ValueError(f"UNetConfig: set exactly one of num_heads or head_dim (got num_heads={self.num_heads}, "
@@ -207,6 +213,8 @@ class UNet(nn.Module):
         self.conv_in = nn.Conv2d(config.in_channels, mc, 3, padding=1)
         self.time_embed = TimestepEmbedding(mc, 4 * mc, config.guidance_embed_dim)
         self.pooled_embed = PooledTextEmbedding(config.pooled_dim, 4 * mc) if config.pooled_dim else None
+        self.extra_embed = (ExtraConditionEmbedding(config.extra_conditions, 4 * mc)
+                            if config.extra_conditions else None)
 
         skip_channels = [mc]  # channels of every tensor the encoder hands to the decoder, in order
         ch = mc
@@ -290,7 +298,8 @@ class UNet(nn.Module):
 
         ``cond.tokens`` (B, L, D) are cross-attended; padding tokens (``cond.mask`` False) are ignored by every
         cross-attention (LDM sec. 3.3, keys/values restricted to the kept tokens). ``cond.pooled``
-        (B, pooled_dim) joins the time embedding; required iff ``config.pooled_dim`` is set. With
+        (B, pooled_dim) joins the time embedding; required iff ``config.pooled_dim`` is set, and so do the
+        ``cond.extras`` named by ``config.extra_conditions`` (SDXL's size/crop micro-conditioning). With
         ``config.guidance_embed_dim`` the CFG scale ``cond.extras["guidance_scale"]`` (B,) joins it too (w-conditioning,
         Meng et al. 2023), through a zero-initialised projection.
         """
@@ -299,6 +308,8 @@ class UNet(nn.Module):
         emb = self.time_embed(t, self._guidance_features(cond, x))
         if self.pooled_embed is not None:
             emb = emb + self.pooled_embed(cond.pooled)
+        if self.extra_embed is not None:  # SDXL micro-conditioning: zero-initialised, so it starts as a no-op
+            emb = emb + self.extra_embed(cond.extras, x.shape[0]).to(emb.dtype)
         emb = F.silu(emb)  # every ResBlock projects SiLU(emb): compute it once
         h = self.conv_in(x)
         if self.config.position_embedding:  # lets cross-attention queries know where they are (e.g. "top left")

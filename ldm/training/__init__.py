@@ -13,6 +13,10 @@ FitToTimeBudget itself (``ldm.cli.train.add_robustness``), whatever the config s
 - :class:`FitToTimeBudget`: with ``max_time``, re-plans ``max_steps`` from the measured speed so that the run
   and its LR schedule (:func:`warmup_cosine` over :func:`planned_steps`) end inside the budget.
 - :class:`CompileModules`: ``torch.compile`` the U-Net (or any submodule) in place, from YAML.
+- :class:`ShardedStrategy`: FSDP2 on CPUs (gloo) and GPUs, the EMA sharded with the weights, pickle-free
+  full or per-rank checkpoints (``configs/trainer/fsdp.yaml``).
+- :class:`ContinueFrom` (``ldm fit --continue-from CKPT``): a new stage of a run (another resolution) starting
+  from its last checkpoint: weights, optimizer state and step count go on where shapes still match.
 """
 
 from ldm.training.budget import FitToTimeBudget, planned_steps, warmup_cosine
@@ -22,10 +26,12 @@ from ldm.training.compile import CompileModules
 from ldm.training.nonfinite import NonFiniteLossError, SkipNonFiniteSteps
 from ldm.training.preemption import Preempted, PreemptionCheckpoint
 from ldm.training.profiling import AllReduceTimer, StepTimer
+from ldm.training.progressive import ContinueFrom
+from ldm.training.sharded import ShardedStrategy
 from ldm.data.resumable import ResumableLoader
 from ldm.training.resume import SeedEveryStep, step_seed
 
 __all__ = ["AtomicCheckpointIO", "CheckpointLoadError", "SafeFSDPStrategy", "atomic_torch_save",
            "resume_checkpoint_path", "save_resume_checkpoint", "NonFiniteLossError", "SkipNonFiniteSteps",
            "Preempted", "PreemptionCheckpoint", "AllReduceTimer", "StepTimer", "ResumableLoader", "SeedEveryStep",
-           "step_seed", "CompileModules", "FitToTimeBudget", "planned_steps", "warmup_cosine"]
+           "step_seed", "CompileModules", "ContinueFrom", "ShardedStrategy", "FitToTimeBudget", "planned_steps", "warmup_cosine"]
