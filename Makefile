@@ -62,10 +62,14 @@ endif
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# tools/install.py: uv (pip-installed into the venv first) installs the packages, reading pip's configuration (the
+# same indexes, find-links and constraints: the same wheels); a fresh clone's `make install` took 50 s with a cold uv
+# cache (docs/results/bench.md). If uv fails in any way, one line says so and pip installs instead.
+# INSTALLER=pip installs with pip alone.
+INSTALLER ?= uv
+$(STAMP): pyproject.toml tools/install.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) tools/install.py --installer $(INSTALLER) -e '.[test]'
 	@touch $(STAMP)
 
 # ---- data ------------------------------------------------------------------------------------------
@@ -179,9 +183,11 @@ demo: $(STAMP)
 	  --vae-time $(DEMO_VAE_TIME) --vae-steps $(DEMO_VAE_STEPS) --clip-time $(DEMO_CLIP_TIME) \
 	  --clip-steps $(DEMO_CLIP_STEPS) --cache-samples $(DEMO_CACHE_SAMPLES) --ldm-steps $(DEMO_LDM_STEPS)
 
+# ldm vs diffusers in one table (JSON in checkpoints/bench/bench.json, Markdown in docs/results/bench.md);
+# BENCH_ARGS e.g. "--only denoiser generate" or "--no-compile". `ldm bench --install` times the set-up (slow).
+BENCH_ARGS ?=
 bench: $(STAMP)
-	$(LDM) bench data
-	$(LDM) bench unet
+	$(LDM) bench --markdown docs/results/bench.md $(BENCH_ARGS)
 
 # GPU readiness, on a CUDA machine: the KL-f8 VAE, an SD-sized CLIP and the SD 1.5 U-Net each train GPU_CHECK_STEPS
 # steps in bf16 with DDP on every GPU, then the pipeline samples; img/s, s/step and peak memory per part go to

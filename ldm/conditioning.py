@@ -25,6 +25,23 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
+
+_ROWS_CHECKED = WeakIdKeyDictionary()  # mask tensor -> its version counter when every row kept a token
+
+
+def every_row_keeps_a_token(mask: Tensor) -> bool:
+    """True when each row of a (B, L) bool mask keeps at least one token (a row of padding only has no attention
+    distribution). A True answer is remembered for this tensor and its version counter, so a sampler calling the
+    denoiser once per step with the same conditioning pays the device-to-host sync of the check once, not per step.
+    (Inference tensors have no version counter: for them the tensor's identity alone is remembered.)"""
+    version = -1 if mask.is_inference() else mask._version
+    if _ROWS_CHECKED.get(mask) == version:
+        return True
+    if not bool(mask.any(dim=1).all()):
+        return False
+    _ROWS_CHECKED[mask] = version
+    return True
 
 GUIDANCE_SCALE = "guidance_scale"  # extras key: (B,) CFG scales fed to a w-conditioned denoiser (Meng et al. 2023)
 

@@ -11,11 +11,16 @@ No Lightning and no webdataset are imported here. The generation is LDM eq. 3 at
 z_T ~ N(0, I) → sampler(ε_θ(z_t, t, τ_θ(y)) with CFG) → x = D(z_0 / scale + shift), optionally with classifier
 guidance (``ldm.diffusion.guidance``) and an image edit (``ldm.editing``: img2img, inversion, inpainting,
 colourisation), and a per-step callback.
+
+The denoiser runs in inference mode on the fast path of ``ldm.fastpath`` (``precision``: "auto" measures fp32
+against bf16 autocast and the attention kernels once per machine and batch shape; "fp32" / "bf16" fix it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import math
 import warnings
 from collections.abc import Callable, Iterator
@@ -34,17 +39,9 @@ from ldm.diffusion.samplers import SAMPLERS, ModelFn, sample
 from ldm.diffusion.schedules import NoiseSchedule, build_schedule
 from ldm.editing import ImageEdit
 from ldm.errors import UsageError
-from ldm.io import (
-    CONFIG_NAME,
-    PartError,
-    config_from_dict,
-    load_part,
-    part_metadata,
-    read_json,
-    save_part,
-    weights_hash,
-    write_json,
-)
+from ldm.fastpath import FastPath, check_precision, choose, denoiser_workload
+from ldm.io import (CONFIG_NAME, PartError, config_from_dict, load_part, part_metadata, read_json, save_part,
+                    weights_hash, write_json)
 from ldm.modules.denoiser import check_compatible, conditioning_for
 from ldm.visual import to_pil
 
@@ -109,20 +106,44 @@ def check_trained_together(path: Path, recorded: dict[str, str] | None, current:
 _PART_KEYS = ("_class_name", "_ldm_version", "_weights_sha256", "_trained_with")
 
 
+def _inference(generate: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Run ``generate`` in inference mode (no autograd bookkeeping, no version counters) and hand back an ordinary
+    tensor; under ``no_grad`` instead when classifier guidance is on (its gradient is taken inside the call) or a
+    callback is given (the tensors it receives must be usable anywhere, in autograd too)."""
+    signature = inspect.signature(generate)
+
+    @functools.wraps(generate)
+    def run(*args: Any, **kwargs: Any) -> torch.Tensor:
+        given = signature.bind(*args, **kwargs).arguments
+        guided = given.get("classifier") is not None and given.get("classifier_scale", 0.0) != 0.0
+        if guided or given.get("callback") is not None:
+            with torch.no_grad():
+                return generate(*args, **kwargs)
+        with torch.inference_mode():
+            images = generate(*args, **kwargs)
+        return images.clone()  # outside inference mode: an ordinary tensor (a copy of the small image batch)
+
+    return run
+
+
 class TextToImagePipeline:
     """The three frozen parts + schedule, callable as ``pipe(prompts) -> list[PIL.Image]``.
 
     ``denoiser`` is any denoiser (``ldm.modules.denoiser``): the pipeline never names its class.
     ``provenance``: ``_``-prefixed keys recorded beside the denoiser (e.g. ``_init_from``: the pipeline a
     fine-tuning started from), read by ``from_pretrained`` and written again by ``save_pretrained``.
+    ``precision`` ("auto" | "fp32" | "bf16") is the denoiser's default fast-path setting
+    (see ``ldm.fastpath``).
     """
 
     def __init__(self, vae: torch.nn.Module, text_encoder: torch.nn.Module, denoiser: torch.nn.Module,
                  schedule: NoiseSchedule, config: PipelineConfig | None = None,
-                 provenance: dict[str, Any] | None = None):
+                 provenance: dict[str, Any] | None = None, precision: str = "auto"):
         self.vae, self.text_encoder, self.denoiser, self.schedule = vae, text_encoder, denoiser, schedule
         self.config = config or PipelineConfig()
         self.provenance = {k if k.startswith("_") else f"_{k}": v for k, v in (provenance or {}).items()}
+        self.precision = check_precision(precision)
+        self.last_fast_path: FastPath | None = None  # the fast path the last generate() ran on
         self._check_compatible()
         for part in (vae, text_encoder, denoiser):
             part.eval().requires_grad_(False)
@@ -208,7 +229,7 @@ class TextToImagePipeline:
         if height % f or width % f or height < f or width < f:
             raise ValueError(f"height and width must be positive multiples of the VAE factor {f}, got {height}x{width}")
 
-    @torch.no_grad()
+    @_inference
     def generate(self, prompts: Sequence[str], negative_prompt: str | None = None, steps: int | None = None,
                  guidance: float | None = None, sampler: str | None = None, seed: int = 0,
                  height: int | None = None, width: int | None = None, n_per_prompt: int = 1,
@@ -217,7 +238,8 @@ class TextToImagePipeline:
                  classifier_scale: float = 0.0,
                  classifier_labels: dict[str, str] | Sequence[dict[str, str]] | None = None,
                  callback: Callable[[dict[str, Any]], None] | None = None, only_index: int | None = None,
-                 clip_denoised: bool | None = None, **sampler_options: Any) -> torch.Tensor:
+                 clip_denoised: bool | None = None, precision: str | None = None,
+                 **sampler_options: Any) -> torch.Tensor:
         """Images (len(prompts)·n_per_prompt, 3, H, W) in [-1, 1], prompt-major order.
 
         A w-conditioned denoiser (a distilled LCM student) gets ``guidance`` as an input and runs without a CFG
@@ -233,6 +255,9 @@ class TextToImagePipeline:
             (steps done and to do in this call): a progress bar or previews (:meth:`decode` of ``x0``).
         only_index: generate only the batch that holds image ``only_index`` and return that image (1, 3, H, W),
             exactly as the whole call makes it (what ``ldm generate --from-png`` reproduces).
+        precision: overrides the pipeline's fast-path setting (``ldm.fastpath``) for this call; the fast path is
+            chosen on the first batch and kept for the whole call. The call runs in inference mode (no autograd
+            bookkeeping), except with classifier guidance or a callback (then under ``no_grad``).
         """
         c = self.config
         steps = c.steps if steps is None else steps
@@ -269,41 +294,54 @@ class TextToImagePipeline:
         inverting = edit is not None and edit.mode == "invert"
         total = len(starts) * (len(ts) * (1 + inverting) + resample * (len(ts) - len(ts) // 2))
         reporter = StepReporter(total, callback, progress, f"sampling ({sampler}, {len(ts)} steps)")
-        images = []
+        images, fast = [], None
         for start in starts:
             end = min(start + batch_size, len(all_prompts))
             cond = self.condition(all_prompts[start:end], height, width)
             model_fn = self.model_fn(cond, uncond, guidance, rescale,
                                      clip=c.clip_denoised if clip_denoised is None else clip_denoised)
+            x = noise[start:end].to(self.device, self.dtype)
+            if fast is None:  # chosen on the first batch, kept for the whole call
+                fast = self.fast_path(model_fn, x, cond, precision or self.precision,
+                                      guided=not (guidance == 1.0 and rescale == 0.0))
             if targets is not None:
                 batch_targets = {k: v[start:end] for k, v in targets.items()}
                 model_fn = classifier_guidance(
                     model_fn, lambda x, t, y=batch_targets: classifier.log_prob(x, t, y), classifier_scale,
                     self.schedule)
             sample_gen = torch.Generator(device=self.device).manual_seed(seed + 1 + start)
-            x = noise[start:end].to(self.device, self.dtype)
-            if edit is not None:
-                model_fn = edit.wrap(model_fn, self.schedule)
-                with reporter.phase("invert", start):
-                    x = edit.start(self, x, ts, steps, callback=reporter)
-            z0 = x
-            if len(ts):
-                with reporter.phase("sample", start):
-                    z0 = sample(model_fn, x, self.schedule, None, sampler=sampler, timesteps=ts, generator=sample_gen,
-                                callback=reporter, **sampler_options)
-                for _ in range(resample):  # RePaint-style: back to the middle of the run, inpaint again
-                    tail = ts[len(ts) // 2:]
-                    x = edit.renoise(self, z0, standard_normal(z0.shape, z0, sample_gen), tail)
-                    with reporter.phase("resample", start):
-                        z0 = sample(model_fn, x, self.schedule, None, sampler=sampler, timesteps=tail,
-                                    generator=sample_gen, callback=reporter, **sampler_options)
+            with fast.context(self.device):
+                z0 = self._sample_batch(model_fn, x, ts, steps, sampler, sample_gen, edit, resample, reporter, start,
+                                        sampler_options)
             out = self.vae.decode_latents(z0)
             if edit is not None:
                 out = edit.finish(out)
             images.append(out.clamp(-1, 1).float().cpu())
         reporter.close()
+        self.last_fast_path = fast
         result = torch.cat(images)
         return result[only_index - starts[0]:only_index - starts[0] + 1] if only_index is not None else result
+
+    def _sample_batch(self, model_fn: Callable, x: torch.Tensor, ts: torch.Tensor, steps: int, sampler: str,
+                      sample_gen: torch.Generator, edit: ImageEdit | None, resample: int, reporter: StepReporter,
+                      start: int, sampler_options: dict[str, Any]) -> torch.Tensor:
+        """One batch of :meth:`generate` on the fast path: (edit start,) sampling (, resampling); the latents."""
+        if edit is not None:
+            model_fn = edit.wrap(model_fn, self.schedule)
+            with reporter.phase("invert", start):
+                x = edit.start(self, x, ts, steps, callback=reporter)
+        z0 = x
+        if len(ts):
+            with reporter.phase("sample", start):
+                z0 = sample(model_fn, x, self.schedule, None, sampler=sampler, timesteps=ts, generator=sample_gen,
+                            callback=reporter, **sampler_options)
+            for _ in range(resample):  # RePaint-style: back to the middle of the run, inpaint again
+                tail = ts[len(ts) // 2:]
+                x = edit.renoise(self, z0, standard_normal(z0.shape, z0, sample_gen), tail)
+                with reporter.phase("resample", start):
+                    z0 = sample(model_fn, x, self.schedule, None, sampler=sampler, timesteps=tail,
+                                generator=sample_gen, callback=reporter, **sampler_options)
+        return z0
 
     def _classifier_targets(self, classifier: torch.nn.Module | None, scale: float,
                             labels: dict[str, str] | Sequence[dict[str, str]] | None, prompts: Sequence[str],
@@ -345,6 +383,14 @@ class TextToImagePipeline:
             return guided(schedule.scale_model_input(x, t), t)
 
         return clip_denoised(fn, schedule, schedule.prediction_type) if clip else fn
+
+    def fast_path(self, model_fn: Any, x: torch.Tensor, cond: Conditioning, precision: str,
+                  guided: bool = True) -> FastPath:
+        """The fast path of the sampler's ``model_fn`` on latents like ``x`` (measured once per machine and shape)."""
+        workload = {**denoiser_workload(self.denoiser, x, cond, "sample"), "guided": guided}
+        workload["tokens"] = workload["tokens"][2:]  # the prompts' length varies from call to call: not part of it
+        t = torch.full((x.shape[0],), self.schedule.num_train_timesteps / 2, device=x.device)
+        return choose(precision, workload, lambda _: model_fn(x, t), self.device)
 
     def condition(self, prompts: Sequence[str], height: int | None = None, width: int | None = None) -> Conditioning:
         """The denoiser's conditioning for ``prompts``, padding columns cut (exact: masked cross-attention and a

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,11 @@ import torch
 
 def pytest_configure(config: pytest.Config) -> None:
     """Tests use tiny models: one intra-op thread is faster than two (no OpenMP hand-offs) and keeps
-    timings stable when the 2-core machine is shared."""
+    timings stable when the 2-core machine is shared. The measured fast path (ldm.fastpath) is pinned to fp32
+    so exact values do not depend on the machine (its own tests set it explicitly), in this process and the
+    subprocesses tests start."""
     torch.set_num_threads(1)
+    os.environ.setdefault("LDM_PRECISION", "fp32")
 
 
 @pytest.fixture(scope="session")

@@ -138,15 +138,15 @@ def run_layout(processes: int, threads: int, batch: int, steps: int, warmup: int
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    head = f"{'layout':>7} {'batch':>5} {'img/s':>7} {'speedup':>7} {'step ms':>8} {'data':>6} {'fwd':>6} {'bwd':>6} " \
-           f"{'optim':>6} {'allred':>6}"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        ms = r["ms"]
-        lines.append(f"{r['processes']}x{r['threads']:<5} {r['batch']:>5} {r['img_per_s']:>7.1f} {r['speedup']:>7.2f} "
-                     f"{ms['step']:>8.1f} {ms['data']:>6.1f} {ms['forward']:>6.1f} {ms['backward']:>6.1f} "
-                     f"{ms['optimizer']:>6.1f} {ms['allreduce']:>6.1f}")
-    return "\n".join(lines)
+    """One row per layout: img/s, speed-up over the first layout, and the step's time split in ms."""
+    from ldm.table import format_table as table
+
+    columns = [("layout", "layout", lambda r: f"{r['processes']}x{r['threads']}"), ("batch", "batch", ""),
+               ("img_per_s", "img/s", ".1f"), ("speedup", "speedup", ".2f")]
+    columns += [(part, header, lambda r, part=part: f"{r['ms'][part]:.1f}")
+                for part, header in (("step", "step ms"), ("data", "data"), ("forward", "fwd"), ("backward", "bwd"),
+                                     ("optimizer", "optim"), ("allreduce", "allred"))]
+    return table(rows, columns)
 
 
 def benchmark(config: Path = DEFAULT_CONFIG, layouts: Sequence[tuple[int, int]] = ((1, 1), (2, 1), (1, 2)),

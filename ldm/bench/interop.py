@@ -223,19 +223,33 @@ def sd15_timings(root: Path, dtype: torch.dtype) -> dict[str, Any]:
             "pipeline_gib": size, "single_file_round_trip_bit_identical": same, "steps": results}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parity", action="store_true", help="measure image parity on tiny random pipelines")
-    parser.add_argument("--sd15", default=None, help="folder for the SD-1.5-sized run (several GB; removed after)")
-    parser.add_argument("--dtype", default="float16", choices=("float16", "float32"))
-    parser.add_argument("--out", default="checkpoints/bench/interop.json")
-    args = parser.parse_args(argv)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``ldm bench interop`` / ``python -m ldm.bench.interop``."""
+    parser.add_argument("--parity", action="store_true",
+                        help="image parity (max |ours - diffusers| in [0, 1]) on tiny random SD 1.x / 2.x pipelines, "
+                             "every way in and out")
+    parser.add_argument("--sd15", default=None, metavar="FOLDER",
+                        help="time each `ldm convert` of an SD-1.5-sized random pipeline built in FOLDER (several GB; "
+                             "removed after)")
+    parser.add_argument("--dtype", default="float16", choices=("float16", "float32"),
+                        help="weights dtype of the SD-1.5-sized pipeline")
+    parser.add_argument("--out", default="checkpoints/bench/interop.json", help="JSON results file")
+
+
+COLUMNS = [("row", "conversion", ""), ("max_abs", "max |diff|", ".2e"), ("wall_s", "wall s", ".1f"),
+           ("cpu_s", "CPU s", ".1f"), ("peak_rss_gib", "peak RSS GiB", ".2f")]
+
+
+def benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    """The measurements ``args`` ask for (neither flag: ``--parity``); the result has ``rows`` for the table."""
+    from ldm.table import format_table
+
     report: dict[str, Any] = {"cpu": platform.processor() or platform.machine(), "loadavg_before": os.getloadavg()}
-    if args.parity:
+    rows: list[dict[str, Any]] = []
+    if args.parity or not args.sd15:
         with tempfile.TemporaryDirectory() as tmp:
             report["parity_max_abs"] = parity(Path(tmp))
-        for name, value in report["parity_max_abs"].items():
-            print(f"{name:50s} {value:.2e}")
+        rows += [{"row": name, "max_abs": value} for name, value in report["parity_max_abs"].items()]
     if args.sd15:
         root = Path(args.sd15)
         root.mkdir(parents=True, exist_ok=True)
@@ -243,12 +257,21 @@ def main(argv: list[str] | None = None) -> int:
             report["sd15"] = sd15_timings(root, getattr(torch, args.dtype))
         finally:
             shutil.rmtree(root, ignore_errors=True)
-        for name, r in report["sd15"]["steps"].items():
-            print(f"{name:20s} wall {r['wall_s']:7.1f} s  cpu {r['cpu_s']:7.1f} s  "
-                  f"peak RSS {r['peak_rss_gib']:.2f} GiB")
+        rows += [{"row": f"SD 1.5 {args.dtype} {name}", **r} for name, r in report["sd15"]["steps"].items()]
     report["loadavg_after"] = os.getloadavg()
+    report["rows"] = rows
+    report["table"] = format_table(rows, COLUMNS)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
     from ldm.io import write_json
 
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    report = benchmark(args)
+    print(report["table"])
     write_json(args.out, report)
     return 0
 

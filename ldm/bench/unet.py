@@ -145,18 +145,23 @@ def run(config: UNetConfig, batch: int = 128, size: int = 8, tokens: int = 24, s
 def format_table(results: list[dict[str, Any]]) -> str:
     """One row per config: img/s by wall clock, and ours/diffusers ratios by wall clock and by CPU time
     (CPU time is what to trust on a shared machine: it does not count time spent waiting for a core)."""
-    nan = float("nan")
-    head = (f"{'config':<10} {'params':>9} {'batch':>5} | {'train img/s':>11} {'diffusers':>9} {'ratio':>5} "
-            f"{'cpu-ratio':>9} | {'sample img/s':>12} {'diffusers':>9} {'ratio':>5} {'cpu-ratio':>9}")
-    lines = [head, "-" * len(head)]
-    for r in results:
-        d = r.get("diffusers", {})
-        row = f"{r['name']:<10} {r['params']:>9,} {r['batch']:>5}"
-        for kind, width in (("train", 11), ("sample", 12)):
-            row += (f" | {r['ldm'][f'{kind}_img_s']:>{width}.1f} {d.get(f'{kind}_img_s', nan):>9.1f} "
-                    f"{r.get(f'{kind}_img_s_ratio', nan):>5.2f} {r.get(f'{kind}_img_per_cpu_s_ratio', nan):>9.2f}")
-        lines.append(row)
-    return "\n".join(lines)
+    from ldm.table import format_table as table
+
+    def get(*path: str) -> Callable[[dict[str, Any]], str]:
+        def cell(r: dict[str, Any]) -> str:
+            v: Any = r
+            for key in path:
+                v = v.get(key) if isinstance(v, dict) else None
+            return "-" if v is None else f"{v:,.2f}" if "ratio" in path[-1] else f"{v:,.1f}"
+        return cell
+
+    columns = [("name", "config", ""), ("params", "params", ","), ("batch", "batch", "")]
+    for kind in ("train", "sample"):
+        columns += [(f"{kind}", f"{kind} img/s", get("ldm", f"{kind}_img_s")),
+                    (f"{kind}_d", "diffusers", get("diffusers", f"{kind}_img_s")),
+                    (f"{kind}_r", "ratio", get(f"{kind}_img_s_ratio")),
+                    (f"{kind}_c", "cpu-ratio", get(f"{kind}_img_per_cpu_s_ratio"))]
+    return table(results, columns)
 
 
 def benchmark(names: Sequence[str] | None = None, *, batch: int = 128, size: int = 8, tokens: int = 24,

@@ -1,14 +1,17 @@
-"""``ldm bench data|unet|ddp|lcm``: throughput benchmarks (a table on stdout, JSON under checkpoints/bench/)."""
+"""``ldm bench``: ldm vs diffusers in one table (``ldm.bench.suite``), ``--install`` the set-up time; the
+detailed benchmarks ``ldm bench data|unet|ddp|lcm|interop|profile``. A table on stdout, JSON under checkpoints/bench/."""
 
 from __future__ import annotations
 
 import argparse
+import shlex
 
 from ldm.cli import checks
 from ldm.errors import UsageError
 
-HELP = ("speed benchmarks: data loader (data), U-Net vs diffusers (unet), DDP layouts on this machine (ddp), "
-        "few-step students vs their teacher (lcm), GPU readiness at SD scale (gpu)")
+HELP = ("speed vs diffusers in one table (ldm bench), the install time (--install); details: data loader (data), "
+        "U-Net vs diffusers (unet), DDP layouts (ddp), few-step students vs their teacher (lcm), "
+        "SD conversion parity and cost (interop), GPU readiness at SD scale (gpu)")
 
 POSITIVE = checks.int_at_least(1)
 
@@ -21,9 +24,37 @@ def _layout(text: str) -> tuple[int, int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ldm.bench.suite import GROUPS
     from ldm.cli import DefaultsHelpFormatter as fmt
 
-    sub = parser.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
+    parser.epilog = (
+        "Without a BENCHMARK: one table, each row ldm vs its reference at the same config and weights, interleaved "
+        "rounds after warm-up, medians; speedup = reference time / ours. Groups: kernels (this CPU's peak GFLOP/s, "
+        "best of GEMMs and 3x3 convolutions, fp32 and bf16); denoiser (training step and forward vs diffusers' "
+        "UNet2DConditionModel at the shapes and mid configs: img/s, peak memory, FLOPs, percent of peak); vae "
+        "(encode/decode vs diffusers' AutoencoderKL); generate (end to end, 20 DDIM steps with CFG, vs a "
+        "StableDiffusionPipeline converted from the same pipeline); data (shard loader and cached latents vs the "
+        "training step's consumption); fastpath (each switch on vs off); compile (torch.compile vs eager, compile "
+        "time included). Examples: `ldm bench --only denoiser generate --rounds 3`; `make bench` (also writes "
+        "docs/results/bench.md); `ldm bench --tiny` (seconds). Times are wall and CPU seconds: on a shared machine "
+        "compare the cpu-s column.")
+    parser.add_argument("--only", nargs="+", choices=GROUPS, metavar="GROUP",
+                        help=f"measure only these row groups of the table ({', '.join(GROUPS)}); default: all")
+    parser.add_argument("--rounds", type=POSITIVE, default=5, help="interleaved timed rounds per row")
+    parser.add_argument("--warmup", type=checks.int_at_least(0), default=2, help="untimed calls per contender first")
+    parser.add_argument("--batch", type=POSITIVE, default=32, help="denoiser batch size")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (minutes of compiling)")
+    parser.add_argument("--tiny", action="store_true", help="tiny models and one round: checks the plumbing in seconds")
+    parser.add_argument("--markdown", default=None, help="also write the table as Markdown with the date and CPU "
+                        "(e.g. docs/results/bench.md)")
+    parser.add_argument("--install", action="store_true",
+                        help="instead: time `make install` in a fresh venv with pip and with uv (slow; needs the "
+                             "package index)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    parser.add_argument("--threads", type=POSITIVE, default=None,
+                        help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--out", default="checkpoints/bench/bench.json", help="JSON results file")
+    sub = parser.add_subparsers(dest="bench", metavar="BENCHMARK", required=False)
     p = sub.add_parser("data", formatter_class=fmt, help="data-loader throughput vs bare PIL decoding",
                        description="Decoded images per second of the shard loader, in-process and with DataLoader "
                                    "workers, beside bare PIL decoding of the same PNGs.")
@@ -85,12 +116,80 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                    "their teacher, same prompts and seeds (docs/results/lcm.md).")
     lcm.add_arguments(p)
 
+    from ldm.bench import interop
+
+    p = sub.add_parser("interop", formatter_class=fmt, help="`ldm convert`: image parity with diffusers, SD-1.5 cost",
+                       description="Image parity of converted pipelines with diffusers on tiny random SD 1.x / 2.x "
+                                   "pipelines (--parity, the default), and the time, CPU time and peak memory of "
+                                   "each `ldm convert` of an SD-1.5-sized pipeline (--sd15 FOLDER).")
+    interop.add_arguments(p)
+
+    from ldm.bench import profile
+
+    p = sub.add_parser("profile", formatter_class=fmt, help="where the denoiser's time goes: operators, ours vs diffusers",
+                       description="Self CPU time per operator of the denoiser's training step or forward, ours beside "
+                                   "diffusers' UNet2DConditionModel at the same config and weights (torch.profiler).")
+    profile.add_arguments(p)
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The ``ldm bench`` command line that reproduces this run."""
+    parts = ["ldm", "bench"]
+    if args.only:
+        parts += ["--only", *args.only]
+    for flag, value, default in (("--rounds", args.rounds, 5), ("--warmup", args.warmup, 2),
+                                 ("--batch", args.batch, 32), ("--threads", args.threads, None),
+                                 ("--device", args.device, "cpu")):
+        if value != default:
+            parts += [flag, str(value)]
+    parts += [flag for flag, on in (("--no-compile", args.no_compile), ("--tiny", args.tiny)) if on]
+    return " ".join(shlex.quote(p) for p in parts + (["--markdown", args.markdown] if args.markdown else []))
+
+
+def run_suite(args: argparse.Namespace) -> dict:
+    import torch
+
+    from ldm.bench import suite
+
+    device = checks.torch_device("--device", args.device)
+    markdown = checks.output_file("--markdown", args.markdown, (".md",)) if args.markdown else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.install:
+        from ldm.bench import install
+
+        result = install.benchmark(log=print)
+        print(install.format_table(result))
+        return result
+    settings = suite.Settings.tiny_run() if args.tiny else suite.Settings()
+    settings.device, settings.compile = str(device), settings.compile and not args.no_compile
+    if not args.tiny:
+        settings.rounds, settings.warmup, settings.batch = args.rounds, args.warmup, args.batch
+    shown: list[dict] = []
+
+    def show(rows: list[dict]) -> None:
+        shown.extend(rows)
+        print(suite.format_rows(shown), flush=True)
+        print(flush=True)
+
+    result = suite.benchmark(args.only, settings, on_rows=show)
+    if markdown is not None:
+        from ldm.io import atomic_write
+
+        old = markdown.read_text() if markdown.is_file() else ""
+        text = suite.markdown_report(result, _command(args), kept=old)
+        atomic_write(markdown, lambda tmp: tmp.write_text(text))
+        print(f"wrote {markdown}")
+    return result
+
 
 def run(args: argparse.Namespace) -> int:
     from ldm.io import write_json
 
     out = checks.output_file("--out", args.out, (".json",))
-    if args.bench == "data":
+    if args.bench is None:
+        result = run_suite(args)
+    elif args.bench == "data":
         from ldm.data import bench
 
         result = bench.benchmark(args.data_dir, args.split, args.samples, args.batch_size, args.resolutions,
@@ -132,6 +231,17 @@ def run(args: argparse.Namespace) -> int:
         if int(__import__("os").environ.get("LOCAL_RANK", "0")) != 0:
             return 0  # ranks > 0 (started by Lightning re-running this command) leave the writing to rank 0
         print(gpu.format_table(result))
+    elif args.bench == "profile":
+        from ldm.bench import profile
+
+        result = profile.benchmark(args)
+        print(f"{args.kind} step, {args.config} config, batch {args.batch}, ours ran as {result['ran_as']}")
+        print(result["table"])
+    elif args.bench == "interop":
+        from ldm.bench import interop
+
+        result = interop.benchmark(args)
+        print(result["table"])
     elif args.bench == "lcm":
         from ldm.bench import lcm
 
@@ -139,7 +249,6 @@ def run(args: argparse.Namespace) -> int:
         print("\n" + result["table"])
     else:
         from ldm.bench import ddp
-
         from ldm.cli.train import resolve_config
 
         config = checks.existing_file("--config", resolve_config(args.config)) if args.config else ddp.DEFAULT_CONFIG

@@ -105,14 +105,12 @@ def benchmark(data_dir: str | None = "datasets/shapes", split: str = "train", sa
 
 def format_table(result: dict[str, Any]) -> str:
     """The reference line and one row per (resolution, workers) of a :func:`benchmark` result."""
+    from ldm.table import format_table as table
+
     reference = result["reference_bare_pil_decode"]
-    lines = [f"bare PIL decode (reference): {reference['img_per_s']:.0f} img/s wall, "
-             f"{reference['img_per_cpu_s']:.0f} img/CPU-s",
-             f"{'res':>4} {'workers':>7} {'images':>7} {'img/s':>8} {'img/s/worker':>12} {'img/CPU-s':>9} {'vs PIL':>6}"]
-    for row in result["rows"]:
-        per_worker = row.get("img_per_s_per_worker", row["img_per_s"])
-        cpu = f"{row['img_per_cpu_s']:.0f}" if "img_per_cpu_s" in row else "-"
-        ratio = f"{row['vs_bare_pil_decode']:.2f}" if "vs_bare_pil_decode" in row else "-"
-        lines.append(f"{row['resolution']:>4} {row['num_workers']:>7} {row['images']:>7} {row['img_per_s']:>8.0f} "
-                     f"{per_worker:>12.0f} {cpu:>9} {ratio:>6}")
-    return "\n".join(lines)
+    columns = [("resolution", "res", ""), ("num_workers", "workers", ""), ("images", "images", ""),
+               ("img_per_s", "img/s", ".0f"),
+               ("per_worker", "img/s/worker", lambda r: f"{r.get('img_per_s_per_worker', r['img_per_s']):.0f}"),
+               ("img_per_cpu_s", "img/CPU-s", ".0f"), ("vs_bare_pil_decode", "vs PIL", ".2f")]
+    return (f"bare PIL decode (reference): {reference['img_per_s']:.0f} img/s wall, "
+            f"{reference['img_per_cpu_s']:.0f} img/CPU-s\n" + table(result["rows"], columns))

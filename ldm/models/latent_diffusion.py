@@ -38,6 +38,7 @@ from ldm.diffusion.objectives import diffusion_loss, offset_noise
 from ldm.diffusion.schedules import build_schedule
 from ldm.diffusion.variance import split_output
 from ldm.errors import UsageError
+from ldm.fastpath import CANDIDATES, REFERENCE, FastPath, check_precision, choose, denoiser_workload, train_step_probe
 from ldm.io import PartError, config_from_dict, load_part, read_json, weights_hash
 from ldm.lora import save_lora
 from ldm.models.base import PartModule
@@ -214,6 +215,10 @@ class LatentDiffusion(PartModule):
         lora: ``{rank, alpha, target_modules, dropout}`` (``ldm.modules.lora.LoraSpec``): train LoRA adapters on the
             denoiser (usually with ``init_from``) instead of its weights; the export is then the adapter folder
             alone (``ldm.lora``: diffusers' LoRA layout), for ``ldm generate --lora`` and ``ldm lora merge``.
+        precision: the denoiser's training precision and attention kernel (``ldm.fastpath``): "auto" measures
+            fp32 against bf16 autocast on the first batch (once per machine, cached) and keeps bf16 only where it
+            is faster; "fp32" / "bf16" fix it. Weights, gradients and optimizer state stay fp32; validation
+            losses are computed in fp32; a Trainer ``precision`` other than 32 takes precedence.
     """
 
     default_optimizer = {"lr": 1e-3}
@@ -229,8 +234,10 @@ class LatentDiffusion(PartModule):
                  pooled_conditioning: bool = False, init_from: str | None = None,
                  pixel_channels: int | None = None, unconditional: bool = False,
                  learned_variance: bool = False, loss: str = "simple", vlb_weight: float = 0.001,
-                 lora: dict[str, Any] | None = None, size_conditioning: bool = False):
+                 lora: dict[str, Any] | None = None, size_conditioning: bool = False,
+                 precision: str = "auto"):
         super().__init__(optimizer, lr_schedule)
+        check_precision(precision, "model.init_args.precision")
         self.save_hyperparameters()
         if not 0.0 <= p_uncond <= 1.0:
             raise ValueError(f"p_uncond must be in [0, 1], got {p_uncond}")
@@ -289,6 +296,7 @@ class LatentDiffusion(PartModule):
         self.val_prompts = None if val_prompts is None else list(val_prompts)
         self._empty: Conditioning | None = None
         self._val_runs = 0
+        self.fast: FastPath | None = None  # the training fast path, chosen on the first training batch
 
     # ---- frozen parts stay out of checkpoints: they are exported parts with their own files ----------
     _FROZEN = ("vae.", "text_encoder.")
@@ -359,7 +367,10 @@ class LatentDiffusion(PartModule):
         """Weighted denoising loss of the denoiser at timesteps ``t`` with ``noise`` (objectives.diffusion_loss),
         or the hybrid loss of a learned-variance denoiser (likelihood.hybrid_loss)."""
         x_t = self.schedule.q_sample(z0, t, noise)
-        out = self.denoiser(self.schedule.scale_model_input(x_t, t), t.to(z0.dtype), cond)
+        x_in, t_in = self.schedule.scale_model_input(x_t, t), t.to(z0.dtype)  # VE: c_in · x_t; VP: x_t
+        fast = self.training_fast_path(x_in, t_in, cond) if self.training and torch.is_grad_enabled() else REFERENCE
+        with fast.context(x_t.device):
+            out = self.denoiser(x_in, t_in, cond)
         h = self.hparams
         if h.loss == "hybrid":
             return hybrid_loss(out, z0, noise, t, self.schedule, prediction_type=self.schedule.prediction_type,
@@ -367,6 +378,23 @@ class LatentDiffusion(PartModule):
                                gamma=h.min_snr_gamma)
         return diffusion_loss(split_output(out, z0.shape[1])[0], z0, noise, t, self.schedule,
                               self.schedule.prediction_type, h.loss_weighting, h.min_snr_gamma)
+
+    def training_fast_path(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> FastPath:
+        """The fast path of the training step, chosen on the first batch (rank 0 measures, the others follow)."""
+        if self.fast is None:
+            trainer = self._trainer
+            if trainer is not None and str(trainer.precision) not in ("32", "32-true"):
+                self.fast = REFERENCE  # the Trainer's own mixed precision is in force
+            else:
+                name = None
+                if trainer is None or trainer.is_global_zero:
+                    workload = denoiser_workload(self.denoiser, x_t, cond, "train")
+                    probe = train_step_probe(self.denoiser, x_t, t, cond)
+                    name = choose(self.hparams.precision, workload, probe, x_t.device, log=print).name
+                if trainer is not None and trainer.world_size > 1:
+                    name = trainer.strategy.broadcast(name, src=0)
+                self.fast = next(c for c in CANDIDATES if c.name == name)
+        return self.fast
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         z0, cond = self.latents_and_conditioning(batch)

@@ -9,13 +9,75 @@ Q = W_Q phi(z_t) and K, V = W_K tau(y), W_V tau(y) from the conditioning tokens)
 ``proj_in``/``proj_out`` are ``nn.Linear`` on the (B, H*W, C) token view (a free view when the
 input is channels_last) and GEGLU's value/gate halves are two matmuls; weights convert exactly to
 diffusers' 1x1-conv projections and fused ``ff.net.0.proj`` (``ldm.interop.diffusers_unet``).
+
+The kernel is chosen by :func:`attention_backend` (``ldm.fastpath`` picks it by measurement): "sdpa"
+(``F.scaled_dot_product_attention``, the default) or "math" (two matmuls and a softmax: the same formula;
+on CPU in bf16 torch's fused kernel has a slow backward). Self-attention computes Q, K, V with one matmul
+against the concatenated weights (``Attention.fused_qkv``): the parameters stay ``q``, ``k``, ``v``, so
+checkpoints and the diffusers conversion are unchanged.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+BACKENDS = ("sdpa", "math")
+_backend = "sdpa"
+_block_dtype: torch.dtype | None = None  # autocast inside the SpatialTransformers only (None: off)
+
+
+@contextmanager
+def transformer_autocast(dtype: torch.dtype | None) -> Iterator[None]:
+    """Inside the block, every :class:`SpatialTransformer` runs under ``torch.autocast(dtype)`` (its linears and
+    attention in ``dtype``, its output cast back), the convolutions around it stay in their own precision."""
+    global _block_dtype
+    previous, _block_dtype = _block_dtype, dtype
+    try:
+        yield
+    finally:
+        _block_dtype = previous
+
+
+def get_attention_backend() -> str:
+    """The attention kernel in use: "sdpa" or "math"."""
+    return _backend
+
+
+def set_attention_backend(name: str) -> None:
+    """Select the kernel every :class:`Attention` uses from now on ("sdpa" or "math")."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}: use one of {list(BACKENDS)}")
+    _backend = name
+
+
+@contextmanager
+def attention_backend(name: str) -> Iterator[None]:
+    """Use the kernel ``name`` inside the block, then restore the previous one."""
+    previous = _backend
+    set_attention_backend(name)
+    try:
+        yield
+    finally:
+        set_attention_backend(previous)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None
+              ) -> torch.Tensor:
+    """``softmax(Q K^T / sqrt(d)) V`` (Vaswani et al. 2017, eq. 1) for (B, heads, N, d) queries and (B, heads, L, d)
+    keys/values; ``attn_mask`` (B, 1, 1, L) bool, True where a key may be attended to.
+    Kernel: :func:`attention_backend`."""
+    if _backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    return scores.softmax(dim=-1) @ v
 
 
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -38,6 +100,8 @@ class Attention(nn.Module):
     attended to (padding tokens False).
     """
 
+    fused_qkv = True  # self-attention: one matmul for Q, K, V (a class switch, for the on/off benchmark)
+
     def __init__(self, dim: int, num_heads: int, context_dim: int | None = None):
         super().__init__()
         self.num_heads = num_heads
@@ -49,11 +113,24 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        source = x if context is None else context
-        q = split_heads(self.q(x), self.num_heads)
-        k = split_heads(self.k(source), self.num_heads)
-        v = split_heads(self.v(source), self.num_heads)
-        return self.out(merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)))
+        if context is None and self.fused_qkv and all(type(m) is nn.Linear for m in (self.q, self.k, self.v)):
+            q, k, v = self.qkv(x)  # (a LoRA-wrapped projection is not a plain Linear: it takes the path below)
+        else:
+            source = x if context is None else context
+            q = split_heads(self.q(x), self.num_heads)
+            k = split_heads(self.k(source), self.num_heads)
+            v = split_heads(self.v(source), self.num_heads)
+        return self.out(merge_heads(attention(q, k, v, attn_mask)))
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Q, K, V of self-attention, each (B, heads, N, d), from ONE matmul with the stacked weights [W_Q; W_K; W_V]
+        (the same products as three separate projections)."""
+        weight = torch.cat([self.q.weight, self.k.weight, self.v.weight])
+        biases = [self.q.bias, self.k.bias, self.v.bias]
+        bias = None if biases[0] is None else torch.cat(biases)
+        batch, tokens, _ = x.shape
+        qkv = F.linear(x, weight, bias).view(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        return qkv[0], qkv[1], qkv[2]
 
 
 class GEGLUFeedForward(nn.Module):
@@ -113,11 +190,17 @@ class SpatialTransformer(nn.Module):
         nn.init.zeros_(self.proj_out.bias)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if _block_dtype is None:
+            return x + self._update(x, context, attn_mask)
+        with torch.autocast(x.device.type, _block_dtype):
+            h = self._update(x, context, attn_mask)
+        return x + h.to(x.dtype)
+
+    def _update(self, x: torch.Tensor, context: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
         batch, channels, height, width = x.shape
         # NCHW -> (B, H*W, C): a view for channels_last inputs, one copy otherwise.
         h = self.norm(x).permute(0, 2, 3, 1).reshape(batch, height * width, channels)
         h = self.proj_in(h)
         for block in self.blocks:
             h = block(h, context, attn_mask)
-        h = self.proj_out(h).view(batch, height, width, channels).permute(0, 3, 1, 2)
-        return x + h
+        return self.proj_out(h).view(batch, height, width, channels).permute(0, 3, 1, 2)

@@ -1,0 +1,248 @@
+"""The fast path: numeric precision and attention kernel chosen by measurement on the machine at hand.
+
+A :class:`FastPath` is a precision ("fp32", or "bf16": ``torch.autocast`` with bfloat16, fp32 weights and
+optimizer state) and an attention kernel (``ldm.modules.attention.attention_backend``: "sdpa" or "math").
+Whether bf16 pays depends on the processor (AVX512-BF16/AMX CPUs and tensor-core GPUs run bf16 matmuls several
+times faster; others not at all), on the torch build and on the tensor sizes (at small sizes the casts cost more
+than the math saves), so nothing is assumed: :func:`choose` with the setting "auto" times every candidate on the
+actual workload (a few interleaved rounds, the fastest round of each: CPU seconds on a CPU, where waiting for a
+core on a shared machine does not count, wall seconds on a GPU), keeps fp32 + SDPA unless another
+candidate is at least ``MIN_GAIN`` faster, and caches the answer per machine and workload in a JSON file
+(``$LDM_FASTPATH_CACHE``, default ``~/.cache/ldm/fastpath.json``), so the measurement runs once per machine.
+
+The environment variable ``LDM_PRECISION`` (fp32 | bf16 | auto) overrides the "auto" setting (the test suite
+pins fp32 so its exact values do not depend on the machine).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import os
+import platform
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ldm.errors import UsageError
+
+PRECISIONS = ("auto", "fp32", "bf16")
+MIN_GAIN = 1.1        # a candidate other than fp32 + sdpa must be this much faster to be chosen
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+@dataclass(frozen=True)
+class FastPath:
+    """One way to run a model: ``precision`` "fp32" | "bf16" (autocast everywhere) | "mixed" (autocast in the
+    attention blocks only: linears and attention in bf16, convolutions in fp32) and the ``attention`` kernel."""
+
+    precision: str = "fp32"
+    attention: str = "sdpa"
+
+    @property
+    def name(self) -> str:
+        return f"{self.precision}-{self.attention}"
+
+    @contextlib.contextmanager
+    def context(self, device: torch.device | str) -> Iterator[None]:
+        """Run the block this way on ``device`` (autocast for bf16, the attention kernel)."""
+        from ldm.modules.attention import attention_backend, transformer_autocast
+
+        device_type = torch.device(device).type
+        with attention_backend(self.attention), torch.autocast(device_type, torch.bfloat16,
+                                                                enabled=self.precision == "bf16"), \
+                transformer_autocast(torch.bfloat16 if self.precision == "mixed" else None):
+            yield
+
+
+REFERENCE = FastPath("fp32", "sdpa")
+CANDIDATES = (REFERENCE, FastPath("bf16", "sdpa"), FastPath("bf16", "math"), FastPath("mixed", "sdpa"),
+              FastPath("mixed", "math"))
+
+
+def check_precision(value: str, what: str = "precision") -> str:
+    """``value`` if it is a precision setting, else a UsageError naming ``what``."""
+    if value not in PRECISIONS:
+        raise UsageError(f"{what} must be one of {list(PRECISIONS)}, got {value!r}")
+    return value
+
+
+def resolve_setting(setting: str) -> str:
+    """The setting in force: ``LDM_PRECISION`` replaces "auto" when set."""
+    check_precision(setting)
+    if setting == "auto" and os.environ.get("LDM_PRECISION"):
+        return check_precision(os.environ["LDM_PRECISION"], "LDM_PRECISION")
+    return setting
+
+
+def cpu_model() -> str:
+    """The CPU's model name (lscpu's), or the platform's description."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    """The vector-unit flags of /proc/cpuinfo that decide fp32/bf16 speed (recorded, never used to decide)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return [f for f in CPU_FLAGS if f in flags]
+
+
+def machine(device: torch.device | str = "cpu") -> dict[str, Any]:
+    """What a measured choice depends on besides the workload: processor, threads, torch build."""
+    device = torch.device(device)
+    info: dict[str, Any] = {"device": device.type, "torch": torch.__version__, "cpu": cpu_model(),
+                            "cpu_flags": cpu_flags(), "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def cache_path() -> Path:
+    if os.environ.get("LDM_FASTPATH_CACHE"):
+        return Path(os.environ["LDM_FASTPATH_CACHE"])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "ldm" / "fastpath.json"
+
+
+def _read_cache(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_cache(path: Path, key: str, entry: dict[str, Any]) -> None:
+    from ldm.io import write_json
+
+    try:
+        write_json(path, {**_read_cache(path), key: entry})
+    except OSError:
+        pass  # a read-only home: the choice is measured again next time
+
+
+def time_candidates(run: Callable[[FastPath], None], candidates: tuple[FastPath, ...], device: torch.device | str,
+                    rounds: int = 3, warmup: int = 1) -> dict[str, dict[str, float]]:
+    """Wall and CPU seconds per call of ``run(candidate)`` inside each candidate's context, each the fastest of
+    ``rounds`` rounds (candidates interleaved, so load from other processes hits all alike), after ``warmup``
+    calls each."""
+    device = torch.device(device)
+
+    def once(c: FastPath) -> tuple[float, float]:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start, cpu = time.perf_counter(), time.process_time()
+        with c.context(device):
+            run(c)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start, time.process_time() - cpu
+
+    for c in candidates:
+        for _ in range(warmup):
+            once(c)
+    best = {c.name: {"wall_s": float("inf"), "cpu_s": float("inf")} for c in candidates}
+    for _ in range(rounds):
+        for c in candidates:
+            wall, cpu = once(c)
+            best[c.name] = {"wall_s": min(best[c.name]["wall_s"], wall), "cpu_s": min(best[c.name]["cpu_s"], cpu)}
+    return best
+
+
+def pick(times: dict[str, float], min_gain: float = MIN_GAIN) -> FastPath:
+    """The fastest candidate, unless it beats fp32 + SDPA (when measured) by less than ``min_gain``."""
+    by_name = {c.name: c for c in CANDIDATES}
+    fastest = min(times, key=times.get)
+    if REFERENCE.name in times and times[fastest] * min_gain > times[REFERENCE.name]:
+        return REFERENCE
+    return by_name[fastest]
+
+
+def choose(setting: str, workload: dict[str, Any], run: Callable[[FastPath], None],
+           device: torch.device | str = "cpu", rounds: int = 3, use_cache: bool = True,
+           log: Callable[[str], None] | None = None) -> FastPath:
+    """The fast path for ``workload`` (a JSON-able description: model config, shapes, train or sample).
+
+    ``setting`` "fp32" is fp32 + SDPA (nothing measured), "bf16" measures the bf16 candidates (everywhere or in
+    the attention blocks only, each attention kernel), "auto" measures every candidate. A measured choice is cached
+    per machine and workload; ``run(candidate)`` performs one representative call (run inside the candidate's
+    context).
+    """
+    setting = resolve_setting(setting)
+    candidates = CANDIDATES if setting == "auto" else tuple(c for c in CANDIDATES if (c.precision == "fp32")
+                                                             == (setting == "fp32"))
+    if len(candidates) == 1:
+        return candidates[0]
+    key_data = {"machine": machine(device), "workload": workload, "setting": setting,
+                "candidates": [c.name for c in candidates]}
+    key = hashlib.sha256(json.dumps(key_data, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    path = cache_path()
+    if use_cache:
+        cached = _read_cache(path).get(key)
+        if cached and cached.get("choice") in {c.name for c in candidates}:
+            return next(c for c in candidates if c.name == cached["choice"])
+    measured = time_candidates(run, candidates, device, rounds=rounds)
+    metric = "wall_s" if torch.device(device).type == "cuda" else "cpu_s"
+    times = {name: m[metric] for name, m in measured.items()}
+    choice = pick(times)
+    if log:
+        log(f"fast path: {choice.name} (" + ", ".join(f"{n} {1e3 * s:.0f} ms" for n, s in times.items())
+            + f", {metric[:-2]} time per call)")
+    if use_cache:
+        _write_cache(path, key, {"choice": choice.name, "seconds": times, "metric": metric, "measured": measured,
+                                 "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **key_data})
+    return choice
+
+
+# ---- the two workloads every model has: a training step and a sampling forward -----------------------------
+def denoiser_workload(denoiser: torch.nn.Module, x: torch.Tensor, cond: Any, mode: str) -> dict[str, Any]:
+    """The cache key of a denoiser call: its class and config, the input shapes and dtype, train or sample."""
+    config = getattr(denoiser, "config", None)
+    config = asdict(config) if config is not None and hasattr(config, "__dataclass_fields__") else repr(config)
+    return {"model": type(denoiser).__name__, "config": config, "mode": mode, "x": list(x.shape),
+            "dtype": str(x.dtype), "tokens": list(cond.tokens.shape),
+            "mask": cond.mask is not None}
+
+
+def train_step_probe(denoiser: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Any
+                     ) -> Callable[[FastPath], None]:
+    """One forward + backward of a copy of ``denoiser`` on this batch (the optimizer step is fp32 whatever the
+    precision, so it is left out); the copy keeps the real model's weights and gradients untouched, and trains
+    what the model trains (only the adapters of a LoRA fine-tuning)."""
+    twin = copy.deepcopy(denoiser).train()
+    if not any(p.requires_grad for p in twin.parameters()):  # a frozen denoiser: time a full backward
+        for p in twin.parameters():
+            p.requires_grad_(True)
+    x, t = x.detach(), t.detach()
+
+    def run(_: FastPath) -> None:
+        out = twin(x, t, cond)
+        out.float().square().mean().backward()
+        twin.zero_grad(set_to_none=True)
+
+    return run
+
+
+def forward_probe(denoiser: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Any
+                  ) -> Callable[[FastPath], None]:
+    """One inference forward of ``denoiser`` on this batch (no weights change)."""
+    def run(_: FastPath) -> None:
+        with torch.inference_mode():
+            denoiser(x, t, cond)
+
+    return run

@@ -1,0 +1,101 @@
+"""`ldm bench` plumbing on tiny models: every group's rows, finite ratios, the JSON schema, the Markdown page.
+The measurements themselves are not asserted (they depend on the machine and its load)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from ldm.cli import main as ldm_main
+
+pytest.importorskip("diffusers")
+
+ROW_KEYS = {"group", "row", "unit", "ours"}
+
+
+def test_tiny_bench_writes_every_row_and_the_markdown_page(tmp_path, capsys):
+    from ldm.bench.suite import GROUPS
+
+    out, md = tmp_path / "bench.json", tmp_path / "bench.md"
+    assert ldm_main(["bench", "--tiny", "--out", str(out), "--markdown", str(md)]) == 0
+    result = json.loads(out.read_text())
+    assert result["benchmark"] == "ldm-bench" and result["groups"] == list(GROUPS)
+    context = result["context"]
+    assert {"cpu", "cpus", "threads", "torch", "load_average", "time"} <= set(context)
+    assert len(context["load_average"]) == 3 and result["cpu_s"] > 0 and result["wall_s"] > 0
+    rows = result["rows"]
+    assert all(ROW_KEYS <= set(r) for r in rows)
+    by_group = {g: [r for r in rows if r["group"] == g] for g in GROUPS}
+    assert [r["row"] for r in by_group["kernels"]] == ["peak float32 (best kernel)", "peak bfloat16 (best kernel)"]
+    denoiser = {r["row"] for r in by_group["denoiser"]}
+    assert denoiser == {f"{kind} {name} b2" for kind in ("train step", "forward") for name in ("shapes", "mid")}
+    assert len(by_group["vae"]) == 2 and len(by_group["generate"]) == 2 and len(by_group["data"]) == 2
+    assert by_group["compile"] == []  # --tiny skips compiling
+    switches = {r["row"].split(" (")[0] for r in by_group["fastpath"]}
+    assert {"bf16 autocast vs fp32", "fused QKV", "channels_last", "attention math vs sdpa, bf16",
+            "inference_mode vs no_grad", "mask check once per tensor vs every call"} <= switches
+    for r in rows:
+        assert math.isfinite(r["ours"]) and r["ours"] > 0, r
+        for key in ("reference", "speedup", "cpu_speedup", "mem_ratio"):
+            if key in r and r[key] is not None:
+                assert math.isfinite(r[key]) and r[key] > 0, (key, r)
+    for r in by_group["denoiser"] + by_group["vae"] + by_group["generate"]:
+        assert r["speedup"] is not None and r["reference"] is not None
+    for r in by_group["denoiser"]:
+        assert r["mem_ratio"] is not None and r["ran_as"] in {"fp32-sdpa", "bf16-sdpa", "bf16-math"}
+        assert set(r["times"]) >= {"ours", "ours fp32", "diffusers"}
+    for r in by_group["generate"]:  # diffusers' pipeline from ldm.interop's conversion: the same images in fp32
+        assert r["images"] == 1 and (r["ran_as"] != "fp32-sdpa" or r["max_abs_diff"] < 1e-4), r
+    forward = next(r for r in by_group["denoiser"] if r["row"].startswith("forward mid"))
+    assert forward["gflop_per_img"] > 0 and 0 < forward["pct_fp32_peak"]
+    page = md.read_text()
+    assert context["cpu"] in page and "ldm bench --tiny" in page and "| train step mid b2 |" in page
+    printed = capsys.readouterr().out
+    assert "train step shapes b2" in printed and f"wrote {out}" in printed
+
+
+def test_bench_flags_are_checked(tmp_path):
+    from ldm.errors import UsageError
+
+    with pytest.raises(UsageError, match="--markdown"):
+        ldm_main(["--debug", "bench", "--tiny", "--out", str(tmp_path / "b.json"),
+                  "--markdown", str(tmp_path / "b.txt")])
+    with pytest.raises(UsageError, match="--only"):
+        ldm_main(["--debug", "bench", "--only", "gpu"])
+
+
+def test_tiny_profile_sums_each_sides_operators(tmp_path, capsys):
+    out = tmp_path / "profile.json"
+    assert ldm_main(["bench", "profile", "--tiny", "--precision", "fp32", "--batch", "2", "--steps", "1",
+                     "--warmup", "0", "--top", "5",
+                     "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert len(rows) == 6 and rows[-1]["op"] == "total (all operators)" and result["kind"] == "train"
+    total = rows[-1]
+    assert total["ours_ms"] > 0 and total["diffusers_ms"] > 0
+    for r in rows[:-1]:  # each operator's self time is a part of its side's total
+        for side in ("ours", "diffusers"):
+            assert r[f"{side}_ms"] is None or 0 <= r[f"{side}_ms"] <= total[f"{side}_ms"] + 1e-9
+            assert 0 <= r[f"{side}_share"] <= 1
+    assert "aten::convolution_backward" in {r["op"] for r in rows}  # a training step runs the conv backward
+    assert "operator (self CPU time)" in capsys.readouterr().out
+
+
+def test_every_benchmark_is_an_ldm_bench_subcommand_with_its_flags_explained(capsys):
+    """interop and lcm (once `python -m` scripts) run through the one `ldm bench` CLI; --help explains each flag."""
+    expected = {"data": "--samples", "unet": "--channels-last", "ddp": "--layouts", "lcm": "--teacher",
+                "interop": "--sd15", "profile": "--kind"}
+    for name, flag in expected.items():
+        with pytest.raises(SystemExit) as done:
+            ldm_main(["bench", name, "--help"])
+        assert done.value.code == 0
+        assert flag in capsys.readouterr().out, name
+    with pytest.raises(SystemExit):
+        ldm_main(["bench", "--help"])
+    text = capsys.readouterr().out
+    from ldm.bench.suite import GROUPS
+
+    assert all(group in text for group in GROUPS) and "--install" in text and "make bench" in text

@@ -1,0 +1,267 @@
+"""The fast path: fused QKV and the math attention kernel compute the same function as the separate projections and
+SDPA; the measured precision choice (margin, cache, overrides); the mask check remembered per tensor; the bench's
+memory counter against closed forms."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from ldm import fastpath
+from ldm.conditioning import Conditioning, every_row_keeps_a_token
+from ldm.errors import UsageError
+from ldm.modules.attention import Attention, attention_backend, get_attention_backend, set_attention_backend
+from ldm.modules.unet import UNet, UNetConfig
+
+TINY = UNetConfig(model_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1, 2), num_heads=None,
+                  head_dim=4, context_dim=6, num_groups=4)
+
+
+def _inputs(batch: int = 3, dim: int = 12, tokens: int = 5, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, tokens, dim, generator=g), torch.randn(batch, 4, 7, generator=g)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_qkv_equals_three_projections_values_and_gradients(bias: bool):
+    torch.manual_seed(0)
+    attn = Attention(12, num_heads=3)
+    if bias:  # a DiT-style attention with Q/K/V biases fuses them too
+        for name in ("q", "k", "v"):
+            lin = getattr(attn, name)
+            lin.bias = torch.nn.Parameter(torch.randn(12))
+    x, _ = _inputs()
+    q, k, v = attn.qkv(x)
+    for fused, lin in ((q, attn.q), (k, attn.k), (v, attn.v)):
+        separate = lin(x).view(3, 5, 3, 4).transpose(1, 2)
+        torch.testing.assert_close(fused, separate, atol=1e-6, rtol=1e-6)
+    grads = []
+    for on in (True, False):
+        Attention.fused_qkv = on
+        try:
+            attn.zero_grad()
+            xx = x.clone().requires_grad_(True)
+            out = attn(xx)
+            out.square().sum().backward()
+            grads.append((out.detach(), xx.grad, attn.q.weight.grad.clone(), attn.v.weight.grad.clone()))
+        finally:
+            Attention.fused_qkv = True
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_qkv_keeps_the_parameter_names():
+    """The weights stay q/k/v: checkpoints and the exact diffusers conversion are untouched."""
+    names = {n for n, _ in Attention(8, num_heads=2).named_parameters()}
+    assert names == {"q.weight", "k.weight", "v.weight", "out.weight", "out.bias"}
+
+
+def test_a_lora_adapted_self_attention_is_not_fused_past_its_adapter():
+    """peft wraps q/k/v: the fused path (which reads the plain weights) must step aside, so the adapter counts."""
+    pytest.importorskip("peft")
+    from ldm.modules.lora import LoraSpec, add_lora
+
+    torch.manual_seed(0)
+    attn = Attention(12, num_heads=3)
+    x, _ = _inputs()
+    base = attn(x).detach()
+    add_lora(attn, LoraSpec(rank=2, target_modules=["q", "v"]))
+    for name, p in attn.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p)  # B starts at zero: make the adapter change the output
+    adapted = attn(x)
+    q = attn.q(x).view(3, 5, 3, 4).transpose(1, 2)
+    k = attn.k(x).view(3, 5, 3, 4).transpose(1, 2)
+    v = attn.v(x).view(3, 5, 3, 4).transpose(1, 2)
+    expected = attn.out(torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(3, 5, 12))
+    assert (adapted - base).abs().max() > 1e-3
+    torch.testing.assert_close(adapted, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_math_attention_kernel_equals_sdpa_with_and_without_mask():
+    torch.manual_seed(0)
+    cross = Attention(12, num_heads=3, context_dim=7)
+    x, ctx = _inputs()
+    keep = torch.tensor([[True, True, False, False], [True] * 4, [True, False, False, False]])[:, None, None, :]
+    for mask in (None, keep):
+        with attention_backend("sdpa"):
+            expected = cross(x, ctx, mask)
+        with attention_backend("math"):
+            got = cross(x, ctx, mask)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert get_attention_backend() == "sdpa"  # restored after the blocks
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        set_attention_backend("flash")
+
+
+def test_unet_output_is_the_same_on_every_fp32_path():
+    torch.manual_seed(0)
+    unet = UNet(TINY).eval()
+    for name, p in unet.named_parameters():  # the zero-initialised output layers too: every block matters
+        if name.endswith(("conv_out.weight", "proj_out.weight")):
+            torch.nn.init.normal_(p, std=0.1)
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10.0, 900.0])
+    cond = Conditioning(torch.randn(2, 3, 6, generator=g), torch.tensor([[True, True, False], [True, True, True]]))
+    with torch.no_grad():
+        reference = unet(x, t, cond)
+        with fastpath.FastPath("fp32", "math").context("cpu"):
+            math = unet(x, t, cond)
+        Attention.fused_qkv = False
+        try:
+            unfused = unet(x, t, cond)
+        finally:
+            Attention.fused_qkv = True
+        with fastpath.FastPath("bf16", "math").context("cpu"):
+            bf16 = unet(x, t, cond)
+        with fastpath.FastPath("mixed", "math").context("cpu"):
+            mixed = unet(x, t, cond)
+    assert reference.abs().max() > 0.05
+    torch.testing.assert_close(math, reference, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(unfused, reference, atol=1e-5, rtol=1e-4)
+    assert bf16.dtype == torch.bfloat16  # autocast really ran, and stays close in bf16's precision
+    torch.testing.assert_close(bf16.float(), reference, atol=0.05, rtol=0.05)
+    assert mixed.dtype == torch.float32  # bf16 inside the attention blocks only: the convolutions' output is fp32
+    torch.testing.assert_close(mixed, reference, atol=0.02, rtol=0.02)
+    assert not torch.equal(mixed, reference)
+
+
+# ---- the measured choice --------------------------------------------------------------------------------------
+def test_pick_keeps_fp32_unless_another_path_is_clearly_faster():
+    assert fastpath.pick({"fp32-sdpa": 1.0, "bf16-sdpa": 0.95, "bf16-math": 0.93}) == fastpath.REFERENCE
+    assert fastpath.pick({"fp32-sdpa": 1.0, "bf16-sdpa": 0.8, "bf16-math": 0.6}) == fastpath.FastPath("bf16", "math")
+    assert fastpath.pick({"bf16-sdpa": 0.8, "bf16-math": 0.9}) == fastpath.FastPath("bf16", "sdpa")  # no fp32 timed
+
+
+def test_choose_measures_once_then_reads_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LDM_FASTPATH_CACHE", str(tmp_path / "fp.json"))
+    monkeypatch.delenv("LDM_PRECISION", raising=False)
+    calls: list[str] = []
+    speed = {"fp32-sdpa": 3e-3, "bf16-sdpa": 2e-3, "bf16-math": 1e-4, "mixed-sdpa": 2e-3, "mixed-math": 1e-3}
+
+    def run(c: fastpath.FastPath) -> None:
+        calls.append(c.name)
+        # the candidate's context is active while it runs
+        assert torch.is_autocast_enabled("cpu") == (c.precision == "bf16")
+        assert get_attention_backend() == c.attention
+        end = time.process_time() + speed[c.name]  # CPU time: what the choice is measured in on a CPU
+        while time.process_time() < end:
+            pass
+
+    workload = {"model": "test", "x": [2, 4, 8, 8]}
+    choice = fastpath.choose("auto", workload, run, rounds=2)
+    assert choice == fastpath.FastPath("bf16", "math")
+    assert set(calls) == set(speed) and len(calls) == 15  # 1 warm-up + 2 rounds each
+    entry = next(iter(json.loads((tmp_path / "fp.json").read_text()).values()))
+    assert entry["choice"] == "bf16-math" and entry["workload"] == workload and "cpu" in entry["machine"]
+    calls.clear()
+    assert fastpath.choose("auto", workload, run) == choice and calls == []  # from the cache
+    assert fastpath.choose("auto", {**workload, "x": [4, 4, 8, 8]}, run, rounds=1) == choice and calls  # new shape
+
+
+def test_fixed_settings_and_the_environment_override(tmp_path, monkeypatch):
+    monkeypatch.setenv("LDM_FASTPATH_CACHE", str(tmp_path / "fp.json"))
+    never = lambda c: pytest.fail("fp32 needs no measurement")  # noqa: E731
+    assert fastpath.choose("fp32", {}, never) == fastpath.REFERENCE
+    monkeypatch.setenv("LDM_PRECISION", "fp32")
+    assert fastpath.choose("auto", {}, never) == fastpath.REFERENCE
+    seen: list[str] = []
+    assert fastpath.choose("bf16", {}, lambda c: seen.append(c.name), rounds=1).precision in ("bf16", "mixed")
+    assert set(seen) == {"bf16-sdpa", "bf16-math", "mixed-sdpa", "mixed-math"}
+    monkeypatch.setenv("LDM_PRECISION", "fp16")
+    with pytest.raises(UsageError, match="LDM_PRECISION"):
+        fastpath.choose("auto", {}, never)
+    with pytest.raises(UsageError, match="precision"):
+        fastpath.check_precision("half")
+
+
+def test_pipeline_runs_the_precision_it_is_asked_for(tmp_path, monkeypatch):
+    from tiny_parts import tiny_pipeline
+
+    monkeypatch.setenv("LDM_FASTPATH_CACHE", str(tmp_path / "fp.json"))
+    pipe = tiny_pipeline()
+    fp32 = pipe.generate(["a red circle"], steps=2, progress=False, precision="fp32")
+    assert pipe.last_fast_path == fastpath.REFERENCE
+    bf16 = pipe.generate(["a red circle"], steps=2, progress=False, precision="bf16")
+    assert pipe.last_fast_path.precision in ("bf16", "mixed") and bf16.dtype == torch.float32
+    assert (bf16 - fp32).abs().max() < 0.1
+
+
+# ---- the mask check -------------------------------------------------------------------------------------------
+def test_mask_check_is_remembered_per_tensor_and_version():
+    good = torch.tensor([[True, False], [False, True]])
+    assert every_row_keeps_a_token(good) and every_row_keeps_a_token(good)
+    good[1] = False  # an in-place change bumps the version counter: checked again
+    assert not every_row_keeps_a_token(good)
+    assert not every_row_keeps_a_token(torch.tensor([[True, True], [False, False]]))
+    with torch.inference_mode():
+        inference = torch.tensor([[True], [True]])
+        assert every_row_keeps_a_token(inference) and every_row_keeps_a_token(inference)
+    unet = UNet(TINY)
+    with pytest.raises(ValueError, match="masks every token"):
+        unet(torch.randn(2, 4, 8, 8), torch.tensor([1.0, 2.0]),
+             Conditioning(torch.randn(2, 2, 6), torch.tensor([[True, True], [False, False]])))
+
+
+# ---- the bench's memory counter -------------------------------------------------------------------------------
+def test_compiled_runs_skip_the_mask_check_that_would_break_the_graph(monkeypatch):
+    torch.manual_seed(0)
+    unet = UNet(TINY).eval()
+    x, t = torch.randn(2, 4, 8, 8), torch.full((2,), 10.0)
+    mask = torch.tensor([[True, True, False], [False, False, False]])  # row 1 masks every token
+    cond = Conditioning(torch.randn(2, 3, TINY.context_dim), mask)
+    with pytest.raises(ValueError, match="masks every token"):
+        unet(x, t, cond)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert unet(x, t, cond).shape == x.shape  # traced code: no host sync, no check
+
+
+def test_peak_memory_counts_live_tensors_exactly():
+    from ldm.bench.measure import peak_memory
+
+    def two_at_once() -> None:
+        a = torch.ones(1000)  # 4000 B
+        b = a * 2             # 4000 B, both alive
+        del a, b
+        c = torch.ones(500)   # 2000 B after both were freed
+        del c
+
+    assert peak_memory(two_at_once) == 8000
+    lin = torch.nn.Linear(10, 10)  # 110 floats of state
+    assert peak_memory(lambda: None, (lin,)) == 440
+
+
+def test_latent_diffusion_trains_on_the_chosen_path_and_validates_in_fp32(tmp_path, monkeypatch):
+    from ldm.models.latent_diffusion import LatentDiffusion
+    from ldm.modules.denoiser import conditioning_for
+    from tiny_parts import TINY_UNET, export_tiny_parts
+
+    monkeypatch.setenv("LDM_FASTPATH_CACHE", str(tmp_path / "fp.json"))
+    vae, text = export_tiny_parts(tmp_path / "parts")
+    with pytest.raises(UsageError, match="model.init_args.precision"):
+        LatentDiffusion(vae_path=str(vae), text_encoder_path=str(text), denoiser=dict(TINY_UNET), precision="fp16")
+    torch.manual_seed(0)
+    model = LatentDiffusion(vae_path=str(vae), text_encoder_path=str(text), denoiser=dict(TINY_UNET), resolution=16,
+                            precision="bf16")
+    g = torch.Generator().manual_seed(0)
+    z0 = torch.randn(4, 4, 4, 4, generator=g)
+    cond = conditioning_for(model.denoiser, model.text_encoder.condition(["a red circle", "a blue square", "a", "b"]))
+    t, noise = torch.randint(0, 1000, (4,), generator=g), torch.randn(4, 4, 4, 4, generator=g)
+    opt = torch.optim.Adam(model.denoiser.parameters(), lr=3e-3)
+    first = model.loss(z0, cond, t, noise)
+    assert model.fast is not None and model.fast.precision in ("bf16", "mixed")
+    for _ in range(20):
+        opt.zero_grad()
+        model.loss(z0, cond, t, noise).backward()
+        opt.step()
+    assert model.loss(z0, cond, t, noise).item() < 0.7 * first.item()
+    assert all(p.dtype == torch.float32 for p in model.denoiser.parameters())  # weights stay fp32
+    model.eval()
+    with torch.no_grad():  # validation: fp32, the same value whatever the training precision
+        a = model.loss(z0, cond, t, noise)
+        with fastpath.FastPath("fp32", "sdpa").context("cpu"):
+            b = model.loss(z0, cond, t, noise)
+    assert a.dtype == torch.float32 and a.item() == b.item()
