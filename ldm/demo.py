@@ -6,13 +6,14 @@ The stages, each one or two ``ldm`` commands run as child processes (their outpu
 2. ``vae`` ∥ ``text encoder``: the VAE and the CLIP text encoder train side by side, one core each
    (``OMP_NUM_THREADS=1``), each for its wall-clock budget (``trainer.max_time``; ``FitToTimeBudget`` fits the
    step count to it, the step counts are only ceilings), then each is exported as a part.
-3. ``probe`` ∥ ``cache``: the shapes probe trains beside the latent cache of the first ``cache_samples``
-   training images.
+3. ``probe`` ∥ ``cache``: the shapes probe, then the two-object detector, train beside the latent cache of the
+   first ``cache_samples`` training images.
 4. ``unet``: the U-Net trains data-parallel in 2 processes (``configs/trainer/ddp-cpu.yaml``) for what is left
    of ``budget_s``, counted from ``start_time`` (``make demo`` passes its own start, so the install counts),
    less ``after_ldm_s`` for its start-up, the export and the adherence measurement; then it is exported as
    the pipeline.
-5. ``adherence``: once the probe is done, ``ldm adherence`` of the pipeline: a grid and the figures.
+5. ``adherence``: once the probe is done, ``ldm adherence`` of the pipeline: grids and the figures, for single
+   objects and for two.
 
 :func:`plan` builds every command (pure: tested without running anything), :func:`run_demo` runs them.
 """
@@ -55,6 +56,7 @@ class DemoSettings:
     cache_samples: int = 30000       # DEMO_CACHE_SAMPLES
     ldm_steps: int = 10000           # DEMO_LDM_STEPS (ceiling)
     probe_steps: int = 800
+    detector_steps: int = 600        # the two-object detector's, trained after the probe in its stage
     adherence_n: int = 200
     data_dir: str = DEFAULT_DATA_DIR
     run_dir: str = DEFAULT_RUN_DIR
@@ -142,7 +144,9 @@ def plan(settings: DemoSettings, unet_s: int | None = None) -> dict[str, Stage]:
                         "--out", str(parts / "text_encoder")),
         ], logs / "train-clip.log", threads=1),
         "probe": Stage("probe", [ldm_command("probe", "--data-dir", settings.data_dir, "--out", str(parts / "probe"),
-                                             "--steps", str(settings.probe_steps))], logs / "probe.log", threads=1),
+                                             "--steps", str(settings.probe_steps),
+                                             "--detector-steps", str(settings.detector_steps))],
+                       logs / "probe.log", threads=1),
         "cache": Stage("cache", [ldm_command("cache", "--vae", str(parts / "vae"), "--text-encoder",
                                              str(parts / "text_encoder"), "--data", settings.data_dir,
                                              "--out", str(run / "cache"), "--max-samples", str(settings.cache_samples))],
@@ -154,7 +158,8 @@ def plan(settings: DemoSettings, unet_s: int | None = None) -> dict[str, Stage]:
         ], logs / "train-ldm.log", threads=1),
         "adherence": Stage("adherence", [ldm_command(
             "adherence", "--pipeline", str(settings.pipeline), "--probe", str(parts / "probe"), "--data",
-            settings.data_dir, "--n", str(settings.adherence_n), "--grid", str(run / "samples" / "demo.png"),
+            settings.data_dir, "--n", str(settings.adherence_n), "--pair-n", str(settings.adherence_n),
+            "--grid", str(run / "samples" / "demo.png"), "--pair-grid", str(run / "samples" / "demo_pairs.png"),
             "--out", str(run / "adherence.json"))], logs / "adherence.log"),
     }
 
@@ -273,20 +278,21 @@ def run_demo(settings: DemoSettings, echo: Callable[[str], None] = print,
         for job in list(running):
             job.stop()
     echo(_adherence_table(stages["adherence"].log))
-    say(f"done in {int(clock() - start)} s; grid: {Path(settings.run_dir) / 'samples' / 'demo.png'}, "
+    samples = Path(settings.run_dir) / "samples"
+    say(f"done in {int(clock() - start)} s; grids: {samples / 'demo.png'}, {samples / 'demo_pairs.png'}, "
         f"figures: {Path(settings.run_dir) / 'adherence.json'}")
     return ended
 
 
 def _adherence_table(log: Path) -> str:
-    """The table ``ldm adherence`` printed (the lines from its header to the first blank or ``wrote`` line)."""
+    """The tables ``ldm adherence`` printed: single objects, then two objects (from the first header to the first
+    ``wrote`` line)."""
     lines = log.read_text(errors="replace").splitlines() if log.is_file() else []
     start = next((i for i, line in enumerate(lines) if line.startswith("sampler")), None)
     if start is None:
         return ""
-    end = next((i for i in range(start, len(lines)) if not lines[i].strip() or lines[i].startswith("wrote")),
-               len(lines))
-    return "\n".join(lines[start:end])
+    end = next((i for i in range(start, len(lines)) if lines[i].startswith("wrote")), len(lines))
+    return "\n".join(lines[start:end]).strip()
 
 
 def settings_from(**values: object) -> DemoSettings:

@@ -42,7 +42,7 @@ from ldm.errors import UsageError
 from ldm.fastpath import FastPath, check_precision, choose, denoiser_workload
 from ldm.io import (CONFIG_NAME, PartError, config_from_dict, load_part, part_metadata, read_json, save_part,
                     weights_hash, write_json)
-from ldm.modules.denoiser import check_compatible, conditioning_for
+from ldm.modules.denoiser import check_compatible, conditioning_for, latent_size_problem
 from ldm.visual import to_pil
 
 PIPELINE_FILE = "pipeline.json"
@@ -150,14 +150,14 @@ class TextToImagePipeline:
 
     # ---- construction ----------------------------------------------------------------------------
     def _check_compatible(self) -> None:
-        problems = check_compatible(self.denoiser.config, self.vae.config.z_channels, self.text_encoder.token_dim,
-                                    self.text_encoder.pooled_dim)
-        if problems:
-            raise PartError(f"the denoiser does not fit these parts ({'; '.join(problems)}): "
-                            "they were not trained together")
         f = self.vae.config.downsample_factor
         if self.config.height % f or self.config.width % f:
             raise PartError(f"pipeline size {self.config.height}x{self.config.width} is not divisible by the vae factor {f}")
+        problems = check_compatible(self.denoiser.config, self.vae.config.z_channels, self.text_encoder.token_dim,
+                                    self.text_encoder.pooled_dim, (self.config.height // f, self.config.width // f))
+        if problems:
+            raise PartError(f"the denoiser does not fit these parts ({'; '.join(problems)}): "
+                            "they were not trained together")
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
@@ -228,6 +228,9 @@ class TextToImagePipeline:
         f = self.vae.config.downsample_factor
         if height % f or width % f or height < f or width < f:
             raise ValueError(f"height and width must be positive multiples of the VAE factor {f}, got {height}x{width}")
+        if problem := latent_size_problem(self.denoiser.config, height // f, width // f):
+            raise ValueError(f"height x width {height}x{width} does not fit the denoiser: {problem}; sample at "
+                             f"{self.config.height}x{self.config.width} (pipeline.json)")
 
     @_inference
     def generate(self, prompts: Sequence[str], negative_prompt: str | None = None, steps: int | None = None,

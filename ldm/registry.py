@@ -23,12 +23,14 @@ PARTS: dict[str, tuple[str, str]] = {
     "UnconditionalText": ("ldm.modules.null_text", "text_encoder"),
     "CLIPImageEncoder": ("ldm.modules.text_encoder", "image_encoder"),
     "UNet": ("ldm.modules.unet", "denoiser"),
+    "DiT": ("ldm.modules.dit", "denoiser"),
     "ShapesProbe": ("ldm.evaluation.shapes_probe", "probe"),
+    "PairDetector": ("ldm.evaluation.pair_detector", "probe"),
     "LatentClassifier": ("ldm.modules.latent_classifier", "classifier"),
 }
 
 # denoiser spellings in configs (``denoiser: {type: unet, ...}``) -> part class name
-DENOISERS: dict[str, str] = {"unet": "UNet"}
+DENOISERS: dict[str, str] = {"unet": "UNet", "dit": "DiT"}
 
 # what a training checkpoint may name: LightningModules and datamodules, by class name -> module
 TRAINING: dict[str, tuple[str, str]] = {

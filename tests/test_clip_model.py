@@ -86,6 +86,76 @@ def test_swap_attribute_gives_grammatical_one_word_negatives():
     assert swap_attribute("a photo of a cat", groups, random.Random(0)) == []
 
 
+GROUPS = {"color": ["red", "orange", "blue", "green"], "shape": ["circle", "star", "square"],
+          "position_phrase": ["in the top left", "on the right", "at the top"],
+          "position": ["top left", "right", "top"]}
+
+
+def _exchanged(caption: str, negative: str) -> list[tuple[str, str]]:
+    """The (caption word, negative word) pairs where two captions differ, articles aside."""
+    def words(text):
+        return [w for w in text.split() if w not in ("a", "an")]
+
+    a, b = words(caption), words(negative)
+    assert len(a) == len(b), (caption, negative)
+    return [(x, y) for x, y in zip(a, b) if x != y]
+
+
+def test_exchange_within_swaps_two_members_of_one_group_and_keeps_the_bag_of_words():
+    from ldm.models.text_encoder import exchange_within
+
+    caption = "a small orange star in the top left and a large red circle on the right"
+    assert exchange_within(caption, GROUPS, random.Random(0)) == [
+        "a small red star in the top left and a large orange circle on the right",
+        "a small orange circle in the top left and a large red star on the right",
+        "a small orange star on the right and a large red circle in the top left"]
+    # the article follows the word now after it; the bag of words is the caption's
+    assert exchange_within("an orange circle left of a red square", GROUPS, random.Random(0)) == [
+        "a red circle left of an orange square", "an orange square left of a red circle"]
+    for negative in exchange_within(caption, GROUPS, random.Random(1)):
+        assert sorted(negative.split()) == sorted(caption.split())
+    # a group named once, or twice with the same word, gives no exchange; three colours: one random pair
+    assert exchange_within("a large red circle on the right", GROUPS, random.Random(0)) == []
+    assert exchange_within("a red star above a blue star", GROUPS, random.Random(0)) == ["a blue star above a red star"]
+    three = {exchange_within("red, green and blue", GROUPS, random.Random(seed))[0] for seed in range(20)}
+    assert three == {"green, red and blue", "blue, green and red", "red, blue and green"}
+
+
+def test_swaps_and_exchanges_together_give_per_caption_negatives_of_one_changed_binding():
+    """Each negative differs from its caption in exactly the intended attribute: a shape or relation replaced by
+    another member of its group, or two colours / shapes / places exchanged between the objects."""
+    swap = {"shape": GROUPS["shape"], "relation": ["left of", "right of", "above", "below"]}
+    module = tiny_module(hard_negatives=swap, exchange_negatives=GROUPS, hard_negatives_per_caption=2)
+    captions = ["a large red circle on the right", "a red circle left of a blue square",
+                "a small orange star in the top left and a large red circle on the right"]
+    random.seed(0)
+    kinds = set()
+    for _ in range(10):
+        for caption, negatives in zip(captions, module._hard_negatives(captions)):
+            assert len(negatives) == (1 if caption == captions[0] else 2) and len(set(negatives)) == len(negatives)
+            for negative in negatives:
+                if negative in [caption.replace("left of", r) for r in swap["relation"] if r != "left of"]:
+                    kinds.add("relation swap")
+                    assert caption == captions[1]
+                    continue
+                differ = _exchanged(caption, negative)
+                if len(differ) == 1:  # one shape word replaced by another
+                    kinds.add("shape swap")
+                    assert differ[0][0] in swap["shape"] and differ[0][1] in swap["shape"]
+                else:  # two words of one group exchanged (or two position phrases: compare as text)
+                    kinds.add("exchange")
+                    assert sorted(negative.split()) == sorted(caption.split())
+                    phrases = [p for p in GROUPS["position_phrase"] if p in caption]
+                    if len(phrases) == 2:
+                        a, b = phrases
+                        swapped = caption.replace(a, "\0").replace(b, a).replace("\0", b)
+                        if negative == swapped:
+                            continue
+                    (x, y), (y2, x2) = differ
+                    assert (x, y) == (x2, y2) and any({x, y} <= set(g) for g in GROUPS.values())
+    assert kinds == {"shape swap", "exchange", "relation swap"}
+
+
 def test_retrieval_recall_counts_duplicate_captions_as_hits():
     from ldm.models.text_encoder import caption_ids, retrieval_recall
 

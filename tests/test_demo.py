@@ -32,13 +32,14 @@ def test_the_stages_run_the_commands_make_demo_ran():
         ["export", "--ckpt", "checkpoints/shapes/clip/checkpoints/last.ckpt",
          "--out", "checkpoints/shapes/parts/text_encoder"]]
     assert commands["probe"] == [["probe", "--data-dir", "datasets/shapes", "--out", "checkpoints/shapes/parts/probe",
-                                  "--steps", "800"]]
+                                  "--steps", "800", "--detector-steps", "600"]]
     assert commands["cache"] == [["cache", "--vae", "checkpoints/shapes/parts/vae", "--text-encoder",
                                   "checkpoints/shapes/parts/text_encoder", "--data", "datasets/shapes",
                                   "--out", "checkpoints/shapes/cache", "--max-samples", "30000"]]
     assert commands["adherence"] == [["adherence", "--pipeline", "checkpoints/shapes/pipeline", "--probe",
                                       "checkpoints/shapes/parts/probe", "--data", "datasets/shapes", "--n", "200",
-                                      "--grid", "checkpoints/shapes/samples/demo.png",
+                                      "--pair-n", "200", "--grid", "checkpoints/shapes/samples/demo.png",
+                                      "--pair-grid", "checkpoints/shapes/samples/demo_pairs.png",
                                       "--out", "checkpoints/shapes/adherence.json"]]
     # one core each for everything that runs beside something else, and for the 2-process U-Net
     assert {n: s.threads for n, s in stages.items()} == {"data": None, "vae": 1, "text encoder": 1, "probe": 1,
@@ -87,7 +88,8 @@ def fake_plan(tmp_path: Path, fail: str | None = None, slow: str | None = None):
             if name == fail:
                 code += "; print('boom'); raise SystemExit(3)"
             if name == "adherence":
-                code += "; print('sampler  steps\\nddim     20\\n\\nwrote x')"
+                tables = "sampler  steps\\nddim     20\\n\\ntwo objects:\\nsampler  all\\nddim    0.5"
+                code += f"; print('{tables}\\nwrote x')"
             stages[name] = Stage(name, [[sys.executable, "-c", code]], tmp_path / "logs" / f"{name}.log")
         return stages
     return make
@@ -104,7 +106,8 @@ def test_the_runner_keeps_the_order_prints_one_line_per_stage_and_shows_the_resu
     assert order[0] == "data" and order[-1] == "adherence" and order.index("unet") > order.index("cache")
     progress = [line for line in lines if line.startswith("demo [")]
     assert len(progress) == 7 + 5  # one per finished stage; the start, two "side by side", the U-Net's budget, done
-    assert "sampler  steps\nddim     20" in lines  # adherence's table, printed at the end
+    # adherence's tables, single and two objects, printed at the end
+    assert "sampler  steps\nddim     20\n\ntwo objects:\nsampler  all\nddim    0.5" in lines
     assert progress[-1].split("] ")[1].startswith("done in")
 
 
@@ -139,6 +142,7 @@ def test_ldm_demo_end_to_end_at_tiny_sizes(tmp_path, monkeypatch):
     code = ldm_main(["demo", "--data-dir", str(data), "--run-dir", str(run), "--budget-s", "200",
                      "--after-ldm-s", "60", "--min-ldm-s", "10", "--vae-time", "00:00:00:20",
                      "--clip-time", "00:00:00:20", "--cache-samples", "600", "--probe-steps", "20",
+                     "--detector-steps", "20",
                      "--adherence-n", "8", "--data-args", "--train 600 --val 64 --shard-size 100 --processes 2",
                      "--fit-args", fit])
     assert code == 0
@@ -147,4 +151,7 @@ def test_ldm_demo_end_to_end_at_tiny_sizes(tmp_path, monkeypatch):
     assert (run / "pipeline" / "unet" / "model.safetensors").is_file()
     result = json.loads((run / "adherence.json").read_text())
     assert result["n"] == 8 and 0 <= result["results"][0]["all_three"] <= 1
-    assert (run / "samples" / "demo.png").is_file() and os.path.getsize(run / "samples" / "demo.png") > 0
+    assert result["pair_n"] == 8 and 0 <= result["results"][0]["pair_all"] <= 1
+    assert (run / "parts" / "probe" / "pair_detector" / "model.safetensors").is_file()
+    for grid in ("demo.png", "demo_pairs.png"):
+        assert (run / "samples" / grid).is_file() and os.path.getsize(run / "samples" / grid) > 0

@@ -86,14 +86,46 @@ def test_tiny_demo_trains_exports_and_generates(tmp_path, shapes_dir):
 def test_adherence_command_writes_figures_for_a_sweep(tmp_path, shapes_dir):
     from tiny_parts import tiny_pipeline
 
+    from ldm.data.shapes import pair_eval_prompts
+
     tiny_pipeline().save_pretrained(tmp_path / "pipe")
     out = tmp_path / "adherence.json"
     assert ldm_main(["adherence", "--pipeline", str(tmp_path / "pipe"), "--probe", str(tmp_path / "probe"),
                      "--data", str(shapes_dir), "--probe-steps", "10", "--n", "10", "--steps", "1,2", "--guidance", "4",
-                     "--out", str(out), "--grid", str(tmp_path / "grid.png")]) == 0
+                     "--pair-n", "6", "--detector-steps", "5", "--out", str(out), "--grid", str(tmp_path / "grid.png"),
+                     "--pair-grid", str(tmp_path / "pairs.png")]) == 0
     results = json.loads(out.read_text())["results"]
     assert [(r["steps"], r["guidance"]) for r in results] == [(1, 4.0), (2, 4.0)]
     for r in results:
         assert r["n"] == 10 and all(0.0 <= r[k] <= 1.0 for k in ("color", "shape", "position", "all_three"))
+        assert r["pair_n"] == 6 and all(0.0 <= r[f"pair_{k}"] <= 1.0 for k in ("present", "bound", "relation", "all"))
+        assert r["pair_all"] <= min(r["pair_bound"], r["pair_relation"]) <= r["pair_present"]
     assert (tmp_path / "probe" / "model.safetensors").is_file()  # trained on demand, then reused
-    assert (tmp_path / "grid.png").is_file()
+    assert (tmp_path / "probe" / "pair_detector" / "model.safetensors").is_file()  # the detector beside it
+    assert (tmp_path / "grid.png").is_file() and (tmp_path / "pairs.png").is_file()
+    assert (tmp_path / "pairs.txt").read_text().splitlines() == [p for p, _ in pair_eval_prompts(6)]
+
+
+def test_two_object_mode_scores_the_generated_images_of_the_pair_prompts():
+    """measure_pair_adherence = the detector's reading of the images the pipeline draws for pair_eval_prompts."""
+    from tiny_parts import tiny_pipeline
+
+    from ldm.data.shapes import pair_eval_prompts
+    from ldm.evaluation.adherence import format_table, measure_pair_adherence
+    from ldm.evaluation.pair_detector import PairDetector, PairDetectorConfig, pair_adherence
+
+    pipe = tiny_pipeline()
+    torch.manual_seed(0)
+    detector = PairDetector(PairDetectorConfig(width=8)).eval()
+    with torch.no_grad():
+        detector.presence.fill_(30.0)  # every colour "found": presence, binding and relation then vary by image
+    row = measure_pair_adherence(pipe, detector, n=8, steps=2, seed=3, batch_size=4)
+    prompts = pair_eval_prompts(8, 3)
+    images = pipe.generate([p for p, _ in prompts], steps=2, guidance=4.0, sampler="dpmpp-2m", seed=3, batch_size=4,
+                           progress=False)
+    expected = pair_adherence(detector.detect(images), [t for _, t in prompts])
+    assert row["pair_n"] == 8 and row["pair_present"] == 1.0 and row["pair_extra"] == 1.0
+    assert {k: row[f"pair_{k}"] for k in ("bound", "relation", "all", "cells")} == {
+        k: expected[k] for k in ("bound", "relation", "all", "cells")}
+    table = format_table([{**row, "color": 1.0}])
+    assert "two objects (8 prompts" in table and "both present" in table

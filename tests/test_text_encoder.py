@@ -104,6 +104,31 @@ def test_tokens_and_pooled_match_open_clip_text_tower(cond):
     torch.testing.assert_close(cond.pooled_embedding(ids, mask), ref_pooled, rtol=0, atol=1e-5)  # cut to longest
 
 
+def test_bidirectional_tokens_see_later_words_but_never_the_padding():
+    causal, both = tiny_conditioner(), tiny_conditioner(causal=False)
+    both.load_state_dict(causal.state_dict())  # same weights: only the mask differs
+    prompts = ["a red circle above a blue square", "a red circle below a blue square", "a red circle"]
+    for cond, sees_later in ((causal, False), (both, True)):
+        tokens, _, mask = cond.encode_text(prompts, return_mask=True)
+        # "red" (position 2) knows what comes after it only without the causal mask
+        assert torch.allclose(tokens[0, 2], tokens[1, 2], atol=1e-6) != sees_later
+    # by hand: one block with every real token visible to every query, padding invisible
+    ids, mask = both.tokenize(prompts)
+    x = both.text.token_embedding(ids) + both.text.positional_embedding
+    for block in both.text.transformer.resblocks:
+        x = torch.stack([torch.cat([block(x[i:i + 1, :n])[0], torch.zeros(16 - n, 32)]) for i, n in
+                         enumerate(mask.sum(1).tolist())])
+    tokens, pooled = both(ids, mask)
+    real = mask[..., None]
+    torch.testing.assert_close(torch.where(real, tokens, 0), torch.where(real, both.text.ln_final(x), 0),
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(both.pooled_embedding(ids, mask), pooled, atol=1e-5, rtol=0)  # cut to the longest
+    alone = both(*both.tokenize(prompts[2:]))[1]  # a batch with longer prompts pads it more: same embedding
+    torch.testing.assert_close(alone, pooled[2:], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="open_clip backend"):
+        CLIPTextConditioner(CLIPTextConditionerConfig(backend="transformers", causal=False))
+
+
 def test_penultimate_layer_is_ln_final_of_the_second_last_block():
     last = tiny_conditioner(layer="last")
     pen = tiny_conditioner(layer="penultimate")

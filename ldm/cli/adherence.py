@@ -8,7 +8,8 @@ from pathlib import Path
 
 from ldm.cli import checks
 
-HELP = "measure prompt adherence (colour/shape/position) of a shapes pipeline with the shapes probe"
+HELP = ("measure prompt adherence of a shapes pipeline: colour/shape/position of one object (the shapes probe) and "
+        "two objects' colours, shapes and relation (the two-object detector)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,13 +18,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="shapes probe part; trained on --data and saved there if it does not exist yet")
     parser.add_argument("--data", default="datasets/shapes", help="shapes shards (only used to train a missing probe)")
     parser.add_argument("--probe-steps", type=checks.int_at_least(1), default=1500, help="training steps of a missing probe")
+    parser.add_argument("--detector", default=None,
+                        help="two-object detector part (default: PROBE/pair_detector); trained there if it does not exist")
+    parser.add_argument("--detector-steps", type=checks.int_at_least(1), default=None,
+                        help="training steps of a missing detector (default: the detector's own)")
     parser.add_argument("--n", type=checks.int_at_least(1), default=200, help="number of prompts (balanced over colours, shapes, positions)")
+    parser.add_argument("--pair-n", type=checks.int_at_least(0), default=200,
+                        help="number of two-object prompts (random colours, shapes, relations or cells); 0: no two-object mode")
     parser.add_argument("--steps", type=checks.comma_list(checks.int_at_least(1)), default=[20], help="sampling steps; a comma list sweeps (e.g. 5,10,20,50)")
     parser.add_argument("--guidance", type=checks.comma_list(checks.float_in(0)), default=[4.0], help="guidance scales; a comma list sweeps (e.g. 1,2,4,7)")
     parser.add_argument("--sampler", type=checks.comma_list(str), default="dpmpp-2m", help="sampler name(s), comma-separated to sweep")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and the noise")
     parser.add_argument("--batch-size", type=checks.int_at_least(1), default=100, help="images sampled together")
     parser.add_argument("--grid", default=None, help="also write a grid PNG of the first 40 prompts' images here")
+    parser.add_argument("--pair-grid", default=None, help="also write a grid PNG of the first 40 two-object prompts' images here")
     parser.add_argument("--out", default=None, help="JSON file for the results (default: <pipeline>/adherence.json)")
     parser.add_argument("--allow-mismatch", action="store_true",
                         help="load a pipeline whose parts were not trained together (a warning instead of an error)")
@@ -39,8 +47,9 @@ def check(args: argparse.Namespace) -> None:
         checks.shard_dataset("--data (to train the missing --probe)", args.data, ["train", "val"])
     if args.out is not None:
         checks.output_file("--out", args.out, (".json",))
-    if args.grid is not None:
-        checks.output_file("--grid", args.grid, checks.IMAGE_SUFFIXES)
+    for flag, value in (("--grid", args.grid), ("--pair-grid", args.pair_grid)):
+        if value is not None:
+            checks.output_file(flag, value, checks.IMAGE_SUFFIXES)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,22 +60,37 @@ def run(args: argparse.Namespace) -> int:
 
     pipe = TextToImagePipeline.from_pretrained(args.pipeline, allow_mismatch=args.allow_mismatch)
     probe = load_or_train_probe(args.data, args.probe, steps=args.probe_steps)
-    rows = sweep_adherence(pipe, probe, args.steps, args.guidance, args.sampler, n=args.n,
-                           seed=args.seed, batch_size=args.batch_size)
+    detector = None
+    if args.pair_n:
+        from ldm.evaluation.pair_detector import DETECTOR_DIR, load_or_train_detector
+
+        steps = {} if args.detector_steps is None else {"steps": args.detector_steps}
+        detector = load_or_train_detector(args.detector or Path(args.probe) / DETECTOR_DIR,
+                                          val_dir=args.data if Path(args.data).is_dir() else None, **steps)
+    rows = sweep_adherence(pipe, probe, args.steps, args.guidance, args.sampler, detector=detector, pair_n=args.pair_n,
+                           n=args.n, seed=args.seed, batch_size=args.batch_size)
     print(format_table(rows))
     out = Path(args.out) if args.out else Path(args.pipeline) / "adherence.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"pipeline": str(args.pipeline), "n": args.n, "results": rows}, indent=2) + "\n")
+    out.write_text(json.dumps({"pipeline": str(args.pipeline), "n": args.n, "pair_n": args.pair_n if detector else 0,
+                               "results": rows}, indent=2) + "\n")
     print(f"wrote {out}")
-    if args.grid:
-        from ldm.data.shapes import eval_prompts
-        from ldm.visual import image_grid
+    from ldm.data.shapes import eval_prompts, pair_eval_prompts
 
-        prompts = [p for p, _ in eval_prompts(args.n, args.seed)][:40]
-        images = pipe(prompts, steps=args.steps[0], guidance=args.guidance[0], sampler=args.sampler[0],
-                      seed=args.seed, n_per_prompt=4, progress=False)
-        Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
-        image_grid(images, rows=len(prompts), scale=4, row_labels=prompts).save(args.grid)
-        Path(args.grid).with_suffix(".txt").write_text("\n".join(prompts) + "\n")
-        print(f"wrote grid {args.grid} (rows = prompts in {Path(args.grid).with_suffix('.txt')})")
+    for path, prompts in ((args.grid, lambda: eval_prompts(args.n, args.seed)),
+                          (args.pair_grid, lambda: pair_eval_prompts(max(args.pair_n, 1), args.seed))):
+        if path:
+            _grid(pipe, [p for p, _ in prompts()][:40], args, path)
     return 0
+
+
+def _grid(pipe, prompts: list[str], args: argparse.Namespace, path: str) -> None:
+    """Four images per prompt (one row each) at the first sweep point, with the prompts in PATH.txt beside it."""
+    from ldm.visual import image_grid
+
+    images = pipe(prompts, steps=args.steps[0], guidance=args.guidance[0], sampler=args.sampler[0],
+                  seed=args.seed, n_per_prompt=4, progress=False)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    image_grid(images, rows=len(prompts), scale=4, row_labels=prompts).save(path)
+    Path(path).with_suffix(".txt").write_text("\n".join(prompts) + "\n")
+    print(f"wrote grid {path} (rows = prompts in {Path(path).with_suffix('.txt')})")

@@ -48,7 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training images in the latent cache (DEMO_CACHE_SAMPLES)")
     parser.add_argument("--ldm-steps", type=positive, default=d.ldm_steps, help="U-Net step ceiling (DEMO_LDM_STEPS)")
     parser.add_argument("--probe-steps", type=positive, default=d.probe_steps, help="shapes-probe training steps")
-    parser.add_argument("--adherence-n", type=positive, default=d.adherence_n, help="prompts of the adherence measurement")
+    parser.add_argument("--detector-steps", type=positive, default=d.detector_steps,
+                        help="two-object detector training steps")
+    parser.add_argument("--adherence-n", type=positive, default=d.adherence_n,
+                        help="prompts of the adherence measurement (single-object and two-object, each)")
     parser.add_argument("--data-dir", default=d.data_dir, help="shapes dataset folder to build")
     parser.add_argument("--run-dir", default=d.run_dir, help="folder of the runs, parts, cache, pipeline and results")
     parser.add_argument("--log-dir", default=None, help="folder of the stage logs (default: RUN_DIR/logs)")

@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="local transformers CLIP folder for the CLIP score (None: the project CLIP)")
     parser.add_argument("--probe", default="checkpoints/shapes/parts/probe",
                         help="shapes probe for adherence (shapes data only); trained on --data if missing")
-    parser.add_argument("--probe-steps", type=checks.int_at_least(1), default=1500, help="training steps of a missing probe")
+    parser.add_argument("--probe-steps", type=checks.int_at_least(1), default=1500, help="training steps of a missing probe (and two-object detector)")
     parser.add_argument("--no-references", action="store_true",
                         help="skip the reference points (train-vs-val floor, VAE reconstructions)")
     parser.add_argument("--cache-dir", default="checkpoints/fid_cache", help="cache of real-image features ('' = off)")

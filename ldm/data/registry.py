@@ -57,7 +57,8 @@ class Benchmark:
                          device: Any = None) -> Callable[[torch.Tensor, Sequence[dict[str, Any]]], dict[str, Any]] | None:
         """``score(images, metas) -> {"adherence_n": n, <attribute>: fraction, ...}``: how often images generated
         from captions show what the captions' metadata says (a probe read-back), or None when the dataset has none.
-        The probe is loaded from ``probe_dir`` (trained on ``data_dir`` there first if missing)."""
+        The probe is loaded from ``probe_dir`` (trained on ``data_dir`` there first if missing); a dataset with more
+        than one read-back model keeps the others inside that folder (shapes: ``probe_dir/pair_detector``)."""
         return None
 
     def label_paths(self) -> dict[str, str]:

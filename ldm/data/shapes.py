@@ -118,7 +118,8 @@ def cell_center(position: str, radius: float) -> tuple[float, float]:
     return 0.5 + (col - 1) * offset, 0.5 + (row - 1) * offset
 
 
-def _place(rng: random.Random, shape: str, color: str, size: str, position: str) -> dict[str, Any]:
+def place_object(rng: random.Random, shape: str, color: str, size: str, position: str) -> dict[str, Any]:
+    """An object dict (shape, colour, size, grid cell, centre with ``JITTER``, radius) placed in its grid cell."""
     radius = SIZES[size]
     cx, cy = cell_center(position, radius)
     cx += rng.uniform(-JITTER, JITTER)
@@ -127,11 +128,13 @@ def _place(rng: random.Random, shape: str, color: str, size: str, position: str)
             "center": [round(cx, 5), round(cy, 5)], "radius": radius}
 
 
-def _far_apart(a: tuple[int, int], b: tuple[int, int]) -> bool:
+def far_apart(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    """Two grid cells (column, row) two apart along a row or a column (a two-object scene's cells)."""
     return abs(a[0] - b[0]) == 2 or abs(a[1] - b[1]) == 2
 
 
-def _overlap(o1: dict[str, Any], o2: dict[str, Any]) -> bool:
+def overlaps(o1: dict[str, Any], o2: dict[str, Any]) -> bool:
+    """Whether two placed objects' bounding circles (``BOUND`` radii) come closer than a pixel at 32 px."""
     gap = math.dist(o1["center"], o2["center"]) - BOUND * (o1["radius"] + o2["radius"])
     return gap < 1 / 32  # keep at least a pixel (at 32 px) between the two shapes
 
@@ -147,16 +150,16 @@ def sample_scene(rng: random.Random, two_object_fraction: float = 0.25) -> dict[
         cells = list(POSITIONS)
         while True:
             p1, p2 = rng.sample(cells, 2)
-            if not _far_apart(POSITIONS[p1], POSITIONS[p2]):
+            if not far_apart(POSITIONS[p1], POSITIONS[p2]):
                 continue
             c1, c2 = rng.sample(list(COLORS), 2)
-            o1 = _place(rng, rng.choice(SHAPES), c1, rng.choice(list(SIZES)), p1)
-            o2 = _place(rng, rng.choice(SHAPES), c2, rng.choice(list(SIZES)), p2)
-            if not _overlap(o1, o2):
+            o1 = place_object(rng, rng.choice(SHAPES), c1, rng.choice(list(SIZES)), p1)
+            o2 = place_object(rng, rng.choice(SHAPES), c2, rng.choice(list(SIZES)), p2)
+            if not overlaps(o1, o2):
                 break
         objects = [o1, o2]
     else:
-        objects = [_place(rng, rng.choice(SHAPES), rng.choice(list(COLORS)), rng.choice(list(SIZES)),
+        objects = [place_object(rng, rng.choice(SHAPES), rng.choice(list(COLORS)), rng.choice(list(SIZES)),
                           rng.choice(list(POSITIONS)))]
     background = rng.choice(allowed_backgrounds([o["color"] for o in objects]))
     return {"objects": objects, "background": background}
@@ -200,6 +203,17 @@ def render(scene: dict[str, Any], size: int = 32) -> Image.Image:
     return image.reduce(SUPERSAMPLE)
 
 
+def object_box(obj: dict[str, Any]) -> tuple[float, float, float, float]:
+    """The drawn extent ``(x0, y0, x1, y1)`` of a placed object, as fractions of the image side (y down)."""
+    cx, cy = obj["center"]
+    r = obj["radius"]
+    if obj["shape"] == "circle":
+        return cx - r, cy - r, cx + r, cy + r
+    points = shape_polygon(obj["shape"], cx, cy, r)
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    return min(xs), min(ys), max(xs), max(ys)
+
+
 _A_BEFORE_VOWEL = re.compile(r"\b([Aa]) (?=[aeiou])")
 
 
@@ -213,7 +227,9 @@ def _weighted_choice(rng: random.Random, weights: dict[str, int]) -> str:
     return rng.choices(names, weights=[weights[n] for n in names], k=1)[0]
 
 
-def _relation(o1: dict[str, Any], o2: dict[str, Any]) -> str:
+def relation_of(o1: dict[str, Any], o2: dict[str, Any]) -> str:
+    """The caption relation of ``o1`` to ``o2`` in far-apart cells: "left of"/"right of" when their columns are
+    two apart, else "above"/"below"."""
     (c1, r1), (c2, r2) = POSITIONS[o1["position"]], POSITIONS[o2["position"]]
     if abs(c1 - c2) == 2:
         return "left of" if c1 < c2 else "right of"
@@ -236,7 +252,7 @@ def caption_and_template(scene: dict[str, Any], rng: random.Random) -> tuple[str
         text = PAIR_TEMPLATES[name].format(
             size1=o1["size"], color1=o1["color"], shape1=o1["shape"], where1=PHRASES[o1["position"]],
             size2=o2["size"], color2=o2["color"], shape2=o2["shape"], where2=PHRASES[o2["position"]],
-            relation=_relation(o1, o2), background=scene["background"])
+            relation=relation_of(o1, o2), background=scene["background"])
         return _articles(text), name
     raise ValueError(f"a shapes scene has 1 or 2 objects, got {len(objects)}")
 
@@ -283,6 +299,47 @@ def eval_prompts(n: int = 90, seed: int = 0) -> list[tuple[str, dict[str, str]]]
         text = _articles(SINGLE_TEMPLATES["sized"].format(size=size, color=color, shape=shape,
                                                           where=PHRASES[position]))
         prompts.append((text, {"color": color, "shape": shape, "position": position, "size": size}))
+    return prompts
+
+
+RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
+# The two-object evaluation prompts (issue 19): a relation, or both objects placed in grid cells; no sizes.
+PAIR_EVAL_TEMPLATES: dict[str, str] = {
+    "relation": "a {color1} {shape1} {relation} a {color2} {shape2}",
+    "placed": "a {color1} {shape1} {where1} and a {color2} {shape2} {where2}",
+}
+
+
+def pair_eval_prompts(n: int = 100, seed: int = 0) -> list[tuple[str, dict[str, Any]]]:
+    """``n`` two-object prompts drawn at random over the whole vocabulary, with their targets.
+
+    Templates alternate between ``PAIR_EVAL_TEMPLATES["relation"]`` ("a C1 S1 REL a C2 S2", the relation from a
+    balanced stream over ``RELATIONS``) and ``["placed"]`` ("a C1 S1 WHERE1 and a C2 S2 WHERE2", two far-apart
+    grid cells as in the training scenes); two distinct colours, any two shapes (seeded). Returns
+    ``[(prompt, {"template", "objects": [{"color", "shape"(, "position")}, ×2], "relation"}), ...]`` where a
+    placed prompt's relation is the one its two cells imply (``relation_of``).
+    """
+    if n < 1:
+        raise ValueError(f"pair_eval_prompts needs n >= 1, got {n}")
+    rng = random.Random(f"pair-eval-{seed}")
+    relations = _balanced_stream(rng, list(RELATIONS), (n + 1) // 2)
+    cell_pairs = [(a, b) for a in POSITIONS for b in POSITIONS if a != b and far_apart(POSITIONS[a], POSITIONS[b])]
+    prompts = []
+    for i in range(n):
+        c1, c2 = rng.sample(list(COLORS), 2)
+        s1, s2 = rng.choice(SHAPES), rng.choice(SHAPES)
+        objects = [{"color": c1, "shape": s1}, {"color": c2, "shape": s2}]
+        if i % 2 == 0:
+            template, relation = "relation", relations[i // 2]
+            text = PAIR_EVAL_TEMPLATES[template].format(color1=c1, shape1=s1, relation=relation, color2=c2, shape2=s2)
+        else:
+            template = "placed"
+            p1, p2 = rng.choice(cell_pairs)
+            objects[0]["position"], objects[1]["position"] = p1, p2
+            relation = relation_of({"position": p1}, {"position": p2})
+            text = PAIR_EVAL_TEMPLATES[template].format(color1=c1, shape1=s1, where1=PHRASES[p1], color2=c2, shape2=s2,
+                                                        where2=PHRASES[p2])
+        prompts.append((_articles(text), {"template": template, "objects": objects, "relation": relation}))
     return prompts
 
 
@@ -392,7 +449,7 @@ class ShapesBenchmark(Benchmark):
         top left") and relations ("left of") come before bare position names ("top left", terse template), so a
         phrase is swapped for a phrase and the negative stays grammatical."""
         return {"color": list(COLORS), "shape": list(SHAPES), "position_phrase": list(PHRASES.values()),
-                "relation": ["left of", "right of", "above", "below"], "position": list(POSITIONS)}
+                "relation": list(RELATIONS), "position": list(POSITIONS)}
 
     def label_paths(self) -> dict[str, str]:
         """The attributes of one-object scenes (a two-object scene has no single colour: −1) and the background."""
@@ -400,12 +457,20 @@ class ShapesBenchmark(Benchmark):
 
 
     def adherence_scorer(self, data_dir, probe_dir, train_steps=1500, device=None):
-        """The shapes probe reads colour, shape and position back on the single-object, positioned captions."""
+        """The shapes probe reads colour, shape and position back on the single-object, positioned captions; the
+        two-object detector (``PROBE/pair_detector``, trained there for ``train_steps`` if missing) reads both
+        objects' colours, shapes and relation back on the two-object captions that place them (``pair_*`` figures)."""
+        from pathlib import Path
+
+        from ldm.evaluation.pair_detector import DETECTOR_DIR, caption_pair_adherence, load_or_train_detector
         from ldm.evaluation.shapes_probe import load_or_train_probe
         from ldm.evaluation.sweep import caption_adherence
 
         probe = load_or_train_probe(data_dir, probe_dir, steps=train_steps).to(device or "cpu")
-        return lambda images, metas: caption_adherence(probe, images, metas)
+        detector = load_or_train_detector(Path(probe_dir) / DETECTOR_DIR, val_dir=data_dir,
+                                          steps=train_steps).to(device or "cpu")
+        return lambda images, metas: {**caption_adherence(probe, images, metas),
+                                       **caption_pair_adherence(detector, images, metas)}
 
 
 BENCHMARK = ShapesBenchmark()

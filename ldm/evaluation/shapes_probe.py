@@ -176,12 +176,14 @@ def to_unit(images: torch.Tensor) -> torch.Tensor:
     return images.float() / 127.5 - 1
 
 
-def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def augment(x: torch.Tensor, generator: torch.Generator, return_shift: bool = False
+            ) -> torch.Tensor | tuple[torch.Tensor, tuple[int, int]]:
     """Degrade a [-1, 1] batch the way generated images are degraded, keeping every label true.
 
     A shift of up to ±2 px (below half the ≥ 5.7 px between grid cells), Gaussian blur with σ ≤ 1.2 px
     on half the images, contrast 0.8–1.1 about the image mean, per-channel gain ±8 % and offset ±0.06,
-    and Gaussian noise with σ ≤ 0.12.
+    and Gaussian noise with σ ≤ 0.12. ``return_shift``: also return the shift ``(dx, dy)`` in pixels (the
+    content moves by ``(−dx, −dy)``), for labels that are coordinates.
     """
     b, c, h, w = x.shape
     g = dict(generator=generator, device=x.device)
@@ -199,7 +201,8 @@ def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     gain = 1 + (torch.rand(b, c, 1, 1, **g) - 0.5) * 0.16
     offset = (torch.rand(b, c, 1, 1, **g) - 0.5) * 0.12
     noise = torch.randn(x.shape, **g) * torch.rand(b, 1, 1, 1, **g) * 0.12
-    return ((x + 1) * gain - 1 + offset + noise).clamp(-1, 1)
+    out = ((x + 1) * gain - 1 + offset + noise).clamp(-1, 1)
+    return (out, (dx, dy)) if return_shift else out
 
 
 def _targets(probe: ShapesProbe, labels: list[dict[str, str]]) -> dict[str, torch.Tensor]:

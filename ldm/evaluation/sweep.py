@@ -150,8 +150,12 @@ def format_table(rows: Sequence[dict[str, Any]], references: dict[str, float] | 
     columns = [("sampler", "sampler", ""), ("steps", "steps", ""), ("guidance", "guid.", "g"), (fd, fd, ".4f"),
                (kid, f"{kid} ×1e3", lambda r: f"{1e3 * r[kid]:.3f}"), ("clip_score", "clip", ".2f"),
                ("color", "colour", percent("color")), ("shape", "shape", percent("shape")),
-               ("position", "pos.", percent("position")), ("all_three", "all 3", percent("all_three")),
-               ("img_per_s", "img/s", "")]
+               ("position", "pos.", percent("position")), ("all_three", "all 3", percent("all_three"))]
+    if any("pair_all" in r for r in rows):  # two-object captions: both present, bound, relation, all
+        columns += [("pair_present", "2-obj present", percent("pair_present")),
+                    ("pair_bound", "bound", percent("pair_bound")), ("pair_relation", "rel.", percent("pair_relation")),
+                    ("pair_all", "2-obj all", percent("pair_all"))]
+    columns.append(("img_per_s", "img/s", ""))
     lines = [table.format_table(rows, columns)]
     lines += [f"reference {key}: {value:.4f}" for key, value in (references or {}).items()]
     return "\n".join(lines)

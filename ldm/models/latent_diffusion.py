@@ -1,7 +1,7 @@
 """LatentDiffusion: trains a denoiser on the latents of a frozen VAE, conditioned on a frozen text encoder
 (Rombach et al. 2022, eq. 3): L = E_{z=E(x), y, ε, t} w(t) ‖target(ε, z, t) − f_θ(z_t, t, τ(y))‖².
 
-The denoiser is any registered class (``ldm.registry.DENOISERS``: the U-Net today) built from the
+The denoiser is any registered class (``ldm.registry.DENOISERS``: the U-Net, the DiT) built from the
 ``denoiser:`` block of the config; its channels and conditioning widths default to the loaded parts'. The
 VAE and text encoder are *exported parts* loaded from ``vae_path``/``text_encoder_path``; only the denoiser
 trains. Batches come either as images + captions (``WebDataModule``; both encoders run in the step) or from
@@ -39,10 +39,10 @@ from ldm.diffusion.schedules import build_schedule
 from ldm.diffusion.variance import split_output
 from ldm.errors import UsageError
 from ldm.fastpath import CANDIDATES, REFERENCE, FastPath, check_precision, choose, denoiser_workload, train_step_probe
-from ldm.io import PartError, config_from_dict, load_part, read_json, weights_hash
+from ldm.io import ConfigError, PartError, config_from_dict, load_part, read_json, weights_hash
 from ldm.lora import save_lora
 from ldm.models.base import PartModule
-from ldm.modules.denoiser import build_denoiser, conditioning_for, copy_denoiser
+from ldm.modules.denoiser import build_denoiser, check_compatible, conditioning_for, copy_denoiser
 from ldm.modules.identity_vae import IdentityFirstStage, IdentityFirstStageConfig
 from ldm.modules.lora import LoraSpec, add_lora
 from ldm.modules.micro import SIZE_CONDITIONS, size_extras, wanted_conditions
@@ -181,8 +181,9 @@ class LatentDiffusion(PartModule):
 
     Args:
         vae_path / text_encoder_path: exported parts (``ldm export`` output).
-        denoiser: ``{type: unet, ...}``: the registered denoiser and its config fields; in/out channels,
-            ``context_dim`` (and ``pooled_dim`` with ``pooled_conditioning``) default to the loaded parts'.
+        denoiser: ``{type: unet | dit, ...}``: the registered denoiser and its config fields; in/out channels,
+            ``context_dim`` (and ``pooled_dim`` with ``pooled_conditioning``) default to the loaded parts', and
+            ``input_size`` (a DiT's latent size) to ``resolution`` / the vae factor.
         noise_schedule: ``ScheduleConfig`` fields (name, num_train_timesteps, zero_terminal_snr, prediction_type...).
         optimizer / lr_schedule: the training base's blocks (AdamW; warm-up then cosine to ``min_lr_ratio``).
         loss_weighting / min_snr_gamma: "uniform" (L_simple) or "min_snr" (Hang et al. 2023).
@@ -271,17 +272,20 @@ class LatentDiffusion(PartModule):
         else:
             self.text_encoder = load_frozen_part(text_encoder_path, "text_encoder", "text_encoder", "make train-clip")
         self.text_encoder.freeze()
-        z = self.vae.config.z_channels
+        z, f = self.vae.config.z_channels, self.vae.config.downsample_factor
+        if resolution % f:
+            raise ConfigError(f"model.init_args.resolution={resolution} is not a multiple of the vae factor {f}")
         defaults = {"in_channels": z, "out_channels": 2 * z if learned_variance else z,
                     "context_dim": self.text_encoder.token_dim,
-                    "pooled_dim": self.text_encoder.pooled_dim if pooled_conditioning else None}
+                    "pooled_dim": self.text_encoder.pooled_dim if pooled_conditioning else None,
+                    "input_size": resolution // f}  # for denoisers of a fixed latent size (DiT)
         if size_conditioning:
             defaults["extra_conditions"] = dict(SIZE_CONDITIONS)
         self.denoiser = build_denoiser(denoiser or {}, defaults, "model.init_args.denoiser")
-        if self.denoiser.config.out_channels != (2 if learned_variance else 1) * z:
-            raise UsageError(f"denoiser out_channels {self.denoiser.config.out_channels} does not match "
-                             f"learned_variance={learned_variance} on {z}-channel latents (expected "
-                             f"{(2 if learned_variance else 1) * z}); leave out_channels unset")
+        if size_conditioning and not hasattr(self.denoiser.config, "extra_conditions"):
+            raise ConfigError(f"model.init_args.size_conditioning: the {type(self.denoiser).__name__} denoiser takes "
+                              "no size/crop conditions (extra_conditions); set size_conditioning false or use a unet")
+        self.check_denoiser(resolution // f, learned_variance)
         self.schedule = build_schedule(noise_schedule)
         self.init_source: dict[str, Any] | None = None
         self._pipeline_defaults = PipelineConfig()
@@ -297,6 +301,23 @@ class LatentDiffusion(PartModule):
         self._empty: Conditioning | None = None
         self._val_runs = 0
         self.fast: FastPath | None = None  # the training fast path, chosen on the first training batch
+
+    def check_denoiser(self, latent_size: int, learned_variance: bool = False) -> None:
+        """A denoiser block that cannot train on these parts' latents and text features is a config error."""
+        cfg = self.denoiser.config
+        problems = check_compatible(cfg, self.vae.config.z_channels, self.text_encoder.token_dim,
+                                    self.text_encoder.pooled_dim, (latent_size, latent_size))
+        expected = (2 if learned_variance else 1) * cfg.in_channels
+        if cfg.out_channels != expected and learned_variance:
+            problems.append(f"out_channels={cfg.out_channels} is not the learned-variance output ({expected}: mean and "
+                            "variance per latent channel); leave out_channels out (it follows the vae)")
+        elif cfg.out_channels != expected:
+            problems.append(f"out_channels={cfg.out_channels} is a learned-variance output, which needs "
+                            "learned_variance: true and loss: hybrid; leave out_channels out (it follows the vae)")
+        if problems:
+            raise ConfigError(f"model.init_args.denoiser: {'; '.join(problems)} (resolution "
+                              f"{self.hparams.resolution}, vae factor {self.vae.config.downsample_factor}): "
+                              "leave these fields out to take them from the parts")
 
     # ---- frozen parts stay out of checkpoints: they are exported parts with their own files ----------
     _FROZEN = ("vae.", "text_encoder.")

@@ -110,6 +110,25 @@ def zero_shot_predictions(text_encoder: CLIPTextConditioner, image_features: tor
     return {"joint": joint, "ensemble": torch.stack(ensemble, dim=1)}
 
 
+def _occurrences(caption: str, groups: dict[str, list[str]]) -> list[list[tuple[int, int, str]]]:
+    """Per group, its non-overlapping whole-word occurrences ``(start, end, word)`` in ``caption``, in order.
+
+    Groups claim text in their order: a match overlapping one of an earlier group is skipped, and at any
+    position the longest member wins ("top left" over "top", "left of" over "left")."""
+    taken: list[tuple[int, int]] = []
+    found = []
+    for words in groups.values():
+        matches = sorted((m.start(), -len(w), w, m.end()) for w in words
+                         for m in re.finditer(rf"\b{re.escape(w)}\b", caption))
+        kept: list[tuple[int, int, str]] = []
+        for start, _, word, end in matches:
+            if not any(start < e and s < end for s, e in taken + [(s, e) for s, e, _ in kept]):
+                kept.append((start, end, word))
+        taken += [(s, e) for s, e, _ in kept]
+        found.append(kept)
+    return found
+
+
 def swap_attribute(caption: str, groups: dict[str, list[str]], rng: random.Random,
                    max_negatives: int | None = None) -> list[str]:
     """Hard negative captions: a group's word or phrase in ``caption`` replaced by another member of the group.
@@ -120,17 +139,11 @@ def swap_attribute(caption: str, groups: dict[str, list[str]], rng: random.Rando
     occurrence (the longest word there); matches overlapping one of an earlier group are skipped;
     "a"/"an" are fixed after the swap, so the article never gives a negative away. [] when none occurs.
     """
-    taken: list[tuple[int, int]] = []
     found: list[tuple[list[str], str, int, int]] = []
-    for words in groups.values():
-        matches = [(m.start(), -len(w), w, m.end()) for w in words
-                   for m in re.finditer(rf"\b{re.escape(w)}\b", caption)
-                   if not any(m.start() < e and s < m.end() for s, e in taken)]
-        if matches:  # the earliest occurrence, the longest word there ("top left" over "top")
-            start, _, word, end = min(matches)
-            taken.append((start, end))
-            if len(words) > 1:
-                found.append((words, word, start, end))
+    for words, occurrences in zip(groups.values(), _occurrences(caption, groups)):
+        if occurrences and len(words) > 1:  # the earliest occurrence
+            start, end, word = occurrences[0]
+            found.append((words, word, start, end))
     if max_negatives is not None and len(found) > max_negatives:
         found = rng.sample(found, max_negatives)
     negatives = []
@@ -138,6 +151,42 @@ def swap_attribute(caption: str, groups: dict[str, list[str]], rng: random.Rando
         replacement = rng.choice([w for w in words if w != word])
         negatives.append(_fix_articles(caption[:start] + replacement + caption[end:]))
     return negatives
+
+
+def exchange_within(caption: str, groups: dict[str, list[str]], rng: random.Random) -> list[str]:
+    """Hard negatives with the caption's own words: where a group occurs twice with different members, the two
+    are exchanged ("a red circle left of a blue square" → "a blue circle left of a red square").
+
+    NegCLIP's order negatives (Yuksekgonul et al. 2023, sec. 4: swapping two attributes or two nouns of a
+    caption): the bag of words stays, only which attribute goes with which object changes, so a text encoder
+    that reads captions as bags of words cannot tell them apart. One negative per group with two different
+    members present (a random pair of them when more); occurrences as in :func:`swap_attribute`; "a"/"an"
+    fixed. [] when no group occurs twice.
+    """
+    negatives = []
+    for occurrences in _occurrences(caption, groups):
+        pairs = [(a, b) for i, a in enumerate(occurrences) for b in occurrences[i + 1:] if a[2] != b[2]]
+        if not pairs:
+            continue
+        (s1, e1, w1), (s2, e2, w2) = rng.choice(pairs)
+        negatives.append(_fix_articles(caption[:s1] + w2 + caption[e1:s2] + w1 + caption[e2:]))
+    return negatives
+
+
+def _word_groups(spec: str | dict | None, option: str) -> dict[str, list[str]] | None:
+    """Word groups from a config value: a registered dataset's (``Benchmark.hard_negative_groups``), a dict of
+    lists, or None."""
+    if isinstance(spec, str):  # a registered dataset's word groups
+        groups = getattr(benchmark_named(spec), "hard_negative_groups", lambda: None)()
+        if groups is None:
+            raise ValueError(f"model.{option}: dataset {spec!r} has no hard-negative word groups; "
+                             "give a dict of word groups instead")
+        return groups
+    if isinstance(spec, dict):
+        return {str(k): [str(w) for w in v] for k, v in spec.items()}
+    if spec is None:
+        return None
+    raise ValueError(f"model.{option} must be a dataset name, a dict of word groups or null, got {spec!r}")
 
 
 def _fix_articles(text: str) -> str:
@@ -167,6 +216,7 @@ class ContrastiveCLIP(PartModule):
         hard_negatives: str | dict | None = None,
         hard_negative_weight: float = 1.0,
         hard_negatives_per_caption: int | None = 1,
+        exchange_negatives: str | dict | None = None,
     ):
         super().__init__(optimizer, lr_schedule)
         self.save_hyperparameters()
@@ -183,19 +233,8 @@ class ContrastiveCLIP(PartModule):
         self.loss_fn = make_clip_loss()
         self.zero_shot_prompts: ZeroShotPrompts | None = None  # set in setup() from the training data's benchmark
         self._benchmark = None
-        if isinstance(hard_negatives, str):  # a registered dataset's word groups
-            groups = getattr(benchmark_named(hard_negatives), "hard_negative_groups", lambda: None)()
-            if groups is None:
-                raise ValueError(f"model.hard_negatives: dataset {hard_negatives!r} has no hard-negative word groups; "
-                                 "give a dict of word groups instead")
-            self.swap_groups: dict[str, list[str]] | None = groups
-        elif isinstance(hard_negatives, dict):
-            self.swap_groups = {str(k): [str(w) for w in v] for k, v in hard_negatives.items()}
-        elif hard_negatives is None:
-            self.swap_groups = None
-        else:
-            raise ValueError(f"model.hard_negatives must be a dataset name, a dict of word groups or null, "
-                             f"got {hard_negatives!r}")
+        self.swap_groups = _word_groups(hard_negatives, "hard_negatives")
+        self.exchange_groups = _word_groups(exchange_negatives, "exchange_negatives")
         self._rng = random.Random(0)
         self._dropped = 0
         self._val: dict[str, list[torch.Tensor]] = {}
@@ -259,12 +298,22 @@ class ContrastiveCLIP(PartModule):
         return images[:n], captions[:n]
 
     def _hard_negatives(self, captions: Sequence[str]) -> list[list[str]]:
-        if self.swap_groups is None or self.hparams.hard_negative_weight <= 0:
+        """Per caption, up to ``hard_negatives_per_caption`` negatives drawn among its word swaps
+        (:func:`swap_attribute` over ``hard_negatives``) and exchanges (:func:`exchange_within` over
+        ``exchange_negatives``)."""
+        if (self.swap_groups is None and self.exchange_groups is None) or self.hparams.hard_negative_weight <= 0:
             return []
         k = self.hparams.hard_negatives_per_caption
         # drawn from the global stream, which SeedEveryStep reseeds per batch and rank: resumes exactly
         self._rng.seed(random.getrandbits(63))
-        return [swap_attribute(caption, self.swap_groups, self._rng, k) for caption in captions]
+        if self.exchange_groups is None:
+            return [swap_attribute(caption, self.swap_groups, self._rng, k) for caption in captions]
+        out = []
+        for caption in captions:
+            candidates = swap_attribute(caption, self.swap_groups or {}, self._rng)
+            candidates += exchange_within(caption, self.exchange_groups, self._rng)
+            out.append(candidates if k is None or len(candidates) <= k else self._rng.sample(candidates, k))
+        return out
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         with torch.no_grad():  # CLIP sec. 2.5: clip the temperature so logits stay ≤ 100× the cosine

@@ -97,18 +97,18 @@ class Attention(nn.Module):
 
     Q comes from the image tokens ``x``; K and V from ``context`` (cross-attention, ``context_dim`` set)
     or from ``x`` itself (self-attention). ``attn_mask``: (B, 1, 1, L) bool, True where a key may be
-    attended to (padding tokens False).
+    attended to (padding tokens False). ``qkv_bias``: biases on the Q, K, V projections (LDM: none; ViT/DiT: yes).
     """
 
     fused_qkv = True  # self-attention: one matmul for Q, K, V (a class switch, for the on/off benchmark)
 
-    def __init__(self, dim: int, num_heads: int, context_dim: int | None = None):
+    def __init__(self, dim: int, num_heads: int, context_dim: int | None = None, qkv_bias: bool = False):
         super().__init__()
         self.num_heads = num_heads
         kv_dim = context_dim or dim
-        self.q = nn.Linear(dim, dim, bias=False)
-        self.k = nn.Linear(kv_dim, dim, bias=False)
-        self.v = nn.Linear(kv_dim, dim, bias=False)
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.k = nn.Linear(kv_dim, dim, bias=qkv_bias)
+        self.v = nn.Linear(kv_dim, dim, bias=qkv_bias)
         self.out = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,

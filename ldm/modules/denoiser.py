@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ldm.conditioning import Conditioning
+from ldm.conditioning import GUIDANCE_SCALE, Conditioning, every_row_keeps_a_token
 from ldm.io import config_from_dict
 from ldm.registry import denoiser_class
 
@@ -88,9 +88,76 @@ def derive_denoiser(denoiser: nn.Module, overrides: dict[str, Any], source: str 
     return twin
 
 
-def check_compatible(config: Any, z_channels: int, token_dim: int, pooled_dim: int | None) -> list[str]:
-    """Reasons a denoiser config cannot run on these parts' latents and text features ([] = compatible)."""
+def check_inputs(name: str, config: Any, x: torch.Tensor, t: torch.Tensor | float, cond: Conditioning
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Validate a denoiser call; returns ``t`` as a (B,) tensor and the cross-attention mask as (B, 1, 1, L) bool
+    (None when ``cond.mask`` is None). ``name`` starts every error message (the class whose forward failed)."""
+    if not isinstance(cond, Conditioning):
+        raise TypeError(f"{name}: cond must be an ldm.conditioning.Conditioning, got {type(cond).__name__}")
+    pooled, context = cond.pooled, cond.tokens
+    if config.pooled_dim and (pooled is None or pooled.shape != (x.shape[0], config.pooled_dim)):
+        got = None if pooled is None else tuple(pooled.shape)
+        raise ValueError(f"{name}: this {name} is conditioned on the pooled text embedding: cond.pooled must be "
+                         f"(B={x.shape[0]}, pooled_dim={config.pooled_dim}), got {got}")
+    if not config.pooled_dim and pooled is not None:
+        raise ValueError(f"{name}: cond.pooled was given but the {name} has no pooled_dim (set pooled_dim in its "
+                         "config)")
+    if x.ndim != 4 or x.shape[1] != config.in_channels:
+        raise ValueError(f"{name}: x must be (B, {config.in_channels}, H, W), got {tuple(x.shape)}")
+    batch = x.shape[0]
+    t = torch.as_tensor(t, device=x.device)
+    if t.ndim == 0:
+        t = t.expand(batch)
+    if t.shape != (batch,):
+        raise ValueError(f"{name}: t must be a (B,) = ({batch},) tensor of timesteps, got shape {tuple(t.shape)}")
+    if context.shape[0] != batch or context.shape[2] != config.context_dim:
+        raise ValueError(f"{name}: cond.tokens must be (B={batch}, L, context_dim={config.context_dim}), "
+                         f"got {tuple(context.shape)}; check the text encoder's width against the denoiser's "
+                         "context_dim")
+    if cond.mask is None:
+        return t, None
+    mask = cond.mask.to(device=x.device, dtype=torch.bool)
+    # the check needs a host sync: under torch.compile it would break the graph, so compiled runs skip it
+    if not torch.compiler.is_compiling() and not every_row_keeps_a_token(mask):
+        raise ValueError(f"{name}: a cond.mask row masks every token; keep at least one (e.g. the BOS/EOS token)")
+    return t, mask[:, None, None, :]  # (B, 1, 1, L): broadcast over heads and queries
+
+
+def guidance_features(name: str, config: Any, cond: Conditioning, x: torch.Tensor) -> torch.Tensor | None:
+    """Fourier features of ``cond.extras["guidance_scale"]`` (B,) for a w-conditioned denoiser (config field
+    ``guidance_embed_dim``; Meng et al. 2023, LCM sec. 4.2), else None. ``name`` starts every error message."""
+    from ldm.modules.embeddings import guidance_scale_embedding
+
+    dim = getattr(config, "guidance_embed_dim", None)
+    if not dim:
+        return None
+    scale = cond.extras.get(GUIDANCE_SCALE)
+    if scale is None:
+        raise ValueError(f"{name}: this {name} is conditioned on the guidance scale (guidance_embed_dim={dim}): "
+                         f"put a (B,) tensor in cond.extras[{GUIDANCE_SCALE!r}]")
+    scale = scale.to(x.device).reshape(-1)
+    if scale.shape[0] != x.shape[0]:
+        raise ValueError(f"{name}: cond.extras[{GUIDANCE_SCALE!r}] has {scale.shape[0]} values "
+                         f"for a batch of {x.shape[0]}")
+    return guidance_scale_embedding(scale, dim)
+
+
+def latent_size_problem(config: Any, height: int, width: int) -> str | None:
+    """Why a denoiser built for a fixed latent size (a config field ``input_size``, e.g. a DiT's learned
+    positions) cannot run on ``height`` x ``width`` latents; None when it can (or has no fixed size)."""
+    size = getattr(config, "input_size", None)
+    if size is None or (height, width) == (size, size):
+        return None
+    return f"it is built for {size}x{size} latents (input_size) but gets {height}x{width}"
+
+
+def check_compatible(config: Any, z_channels: int, token_dim: int, pooled_dim: int | None,
+                     latent_size: tuple[int, int] | None = None) -> list[str]:
+    """Reasons a denoiser config cannot run on these parts' latents and text features ([] = compatible);
+    ``latent_size`` (height, width) is checked against a fixed-size denoiser's ``input_size``."""
     problems = []
+    if latent_size is not None and (size := latent_size_problem(config, *latent_size)):
+        problems.append(size)
     if config.in_channels != z_channels:
         problems.append(f"it reads {config.in_channels}-channel latents but the vae makes {z_channels}")
     if config.out_channels not in (z_channels, 2 * z_channels):

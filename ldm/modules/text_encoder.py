@@ -109,6 +109,8 @@ class CLIPTextConditionerConfig:
     ``backend="open_clip"`` uses the tower fields (``width`` … ``proj_bias``) and open_clip's BPE;
     ``backend="transformers"`` uses ``hf_text_config`` (a ``CLIPTextConfig`` dict) and ``hf_tokenizer``
     (vocab + merges + special tokens). ``context_length`` is the padded token count L of every prompt.
+    ``causal=False`` (open_clip only) lets every token attend to every real token of its prompt, before and
+    after it (a bidirectional encoder, as the T5 encoders of Imagen and SD3), instead of CLIP's causal mask.
     ``mask_padding``: the conditioning masks the padding after the end token (True, ldm's default: masked
     cross-attention, padding columns trimmed) or hands the denoiser all L states, padding included (False:
     Stable Diffusion's convention, which its U-Nets were trained with and diffusers' pipelines assume).
@@ -125,6 +127,7 @@ class CLIPTextConditionerConfig:
     embed_dim: int = 512
     quick_gelu: bool = False
     proj_bias: bool = False
+    causal: bool = True
     hf_text_config: dict | None = None
     hf_tokenizer: dict | None = None
     mask_padding: bool = True
@@ -157,11 +160,14 @@ class CLIPTextConditioner(nn.Module):
                 context_length=config.context_length, vocab_size=config.vocab_size, width=config.width,
                 heads=config.heads, layers=config.layers, mlp_ratio=config.mlp_ratio, output_dim=config.embed_dim,
                 proj_bias=config.proj_bias, act_layer=QuickGELU if config.quick_gelu else nn.GELU,
+                no_causal_mask=not config.causal,
             )
             n_layers = config.layers
         else:
             from transformers import CLIPTextConfig, CLIPTextModel
 
+            if not config.causal:
+                raise ValueError("causal: false needs the open_clip backend (a transformers CLIPTextModel is causal)")
             if not config.hf_text_config or not config.hf_tokenizer:
                 raise ValueError("backend 'transformers' needs hf_text_config and hf_tokenizer; "
                                  "build it with CLIPTextConditioner.from_hf(FOLDER)")
@@ -260,8 +266,8 @@ class CLIPTextConditioner(nn.Module):
     def pooled_embedding(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Only the pooled embedding (B, E), computed on the batch cut to its longest prompt.
 
-        Exact, because the text transformer is causal: no state up to EOT sees the padding after it.
-        Contrastive training needs only this, and shapes captions fill ~11 of 24-32 positions.
+        Exact, because no state up to EOT sees the padding after it (the causal mask, or with ``causal=False``
+        the padding mask). Contrastive training needs only this, and shapes captions fill ~11 of 24-32 positions.
         """
         longest = int(attention_mask.sum(dim=1).max())
         return self._run(input_ids[:, :longest], attention_mask[:, :longest], want_tokens=False)[1]
@@ -280,7 +286,12 @@ class CLIPTextConditioner(nn.Module):
             text = self.text
             length = input_ids.shape[1]
             x = text.token_embedding(input_ids) + text.positional_embedding[:length]
-            causal = None if text.attn_mask is None else text.attn_mask[:length, :length]
+            if text.attn_mask is not None:
+                causal = text.attn_mask[:length, :length]
+            else:  # bidirectional: every query sees the real tokens of its prompt, never the padding
+                padding = torch.zeros(attention_mask.shape, dtype=x.dtype, device=x.device)
+                padding = padding.masked_fill(~attention_mask.bool(), float("-inf"))
+                causal = padding[:, None, None, :].expand(-1, text.heads, length, -1).reshape(-1, length, length)
             before_last = x
             for i, block in enumerate(text.transformer.resblocks):
                 if i == len(text.transformer.resblocks) - 1:

@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ldm.conditioning import GUIDANCE_SCALE, Conditioning, every_row_keeps_a_token
+from ldm.conditioning import Conditioning
 from ldm.modules.attention import SpatialTransformer
-from ldm.modules.embeddings import (PooledTextEmbedding, TimestepEmbedding, guidance_scale_embedding,
-                                    spatial_position_embedding)
+from ldm.modules.denoiser import check_inputs, guidance_features
+from ldm.modules.embeddings import PooledTextEmbedding, TimestepEmbedding, spatial_position_embedding
 from ldm.modules.micro import ExtraConditionEmbedding
 
 
@@ -248,52 +248,6 @@ class UNet(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor | float, cond: Conditioning
-                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        cfg = self.config
-        if not isinstance(cond, Conditioning):
-            raise TypeError(f"UNet: cond must be an ldm.conditioning.Conditioning, got {type(cond).__name__}")
-        pooled, context = cond.pooled, cond.tokens
-        if cfg.pooled_dim and (pooled is None or pooled.shape != (x.shape[0], cfg.pooled_dim)):
-            got = None if pooled is None else tuple(pooled.shape)
-            raise ValueError(f"UNet: this U-Net is conditioned on the pooled text embedding: cond.pooled must be "
-                             f"(B={x.shape[0]}, pooled_dim={cfg.pooled_dim}), got {got}")
-        if not cfg.pooled_dim and pooled is not None:
-            raise ValueError("UNet: cond.pooled was given but the U-Net has no pooled_dim (set pooled_dim in its config)")
-        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
-            raise ValueError(f"UNet: x must be (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
-        batch = x.shape[0]
-        t = torch.as_tensor(t, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(batch)
-        if t.shape != (batch,):
-            raise ValueError(f"UNet: t must be a (B,) = ({batch},) tensor of timesteps, got shape {tuple(t.shape)}")
-        if context.shape[0] != batch or context.shape[2] != cfg.context_dim:
-            raise ValueError(f"UNet: cond.tokens must be (B={batch}, L, context_dim={cfg.context_dim}), "
-                             f"got {tuple(context.shape)}; check the text encoder's width against unet context_dim")
-        if cond.mask is None:
-            return t, None
-        mask = cond.mask.to(device=x.device, dtype=torch.bool)
-        # the check needs a host sync: under torch.compile it would break the graph, so compiled runs skip it
-        if not torch.compiler.is_compiling() and not every_row_keeps_a_token(mask):
-            raise ValueError("UNet: a cond.mask row masks every token; keep at least one (e.g. the BOS/EOS token)")
-        return t, mask[:, None, None, :]  # (B, 1, 1, L): broadcast over heads and queries
-
-    def _guidance_features(self, cond: Conditioning, x: torch.Tensor) -> torch.Tensor | None:
-        """Fourier features of ``cond.extras["guidance_scale"]`` (B,) for a w-conditioned U-Net, else None."""
-        dim = self.config.guidance_embed_dim
-        if not dim:
-            return None
-        scale = cond.extras.get(GUIDANCE_SCALE)
-        if scale is None:
-            raise ValueError(f"UNet: this U-Net is conditioned on the guidance scale (guidance_embed_dim={dim}): "
-                             f"put a (B,) tensor in cond.extras[{GUIDANCE_SCALE!r}]")
-        scale = scale.to(x.device).reshape(-1)
-        if scale.shape[0] != x.shape[0]:
-            raise ValueError(f"UNet: cond.extras[{GUIDANCE_SCALE!r}] has {scale.shape[0]} values "
-                             f"for a batch of {x.shape[0]}")
-        return guidance_scale_embedding(scale, dim)
-
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, cond: Conditioning) -> torch.Tensor:
         """Denoiser output for latents ``x`` (B,C,H,W) at timesteps ``t`` (B,) given ``cond`` (the denoiser protocol).
 
@@ -304,9 +258,9 @@ class UNet(nn.Module):
         ``config.guidance_embed_dim`` the CFG scale ``cond.extras["guidance_scale"]`` (B,) joins it too (w-conditioning,
         Meng et al. 2023), through a zero-initialised projection.
         """
-        t, attn_mask = self._check_inputs(x, t, cond)
+        t, attn_mask = check_inputs("UNet", self.config, x, t, cond)
         context = cond.tokens
-        emb = self.time_embed(t, self._guidance_features(cond, x))
+        emb = self.time_embed(t, guidance_features("UNet", self.config, cond, x))
         if self.pooled_embed is not None:
             emb = emb + self.pooled_embed(cond.pooled)
         if self.extra_embed is not None:  # SDXL micro-conditioning: zero-initialised, so it starts as a no-op
