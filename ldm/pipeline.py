@@ -33,10 +33,10 @@ from PIL import Image
 
 from ldm import __version__
 from ldm.conditioning import Conditioning
-from ldm.diffusion.guidance import classifier_guidance, guided_model
+from ldm.diffusion.guidance import classifier_guidance, clip_denoised, guided_model
 from ldm.diffusion.objectives import standard_normal
-from ldm.diffusion.samplers import SAMPLERS, sample
-from ldm.diffusion.schedules import DiscreteSchedule
+from ldm.diffusion.samplers import SAMPLERS, ModelFn, sample
+from ldm.diffusion.schedules import NoiseSchedule, build_schedule
 from ldm.editing import ImageEdit
 from ldm.errors import UsageError
 from ldm.fastpath import FastPath, check_precision, choose, denoiser_workload
@@ -61,24 +61,25 @@ class PipelineConfig:
     sampler: str = "dpmpp-2m"
     guidance_rescale: float = 0.0
     spacing: str = "trailing"          # sampling timestep spacing (DiscreteSchedule.timesteps)
+    clip_denoised: bool = False        # clip x̂0 to [−1, 1] while sampling (pixel-space pipelines, as DDPM/iDDPM)
     sizes: list[list[int]] | None = None  # other [height, width] the denoiser was trained at (aspect buckets)
     # a consistency model (LCM student, or a base with an LCM-LoRA): maps any x_t to x_0, samples with `lcm`
     consistency_model: bool = False
 
 
-def save_schedule(schedule: DiscreteSchedule, out_dir: str | Path) -> Path:
+def save_schedule(schedule: NoiseSchedule, out_dir: str | Path) -> Path:
     """Write ``out_dir/config.json`` (a schedule has no weights)."""
     out = Path(out_dir)
-    write_json(out / CONFIG_NAME, {"_class_name": "DiscreteSchedule", "_ldm_version": __version__,
+    write_json(out / CONFIG_NAME, {"_class_name": type(schedule).__name__, "_ldm_version": __version__,
                                    **schedule.to_config()})
     return out
 
 
-def load_schedule(path: str | Path) -> DiscreteSchedule:
-    """Read a folder written by :func:`save_schedule` (a pipeline's ``scheduler/``)."""
+def load_schedule(path: str | Path) -> NoiseSchedule:
+    """Read a folder written by :func:`save_schedule` (a pipeline's ``scheduler/``): VP or VE by its name."""
     config = read_json(Path(path) / CONFIG_NAME)
     try:
-        return DiscreteSchedule.from_config(config)
+        return build_schedule(config)
     except (TypeError, ValueError) as e:
         raise PartError(f"{Path(path) / CONFIG_NAME}: {e}") from e
 
@@ -136,7 +137,7 @@ class TextToImagePipeline:
     """
 
     def __init__(self, vae: torch.nn.Module, text_encoder: torch.nn.Module, denoiser: torch.nn.Module,
-                 schedule: DiscreteSchedule, config: PipelineConfig | None = None,
+                 schedule: NoiseSchedule, config: PipelineConfig | None = None,
                  provenance: dict[str, Any] | None = None, precision: str = "auto"):
         self.vae, self.text_encoder, self.denoiser, self.schedule = vae, text_encoder, denoiser, schedule
         self.config = config or PipelineConfig()
@@ -240,7 +241,8 @@ class TextToImagePipeline:
                  classifier_scale: float = 0.0,
                  classifier_labels: dict[str, str] | Sequence[dict[str, str]] | None = None,
                  callback: Callable[[dict[str, Any]], None] | None = None, only_index: int | None = None,
-                 precision: str | None = None, **sampler_options: Any) -> torch.Tensor:
+                 clip_denoised: bool | None = None, precision: str | None = None,
+                 **sampler_options: Any) -> torch.Tensor:
         """Images (len(prompts)·n_per_prompt, 3, H, W) in [-1, 1], prompt-major order.
 
         A w-conditioned denoiser (a distilled LCM student) gets ``guidance`` as an input and runs without a CFG
@@ -281,6 +283,8 @@ class TextToImagePipeline:
                                            height // f)
         gen = torch.Generator().manual_seed(seed)
         noise = torch.randn((len(all_prompts), zc, height // f, width // f), generator=gen)
+        if self.schedule.prior_std != 1.0:  # VE: the prior N(0, σ_max² I)
+            noise = noise * self.schedule.prior_std
         ts = self.schedule.timesteps(steps, sampler_options.pop("spacing", "trailing"))
         if edit is not None:
             edit.prepare(self, height, width)
@@ -297,7 +301,8 @@ class TextToImagePipeline:
         for start in starts:
             end = min(start + batch_size, len(all_prompts))
             cond = self.condition(all_prompts[start:end], height, width)
-            model_fn = guided_model(self.denoiser, cond, uncond, guidance, rescale)
+            model_fn = self.model_fn(cond, uncond, guidance, rescale,
+                                     clip=c.clip_denoised if clip_denoised is None else clip_denoised)
             x = noise[start:end].to(self.device, self.dtype)
             if fast is None:  # chosen on the first batch, kept for the whole call
                 fast = self.fast_path(model_fn, x, cond, precision or self.precision,
@@ -368,6 +373,19 @@ class TextToImagePipeline:
         """Images in [-1, 1] from diffusion-space latents (a preview of a callback's ``x0``)."""
         with torch.no_grad():
             return self.vae.decode_latents(latents.to(self.device, self.dtype)).clamp(-1, 1).float().cpu()
+
+    def model_fn(self, cond: Conditioning, uncond: Conditioning | None = None, guidance: float = 1.0,
+                 rescale: float = 0.0, clip: bool = False) -> ModelFn:
+        """The samplers' ``model_fn(x_t, t)``: the (guided) denoiser fed ``schedule.scale_model_input(x_t, t)``
+        (the identity for VP schedules), with x̂0 clipped to [−1, 1] when ``clip`` (``guidance.clip_denoised``).
+        The one place the pipeline turns its denoiser into a model function; likelihoods use it unclipped."""
+        guided = guided_model(self.denoiser, cond, uncond if uncond is not None else cond, guidance, rescale)
+        schedule = self.schedule
+
+        def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return guided(schedule.scale_model_input(x, t), t)
+
+        return clip_denoised(fn, schedule, schedule.prediction_type) if clip else fn
 
     def fast_path(self, model_fn: Any, x: torch.Tensor, cond: Conditioning, precision: str,
                   guided: bool = True) -> FastPath:

@@ -18,7 +18,9 @@ from ldm.io import PartError
 # exported parts: class name -> (module, kind)
 PARTS: dict[str, tuple[str, str]] = {
     "AutoencoderKL": ("ldm.modules.autoencoder", "vae"),
+    "IdentityFirstStage": ("ldm.modules.identity_vae", "vae"),
     "CLIPTextConditioner": ("ldm.modules.text_encoder", "text_encoder"),
+    "UnconditionalText": ("ldm.modules.null_text", "text_encoder"),
     "CLIPImageEncoder": ("ldm.modules.text_encoder", "image_encoder"),
     "UNet": ("ldm.modules.unet", "denoiser"),
     "DiT": ("ldm.modules.dit", "denoiser"),

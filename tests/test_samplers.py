@@ -281,6 +281,8 @@ def test_bad_arguments_are_clear_errors() -> None:
     with pytest.raises(ValueError, match="does not take \\['eta'\\]"):
         sample(model, x, SCHEDULE, 10, sampler="dpmpp-2m", eta=0.5)
     with pytest.raises(ValueError, match="unknown DDPM variance"):
+        sample(model, x, SCHEDULE, 10, sampler="ddpm", variance="bogus")
+    with pytest.raises(ValueError, match="needs a model with 2C output channels"):
         sample(model, x, SCHEDULE, 10, sampler="ddpm", variance="learned")
     with pytest.raises(ValueError, match="strictly decreasing"):
         sample(model, x, SCHEDULE, None, timesteps=[10, 500])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 from ldm.cli import main
 from ldm.diffusion.objectives import training_target
 from ldm.diffusion.schedules import DiscreteSchedule
-from ldm.diffusion.toy import GaussianData, error_table_rows, gaussian_error_table, swiss_roll
+from ldm.diffusion.toy import GaussianData, error_table_rows, gaussian_error_table, swiss_roll, swiss_roll_log_density
 from ldm.evaluation.swiss_roll import sliced_wasserstein, train_toy
 from ldm.table import format_table
 
@@ -78,11 +79,32 @@ def test_swiss_roll_training_learns() -> None:
 def test_ldm_toy_cli_writes_figure_and_metrics(tmp_path, capsys) -> None:
     out = tmp_path / "toy"
     code = main(["toy", "--out", str(out), "--train-steps", "20", "--samplers", "ddim", "heun", "--steps", "2", "4",
-                 "--samples", "100"])
+                 "--samples", "100", "--langevin-levels", "3", "--langevin-steps", "2", "--pc-steps", "3",
+                 "--density-grid", "6", "--ode-steps", "2"])
     assert code == 0
     png = (out / "swiss_roll.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["swd"]) == {"ddim", "heun"} and set(metrics["swd"]["heun"]) == {"2", "4"}
+    # the score views: Langevin, VE-PC and the PF-ODE density map (tiny sizes; the real run is in the docs)
+    assert (out / "score_views.png").read_bytes()[:4] == b"\x89PNG"
+    views = metrics["score_views"]
+    assert set(views["swd"]) == {"langevin", "ve-pc"} and views["ode_nfe"] == 8
+    assert all(map(math.isfinite, (views["ode_nll_nats"], views["true_nll_nats"])))
+    assert main(["toy", "--out", str(out), "--density-grid", "1"]) == 2
+    assert "--density-grid" in capsys.readouterr().err
     assert main(["toy", "--out", str(out), "--samplers", "plms"]) == 2
     assert "--samplers: unknown 'plms'" in capsys.readouterr().err
+
+
+def test_swiss_roll_density_is_normalized_and_peaks_on_the_data() -> None:
+    """The quadrature density of the swiss roll's noised marginal integrates to 1 and is highest on samples."""
+    axis = torch.linspace(-2.6, 2.6, 105, dtype=torch.float64)  # spacing 0.05, below the kernel widths used
+    grid = torch.stack(torch.meshgrid(axis, axis, indexing="xy"), -1).reshape(-1, 2)
+    cell = (axis[1] - axis[0]).item() ** 2
+    for alpha, sigma in ((1.0, 0.1), (0.9, 0.3)):
+        mass = swiss_roll_log_density(grid, alpha=alpha, sigma=sigma, nodes=1000).exp().sum().item() * cell
+        assert mass == pytest.approx(1.0, abs=0.01)
+    data = swiss_roll(200, torch.Generator().manual_seed(0)).double()
+    on, off = swiss_roll_log_density(data), swiss_roll_log_density(data + torch.tensor([0.3, 0.0]).double())
+    assert (on.mean() - off.mean()).item() > 20

@@ -35,6 +35,7 @@ COMMANDS: dict[str, str] = {
     "serve": "serve",
     "adherence": "adherence",
     "fid": "fid",
+    "nll": "nll",
     "vae-fidelity": "vae_fidelity",
     "probe": "probe",
     "toy": "toy",

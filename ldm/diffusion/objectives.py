@@ -136,6 +136,18 @@ def diffusion_loss(output: Tensor, x0: Tensor, noise: Tensor, t: Tensor, schedul
     return (weights * per_sample).mean()
 
 
+def dsm_loss(score: Tensor, x_t: Tensor, x0: Tensor, sigma: Coef, alpha: Coef = 1.0) -> Tensor:
+    """Denoising score matching with the σ²-weighting of NCSN: λ(σ) ℓ(θ; σ), ℓ = ½ ‖s_θ(x̃, σ) − ∇ log q(x̃ | x)‖²,
+    ∇ log q(x̃ | x) = −(x̃ − α x)/σ², λ(σ) = σ² (Vincent 2011; Song & Ermon 2019 eq. 5-6, with α = 1 for their
+    x̃ = x + σ z). Summed over dimensions, averaged over the batch. For s_θ = −ε̂/σ it equals ½ ‖ε̂ − ε‖²,
+    DDPM's L_simple (Ho et al. 2020 §3.2), which is why an ε-model trained by :func:`diffusion_loss` is the
+    σ-weighted score model on any schedule, VE or VP."""
+    target = -(x_t - alpha * x0) / sigma**2
+    dtype = torch.promote_types(score.dtype, torch.float32)
+    per_sample = (sigma**2 * (score.to(dtype) - target.to(dtype)).pow(2)).flatten(1).sum(1)
+    return 0.5 * per_sample.mean()
+
+
 def consistency_scalings(t: Tensor | float, sigma_data: float = 0.5, timestep_scaling: float = 10.0) -> tuple[Tensor, Tensor]:
     """Boundary-condition scalings ``f(x, t) = c_skip(t) x + c_out(t) x̂0`` of a consistency model
     (Song et al. 2023, eq. 5; LCM, Luo et al. 2023, uses the same form on the x̂0 of an ε/v model),

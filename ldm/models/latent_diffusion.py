@@ -9,6 +9,14 @@ a latent cache (``LatentDataModule``; several times faster on CPU) carrying a ``
 dropped to "" with probability ``p_uncond`` for classifier-free guidance (Ho & Salimans 2022, through
 ``ldm.conditioning.drop_for_guidance``). Validation logs the loss at fixed timesteps with fixed noise, and a
 sample grid of ``val_prompts`` from the EMA weights.
+
+The same class trains pixel-space and unconditional models, and the likelihood side of the lectures:
+``pixel_channels`` replaces the VAE by the identity first stage (``ldm.modules.identity_vae``; 1 = grayscale),
+``unconditional`` the text encoder by one constant token (``ldm.modules.null_text``); ``learned_variance``
+makes the denoiser output 2C channels (mean and v, Nichol & Dhariwal 2021 eq. 15) trained with
+``loss: hybrid`` (L_simple + λ L_vlb, eq. 16); ``noise_schedule: {name: ve, ...}`` trains a VE (NCSN) model,
+whose σ²-weighted denoising score matching is the ε-MSE (``objectives.dsm_loss``), the network seeing
+``schedule.scale_model_input(x_t)``.
 """
 
 from __future__ import annotations
@@ -25,20 +33,25 @@ import torch
 from torch import nn
 
 from ldm.conditioning import Conditioning, drop_for_guidance
+from ldm.diffusion.likelihood import hybrid_loss
 from ldm.diffusion.objectives import diffusion_loss, offset_noise
-from ldm.diffusion.schedules import DiscreteSchedule, ScheduleConfig
+from ldm.diffusion.schedules import build_schedule
+from ldm.diffusion.variance import split_output
 from ldm.errors import UsageError
 from ldm.fastpath import CANDIDATES, REFERENCE, FastPath, check_precision, choose, denoiser_workload, train_step_probe
 from ldm.io import ConfigError, PartError, config_from_dict, load_part, read_json, weights_hash
 from ldm.lora import save_lora
 from ldm.models.base import PartModule
 from ldm.modules.denoiser import build_denoiser, check_compatible, conditioning_for, copy_denoiser
+from ldm.modules.identity_vae import IdentityFirstStage, IdentityFirstStageConfig
 from ldm.modules.lora import LoraSpec, add_lora
 from ldm.modules.micro import SIZE_CONDITIONS, size_extras, wanted_conditions
+from ldm.modules.null_text import UnconditionalText, UnconditionalTextConfig
 from ldm.pipeline import PipelineConfig, TextToImagePipeline
 from ldm.registry import denoiser_class
 from ldm.visual import image_grid
 
+LOSSES = ("simple", "hybrid")
 PARTS_KEY = "ldm_parts"  # checkpoint key: the weight hashes of the frozen parts the run trains with
 INIT_KEY = "ldm_init_from"  # checkpoint key: the pipeline a fine-tuning started from (provenance)
 
@@ -131,7 +144,7 @@ class InitSource:
         schedule = {k: v for k, v in read_json(self.path / "scheduler" / "config.json").items()
                     if not k.startswith("_")}
         if noise_schedule:
-            full = DiscreteSchedule(ScheduleConfig(**noise_schedule)).to_config()
+            full = build_schedule(noise_schedule).to_config()
             self._agreeing({k: full[k] for k in noise_schedule}, schedule, "noise_schedule", f"{path}/scheduler", ())
         self.schedule = schedule
         self.pipeline_config = read_json(self.path / PIPELINE_FILE)
@@ -183,6 +196,13 @@ class LatentDiffusion(PartModule):
             (``val_prompts`` None: the training dataset's own prompts, when its module has some).
         pooled_conditioning: also condition on the prompt's pooled embedding, added to the time embedding
             (GLIDE sec. 2.3, SDXL sec. 2.1).
+        pixel_channels: train in pixel space: the identity first stage with 3 (RGB) or 1 (grayscale) channels
+            instead of ``vae_path``.
+        unconditional: one constant token instead of ``text_encoder_path`` (an unconditional model p(x)).
+        learned_variance: the denoiser outputs 2C channels, the mean part and v of Σ_θ (iDDPM eq. 15).
+        loss / vlb_weight: "simple" (L_simple, weighted by ``loss_weighting``) or "hybrid" (L_simple + λ L_vlb,
+            iDDPM eq. 16, λ = ``vlb_weight``; needs ``learned_variance``). The L_0 term is the discretized
+            8-bit decoder in pixel space and the Gaussian density on latents.
         init_from: a pipeline folder (``ldm convert`` import, or an ``ldm export``) to fine-tune: its VAE and
             text encoder replace ``vae_path``/``text_encoder_path``, its denoiser (config and weights) and noise
             schedule are the starting point (a ``denoiser``/``noise_schedule`` block may only repeat them, or set
@@ -213,6 +233,8 @@ class LatentDiffusion(PartModule):
                  resolution: int | None = None, val_prompts: list[str] | None = None, sample_every_n_val: int = 1,
                  sample_steps: int = 10, sample_guidance: float = 4.0, val_timesteps: int = 8,
                  pooled_conditioning: bool = False, init_from: str | None = None,
+                 pixel_channels: int | None = None, unconditional: bool = False,
+                 learned_variance: bool = False, loss: str = "simple", vlb_weight: float = 0.001,
                  lora: dict[str, Any] | None = None, size_conditioning: bool = False,
                  precision: str = "auto"):
         super().__init__(optimizer, lr_schedule)
@@ -220,6 +242,11 @@ class LatentDiffusion(PartModule):
         self.save_hyperparameters()
         if not 0.0 <= p_uncond <= 1.0:
             raise ValueError(f"p_uncond must be in [0, 1], got {p_uncond}")
+        if loss not in LOSSES:
+            raise UsageError(f"loss must be one of {list(LOSSES)}, got {loss!r}")
+        if (loss == "hybrid") != learned_variance:
+            raise UsageError("loss: hybrid trains the learned variance and a learned variance needs its L_vlb term: "
+                             "set both learned_variance: true and loss: hybrid, or neither")
         source = None
         if init_from:
             source = InitSource(init_from, denoiser, noise_schedule)
@@ -231,13 +258,25 @@ class LatentDiffusion(PartModule):
             denoiser, noise_schedule = source.denoiser_spec, source.schedule
             resolution = resolution or source.pipeline_config.get("height")
         self.hparams.resolution = resolution = resolution or 32
-        self.vae = load_frozen_part(vae_path, "vae", "vae", "make train-vae")
-        self.text_encoder = load_frozen_part(text_encoder_path, "text_encoder", "text_encoder", "make train-clip")
+        if pixel_channels is not None:
+            if vae_path:
+                raise UsageError("give either vae_path or pixel_channels (pixel space), not both")
+            self.vae = IdentityFirstStage(IdentityFirstStageConfig(in_channels=3, z_channels=pixel_channels)).eval()
+        else:
+            self.vae = load_frozen_part(vae_path, "vae", "vae", "make train-vae")
+        if unconditional:
+            if text_encoder_path:
+                raise UsageError("give either text_encoder_path or unconditional: true, not both")
+            width = int((denoiser or {}).get("context_dim") or 32)
+            self.text_encoder = UnconditionalText(UnconditionalTextConfig(token_dim=width)).eval()
+        else:
+            self.text_encoder = load_frozen_part(text_encoder_path, "text_encoder", "text_encoder", "make train-clip")
         self.text_encoder.freeze()
         z, f = self.vae.config.z_channels, self.vae.config.downsample_factor
         if resolution % f:
             raise ConfigError(f"model.init_args.resolution={resolution} is not a multiple of the vae factor {f}")
-        defaults = {"in_channels": z, "out_channels": z, "context_dim": self.text_encoder.token_dim,
+        defaults = {"in_channels": z, "out_channels": 2 * z if learned_variance else z,
+                    "context_dim": self.text_encoder.token_dim,
                     "pooled_dim": self.text_encoder.pooled_dim if pooled_conditioning else None,
                     "input_size": resolution // f}  # for denoisers of a fixed latent size (DiT)
         if size_conditioning:
@@ -246,8 +285,8 @@ class LatentDiffusion(PartModule):
         if size_conditioning and not hasattr(self.denoiser.config, "extra_conditions"):
             raise ConfigError(f"model.init_args.size_conditioning: the {type(self.denoiser).__name__} denoiser takes "
                               "no size/crop conditions (extra_conditions); set size_conditioning false or use a unet")
-        self.check_denoiser(resolution // f)
-        self.schedule = DiscreteSchedule(ScheduleConfig(**(noise_schedule or {})))
+        self.check_denoiser(resolution // f, learned_variance)
+        self.schedule = build_schedule(noise_schedule)
         self.init_source: dict[str, Any] | None = None
         self._pipeline_defaults = PipelineConfig()
         if source is not None:
@@ -263,14 +302,18 @@ class LatentDiffusion(PartModule):
         self._val_runs = 0
         self.fast: FastPath | None = None  # the training fast path, chosen on the first training batch
 
-    def check_denoiser(self, latent_size: int) -> None:
+    def check_denoiser(self, latent_size: int, learned_variance: bool = False) -> None:
         """A denoiser block that cannot train on these parts' latents and text features is a config error."""
         cfg = self.denoiser.config
         problems = check_compatible(cfg, self.vae.config.z_channels, self.text_encoder.token_dim,
                                     self.text_encoder.pooled_dim, (latent_size, latent_size))
-        if cfg.out_channels != cfg.in_channels:
-            problems.append(f"out_channels={cfg.out_channels} is a learned-variance output, which the eps/v/x0 "
-                            "losses here do not train; leave out_channels out (it follows the vae)")
+        expected = (2 if learned_variance else 1) * cfg.in_channels
+        if cfg.out_channels != expected and learned_variance:
+            problems.append(f"out_channels={cfg.out_channels} is not the learned-variance output ({expected}: mean and "
+                            "variance per latent channel); leave out_channels out (it follows the vae)")
+        elif cfg.out_channels != expected:
+            problems.append(f"out_channels={cfg.out_channels} is a learned-variance output, which needs "
+                            "learned_variance: true and loss: hybrid; leave out_channels out (it follows the vae)")
         if problems:
             raise ConfigError(f"model.init_args.denoiser: {'; '.join(problems)} (resolution "
                               f"{self.hparams.resolution}, vae factor {self.vae.config.downsample_factor}): "
@@ -336,16 +379,26 @@ class LatentDiffusion(PartModule):
         return z0, cond.to(self.device, self.dtype)
 
     # ---- training ----------------------------------------------------------------------------------
+    @property
+    def decoder_kind(self) -> str:
+        """The L_0 term's decoder: the discretized 8-bit one on pixels, the Gaussian density on latents."""
+        return "discretized" if getattr(self.vae, "is_identity", False) else "gaussian"
+
     def loss(self, z0: torch.Tensor, cond: Conditioning, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """Weighted denoising loss of the denoiser at timesteps ``t`` with ``noise`` (objectives.diffusion_loss)."""
+        """Weighted denoising loss of the denoiser at timesteps ``t`` with ``noise`` (objectives.diffusion_loss),
+        or the hybrid loss of a learned-variance denoiser (likelihood.hybrid_loss)."""
         x_t = self.schedule.q_sample(z0, t, noise)
-        t = t.to(z0.dtype)
-        fast = self.training_fast_path(x_t, t, cond) if self.training and torch.is_grad_enabled() else REFERENCE
+        x_in, t_in = self.schedule.scale_model_input(x_t, t), t.to(z0.dtype)  # VE: c_in · x_t; VP: x_t
+        fast = self.training_fast_path(x_in, t_in, cond) if self.training and torch.is_grad_enabled() else REFERENCE
         with fast.context(x_t.device):
-            out = self.denoiser(x_t, t, cond)
+            out = self.denoiser(x_in, t_in, cond)
         h = self.hparams
-        return diffusion_loss(out, z0, noise, t, self.schedule, self.schedule.prediction_type,
-                              h.loss_weighting, h.min_snr_gamma)
+        if h.loss == "hybrid":
+            return hybrid_loss(out, z0, noise, t, self.schedule, prediction_type=self.schedule.prediction_type,
+                               lam=h.vlb_weight, decoder=self.decoder_kind, weighting=h.loss_weighting,
+                               gamma=h.min_snr_gamma)
+        return diffusion_loss(split_output(out, z0.shape[1])[0], z0, noise, t, self.schedule,
+                              self.schedule.prediction_type, h.loss_weighting, h.min_snr_gamma)
 
     def training_fast_path(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> FastPath:
         """The fast path of the training step, chosen on the first batch (rank 0 measures, the others follow)."""
@@ -417,8 +470,9 @@ class LatentDiffusion(PartModule):
         if use_ema and self.ema is not None:
             self.ema.copy_to(denoiser)
         res = self.hparams.resolution
+        clip = self._pipeline_defaults.clip_denoised or self.decoder_kind == "discretized"  # pixels live in [-1, 1]
         config = dataclasses.replace(self._pipeline_defaults, height=res, width=res,
-                                     guidance=self.hparams.sample_guidance)
+                                     guidance=self.hparams.sample_guidance, clip_denoised=clip)
         provenance = {"_init_from": self.init_source} if self.init_source else None
         return TextToImagePipeline(self.vae, self.text_encoder, denoiser, self.schedule, config, provenance)
 
@@ -445,11 +499,11 @@ class LatentDiffusion(PartModule):
             record = {"trained_from": start.get("path")} if start else {}
             return lambda out: save_lora(pipe.denoiser, out, spec, base_hash=start.get("denoiser_sha256"),
                                          record=record)
-        image_encoder = Path(self.hparams.text_encoder_path or "") / "image_encoder"
+        image_encoder = Path(self.hparams.text_encoder_path) / "image_encoder" if self.hparams.text_encoder_path else None
 
         def write(out: Path) -> None:
             pipe.save_pretrained(out)
-            if image_encoder.is_dir():  # the CLIP image tower travels along for FD-CLIP / CLIP score
+            if image_encoder is not None and image_encoder.is_dir():  # the CLIP image tower travels along for FD-CLIP / CLIP score
                 shutil.copytree(image_encoder, out / "text_encoder" / "image_encoder", dirs_exist_ok=True)
 
         return write
