@@ -40,8 +40,17 @@ from ldm.diffusion.schedules import NoiseSchedule, build_schedule
 from ldm.editing import ImageEdit
 from ldm.errors import UsageError
 from ldm.fastpath import FastPath, check_precision, choose, denoiser_workload
-from ldm.io import (CONFIG_NAME, PartError, config_from_dict, load_part, part_metadata, read_json, save_part,
-                    weights_hash, write_json)
+from ldm.io import (
+    CONFIG_NAME,
+    PartError,
+    config_from_dict,
+    load_part,
+    part_metadata,
+    read_json,
+    save_part,
+    weights_hash,
+    write_json,
+)
 from ldm.modules.denoiser import check_compatible, conditioning_for, latent_size_problem
 from ldm.visual import to_pil
 

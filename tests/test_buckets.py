@@ -13,8 +13,16 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.data.buckets import (BucketSpec, assign_bucket, bucket_counts, bucket_schedule, cover_crop, cover_scale,
-                              make_buckets, resize_to_bucket)
+from ldm.data.buckets import (
+    BucketSpec,
+    assign_bucket,
+    bucket_counts,
+    bucket_schedule,
+    cover_crop,
+    cover_scale,
+    make_buckets,
+    resize_to_bucket,
+)
 from ldm.data.shards import encode_sample, write_shard
 from ldm.data.webdata import EpochLoader, ShardDataset, WebDataModule
 
@@ -193,9 +201,10 @@ def _folder(root, sizes, n):
 
 
 def test_folder_buckets_record_sizes_and_the_cache_stores_one_bucket_per_chunk(tmp_path):
+    from tiny_parts import tiny_text_encoder, tiny_vae
+
     from ldm.data.folder import build_folder
     from ldm.data.latents import LatentBucketBatches, LatentDataModule, LatentDataset, build_latent_cache
-    from tiny_parts import tiny_text_encoder, tiny_vae
 
     _folder(tmp_path / "src", [(80, 40), (40, 80), (64, 64), (100, 30), (10, 10), (33, 47)], 30)
     spec = BucketSpec(area=32 * 32, step=8)

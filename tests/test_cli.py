@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from ldm.cli import COMMANDS, main as ldm_main
+from ldm.cli import COMMANDS
+from ldm.cli import main as ldm_main
 from ldm.io import load_checkpoint
 
 
@@ -79,7 +80,13 @@ ROBUST = ("AtomicCheckpointIO", "SeedEveryStep", "PreemptionCheckpoint", "SkipNo
 
 def test_fit_without_a_trainer_config_still_has_every_fault_tolerance_piece(tmp_path, shapes_dir, monkeypatch, capsys):
     from ldm.cli.train import build_cli
-    from ldm.training import AtomicCheckpointIO, FitToTimeBudget, PreemptionCheckpoint, SeedEveryStep, SkipNonFiniteSteps
+    from ldm.training import (
+        AtomicCheckpointIO,
+        FitToTimeBudget,
+        PreemptionCheckpoint,
+        SeedEveryStep,
+        SkipNonFiniteSteps,
+    )
 
     saved = []
     original = AtomicCheckpointIO.save_checkpoint

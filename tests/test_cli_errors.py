@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from tiny_parts import export_tiny_parts, tiny_pipeline_dir
 
 from ldm.cli import main as ldm_main
 from ldm.errors import LdmError, UsageError
-from tiny_parts import export_tiny_parts, tiny_pipeline_dir
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_parts import export_tiny_parts
 from torch import nn
 
 from ldm import registry
@@ -21,7 +22,6 @@ from ldm.diffusion.guidance import classifier_free_guidance, guided_model
 from ldm.modules.embeddings import TimestepEmbedding
 from ldm.modules.unet import UNet, UNetConfig
 from ldm.pipeline import TextToImagePipeline
-from tiny_parts import export_tiny_parts
 
 
 # ---- a denoiser that is not the U-Net ----------------------------------------------------------------

@@ -33,6 +33,12 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))  # when run as a rank's script
 
+from test_budget import SlowRegression  # noqa: E402
+from test_faults import Regression, faulty_copy  # noqa: E402
+from tiny_model import TinyImageModel  # noqa: E402
+from tiny_parts import TINY_UNET, export_tiny_parts  # noqa: E402
+
+from ldm.conditioning import Conditioning  # noqa: E402
 from ldm.data.webdata import WebDataModule, log_skip_reasons  # noqa: E402
 from ldm.io import load_part  # noqa: E402
 from ldm.models.autoencoder import AutoencoderModule  # noqa: E402
@@ -41,14 +47,8 @@ from ldm.models.text_encoder import ContrastiveCLIP  # noqa: E402
 from ldm.modules.autoencoder import AutoencoderKL  # noqa: E402
 from ldm.modules.distributions import DiagonalGaussian  # noqa: E402
 from ldm.modules.text_encoder import CLIPTextConditioner  # noqa: E402
-from ldm.conditioning import Conditioning  # noqa: E402
 from ldm.modules.unet import UNet  # noqa: E402
-from ldm.training import (FitToTimeBudget, PreemptionCheckpoint, ResumableLoader, SeedEveryStep,  # noqa: E402
-                          SkipNonFiniteSteps)
-from test_budget import SlowRegression  # noqa: E402
-from test_faults import Regression, faulty_copy  # noqa: E402
-from tiny_model import TinyImageModel  # noqa: E402
-from tiny_parts import TINY_UNET, export_tiny_parts  # noqa: E402
+from ldm.training import FitToTimeBudget, PreemptionCheckpoint, ResumableLoader, SeedEveryStep, SkipNonFiniteSteps  # noqa: E402
 
 WORLD, BATCH, STEPS = 2, 4, 3          # per-rank batch; the 1-process reference uses WORLD * BATCH
 MODULES = ("vae", "clip", "ldm")
@@ -467,7 +467,6 @@ def test_corrupt_truncated_and_vanishing_shards_do_not_desync_ranks(ddp):
 @pytest.mark.parametrize("compiled", [False, True])
 def test_ldm_fit_with_the_ddp_cpu_config(tmp_path, compiled):
     import yaml
-
     from test_resume import write_latent_cache
 
     parts = [str(p) for p in export_tiny_parts(tmp_path / "parts")]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import torch
+from tiny_parts import TINY_UNET, export_tiny_parts
 
 from ldm.cli import main as ldm_main
 from ldm.data.latents import LatentDataModule, LatentDataset, load_empty_conditioning
@@ -12,7 +13,6 @@ from ldm.io import load_part
 from ldm.modules.autoencoder import AutoencoderKL
 from ldm.modules.text_encoder import CLIPTextConditioner
 from ldm.pipeline import TextToImagePipeline
-from tiny_parts import TINY_UNET, export_tiny_parts
 
 
 def test_cache_matches_the_encoders(tmp_path, shapes_dir):

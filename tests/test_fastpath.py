@@ -235,9 +235,10 @@ def test_peak_memory_counts_live_tensors_exactly():
 
 
 def test_latent_diffusion_trains_on_the_chosen_path_and_validates_in_fp32(tmp_path, monkeypatch):
+    from tiny_parts import TINY_UNET, export_tiny_parts
+
     from ldm.models.latent_diffusion import LatentDiffusion
     from ldm.modules.denoiser import conditioning_for
-    from tiny_parts import TINY_UNET, export_tiny_parts
 
     monkeypatch.setenv("LDM_FASTPATH_CACHE", str(tmp_path / "fp.json"))
     vae, text = export_tiny_parts(tmp_path / "parts")

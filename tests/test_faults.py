@@ -15,14 +15,19 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
+from tiny_model import TinyImageModel
 from torch.utils.data import DataLoader, TensorDataset
 
-from ldm.data.shards import encode_sample, list_shards, read_shard, write_shard
+from ldm.data.shards import list_shards, read_shard, write_shard
 from ldm.data.webdata import WebDataModule
 from ldm.io import load_checkpoint
-from ldm.training import (AtomicCheckpointIO, CheckpointLoadError, NonFiniteLossError, SkipNonFiniteSteps,
-                          atomic_torch_save)
-from tiny_model import TinyImageModel
+from ldm.training import (
+    AtomicCheckpointIO,
+    CheckpointLoadError,
+    NonFiniteLossError,
+    SkipNonFiniteSteps,
+    atomic_torch_save,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_parts import random_inception, tiny_image_encoder, tiny_pipeline_dir, tiny_text_encoder
 
 from ldm.cli import main as ldm_main
 from ldm.evaluation import fid
 from ldm.evaluation.sweep import adherence_targets, model_evaluations, sweep_grid
 from ldm.io import PartError
-from tiny_parts import random_inception, tiny_image_encoder, tiny_pipeline_dir, tiny_text_encoder
 
 
 def with_moments(n: int, mean: np.ndarray, cov: np.ndarray, seed: int) -> torch.Tensor:
@@ -93,9 +93,8 @@ def test_clip_features_are_scaled_unit_embeddings_and_clip_score_is_the_cosine()
 
 
 def test_clip_score_with_a_local_transformers_clip(tmp_path):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
-
     from test_text_encoder import write_tiny_hf_folder
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
     write_tiny_hf_folder(tmp_path)  # tokenizer/ (+ a text model we do not use)
     tok = CLIPTokenizer.from_pretrained(tmp_path / "tokenizer")

@@ -8,13 +8,13 @@ import json
 import pytest
 import pytorch_lightning as pl
 import torch
+from tiny_parts import tiny_image_encoder, tiny_pipeline
 from torch import nn
 
 from ldm.evaluation import fid
 from ldm.evaluation.callback import FDCallback
 from ldm.evaluation.sweep import caption_adherence
 from ldm.io import save_part
-from tiny_parts import tiny_image_encoder, tiny_pipeline
 
 
 class PipelineModule(pl.LightningModule):

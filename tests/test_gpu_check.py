@@ -53,10 +53,10 @@ def test_sd_sized_parts_train_in_bf16_on_every_gpu(tmp_path):
 @needs_cuda
 def test_sharded_strategy_shards_the_unet_and_its_ema_on_a_gpu(tmp_path):
     import pytorch_lightning as pl
+    from tiny_parts import TINY_UNET, export_tiny_parts
 
     from ldm.models.latent_diffusion import LatentDiffusion
     from ldm.training.sharded import ShardedStrategy
-    from tiny_parts import TINY_UNET, export_tiny_parts
 
     vae, text = export_tiny_parts(tmp_path)
     model = LatentDiffusion(vae_path=str(vae), text_encoder_path=str(text), denoiser=dict(TINY_UNET), resolution=16,

@@ -6,9 +6,17 @@ import pytest
 import torch
 import yaml
 
-from ldm.interop.diffusers_vae import (convert_diffusers_folder, from_diffusers, from_diffusers_config,
-                                       from_diffusers_state_dict, key_map, save_diffusers_folder, to_diffusers,
-                                       to_diffusers_config, to_diffusers_state_dict)
+from ldm.interop.diffusers_vae import (
+    convert_diffusers_folder,
+    from_diffusers,
+    from_diffusers_config,
+    from_diffusers_state_dict,
+    key_map,
+    save_diffusers_folder,
+    to_diffusers,
+    to_diffusers_config,
+    to_diffusers_state_dict,
+)
 from ldm.io import load_part
 from ldm.modules.autoencoder import AutoencoderKL, AutoencoderKLConfig
 

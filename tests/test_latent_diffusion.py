@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_parts import TINY_UNET, export_tiny_parts
 
 from ldm.conditioning import Conditioning, drop_for_guidance
 from ldm.io import PartError
 from ldm.models.latent_diffusion import LatentDiffusion, sample_timesteps
 from ldm.pipeline import TextToImagePipeline
-from tiny_parts import TINY_UNET, export_tiny_parts
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,12 @@ import warnings
 
 import pytest
 import torch
+from tiny_parts import TINY_UNET, export_tiny_parts, tiny_pipeline
 
 from ldm.conditioning import Conditioning
 from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.modules.micro import SIZE_CONDITIONS, ExtraConditionEmbedding, size_extras, with_default_extras
 from ldm.modules.unet import UNet, UNetConfig
-from tiny_parts import TINY_UNET, export_tiny_parts, tiny_pipeline
 
 
 def _unet(**options) -> UNet:

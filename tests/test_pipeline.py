@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 from PIL import Image
+from tiny_parts import tiny_pipeline
 
 from ldm.cli import main as ldm_main
 from ldm.io import PartError
 from ldm.pipeline import TextToImagePipeline
 from ldm.visual import LABEL_FONT_SIZE
-from tiny_parts import tiny_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from safetensors.torch import save_file
+from tiny_parts import TINY_UNET, export_tiny_parts
 
 from ldm.data.latents import LatentDataModule
 from ldm.data.webdata import WebDataModule
@@ -34,7 +35,6 @@ from ldm.models.autoencoder import AutoencoderModule
 from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.models.text_encoder import ContrastiveCLIP
 from ldm.training import Preempted, PreemptionCheckpoint, SeedEveryStep
-from tiny_parts import TINY_UNET, export_tiny_parts
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from ldm.diffusion.schedules import SCHEDULES, DiscreteSchedule, ScheduleConfig, TERMINAL_ALPHA_CUMPROD_FLOOR
+from ldm.diffusion.schedules import SCHEDULES, TERMINAL_ALPHA_CUMPROD_FLOOR, DiscreteSchedule, ScheduleConfig
 from ldm.io import PartError
 
 diffusers = pytest.importorskip("diffusers")

@@ -10,9 +10,19 @@ import torch
 
 from ldm.data import shapes
 from ldm.data.shapes import build_shapes
-from ldm.evaluation.shapes_probe import (ATTRIBUTES, ShapesProbe, ShapesProbeConfig, adherence, augment,
-                                         evaluate_probe, load_labelled, load_or_train_probe, load_probe,
-                                         to_unit, train_probe)
+from ldm.evaluation.shapes_probe import (
+    ATTRIBUTES,
+    ShapesProbe,
+    ShapesProbeConfig,
+    adherence,
+    augment,
+    evaluate_probe,
+    load_labelled,
+    load_or_train_probe,
+    load_probe,
+    to_unit,
+    train_probe,
+)
 from ldm.io import save_part
 
 

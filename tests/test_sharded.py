@@ -23,11 +23,11 @@ import torch
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))  # when run as a rank's script
 
-from ldm.models.base import CLASS_KEY, DATAMODULE_KEY  # noqa: E402
-from ldm.training.sharded import (ShardedStrategy, full_tensor, is_sharded_checkpoint,  # noqa: E402
-                                  load_sharded_checkpoint)
 from test_distributed import BATCH, STEPS, WORLD, build, launch_script, make_trainer, train  # noqa: E402
 from tiny_parts import export_tiny_parts  # noqa: E402
+
+from ldm.models.base import CLASS_KEY, DATAMODULE_KEY  # noqa: E402
+from ldm.training.sharded import ShardedStrategy, full_tensor, is_sharded_checkpoint, load_sharded_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.slow  # two processes training five times: about a minute on 2 shared cores
 

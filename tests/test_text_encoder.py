@@ -12,8 +12,12 @@ import torch
 from safetensors.torch import save_file
 
 from ldm.io import PartError, load_part, save_part
-from ldm.modules.text_encoder import (CLIPImageEncoder, CLIPImageEncoderConfig, CLIPTextConditioner,
-                                      CLIPTextConditionerConfig)
+from ldm.modules.text_encoder import (
+    CLIPImageEncoder,
+    CLIPImageEncoderConfig,
+    CLIPTextConditioner,
+    CLIPTextConditionerConfig,
+)
 
 PROMPTS = ["a large red circle on the left", "", "ünïcödé 東京 ☃", "A  BLUE   square!"]
 TINY = dict(context_length=16, width=32, heads=2, layers=2, embed_dim=24)

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_parts import TINY_UNET, export_tiny_parts, tiny_pipeline, tiny_vae
 
 from ldm.cli import main as ldm_main
 from ldm.io import CheckpointLoadError, PartError, load_part, save_part
 from ldm.models.checkpoint import rebuild_from_checkpoint, upgrade_hparams
-from tiny_parts import TINY_UNET, export_tiny_parts, tiny_pipeline, tiny_vae
 
 
 def crafted(path: Path, model: str, hparams: dict, datamodule: dict | None = None) -> Path:

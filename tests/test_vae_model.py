@@ -10,8 +10,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from ldm.io import load_checkpoint, load_part
 from ldm.models.autoencoder import AutoencoderModule, latent_scale_and_shift
-from ldm.visual import tensor_rows_grid
 from ldm.modules.autoencoder import AutoencoderKL
+from ldm.visual import tensor_rows_grid
 
 GEOMETRY = dict(ch=8, ch_mult=[1, 2], num_res_blocks=1, z_channels=4, norm_groups=4, resolution=16)
 DISC = dict(ndf=8, n_layers=2, norm="batch")

@@ -3,9 +3,8 @@ tests; and torch-fidelity's Inception-v3 with random weights, for the FID path w
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import io
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -13,8 +12,12 @@ from torch import nn
 from ldm.diffusion.schedules import DiscreteSchedule, ScheduleConfig
 from ldm.io import save_part
 from ldm.modules.autoencoder import AutoencoderKL, AutoencoderKLConfig
-from ldm.modules.text_encoder import (CLIPImageEncoder, CLIPImageEncoderConfig, CLIPTextConditioner,
-                                      CLIPTextConditionerConfig)
+from ldm.modules.text_encoder import (
+    CLIPImageEncoder,
+    CLIPImageEncoderConfig,
+    CLIPTextConditioner,
+    CLIPTextConditionerConfig,
+)
 from ldm.modules.unet import UNet, UNetConfig
 from ldm.pipeline import PipelineConfig, TextToImagePipeline
 

@@ -52,8 +52,13 @@ def write_tokenizer(folder: Path, pad_token: str) -> dict[str, int]:
 def tiny_diffusers_pipeline(root: Path, sd2: bool = False, scheduler: str = "ddim", seed: int = 0):
     """A random SD-1.x-style (8 heads → 2 here, conv projections, QuickGELU CLIP, ε) or SD-2.x-style (head width,
     linear projections, GELU CLIP padded with "!", v-prediction) diffusers pipeline, saved to ``root``."""
-    from diffusers import (AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline,
-                           UNet2DConditionModel)
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     vocab = write_tokenizer(root / "_tokenizer", "!" if sd2 else "<|endoftext|>")

@@ -21,8 +21,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ldm.interop.diffusers_unet import diffusers_config, ldm_to_diffusers
 from ldm.conditioning import Conditioning
+from ldm.interop.diffusers_unet import diffusers_config, ldm_to_diffusers
 from ldm.modules.unet import UNet, UNetConfig
 
 # Candidate sizes for the shapes text-to-image model (8x8x4 latents, 256-d text tokens).

@@ -37,8 +37,7 @@ from pytorch_lightning.plugins.io import CheckpointIO
 from pytorch_lightning.utilities import rank_zero_only
 
 from ldm.errors import UsageError
-from ldm.training import (AtomicCheckpointIO, FitToTimeBudget, PreemptionCheckpoint, SeedEveryStep,
-                          SkipNonFiniteSteps)
+from ldm.training import AtomicCheckpointIO, FitToTimeBudget, PreemptionCheckpoint, SeedEveryStep, SkipNonFiniteSteps
 
 CONFIG_ROOT = Path(str(resources.files("ldm") / "configs"))   # ldm/configs, shipped as package data
 DEFAULT_TRAINER_CONFIG = CONFIG_ROOT / "trainer" / "cpu.yaml"

@@ -25,7 +25,15 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from ldm.data.buckets import BucketSpec, Size, assign_bucket, bucket_counts, bucket_schedule, cover_scale, resize_to_bucket
+from ldm.data.buckets import (
+    BucketSpec,
+    Size,
+    assign_bucket,
+    bucket_counts,
+    bucket_schedule,
+    cover_scale,
+    resize_to_bucket,
+)
 from ldm.data.images import DEFAULT_BACKGROUND, DEFAULT_MAX_PIXELS, DecodeError, decode_rgb, open_image, orientation
 from ldm.data.shards import IMAGE_EXTS, read_shard
 

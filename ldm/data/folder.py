@@ -32,6 +32,7 @@ from typing import Any
 
 from PIL import Image
 
+from ldm.data.buckets import BucketSpec, assign_bucket, cover_crop, cover_scale, size_key
 from ldm.data.images import (
     DECODE_REASONS,
     DEFAULT_BACKGROUND,
@@ -44,7 +45,6 @@ from ldm.data.images import (
     parse_background,
     resize_crop,
 )
-from ldm.data.buckets import BucketSpec, assign_bucket, cover_crop, cover_scale, size_key
 from ldm.data.shards import clear_split, plan_shards, run_parallel, shard_name, write_info, write_shard
 from ldm.io import write_json
 

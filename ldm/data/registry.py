@@ -10,9 +10,9 @@ they train on for its benchmark and never assume one: to add a dataset, add a li
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
-from collections.abc import Callable
 from typing import Any, Sequence
 
 import torch

@@ -37,10 +37,10 @@ from __future__ import annotations
 import json
 import math
 import random
-from pathlib import Path
 import re
 import warnings
 import weakref
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -48,6 +48,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import IterableDataset
 
+from ldm.data.buckets import BucketSpec
 from ldm.data.images import (
     DECODE_REASONS,
     DEFAULT_BACKGROUND,
@@ -58,11 +59,10 @@ from ldm.data.images import (
     parse_background,
     resize_crop_coords,
 )
-from ldm.data.buckets import BucketSpec
 from ldm.data.img2dataset import held_out
 from ldm.data.resumable import ResumableLoader
-from ldm.dist import rank_and_world
 from ldm.data.shards import IMAGE_EXTS, Sample, list_shards, read_info, read_shard
+from ldm.dist import rank_and_world
 from ldm.errors import UsageError
 
 LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)

@@ -14,21 +14,31 @@ import csv
 import itertools
 import math
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from ldm.data import shapes as shapes_data
 from ldm import table
+from ldm.data import shapes as shapes_data
 from ldm.errors import UsageError
-from ldm.table import percent
-from ldm.evaluation.fid import (RealSplit, cached_features, clip_score, distribution_metrics, extract_features,
-                                frechet_distance, load_split, metric_name, real_cache_key, to_uint8)
+from ldm.evaluation.fid import (
+    RealSplit,
+    cached_features,
+    clip_score,
+    distribution_metrics,
+    extract_features,
+    frechet_distance,
+    load_split,
+    metric_name,
+    real_cache_key,
+    to_uint8,
+)
 from ldm.evaluation.shapes_probe import ALL_THREE, ShapesProbe, adherence
 from ldm.pipeline import TextToImagePipeline
+from ldm.table import percent
 
 SWEEP_KEYS = ("sampler", "steps", "guidance")
 ADHERENCE_KEYS = ("color", "shape", "position", "all_three")

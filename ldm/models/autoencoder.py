@@ -35,8 +35,13 @@ from ldm.dist import all_reduce
 from ldm.io import save_part
 from ldm.models.base import PartModule
 from ldm.modules.autoencoder import AutoencoderKL, AutoencoderKLConfig
-from ldm.modules.discriminator import (GAN_LOSSES, PatchDiscriminator, adaptive_weight, discriminator_loss,
-                                       generator_loss)
+from ldm.modules.discriminator import (
+    GAN_LOSSES,
+    PatchDiscriminator,
+    adaptive_weight,
+    discriminator_loss,
+    generator_loss,
+)
 from ldm.visual import tensor_rows_grid
 
 

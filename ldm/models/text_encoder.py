@@ -37,8 +37,12 @@ from ldm.data.registry import ZeroShotPrompts, benchmark_named
 from ldm.dist import all_reduce, is_distributed
 from ldm.io import config_from_dict, save_part
 from ldm.models.base import PartModule
-from ldm.modules.text_encoder import (CLIPImageEncoder, CLIPImageEncoderConfig, CLIPTextConditioner,
-                                      CLIPTextConditionerConfig)
+from ldm.modules.text_encoder import (
+    CLIPImageEncoder,
+    CLIPImageEncoderConfig,
+    CLIPTextConditioner,
+    CLIPTextConditionerConfig,
+)
 
 IMAGE_ENCODER_DIR = "image_encoder"
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP sec. 2.5: logits never scaled by more than 100

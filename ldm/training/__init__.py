@@ -19,17 +19,23 @@ FitToTimeBudget itself (``ldm.cli.train.add_robustness``), whatever the config s
   from its last checkpoint: weights, optimizer state and step count go on where shapes still match.
 """
 
+from ldm.data.resumable import ResumableLoader
 from ldm.training.budget import FitToTimeBudget, planned_steps, warmup_cosine
-from ldm.training.checkpoint_io import (AtomicCheckpointIO, CheckpointLoadError, SafeFSDPStrategy, atomic_torch_save,
-                                        resume_checkpoint_path, save_resume_checkpoint)
+from ldm.training.checkpoint_io import (
+                                        AtomicCheckpointIO,
+                                        CheckpointLoadError,
+                                        SafeFSDPStrategy,
+                                        atomic_torch_save,
+                                        resume_checkpoint_path,
+                                        save_resume_checkpoint,
+)
 from ldm.training.compile import CompileModules
 from ldm.training.nonfinite import NonFiniteLossError, SkipNonFiniteSteps
 from ldm.training.preemption import Preempted, PreemptionCheckpoint
 from ldm.training.profiling import AllReduceTimer, StepTimer
 from ldm.training.progressive import ContinueFrom
-from ldm.training.sharded import ShardedStrategy
-from ldm.data.resumable import ResumableLoader
 from ldm.training.resume import SeedEveryStep, step_seed
+from ldm.training.sharded import ShardedStrategy
 
 __all__ = ["AtomicCheckpointIO", "CheckpointLoadError", "SafeFSDPStrategy", "atomic_torch_save",
            "resume_checkpoint_path", "save_resume_checkpoint", "NonFiniteLossError", "SkipNonFiniteSteps",

@@ -235,9 +235,13 @@ class ShardedStrategy(ModelParallelStrategy):
         if not is_sharded_checkpoint(path):
             raise CheckpointLoadError(f"{path} is a folder but not an ldm sharded checkpoint (no {META}); "
                                       "torch.distributed.checkpoint folders are not read (their metadata is a pickle)")
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict, set_model_state_dict,
-                                                             set_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
         meta = load_checkpoint(path / META, require=("ldm_sharded_format",))
         if int(meta.get("ldm_world_size", -1)) != self.world_size:

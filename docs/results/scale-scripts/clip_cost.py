@@ -1,10 +1,17 @@
 """CPU seconds per ContrastiveCLIP training step for candidate openmoji configs (one thread), interleaved."""
-import os, time, json, resource, torch, warnings
+import json
+import os
+import time
+import warnings
+
+import torch
+
 warnings.simplefilter("ignore")
 torch.set_num_threads(1)
-from ldm.data.webdata import ShardDataset
 from ldm.data.shards import list_shards
+from ldm.data.webdata import ShardDataset
 from ldm.models.text_encoder import ContrastiveCLIP
+
 HN = {"size": ["small", "medium", "large"]}
 CANDIDATES = {
   "openmoji.yaml (vit 192x4, text 256x4, b128)": dict(text=dict(context_length=32, width=256, heads=4, layers=4, embed_dim=128),

@@ -1,8 +1,14 @@
 """CPU seconds per denoiser training step (batch 32, 16x16x4 latents, 24 tokens of 128-d) for candidate openmoji
 U-Nets, one thread, interleaved rounds."""
-import json, os, time, torch
+import json
+import os
+import time
+
+import torch
+
 from ldm.conditioning import Conditioning
 from ldm.modules.unet import UNet, UNetConfig
+
 torch.set_num_threads(1)
 BASE = dict(in_channels=4, out_channels=4, context_dim=128, pooled_dim=128, num_res_blocks=1, num_heads=None,
             head_dim=16, num_groups=16, scale_shift_norm=True, position_embedding=True)
