@@ -2,7 +2,7 @@
 # docs/results/binding_finetune.sh NAME CACHE [extra fit args]: fine-tune the demo U-Net 300 steps (batch 32, lr 5e-4) on CACHE, export, measure
 set -e
 # run from the repository root; OUT (default /tmp/binding) holds the runs; LDM the ldm command
-OUT=${OUT:-/tmp/binding}; LDM=${LDM:-ldm}; DEMO=${DEMO:-/work/artifacts/shapes-demo}; DATA=${DATA:-/work/artifacts/shapes-data}
+OUT=${OUT:-/tmp/binding}; LDM=${LDM:-ldm}; DEMO=${DEMO:-checkpoints/shapes}; DATA=${DATA:-datasets/shapes}
 export PYTHONPATH=$PWD OMP_WAIT_POLICY=PASSIVE
 NAME=$1; CACHE=$2; shift 2
 R=$OUT/$NAME

@@ -2,7 +2,7 @@
 # docs/results/binding_text_encoder.sh NAME [extra fit args]: train the shapes text encoder 600 steps from scratch, export, probe its token states
 set -e
 # run from the repository root; OUT (default /tmp/binding) holds the runs; LDM the ldm command
-OUT=${OUT:-/tmp/binding}; LDM=${LDM:-ldm}; DEMO=${DEMO:-/work/artifacts/shapes-demo}; DATA=${DATA:-/work/artifacts/shapes-data}
+OUT=${OUT:-/tmp/binding}; LDM=${LDM:-ldm}; DEMO=${DEMO:-checkpoints/shapes}; DATA=${DATA:-datasets/shapes}
 export PYTHONPATH=$PWD OMP_WAIT_POLICY=PASSIVE
 NAME=$1; shift
 R=$OUT/$NAME

@@ -32,10 +32,10 @@ from ldm.conditioning import Conditioning
 from ldm.io import write_json
 
 ROOT = Path("checkpoints/dit-bench")
-ARTIFACTS = Path("/work/artifacts/shapes-demo")
+ARTIFACTS = Path("checkpoints/shapes")
 PARTS = {"vae_path": ARTIFACTS / "parts" / "vae", "text_encoder_path": ARTIFACTS / "parts" / "text_encoder"}
 PROBE = ARTIFACTS / "parts" / "probe"
-DATA = Path("/work/artifacts/shapes-data")
+DATA = Path("datasets/shapes")
 CACHE = Path("checkpoints/shapes/cache")
 STEPS = 1000          # every run: the same number of optimizer steps of batch 32 (the paper's fixed-steps sweep)
 BATCH = 32
