@@ -111,7 +111,8 @@ class Conditioning:
         if self.batch_size == batch:
             return self
         if self.batch_size != 1:
-            raise ValueError(f"conditioning batch {self.batch_size} does not match sample batch {batch} (use 1 or {batch})")
+            raise ValueError(f"conditioning batch {self.batch_size} does not match sample batch {batch} "
+                             f"(use 1 or {batch})")
         return self.map(lambda x: x.expand(batch, *x.shape[1:]))
 
     def pad_to(self, length: int) -> Conditioning:

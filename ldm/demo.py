@@ -135,7 +135,8 @@ def plan(settings: DemoSettings, unet_s: int | None = None) -> dict[str, Stage]:
         "vae": Stage("vae", [
             _fit("configs/vae/shapes.yaml", settings, settings.vae_time, settings.vae_steps,
                  *_place_overrides(settings, "vae")),
-            ldm_command("export", "--ckpt", str(run / "vae" / "checkpoints" / "last.ckpt"), "--out", str(parts / "vae")),
+            ldm_command("export", "--ckpt", str(run / "vae" / "checkpoints" / "last.ckpt"),
+                        "--out", str(parts / "vae")),
         ], logs / "train-vae.log", threads=1),
         "text encoder": Stage("text encoder", [
             _fit("configs/clip/shapes.yaml", settings, settings.clip_time, settings.clip_steps,
@@ -149,12 +150,14 @@ def plan(settings: DemoSettings, unet_s: int | None = None) -> dict[str, Stage]:
                        logs / "probe.log", threads=1),
         "cache": Stage("cache", [ldm_command("cache", "--vae", str(parts / "vae"), "--text-encoder",
                                              str(parts / "text_encoder"), "--data", settings.data_dir,
-                                             "--out", str(run / "cache"), "--max-samples", str(settings.cache_samples))],
+                                             "--out", str(run / "cache"),
+                                             "--max-samples", str(settings.cache_samples))],
                        logs / "cache.log", threads=1),
         "unet": Stage("unet", [
             _fit("configs/ldm/shapes.yaml", settings, max_time(unet_s), settings.ldm_steps,
                  "--config", "configs/trainer/ddp-cpu.yaml", *_place_overrides(settings, "ldm")),
-            ldm_command("export", "--ckpt", str(run / "ldm" / "checkpoints" / "last.ckpt"), "--out", str(settings.pipeline)),
+            ldm_command("export", "--ckpt", str(run / "ldm" / "checkpoints" / "last.ckpt"),
+                        "--out", str(settings.pipeline)),
         ], logs / "train-ldm.log", threads=1),
         "adherence": Stage("adherence", [ldm_command(
             "adherence", "--pipeline", str(settings.pipeline), "--probe", str(parts / "probe"), "--data",
@@ -268,7 +271,8 @@ def run_demo(settings: DemoSettings, echo: Callable[[str], None] = print,
         left = unet_seconds(settings, start, clock())
         if left < settings.min_ldm_s:
             raise UsageError(f"only {left} s of the --budget-s {settings.budget_s:.0f} s are left for the U-Net "
-                             f"(at least {settings.min_ldm_s:.0f} s needed); raise --budget-s (make demo: DEMO_BUDGET_S)")
+                             f"(at least {settings.min_ldm_s:.0f} s needed); "
+                             "raise --budget-s (make demo: DEMO_BUDGET_S)")
         stages["unet"] = plan(settings, left)["unet"]
         say(f"training the U-Net for {left} s, what is left of the budget (log: {stages['unet'].log})")
         finish(launch("unet"), f"U-Net trained; pipeline exported to {settings.pipeline}")

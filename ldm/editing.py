@@ -5,8 +5,8 @@ One :class:`ImageEdit` describes the edit; ``TextToImagePipeline.generate(..., e
 timesteps to run, the latent to start from, a wrapper of the sampler's ``model_fn`` and a last touch on the images.
 Every sampler works unchanged, because everything happens at the start and inside ``model_fn``:
 
-* **img2img / SDEdit** (Meng et al. 2022, §3.2; the VP-SDE form of its algorithm): encode the image, z = E(x), perturb it
-  to t₀ with q(z_t₀ | z) = N(α_t₀ z, σ_t₀² I) (DDPM eq. 4) and solve the reverse process from t₀. ``strength`` ∈
+* **img2img / SDEdit** (Meng et al. 2022, §3.2; the VP-SDE form of its algorithm): encode the image, z = E(x), perturb
+  it to t₀ with q(z_t₀ | z) = N(α_t₀ z, σ_t₀² I) (DDPM eq. 4) and solve the reverse process from t₀. ``strength`` ∈
   [0, 1] picks t₀: of the N sampling timesteps the last ⌊strength·N⌋ run (as diffusers does). Strength 0 runs none
   and returns D(E(x)); strength 1 starts from the pure noise text-to-image starts from (the usual N(0, I) ≈
   q(z_T | z) approximation), so it *is* text-to-image with the same seed.

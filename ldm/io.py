@@ -191,7 +191,8 @@ def config_from_dict(config_class: type, values: dict[str, Any], source: str = "
     """Build a config dataclass from a dict, ignoring reserved ``_`` keys; unknown keys and values of the
     wrong type are errors naming ``source``."""
     if not isinstance(values, dict):
-        raise ConfigError(f"{source}: expected a mapping of {config_class.__name__} fields, got {type(values).__name__}")
+        raise ConfigError(f"{source}: expected a mapping of {config_class.__name__} fields, "
+                          f"got {type(values).__name__}")
     try:
         hints = typing.get_type_hints(config_class)
     except Exception:  # noqa: BLE001 - an annotation that cannot be resolved here: the constructor checks it
@@ -302,7 +303,8 @@ def load_state_dict_checked(module: torch.nn.Module, state: dict[str, torch.Tens
         if unexpected:
             problems.append(f"unexpected keys: {head(unexpected)}")
         if shapes:
-            problems.append("shape mismatch: " + head([f"{k} {tuple(state[k].shape)}≠{tuple(expected[k].shape)}" for k in shapes]))
+            problems.append("shape mismatch: "
+                            + head([f"{k} {tuple(state[k].shape)}≠{tuple(expected[k].shape)}" for k in shapes]))
         raise PartError(f"{source} does not match {type(module).__name__}: " + "; ".join(problems))
     module.load_state_dict(state, strict=True, assign=assign)
 

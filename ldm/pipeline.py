@@ -161,7 +161,8 @@ class TextToImagePipeline:
     def _check_compatible(self) -> None:
         f = self.vae.config.downsample_factor
         if self.config.height % f or self.config.width % f:
-            raise PartError(f"pipeline size {self.config.height}x{self.config.width} is not divisible by the vae factor {f}")
+            raise PartError(f"pipeline size {self.config.height}x{self.config.width} "
+                            f"is not divisible by the vae factor {f}")
         problems = check_compatible(self.denoiser.config, self.vae.config.z_channels, self.text_encoder.token_dim,
                                     self.text_encoder.pooled_dim, (self.config.height // f, self.config.width // f))
         if problems:

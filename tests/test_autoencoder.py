@@ -67,7 +67,8 @@ def test_patch_size_sets_the_downsampling_factor(patch_size, ch_mult, f):
     cfg = tiny(patch_size=patch_size, ch_mult=ch_mult, resolution=32)
     vae = AutoencoderKL(cfg)
     assert cfg.downsample_factor == vae.downsample_factor == f
-    assert vae.encoder.conv_in.in_channels == 3 * patch_size**2 and vae.decoder.conv_out.out_channels == 3 * patch_size**2
+    assert (vae.encoder.conv_in.in_channels == 3 * patch_size**2
+            and vae.decoder.conv_out.out_channels == 3 * patch_size**2)
     assert vae.encode(torch.randn(1, 3, 32, 32)).mean.shape[-2:] == (32 // f, 32 // f)
 
 

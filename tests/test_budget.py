@@ -85,8 +85,8 @@ def test_run_and_cosine_end_inside_max_time(tmp_path):
     data = DataLoader(TensorDataset(torch.randn(64, 2)), batch_size=4)
     model = SlowRegression(delay=0.01)
     trainer = pl.Trainer(max_steps=100_000, max_time={"seconds": 3},
-                         callbacks=[FitToTimeBudget(every=10, margin=0.1)], logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=tmp_path)
+                         callbacks=[FitToTimeBudget(every=10, margin=0.1)], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     start = time.monotonic()
     trainer.fit(model, data)
     elapsed = time.monotonic() - start

@@ -166,7 +166,8 @@ def test_conditioning_shape_checks_and_transforms():
     with pytest.raises(ValueError, match="batch size 2"):
         Conditioning(torch.zeros(2, 5, 3), extras={"label": torch.zeros(3)})
     trimmed = cond.trim()
-    assert trimmed.length == int(cond.mask.sum(1).max()) and torch.equal(trimmed.tokens, cond.tokens[:, :trimmed.length])
+    assert (trimmed.length == int(cond.mask.sum(1).max())
+            and torch.equal(trimmed.tokens, cond.tokens[:, :trimmed.length]))
     assert cond.index([1]).batch_size == 1 and torch.equal(cond.index([1]).tokens, cond.tokens[1:])
     assert cond.index([0]).expand(4).tokens.shape == (4, 5, 6)
     half = cond.to(dtype=torch.float16)

@@ -25,10 +25,12 @@ def test_the_stages_run_the_commands_make_demo_ran():
     assert all(c[:len(LDM)] == LDM for stage in stages.values() for c in stage.commands)
     assert commands["data"] == [["data", "shapes", "--out", "datasets/shapes"]]
     assert commands["vae"] == [
-        ["fit", "--config", "configs/vae/shapes.yaml", "--trainer.max_time", "00:00:03:00", "--trainer.max_steps", "4000"],
+        ["fit", "--config", "configs/vae/shapes.yaml",
+         "--trainer.max_time", "00:00:03:00", "--trainer.max_steps", "4000"],
         ["export", "--ckpt", "checkpoints/shapes/vae/checkpoints/last.ckpt", "--out", "checkpoints/shapes/parts/vae"]]
     assert commands["text encoder"] == [
-        ["fit", "--config", "configs/clip/shapes.yaml", "--trainer.max_time", "00:00:02:45", "--trainer.max_steps", "5000"],
+        ["fit", "--config", "configs/clip/shapes.yaml",
+         "--trainer.max_time", "00:00:02:45", "--trainer.max_steps", "5000"],
         ["export", "--ckpt", "checkpoints/shapes/clip/checkpoints/last.ckpt",
          "--out", "checkpoints/shapes/parts/text_encoder"]]
     assert commands["probe"] == [["probe", "--data-dir", "datasets/shapes", "--out", "checkpoints/shapes/parts/probe",
@@ -54,7 +56,8 @@ def test_the_unet_gets_what_is_left_of_the_budget_counted_from_the_start():
     assert unet_seconds(settings, start=1_000.0, now=1_000.0 + 809.5) == 0
     assert max_time(510) == "00:00:08:30" and max_time(3725) == "00:01:02:05" and max_time(90061) == "01:01:01:01"
     unet = plan(settings, 510)["unet"].commands
-    assert unet[0][len(LDM):] == ["fit", "--config", "configs/ldm/shapes.yaml", "--config", "configs/trainer/ddp-cpu.yaml",
+    assert unet[0][len(LDM):] == ["fit", "--config", "configs/ldm/shapes.yaml",
+                                  "--config", "configs/trainer/ddp-cpu.yaml",
                                   "--trainer.max_time", "00:00:08:30", "--trainer.max_steps", "10000"]
     assert unet[1][len(LDM):] == ["export", "--ckpt", "checkpoints/shapes/ldm/checkpoints/last.ckpt",
                                   "--out", "checkpoints/shapes/pipeline"]
@@ -67,7 +70,8 @@ def test_other_folders_and_extra_flags_reach_every_command(tmp_path):
     assert stages["data"].commands[0][-4:] == ["--out", str(tmp_path / "d"), "--train", "100"]
     vae_fit = stages["vae"].commands[0]
     assert vae_fit[-6:] == ["--trainer.max_time", "00:00:03:00", "--trainer.max_steps", "7", "--trainer.a", "1"]
-    assert ["--data.init_args.data_dir", str(tmp_path / "d")] == vae_fit[vae_fit.index("--data.init_args.data_dir"):][:2]
+    assert (["--data.init_args.data_dir", str(tmp_path / "d")]
+            == vae_fit[vae_fit.index("--data.init_args.data_dir"):][:2])
     assert str(tmp_path / "r" / "vae") in vae_fit
     unet_fit = stages["unet"].commands[0]
     for flag, value in (("--model.init_args.vae_path", tmp_path / "r" / "parts" / "vae"),

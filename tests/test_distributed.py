@@ -100,7 +100,8 @@ class MemoryData(pl.LightningDataModule):
         self.train, self.val = samples(32), samples(8, offset=1000)
 
     def train_dataloader(self) -> DataLoader:
-        sampler = DistributedSampler(self.train, num_replicas=1, rank=0, shuffle=True, seed=0) if self.world == 1 else None
+        sampler = (DistributedSampler(self.train, num_replicas=1, rank=0, shuffle=True, seed=0)
+                   if self.world == 1 else None)
         return ResumableLoader(self.train, batch_size=self.batch_size, sampler=sampler, collate_fn=collate)
 
     def val_dataloader(self) -> DataLoader:
@@ -134,8 +135,9 @@ def build(name: str, parts: list[str], unet: dict[str, Any] | None = None) -> pl
                                       "embed_dim": 32}, optimizer={"lr": 2e-3}, lr_schedule={"warmup_steps": 1},
                                zero_shot=False)
     return KeyedNoiseLDM(vae_path=parts[0], text_encoder_path=parts[1], denoiser={**TINY_UNET, **(unet or {})},
-                         resolution=16, lr_schedule={"warmup_steps": 1}, optimizer={"lr": 2e-3}, p_uncond=0.0, ema_decay=0.9, val_prompts=["a red square"],
-                         sample_every_n_val=1, sample_steps=2, val_timesteps=2)
+                         resolution=16, lr_schedule={"warmup_steps": 1}, optimizer={"lr": 2e-3}, p_uncond=0.0,
+                         ema_decay=0.9, val_prompts=["a red square"], sample_every_n_val=1, sample_steps=2,
+                         val_timesteps=2)
 
 
 class RecordKeys(Callback):
@@ -292,7 +294,8 @@ def launch_script(script: str, spec_file: Path, world: int, timeout: float = 420
               "LOCAL_WORLD_SIZE": str(world), "GROUP_RANK": "0", "TORCHELASTIC_RUN_ID": "ldm-test",
               "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "LDM_TEST_LAUNCHED": str(time.time())}
     logs = [spec_file.parent / f"rank{r}.log" for r in range(world)]
-    procs = [subprocess.Popen([sys.executable, script, str(spec_file)], env={**common, "RANK": str(r), "LOCAL_RANK": str(r)},
+    procs = [subprocess.Popen([sys.executable, script, str(spec_file)],
+                              env={**common, "RANK": str(r), "LOCAL_RANK": str(r)},
                               stdout=open(log, "w"), stderr=subprocess.STDOUT) for r, log in enumerate(logs)]
     deadline, failed_at = time.monotonic() + timeout, None
     try:

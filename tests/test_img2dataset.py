@@ -129,8 +129,9 @@ def test_a_flat_download_trains_and_validates_as_it_is(tmp_path):
     root = tmp_path / "dl"
     write_img2dataset_folder(root, [6, 6, 6], [True, True, True])
     dm = WebDataModule(str(root), resolution=16, batch_size=3, num_workers=0, shuffle_buffer=0)
-    trainer = pl.Trainer(max_steps=4, limit_val_batches=2, val_check_interval=2, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = pl.Trainer(max_steps=4, limit_val_batches=2, val_check_interval=2, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(TinyImageModel(), datamodule=dm)

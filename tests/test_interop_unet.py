@@ -129,7 +129,8 @@ def test_pooled_conditioning_is_diffusers_projection_class_embedding():
     ours = UNet(config).eval()
     ours.load_state_dict(diffusers_to_ldm(theirs.state_dict(), config), strict=True)
     g = torch.Generator().manual_seed(2)
-    x, ctx, pooled = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 12, generator=g), torch.randn(2, 7, generator=g)
+    x, ctx, pooled = (torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 12, generator=g),
+                      torch.randn(2, 7, generator=g))
     t = torch.tensor([3.0, 700.5])
     with torch.no_grad():
         torch.testing.assert_close(ours(x, t, C(ctx, pooled=pooled)), theirs(x, t, ctx, class_labels=pooled).sample,

@@ -99,7 +99,8 @@ def test_legacy_attention_names_and_errors():
     cfg = CONFIGS["f2-mid-attn"]
     ours = randomized(cfg)
     legacy = {k.replace("to_q.", "query.").replace("to_k.", "key.").replace("to_v.", "value.")
-              .replace("to_out.0.", "proj_attn."): v for k, v in to_diffusers_state_dict(ours.state_dict(), cfg).items()}
+              .replace("to_out.0.", "proj_attn."): v
+              for k, v in to_diffusers_state_dict(ours.state_dict(), cfg).items()}
     assert any(".query." in k for k in legacy)
     restored = from_diffusers_state_dict(legacy, cfg)
     assert all(torch.equal(restored[k], v) for k, v in ours.state_dict().items())

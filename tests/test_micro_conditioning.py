@@ -104,7 +104,8 @@ def test_latent_diffusion_feeds_the_batch_sizes_to_the_denoiser(tmp_path):
     z0, cond = model.latents_and_conditioning(batch, sample=False)
     assert z0.shape[2:] == (4, 6)
     assert cond.extras["original_size"].tolist() == [[100, 150], [16, 24]]
-    assert cond.extras["crop_coords"].tolist() == [[3, 0], [0, 0]] and cond.extras["target_size"].tolist() == [[16, 24]] * 2
+    assert (cond.extras["crop_coords"].tolist() == [[3, 0], [0, 0]]
+            and cond.extras["target_size"].tolist() == [[16, 24]] * 2)
     loss = model.training_step(batch, 0)
     assert torch.isfinite(loss)
     pipe = model.pipeline()

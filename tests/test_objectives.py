@@ -24,7 +24,8 @@ from ldm.diffusion.schedules import DiscreteSchedule
 
 def _pair(seed: int = 0, shape=(4, 3, 5, 5)):
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=gen, dtype=torch.float64), torch.randn(shape, generator=gen, dtype=torch.float64)
+    return (torch.randn(shape, generator=gen, dtype=torch.float64),
+            torch.randn(shape, generator=gen, dtype=torch.float64))
 
 
 def _coefs(t: torch.Tensor, x: torch.Tensor, zero_snr: bool = False):
@@ -46,10 +47,12 @@ def test_v_definition_and_all_conversions() -> None:
     x0, eps = _pair(1)
     alpha, sigma = _coefs(torch.tensor([3, 250, 700, 998]), x0)
     xt = alpha * x0 + sigma * eps
-    torch.testing.assert_close(training_target(x0, eps, alpha, sigma, "v"), alpha * eps - sigma * x0)  # Salimans & Ho §4
+    # Salimans & Ho §4
+    torch.testing.assert_close(training_target(x0, eps, alpha, sigma, "v"), alpha * eps - sigma * x0)
     targets = {k: training_target(x0, eps, alpha, sigma, k) for k in PREDICTION_TYPES}
     for src, dst in itertools.product(PREDICTION_TYPES, repeat=2):
-        torch.testing.assert_close(convert_prediction(targets[src], xt, alpha, sigma, src, dst), targets[dst], rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(convert_prediction(targets[src], xt, alpha, sigma, src, dst), targets[dst],
+                                   rtol=1e-9, atol=1e-9)
 
 
 def test_v_and_x0_are_exact_at_zero_terminal_snr() -> None:
@@ -72,9 +75,12 @@ def test_prediction_type_aliases_and_errors() -> None:
 
 def test_min_snr_weights_closed_form() -> None:
     snr = torch.tensor([0.0, 0.5, 5.0, 50.0], dtype=torch.float64)
-    torch.testing.assert_close(loss_weight(snr, "eps", "min_snr", 5.0), torch.tensor([1.0, 1.0, 1.0, 0.1], dtype=torch.float64))
-    torch.testing.assert_close(loss_weight(snr, "v", "min_snr", 5.0), torch.tensor([0.0, 0.5 / 1.5, 5 / 6, 5 / 51], dtype=torch.float64))
-    torch.testing.assert_close(loss_weight(snr, "x0", "min_snr", 5.0), torch.tensor([0.0, 0.5, 5.0, 5.0], dtype=torch.float64))
+    torch.testing.assert_close(loss_weight(snr, "eps", "min_snr", 5.0),
+                               torch.tensor([1.0, 1.0, 1.0, 0.1], dtype=torch.float64))
+    torch.testing.assert_close(loss_weight(snr, "v", "min_snr", 5.0),
+                               torch.tensor([0.0, 0.5 / 1.5, 5 / 6, 5 / 51], dtype=torch.float64))
+    torch.testing.assert_close(loss_weight(snr, "x0", "min_snr", 5.0),
+                               torch.tensor([0.0, 0.5, 5.0, 5.0], dtype=torch.float64))
     assert loss_weight(snr, "v").tolist() == [1.0] * 4
     with pytest.raises(ValueError, match="unknown loss weighting 'p2'"):
         loss_weight(snr, "eps", "p2")
@@ -145,5 +151,6 @@ def test_offset_noise() -> None:
 def test_consistency_scalings_boundary_condition() -> None:
     c_skip, c_out = consistency_scalings(torch.tensor([0.0, 1.0, 999.0]))
     assert c_skip[0].item() == 1.0 and c_out[0].item() == 0.0
-    assert c_skip[1].item() == pytest.approx(0.25 / (100 + 0.25)) and c_out[1].item() == pytest.approx(10 / (100.25**0.5))
+    assert (c_skip[1].item() == pytest.approx(0.25 / (100 + 0.25))
+            and c_out[1].item() == pytest.approx(10 / (100.25**0.5)))
     assert c_skip[2].item() < 1e-8 and c_out[2].item() == pytest.approx(1.0, abs=1e-8)

@@ -70,7 +70,8 @@ def write_latent_cache(root: Path, parts: tuple[Path, Path], n_train: int = 40, 
 def tiny_ldm(parts: tuple[Path, Path], **kw: Any) -> LatentDiffusion:
     torch.manual_seed(0)
     args = dict(vae_path=str(parts[0]), text_encoder_path=str(parts[1]), denoiser=dict(TINY_UNET), resolution=16,
-                lr_schedule={"warmup_steps": 2}, optimizer={"lr": 2e-3}, p_uncond=0.25, ema_decay=0.9, sample_every_n_val=0, val_timesteps=2)
+                lr_schedule={"warmup_steps": 2}, optimizer={"lr": 2e-3}, p_uncond=0.25, ema_decay=0.9,
+                sample_every_n_val=0, val_timesteps=2)
     return LatentDiffusion(**{**args, **kw})
 
 

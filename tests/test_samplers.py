@@ -74,7 +74,8 @@ def test_ddim_variance_equals_closed_form_product() -> None:
     a, sg = a.tolist() + [1.0], sg.tolist() + [0.0]
     _, var = exact_moments("ddim", 25)
     for d, s in enumerate(DATA.std.tolist()):
-        gain = math.prod((a[i + 1] * a[i] * s * s + sg[i + 1] * sg[i]) / (a[i] ** 2 * s * s + sg[i] ** 2) for i in range(25))
+        gain = math.prod((a[i + 1] * a[i] * s * s + sg[i + 1] * sg[i]) / (a[i] ** 2 * s * s + sg[i] ** 2)
+                         for i in range(25))
         expect = gain**2 * (a[0] ** 2 * s * s + sg[0] ** 2)
         assert var[d].item() == pytest.approx(expect, rel=1e-10)
         assert expect < s * s
@@ -148,7 +149,8 @@ def test_ddpm_equals_ddim_eta1_equals_euler_ancestral() -> None:
             for name, kw in (("ddpm", {}), ("ddim", {"eta": 1.0}), ("euler-a", {}))]
     torch.testing.assert_close(runs[1], runs[0], rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(runs[2], runs[0], rtol=1e-9, atol=1e-9)
-    large = sample(model, x_T, SCHEDULE, 12, sampler="ddpm", variance="fixed_large", generator=torch.Generator().manual_seed(5))
+    large = sample(model, x_T, SCHEDULE, 12, sampler="ddpm", variance="fixed_large",
+                   generator=torch.Generator().manual_seed(5))
     assert (large - runs[0]).abs().max().item() > 1e-3
 
 
@@ -211,7 +213,8 @@ def test_dpmpp_2m_matches_diffusers(kind: str) -> None:
     ref.set_timesteps(10)
     assert ref.timesteps.tolist() == s.timesteps(10, "trailing").long().tolist()
     x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(sample(_fake_model, x, s, 10, sampler="dpmpp-2m"), _diffusers_loop(ref, x), rtol=1e-4, atol=5e-5)
+    torch.testing.assert_close(sample(_fake_model, x, s, 10, sampler="dpmpp-2m"), _diffusers_loop(ref, x),
+                               rtol=1e-4, atol=5e-5)
 
 
 @pytest.mark.parametrize("kind", PREDICTION_TYPES)
@@ -250,7 +253,8 @@ def test_float32_float64_and_device_follow_the_input(name: str) -> None:
 def test_samplers_run_on_cuda() -> None:
     x = torch.randn(8, 2, device="cuda")
     for name in SAMPLERS:
-        out = sample(DATA.model_fn(SCHEDULE), x, SCHEDULE, 4, sampler=name, generator=torch.Generator("cuda").manual_seed(0))
+        out = sample(DATA.model_fn(SCHEDULE), x, SCHEDULE, 4, sampler=name,
+                     generator=torch.Generator("cuda").manual_seed(0))
         assert out.device.type == "cuda" and torch.isfinite(out).all()
 
 
@@ -273,7 +277,8 @@ def test_explicit_timesteps_and_spacings() -> None:
 
 def test_bad_arguments_are_clear_errors() -> None:
     model, x = DATA.model_fn(SCHEDULE), torch.zeros(2, 2)
-    with pytest.raises(ValueError, match=r"unknown sampler 'plms'.*'ddpm', 'ddim', 'dpmpp-2m', 'euler', 'euler-a', 'heun', 'lcm'"):
+    with pytest.raises(ValueError,
+                       match=r"unknown sampler 'plms'.*'ddpm', 'ddim', 'dpmpp-2m', 'euler', 'euler-a', 'heun', 'lcm'"):
         sample(model, x, SCHEDULE, 10, sampler="plms")
     for steps in (0, -3, 1001):
         with pytest.raises(ValueError, match="steps must be an integer"):
@@ -348,7 +353,8 @@ def test_guidance_rescale_eq_15_16() -> None:
 def test_cfg_is_the_same_in_eps_and_v_space() -> None:
     """Guidance is linear and the eps→v map is affine with the same x_t term, so guiding either gives one x̂0."""
     gen = torch.Generator().manual_seed(2)
-    x, t = torch.randn(3, 2, 4, 4, generator=gen, dtype=torch.float64), torch.tensor([100.0, 500.0, 900.0], dtype=torch.float64)
+    x, t = (torch.randn(3, 2, 4, 4, generator=gen, dtype=torch.float64),
+            torch.tensor([100.0, 500.0, 900.0], dtype=torch.float64))
     cond, uncond = torch.randn(3, 4, 6, generator=gen, dtype=torch.float64), torch.zeros(1, 4, 6, dtype=torch.float64)
     den = _CountingDenoiser()
     alpha, sigma = SCHEDULE.alpha_sigma(t, like=x)

@@ -30,12 +30,15 @@ def test_alphas_cumprod_strictly_decreasing_in_unit_interval(name: str, zero_snr
 
 def test_linear_and_scaled_linear_endpoints() -> None:
     lin = DiscreteSchedule.from_name("linear")
-    assert lin.betas[0].item() == pytest.approx(1e-4, rel=1e-12) and lin.betas[-1].item() == pytest.approx(0.02, rel=1e-12)
+    assert (lin.betas[0].item() == pytest.approx(1e-4, rel=1e-12)
+            and lin.betas[-1].item() == pytest.approx(0.02, rel=1e-12))
     sl = DiscreteSchedule.from_name("scaled_linear")
-    assert sl.betas[0].item() == pytest.approx(0.00085, rel=1e-12) and sl.betas[-1].item() == pytest.approx(0.012, rel=1e-12)
+    assert (sl.betas[0].item() == pytest.approx(0.00085, rel=1e-12)
+            and sl.betas[-1].item() == pytest.approx(0.012, rel=1e-12))
     # √β is linear in t for scaled_linear
     root = sl.betas.sqrt()
-    torch.testing.assert_close(root[1:] - root[:-1], torch.full((999,), (0.012**0.5 - 0.00085**0.5) / 999, dtype=torch.float64))
+    torch.testing.assert_close(root[1:] - root[:-1],
+                               torch.full((999,), (0.012**0.5 - 0.00085**0.5) / 999, dtype=torch.float64))
 
 
 def test_cosine_schedule_known_values() -> None:
@@ -89,7 +92,8 @@ def test_posterior_matches_ddpm_eq7_on_random_inputs() -> None:
     ac, beta, alpha = s.alphas_cumprod[t], s.betas[t], s.alphas[t]
     ac_prev = s.alphas_cumprod[t - 1]
     shape = (-1, 1, 1, 1)
-    expect_mean = (ac_prev.sqrt() * beta / (1 - ac)).view(shape) * x0 + (alpha.sqrt() * (1 - ac_prev) / (1 - ac)).view(shape) * xt
+    expect_mean = ((ac_prev.sqrt() * beta / (1 - ac)).view(shape) * x0
+                   + (alpha.sqrt() * (1 - ac_prev) / (1 - ac)).view(shape) * xt)
     torch.testing.assert_close(mean, expect_mean, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(var, ((1 - ac_prev) / (1 - ac) * beta).view(shape), rtol=1e-12, atol=0)
     # t = 0 → the clean sample itself, with zero variance
@@ -102,7 +106,8 @@ def test_strided_posterior_is_gaussian_conditioning() -> None:
     """q(x_s | x_t, x0) for s < t by conditioning the joint Gaussian of (x_s, x_t) given x0."""
     s = DiscreteSchedule.from_name("cosine")
     gen = torch.Generator().manual_seed(1)
-    x0, xt = torch.randn(4, 5, generator=gen, dtype=torch.float64), torch.randn(4, 5, generator=gen, dtype=torch.float64)
+    x0, xt = (torch.randn(4, 5, generator=gen, dtype=torch.float64),
+              torch.randn(4, 5, generator=gen, dtype=torch.float64))
     t, t_prev = torch.tensor([999, 700, 300, 40]), torch.tensor([900, 100, 299, 3])
     mean, var = s.posterior_mean_variance(x0, xt, t, t_prev)
     a_t, a_s = s.alphas_cumprod[t].view(-1, 1), s.alphas_cumprod[t_prev].view(-1, 1)
@@ -187,7 +192,8 @@ def test_bad_config_is_a_clear_error() -> None:
 
 
 def test_config_round_trip_json_and_folder(tmp_path) -> None:
-    s = DiscreteSchedule.from_name("cosine", num_train_timesteps=64, zero_terminal_snr=True, prediction_type="v_prediction")
+    s = DiscreteSchedule.from_name("cosine", num_train_timesteps=64, zero_terminal_snr=True,
+                                   prediction_type="v_prediction")
     from ldm.pipeline import load_schedule, save_schedule
 
     cfg = s.to_config()

@@ -54,7 +54,8 @@ def test_probability_flow_ode_reproduces_gaussian_moments() -> None:
     assert mean_errors[0] < 0.01 and mean_errors[1] < 1e-3 and mean_errors[1] < mean_errors[0] / 10
     assert var_errors[0] < 0.02 and var_errors[1] < 0.005 and var_errors[1] < var_errors[0]
     v = sample_probability_flow(DATA.model_fn(SCHEDULE, "v"), x, SCHEDULE, 10, prediction_type="v")
-    torch.testing.assert_close(v, sample_probability_flow(DATA.model_fn(SCHEDULE), x, SCHEDULE, 10), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(v, sample_probability_flow(DATA.model_fn(SCHEDULE), x, SCHEDULE, 10),
+                               rtol=1e-9, atol=1e-9)
 
 
 def test_reverse_sde_reproduces_gaussian_moments() -> None:
@@ -63,7 +64,8 @@ def test_reverse_sde_reproduces_gaussian_moments() -> None:
     out = sample_reverse_sde(DATA.model_fn(SCHEDULE), x_T, SCHEDULE, 500, generator=gen)
     assert ((out.mean(0) - DATA.mean) / DATA.std).abs().max().item() < 0.05
     assert (out.var(0) / DATA.std**2 - 1).abs().max().item() < 0.06
-    same = sample_reverse_sde(DATA.model_fn(SCHEDULE), x_T[:16], SCHEDULE, 20, generator=torch.Generator().manual_seed(3))
+    same = sample_reverse_sde(DATA.model_fn(SCHEDULE), x_T[:16], SCHEDULE, 20,
+                              generator=torch.Generator().manual_seed(3))
     assert torch.equal(same, sample_reverse_sde(DATA.model_fn(SCHEDULE), x_T[:16], SCHEDULE, 20,
                                                 generator=torch.Generator().manual_seed(3)))
 

@@ -93,7 +93,8 @@ def test_parameters_and_the_ema_are_split_over_the_ranks(fsdp):
     for report in fsdp["reports"]:
         for tag in ("full", "sharded"):
             assert report[tag]["step"] == STEPS and report[tag]["dtensor_ema"] == "DTensor"
-            assert report[tag]["local_ema_numel"] * WORLD >= report[tag]["full_ema_numel"] > report[tag]["local_ema_numel"]
+            assert (report[tag]["local_ema_numel"] * WORLD
+                    >= report[tag]["full_ema_numel"] > report[tag]["local_ema_numel"])
 
 
 def test_fsdp_on_two_ranks_matches_one_process_of_twice_the_batch(fsdp, tmp_path):

@@ -52,12 +52,14 @@ def test_consistency_function_maps_marginal_to_data() -> None:
         alpha, sigma = (float(v) for v in SCHEDULE.alpha_sigma(torch.tensor(t, dtype=torch.float64)))
         m, s = data.marginal(alpha, sigma)
         out = f(torch.stack([m, m + s]), torch.full((2,), t, dtype=torch.float64))
-        assert out[0].item() == pytest.approx(0.5, abs=1e-12) and (out[1] - out[0]).item() == pytest.approx(2.0, rel=1e-12)
+        assert (out[0].item() == pytest.approx(0.5, abs=1e-12)
+                and (out[1] - out[0]).item() == pytest.approx(2.0, rel=1e-12))
 
 
 def test_error_table_is_exact_for_deterministic_samplers() -> None:
     rows = gaussian_error_table(step_counts=(20, 200), samplers=["ddim", "dpmpp-2m"], n=1000)
-    assert [(r["sampler"], r["steps"]) for r in rows] == [("ddim", 20), ("ddim", 200), ("dpmpp-2m", 20), ("dpmpp-2m", 200)]
+    assert [(r["sampler"], r["steps"]) for r in rows] == [("ddim", 20), ("ddim", 200),
+                                                          ("dpmpp-2m", 20), ("dpmpp-2m", 200)]
     assert all(r["exact"] and abs(r["mean_err"]) < 1e-9 for r in rows)
     ddim20, ddim200, dpm20, dpm200 = (r["var_err"] for r in rows)
     assert -0.2 < ddim20 < ddim200 < 0 and abs(ddim200) < 0.02  # DDIM under-disperses, less with more steps

@@ -83,7 +83,8 @@ def test_a_cache_written_over_a_larger_one_holds_only_the_new_samples(tmp_path, 
 
     vae_dir, te_dir = export_tiny_parts(tmp_path / "parts")
     cache = tmp_path / "cache"
-    args = ["cache", "--vae", str(vae_dir), "--text-encoder", str(te_dir), "--data", str(shapes_dir), "--out", str(cache)]
+    args = ["cache", "--vae", str(vae_dir), "--text-encoder", str(te_dir), "--data", str(shapes_dir),
+            "--out", str(cache)]
     assert ldm_main(args + ["--splits", "train"]) == 0
     assert len(LatentDataset(cache, "train")) == 240
     assert ldm_main(args + ["--splits", "train", "--max-samples", "30", "--batch-size", "10"]) == 0

@@ -184,11 +184,13 @@ def test_channels_last_gives_the_same_output_and_gradients():
 
 
 def test_spatial_position_embedding_is_the_2d_sinusoid():
-    emb = spatial_position_embedding(3, 5, 8)  # 4 channels for the row, 4 for the column: [cos w0, cos w1, sin w0, sin w1]
+    # 4 channels for the row, 4 for the column: [cos w0, cos w1, sin w0, sin w1]
+    emb = spatial_position_embedding(3, 5, 8)
     assert emb.shape == (8, 3, 5)
     w1 = 10000.0 ** -0.5
-    torch.testing.assert_close(emb[:, 2, 4], torch.tensor([math.cos(2), math.cos(2 * w1), math.sin(2), math.sin(2 * w1),
-                                                           math.cos(4), math.cos(4 * w1), math.sin(4), math.sin(4 * w1)]))
+    torch.testing.assert_close(emb[:, 2, 4],
+                               torch.tensor([math.cos(2), math.cos(2 * w1), math.sin(2), math.sin(2 * w1),
+                                             math.cos(4), math.cos(4 * w1), math.sin(4), math.sin(4 * w1)]))
     with pytest.raises(ValueError, match="divisible by 4"):
         spatial_position_embedding(2, 2, 6)
 

@@ -52,7 +52,8 @@ def tiny_pipeline(seed: int = 0, **unet_options) -> TextToImagePipeline:
             if p.abs().sum() == 0:
                 p.normal_(0, 0.02)
     return TextToImagePipeline(tiny_vae(seed), tiny_text_encoder(seed), unet,
-                               DiscreteSchedule(ScheduleConfig(name="scaled_linear")), PipelineConfig(height=16, width=16))
+                               DiscreteSchedule(ScheduleConfig(name="scaled_linear")),
+                               PipelineConfig(height=16, width=16))
 
 
 def tiny_image_encoder(seed: int = 0, embed_dim: int = 32) -> CLIPImageEncoder:

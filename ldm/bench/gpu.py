@@ -80,7 +80,8 @@ class Meter(Callback):
                            i: int) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if loss is None:  # manual optimization (the VAE): the logged training loss
-            loss = next((v for k, v in trainer.callback_metrics.items() if k.startswith("train/") and "loss" in k), None)
+            loss = next((v for k, v in trainer.callback_metrics.items() if k.startswith("train/") and "loss" in k),
+                        None)
         if isinstance(loss, torch.Tensor):
             self.losses.append(float(loss.detach().float()))
 
@@ -135,8 +136,9 @@ def gpu_check(out_dir: str | Path, steps: int = 300, warmup: int = 20, size: str
     strategy = "ddp" if multi else "auto"
     result: dict[str, Any] = {"size": size, "precision": precision, "torch": torch.__version__,
                               "lightning": pl.__version__, "python": platform.python_version(),
-                              "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor()
-                              or "cpu", "parts": {}}
+                              "device": (torch.cuda.get_device_name(0) if torch.cuda.is_available()
+                                         else platform.processor() or "cpu"),
+                              "parts": {}}
     warnings.filterwarnings("ignore", category=UserWarning)
 
     def fit(name: str, model: pl.LightningModule, resolution: int) -> pl.LightningModule:

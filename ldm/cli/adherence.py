@@ -17,21 +17,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--probe", default="checkpoints/shapes/parts/probe",
                         help="shapes probe part; trained on --data and saved there if it does not exist yet")
     parser.add_argument("--data", default="datasets/shapes", help="shapes shards (only used to train a missing probe)")
-    parser.add_argument("--probe-steps", type=checks.int_at_least(1), default=1500, help="training steps of a missing probe")
+    parser.add_argument("--probe-steps", type=checks.int_at_least(1), default=1500,
+                        help="training steps of a missing probe")
     parser.add_argument("--detector", default=None,
-                        help="two-object detector part (default: PROBE/pair_detector); trained there if it does not exist")
+                        help="two-object detector part (default: PROBE/pair_detector); "
+                             "trained there if it does not exist")
     parser.add_argument("--detector-steps", type=checks.int_at_least(1), default=None,
                         help="training steps of a missing detector (default: the detector's own)")
-    parser.add_argument("--n", type=checks.int_at_least(1), default=200, help="number of prompts (balanced over colours, shapes, positions)")
+    parser.add_argument("--n", type=checks.int_at_least(1), default=200,
+                        help="number of prompts (balanced over colours, shapes, positions)")
     parser.add_argument("--pair-n", type=checks.int_at_least(0), default=200,
-                        help="number of two-object prompts (random colours, shapes, relations or cells); 0: no two-object mode")
-    parser.add_argument("--steps", type=checks.comma_list(checks.int_at_least(1)), default=[20], help="sampling steps; a comma list sweeps (e.g. 5,10,20,50)")
-    parser.add_argument("--guidance", type=checks.comma_list(checks.float_in(0)), default=[4.0], help="guidance scales; a comma list sweeps (e.g. 1,2,4,7)")
-    parser.add_argument("--sampler", type=checks.comma_list(str), default="dpmpp-2m", help="sampler name(s), comma-separated to sweep")
+                        help="number of two-object prompts (random colours, shapes, relations or cells); "
+                             "0: no two-object mode")
+    parser.add_argument("--steps", type=checks.comma_list(checks.int_at_least(1)), default=[20],
+                        help="sampling steps; a comma list sweeps (e.g. 5,10,20,50)")
+    parser.add_argument("--guidance", type=checks.comma_list(checks.float_in(0)), default=[4.0],
+                        help="guidance scales; a comma list sweeps (e.g. 1,2,4,7)")
+    parser.add_argument("--sampler", type=checks.comma_list(str), default="dpmpp-2m",
+                        help="sampler name(s), comma-separated to sweep")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and the noise")
     parser.add_argument("--batch-size", type=checks.int_at_least(1), default=100, help="images sampled together")
     parser.add_argument("--grid", default=None, help="also write a grid PNG of the first 40 prompts' images here")
-    parser.add_argument("--pair-grid", default=None, help="also write a grid PNG of the first 40 two-object prompts' images here")
+    parser.add_argument("--pair-grid", default=None,
+                        help="also write a grid PNG of the first 40 two-object prompts' images here")
     parser.add_argument("--out", default=None, help="JSON file for the results (default: <pipeline>/adherence.json)")
     parser.add_argument("--allow-mismatch", action="store_true",
                         help="load a pipeline whose parts were not trained together (a warning instead of an error)")

@@ -1,5 +1,6 @@
 """``ldm bench``: ldm vs diffusers in one table (``ldm.bench.suite``), ``--install`` the set-up time; the
-detailed benchmarks ``ldm bench data|unet|ddp|lcm|interop|profile``. A table on stdout, JSON under checkpoints/bench/."""
+detailed benchmarks ``ldm bench data|unet|ddp|lcm|interop|profile``. A table on stdout, JSON under
+checkpoints/bench/."""
 
 from __future__ import annotations
 
@@ -58,7 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("data", formatter_class=fmt, help="data-loader throughput vs bare PIL decoding",
                        description="Decoded images per second of the shard loader, in-process and with DataLoader "
                                    "workers, beside bare PIL decoding of the same PNGs.")
-    p.add_argument("--data-dir", default="datasets/shapes", help="dataset folder (6,000 shapes samples built if missing)")
+    p.add_argument("--data-dir", default="datasets/shapes",
+                   help="dataset folder (6,000 shapes samples built if missing)")
     p.add_argument("--split", default="train", help="split to read")
     p.add_argument("--samples", type=POSITIVE, default=10_000, help="images decoded per measurement")
     p.add_argument("--batch-size", type=POSITIVE, default=64, help="batch size")
@@ -68,7 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     from ldm.bench.unet import CANDIDATES
 
-    p = sub.add_parser("unet", formatter_class=fmt, help="U-Net training/sampling step vs diffusers' UNet2DConditionModel",
+    p = sub.add_parser("unet", formatter_class=fmt,
+                       help="U-Net training/sampling step vs diffusers' UNet2DConditionModel",
                        description="Training-step and sampling throughput of ldm's U-Net and diffusers' with the same "
                                    "config and weights, interleaved round by round.")
     p.add_argument("--config", action="append", choices=sorted(CANDIDATES) + ["sd15"],
@@ -88,7 +91,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("ddp", formatter_class=fmt, help="data-parallel training throughput: P processes x T threads",
                        description="The LDM U-Net trained through Lightning in each layout PxT (P DDP processes on "
                                    "gloo, T threads each) on synthetic latents; img/s and a step-time breakdown.")
-    p.add_argument("--config", default=None, help="LDM config whose U-Net is measured (default: the packaged ldm/shapes.yaml)")
+    p.add_argument("--config", default=None,
+                   help="LDM config whose U-Net is measured (default: the packaged ldm/shapes.yaml)")
     p.add_argument("--layouts", type=_layout, nargs="+", default=[(1, 1), (2, 1), (1, 2)],
                    help="PxT: P processes with T threads each; the first is the speed-up reference")
     p.add_argument("--batch", type=POSITIVE, default=32, help="images per process per step")
@@ -96,7 +100,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=checks.int_at_least(0), default=3, help="untimed steps per layout")
     p.add_argument("--out", default="checkpoints/bench/ddp.json", help="JSON results file")
 
-    p = sub.add_parser("gpu", formatter_class=fmt, help="GPU readiness: each part a few hundred bf16 DDP steps at SD size",
+    p = sub.add_parser("gpu", formatter_class=fmt,
+                       help="GPU readiness: each part a few hundred bf16 DDP steps at SD size",
                        description="Train the KL-f8 VAE, an SD-sized CLIP and the SD 1.5 U-Net for --steps steps each "
                                    "in bf16 with DDP on every GPU, sample, and write img/s, step time and peak memory "
                                    "(make gpu-check). Needs CUDA unless --size tiny.")
@@ -105,7 +110,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--size", choices=("sd", "tiny"), default="sd", help="sd: SD-like models; tiny: a CPU smoke test")
     p.add_argument("--devices", default="-1", help="GPUs to use (-1: all)")
     p.add_argument("--precision", default="bf16-mixed", help="Lightning precision")
-    p.add_argument("--parts", type=checks.comma_list(str), default="vae,clip,ldm", help="parts to train (ldm needs both)")
+    p.add_argument("--parts", type=checks.comma_list(str), default="vae,clip,ldm",
+                   help="parts to train (ldm needs both)")
     p.add_argument("--work-dir", default="checkpoints/gpu-check", help="folder of the data, parts and sample grid")
     p.add_argument("--out", default="checkpoints/gpu-check/gpu_check.json", help="JSON results file")
 
@@ -126,7 +132,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     from ldm.bench import profile
 
-    p = sub.add_parser("profile", formatter_class=fmt, help="where the denoiser's time goes: operators, ours vs diffusers",
+    p = sub.add_parser("profile", formatter_class=fmt,
+                       help="where the denoiser's time goes: operators, ours vs diffusers",
                        description="Self CPU time per operator of the denoiser's training step or forward, ours beside "
                                    "diffusers' UNet2DConditionModel at the same config and weights (torch.profiler).")
     profile.add_arguments(p)

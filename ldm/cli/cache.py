@@ -12,13 +12,19 @@ HELP = "precompute VAE latents + text-token embeddings of a dataset so U-Net tra
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--vae", required=True, help="exported VAE part folder (from `ldm export`, e.g. checkpoints/shapes/parts/vae)")
-    parser.add_argument("--text-encoder", required=True, help="exported text-encoder part folder (e.g. checkpoints/shapes/parts/text_encoder)")
-    parser.add_argument("--data", required=True, help="shard dataset folder with train/ and val/ (e.g. datasets/shapes)")
+    parser.add_argument("--vae", required=True,
+                        help="exported VAE part folder (from `ldm export`, e.g. checkpoints/shapes/parts/vae)")
+    parser.add_argument("--text-encoder", required=True,
+                        help="exported text-encoder part folder (e.g. checkpoints/shapes/parts/text_encoder)")
+    parser.add_argument("--data", required=True,
+                        help="shard dataset folder with train/ and val/ (e.g. datasets/shapes)")
     parser.add_argument("--out", required=True, help="cache folder to write (e.g. checkpoints/shapes/cache)")
-    parser.add_argument("--resolution", type=checks.int_at_least(1), default=32, help="image size the shards are decoded at")
-    parser.add_argument("--splits", type=checks.comma_list(str), default="train,val", help="comma-separated splits to encode")
-    parser.add_argument("--batch-size", type=checks.int_at_least(1), default=256, help="images encoded per forward pass")
+    parser.add_argument("--resolution", type=checks.int_at_least(1), default=32,
+                        help="image size the shards are decoded at")
+    parser.add_argument("--splits", type=checks.comma_list(str), default="train,val",
+                        help="comma-separated splits to encode")
+    parser.add_argument("--batch-size", type=checks.int_at_least(1), default=256,
+                        help="images encoded per forward pass")
     parser.add_argument("--max-samples", type=checks.int_at_least(1), default=None,
                         help="encode at most this many samples per split, the first in shard order (default: all); "
                              "a short training sees only a fraction of a large dataset")
@@ -74,5 +80,6 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     n = sum(s["samples"] for s in info["splits"].values())
     skipped = sum(s["skipped"] for s in info["splits"].values())
-    print(f"cached {n} samples ({skipped} skipped) in {seconds:.1f} s ({n / max(seconds, 1e-9):.0f} img/s) -> {args.out}")
+    print(f"cached {n} samples ({skipped} skipped) in {seconds:.1f} s "
+          f"({n / max(seconds, 1e-9):.0f} img/s) -> {args.out}")
     return 0

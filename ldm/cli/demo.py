@@ -55,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=d.data_dir, help="shapes dataset folder to build")
     parser.add_argument("--run-dir", default=d.run_dir, help="folder of the runs, parts, cache, pipeline and results")
     parser.add_argument("--log-dir", default=None, help="folder of the stage logs (default: RUN_DIR/logs)")
-    parser.add_argument("--data-args", default=None, help="extra flags of `ldm data shapes`, one string (e.g. \"--train 2000\")")
+    parser.add_argument("--data-args", default=None,
+                        help="extra flags of `ldm data shapes`, one string (e.g. \"--train 2000\")")
     parser.add_argument("--fit-args", default=None, help="extra flags of every `ldm fit`, one string")
 
 

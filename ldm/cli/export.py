@@ -11,10 +11,13 @@ HELP = "export a trained part from a Lightning checkpoint (VAE: measures the lat
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ckpt", required=True, help="Lightning checkpoint written by `ldm fit` (e.g. checkpoints/shapes/vae/checkpoints/last.ckpt)")
+    parser.add_argument("--ckpt", required=True,
+                        help="Lightning checkpoint written by `ldm fit` "
+                             "(e.g. checkpoints/shapes/vae/checkpoints/last.ckpt)")
     parser.add_argument("--out", required=True, help="folder to write the part to (config.json + model.safetensors)")
     parser.add_argument("--data-dir", default=None,
-                        help="shard folder to use instead of the one recorded in the checkpoint (for measurements done at export)")
+                        help="shard folder to use instead of the one recorded in the checkpoint "
+                             "(for measurements done at export)")
 
 
 def run(args: argparse.Namespace) -> int:

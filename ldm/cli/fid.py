@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="val", help="real split whose images and captions are compared")
     parser.add_argument("--n", type=checks.int_at_least(2), default=2000,
                         help="images: the first n samples of the split, one generated per caption")
-    parser.add_argument("--steps", type=checks.int_at_least(1), default=None, help="sampling steps; None: pipeline.json's")
+    parser.add_argument("--steps", type=checks.int_at_least(1), default=None,
+                        help="sampling steps; None: pipeline.json's")
     parser.add_argument("--sampler", default=None, help="sampler (ddim, dpmpp-2m, heun, …); None: pipeline.json's")
     parser.add_argument("--guidance", type=checks.float_in(0), default=None,
                         help="classifier-free guidance scale; None: pipeline.json's")
@@ -52,11 +53,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="local transformers CLIP folder for the CLIP score (None: the project CLIP)")
     parser.add_argument("--probe", default="checkpoints/shapes/parts/probe",
                         help="shapes probe for adherence (shapes data only); trained on --data if missing")
-    parser.add_argument("--probe-steps", type=checks.int_at_least(1), default=1500, help="training steps of a missing probe (and two-object detector)")
+    parser.add_argument("--probe-steps", type=checks.int_at_least(1), default=1500,
+                        help="training steps of a missing probe (and two-object detector)")
     parser.add_argument("--no-references", action="store_true",
                         help="skip the reference points (train-vs-val floor, VAE reconstructions)")
     parser.add_argument("--cache-dir", default="checkpoints/fid_cache", help="cache of real-image features ('' = off)")
-    parser.add_argument("--batch-size", type=checks.int_at_least(1), default=100, help="images sampled / featurized together")
+    parser.add_argument("--batch-size", type=checks.int_at_least(1), default=100,
+                        help="images sampled / featurized together")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise and of KID's subsets")
     parser.add_argument("--out", default=None,
                         help="results JSON (None: PIPELINE/fid.json); a sweep adds OUT.csv and OUT_*.png plots")

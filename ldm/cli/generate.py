@@ -16,7 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ldm.diffusion.samplers import SAMPLERS
 
     parser.add_argument("--pipeline", default="checkpoints/shapes/pipeline",
-                        help="pipeline folder (vae/ text_encoder/ unet/ scheduler/ pipeline.json), written by make train-ldm")
+                        help="pipeline folder (vae/ text_encoder/ unet/ scheduler/ pipeline.json), "
+                             "written by make train-ldm")
     parser.add_argument("--prompt", action="append", default=None,
                         help="a prompt; repeat the flag for several (each becomes a grid row). '' is unconditional")
     parser.add_argument("--prompts-file", default=None, help="text file with one prompt per line (added to --prompt)")
@@ -24,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=checks.int_at_least(1), default=4, help="images per prompt (grid columns)")
     parser.add_argument("--steps", type=checks.int_at_least(1), default=None,
                         help="sampling steps (default: pipeline.json's, 20)")
-    parser.add_argument("--sampler", default=None, choices=list(SAMPLERS), help="sampler (default: pipeline.json's, dpmpp-2m)")
+    parser.add_argument("--sampler", default=None, choices=list(SAMPLERS),
+                        help="sampler (default: pipeline.json's, dpmpp-2m)")
     parser.add_argument("--guidance", type=checks.float_in(0), default=None,
                         help="classifier-free guidance scale w (1 = off, 0 = unconditional; default: pipeline.json's)")
     parser.add_argument("--guidance-rescale", type=checks.float_in(0, 1), default=None,

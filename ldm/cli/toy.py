@@ -28,14 +28,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samplers", nargs="+", default=None,
                         help="samplers to plot; all of them when omitted (ddpm ddim dpmpp-2m euler euler-a heun lcm "
                              "langevin pc)")
-    parser.add_argument("--steps", nargs="+", type=checks.int_at_least(1), default=[5, 10, 25, 50], help="sampling step counts (figure columns)")
+    parser.add_argument("--steps", nargs="+", type=checks.int_at_least(1), default=[5, 10, 25, 50],
+                        help="sampling step counts (figure columns)")
     parser.add_argument("--train-steps", type=checks.int_at_least(1), default=4000, help="optimizer steps for the MLP")
     parser.add_argument("--samples", type=checks.int_at_least(2), default=2000, help="points drawn per panel")
     parser.add_argument("--schedule", default="scaled_linear", help="noise schedule: linear, scaled_linear or cosine")
     parser.add_argument("--seed", type=int, default=0, help="seed for data, training and sampling")
     parser.add_argument("--score-views", action=argparse.BooleanOptionalAction, default=True,
-                        help="also train a VE model and draw score_views.png: annealed Langevin, VE predictor-corrector "
-                             "and the PF-ODE density beside the true density")
+                        help="also train a VE model and draw score_views.png: annealed Langevin, VE "
+                             "predictor-corrector and the PF-ODE density beside the true density")
     parser.add_argument("--langevin-levels", type=checks.int_at_least(1), default=20,
                         help="noise levels of annealed Langevin (geometric)")
     parser.add_argument("--langevin-steps", type=checks.int_at_least(1), default=100, help="Langevin steps per level")
@@ -48,8 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gaussian-table", action="store_true",
                         help="also compute mean/variance errors of every sampler on Gaussian data with the exact model")
     parser.add_argument("--table-std", type=checks.float_in(1e-6), default=1.0, help="data std of the Gaussian table")
-    parser.add_argument("--table-samples", type=checks.int_at_least(2), default=100_000, help="Monte-Carlo samples for stochastic samplers in the table")
-    parser.add_argument("--table-spacing", default="trailing", help="timestep spacing for the table: trailing, leading, linspace or karras")
+    parser.add_argument("--table-samples", type=checks.int_at_least(2), default=100_000,
+                        help="Monte-Carlo samples for stochastic samplers in the table")
+    parser.add_argument("--table-spacing", default="trailing",
+                        help="timestep spacing for the table: trailing, leading, linspace or karras")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,11 +84,13 @@ def run(args: argparse.Namespace) -> int:
               f"{sv['ode_nll_nats']} nats (PF-ODE) vs {sv['true_nll_nats']} (true density at τ=0) -> "
               f"{args.out / 'score_views.png'}")
     if args.gaussian_table:
-        rows = toy.gaussian_error_table(std=args.table_std, n=args.table_samples, spacing=args.table_spacing, seed=args.seed)
+        rows = toy.gaussian_error_table(std=args.table_std, n=args.table_samples, spacing=args.table_spacing,
+                                        seed=args.seed)
         display = toy.error_table_rows(rows)
         table = format_table(display, [(k, k, "") for k in display[0]], markdown=True)
-        header = (f"Mean / variance error in % for x0 ~ N(0.5, {args.table_std}²), exact model, {args.table_spacing} spacing, "
-                  f"scaled_linear T=1000; (MC) rows use {args.table_samples} samples.\n\n")
+        header = (f"Mean / variance error in % for x0 ~ N(0.5, {args.table_std}²), exact model, "
+                  f"{args.table_spacing} spacing, scaled_linear T=1000; "
+                  f"(MC) rows use {args.table_samples} samples.\n\n")
         (args.out / "gaussian_errors.md").write_text(header + table + "\n")
         (args.out / "gaussian_errors.json").write_text(json.dumps(rows, indent=2) + "\n")
         print(table)

@@ -157,7 +157,8 @@ def pop_continue_from(argv: list[str]) -> tuple[list[str], str | None]:
         arg = argv[i]
         if arg == "--continue-from":
             if i + 1 >= len(argv):
-                raise UsageError("--continue-from needs a checkpoint path (e.g. checkpoints/shapes/ldm/checkpoints/last.ckpt)")
+                raise UsageError("--continue-from needs a checkpoint path "
+                                 "(e.g. checkpoints/shapes/ldm/checkpoints/last.ckpt)")
             found, i = argv[i + 1], i + 2
             continue
         if arg.startswith("--continue-from="):

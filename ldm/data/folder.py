@@ -11,9 +11,9 @@ palette and CMYK modes, EXIF orientation, transparency composited on ``backgroun
 limit), so truncated or unusable files are caught here; captions are strict UTF-8. Images are optionally
 resized (``size``: shorter side to ``size`` + centre crop, exactly as the loader does; ``max_side``:
 downscale so the longer side fits; ``buckets``: keep the aspect ratio, downscaled to just cover the image's
-aspect-ratio bucket of ``ldm.data.buckets``, for bucketed training) and deduplicated by the SHA-256 of their file bytes (the first path in
-sorted order is kept). An opaque RGB PNG/JPEG/WebP that needs no resizing is stored as is (no re-encoding loss;
-the loader applies its EXIF orientation), anything else as the decoded RGB pixels. Skipped files are
+aspect-ratio bucket of ``ldm.data.buckets``, for bucketed training) and deduplicated by the SHA-256 of their file bytes
+(the first path in sorted order is kept). An opaque RGB PNG/JPEG/WebP that needs no resizing is stored as is (no
+re-encoding loss; the loader applies its EXIF orientation), anything else as the decoded RGB pixels. Skipped files are
 listed by reason (the keys of ``SKIP_REASONS``) in ``report.json`` and counted in ``info.json``. The
 train/val assignment follows the content hash, so it is stable when files are added.
 """
@@ -272,7 +272,8 @@ def build_folder(src: str | Path, out_dir: str | Path, size: int | None = None, 
             "counts": {k: len(v) for k, v in splits.items()}, "shards": shards,
             "skipped": report["skipped_counts"], "seed": seed,
             "sizes": {split: dict(sorted(v.items())) for split, v in sizes.items()},
-            "buckets": None if buckets is None else {**dataclasses.asdict(buckets), "list": [list(b) for b in buckets.buckets()]}}
+            "buckets": None if buckets is None else {**dataclasses.asdict(buckets),
+                                                     "list": [list(b) for b in buckets.buckets()]}}
     write_info(out, info)
     if skipped:
         print(f"skipped {sum(len(v) for v in skipped.values())} of {len(entries)} files: "

@@ -53,8 +53,9 @@ class Benchmark:
         """Interchangeable words/phrases of the captions (NegCLIP-style hard negatives)."""
         return None
 
-    def adherence_scorer(self, data_dir: str, probe_dir: str, train_steps: int = 1500,
-                         device: Any = None) -> Callable[[torch.Tensor, Sequence[dict[str, Any]]], dict[str, Any]] | None:
+    def adherence_scorer(
+        self, data_dir: str, probe_dir: str, train_steps: int = 1500, device: Any = None,
+    ) -> Callable[[torch.Tensor, Sequence[dict[str, Any]]], dict[str, Any]] | None:
         """``score(images, metas) -> {"adherence_n": n, <attribute>: fraction, ...}``: how often images generated
         from captions show what the captions' metadata says (a probe read-back), or None when the dataset has none.
         The probe is loaded from ``probe_dir`` (trained on ``data_dir`` there first if missing); a dataset with more

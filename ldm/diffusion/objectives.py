@@ -52,7 +52,8 @@ def training_target(x0: Tensor, noise: Tensor, alpha: Coef, sigma: Coef, predict
     return x0
 
 
-def predict_x0_eps(output: Tensor, x_t: Tensor, alpha: Coef, sigma: Coef, prediction_type: str) -> tuple[Tensor, Tensor]:
+def predict_x0_eps(output: Tensor, x_t: Tensor, alpha: Coef, sigma: Coef,
+                   prediction_type: str) -> tuple[Tensor, Tensor]:
     """``(x0, eps)`` implied by a model ``output`` at ``x_t = α x0 + σ ε``.
 
     eps: x0 = (x_t − σ ε)/α (DDPM eq. 4 solved for x0, DDIM eq. 9); x0: ε = (x_t − α x0)/σ;
@@ -148,11 +149,13 @@ def dsm_loss(score: Tensor, x_t: Tensor, x0: Tensor, sigma: Coef, alpha: Coef = 
     return 0.5 * per_sample.mean()
 
 
-def consistency_scalings(t: Tensor | float, sigma_data: float = 0.5, timestep_scaling: float = 10.0) -> tuple[Tensor, Tensor]:
+def consistency_scalings(t: Tensor | float, sigma_data: float = 0.5,
+                         timestep_scaling: float = 10.0) -> tuple[Tensor, Tensor]:
     """Boundary-condition scalings ``f(x, t) = c_skip(t) x + c_out(t) x̂0`` of a consistency model
     (Song et al. 2023, eq. 5; LCM, Luo et al. 2023, uses the same form on the x̂0 of an ε/v model),
-    in the discrete-time form of LCM's reference implementation: ``c_skip = σ_d² / ((k t)² + σ_d²)``, ``c_out = k t / √((k t)² + σ_d²)`` with
-    ``k = timestep_scaling``. ``c_skip(0) = 1``, ``c_out(0) = 0``, so f(x, 0) = x."""
+    in the discrete-time form of LCM's reference implementation: ``c_skip = σ_d² / ((k t)² + σ_d²)``,
+    ``c_out = k t / √((k t)² + σ_d²)`` with ``k = timestep_scaling``. ``c_skip(0) = 1``, ``c_out(0) = 0``, so
+    f(x, 0) = x."""
     scaled = torch.as_tensor(t, dtype=torch.float64) * timestep_scaling
     c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
     c_out = scaled / (scaled**2 + sigma_data**2).sqrt()

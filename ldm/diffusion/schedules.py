@@ -72,7 +72,8 @@ class ScheduleConfig:
             if not 0 < self.beta_start <= self.beta_end < 1:
                 raise ValueError(f"need 0 < beta_start <= beta_end < 1, got {self.beta_start}, {self.beta_end}")
         elif not 0 < self.max_beta < 1 or self.cosine_s < 0:
-            raise ValueError(f"cosine schedule needs 0 < max_beta < 1 and cosine_s >= 0, got {self.max_beta}, {self.cosine_s}")
+            raise ValueError(f"cosine schedule needs 0 < max_beta < 1 and cosine_s >= 0, "
+                             f"got {self.max_beta}, {self.cosine_s}")
 
 
 def make_betas(config: ScheduleConfig) -> Tensor:

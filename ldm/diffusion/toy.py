@@ -156,7 +156,8 @@ def run_gaussian(name: str, data: GaussianData, schedule: DiscreteSchedule, step
         return sample_reverse_sde(model, x_T, schedule, steps, "eps", generator=generator)
     if name == "pf-ode":
         return sample_probability_flow(model, x_T, schedule, steps, "eps")
-    return sample(model, x_T, schedule, steps, sampler=name, prediction_type="eps", spacing=spacing, generator=generator)
+    return sample(model, x_T, schedule, steps, sampler=name, prediction_type="eps", spacing=spacing,
+                  generator=generator)
 
 
 def gaussian_error_table(mean: float = 0.5, std: float = 1.0, n: int = 100_000,
@@ -173,10 +174,12 @@ def gaussian_error_table(mean: float = 0.5, std: float = 1.0, n: int = 100_000,
     schedule = schedule or DiscreteSchedule.from_name("scaled_linear")
     data = GaussianData([mean], [std])
     rows = []
-    default = [n for n in SAMPLERS if n != "langevin"] + ["reverse-sde", "pf-ode"]  # Langevin: 100 evaluations per level
+    # Langevin: 100 evaluations per level
+    default = [n for n in SAMPLERS if n != "langevin"] + ["reverse-sde", "pf-ode"]
     for name in samplers or default:
         for steps in step_counts:
-            t0 = schedule.num_train_timesteps - 1 if name in ("reverse-sde", "pf-ode") else schedule.timesteps(steps, spacing)[0].item()
+            t0 = (schedule.num_train_timesteps - 1 if name in ("reverse-sde", "pf-ode")
+                  else schedule.timesteps(steps, spacing)[0].item())
             alpha, sigma = (float(v) for v in schedule.alpha_sigma(torch.tensor(t0, dtype=torch.float64)))
             m_T, s_T = data.marginal(alpha, sigma)
             gen = torch.Generator().manual_seed(seed)
@@ -184,7 +187,8 @@ def gaussian_error_table(mean: float = 0.5, std: float = 1.0, n: int = 100_000,
                 out = run_gaussian(name, data, schedule, steps, torch.stack([m_T, m_T + s_T]), spacing)
                 out_mean, out_var = out[0], (out[1] - out[0]) ** 2
             else:
-                out = run_gaussian(name, data, schedule, steps, data.sample_marginal(schedule, t0, n, gen), spacing, gen)
+                out = run_gaussian(name, data, schedule, steps, data.sample_marginal(schedule, t0, n, gen),
+                                   spacing, gen)
                 out_mean, out_var = out.mean(0), out.var(0)
             rows.append({"sampler": name, "steps": steps, "exact": name in DETERMINISTIC,
                          "mean_err": ((out_mean - data.mean) / data.std).item(),

@@ -108,9 +108,11 @@ def evaluate_pipeline(pipeline: str | Path, data: str | Path, split: str = "val"
 
     result: dict[str, Any] = {
         "pipeline": str(pipeline), "pipeline_hash": folder_hash(pipeline), "data": str(data), "split": split, "n": n,
-        "features": features, "metric": fid.metric_name(extractor), "extractor_hash": fid.extractor_fingerprint(extractor),
+        "features": features, "metric": fid.metric_name(extractor),
+        "extractor_hash": fid.extractor_fingerprint(extractor),
         "image_encoder": str(encoder_dir) if image_features is not None else None,
-        "clip_score_model": str(clip_score_model) if clip_score_model else "project CLIP (text_encoder + image_encoder)",
+        "clip_score_model": (str(clip_score_model) if clip_score_model
+                             else "project CLIP (text_encoder + image_encoder)"),
         "seed": seed, "real_features_cached": hit, "references": refs, "results": rows,
         "wall_seconds": round(time.perf_counter() - start, 2)}
     if len(rows) == 1:

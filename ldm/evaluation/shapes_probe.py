@@ -278,8 +278,8 @@ def _train_probe(data_dir: str | Path, out_dir: str | Path | None, steps: int, b
     train_seconds, train_cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
     val_images, val_labels = load_labelled(data_dir, "val", max_val, config.resolution)
     metrics = {"val": evaluate_probe(probe, val_images, val_labels), "train_seconds": round(train_seconds, 1),
-               "train_cpu_seconds": round(train_cpu_seconds, 1), "steps": steps, "batch_size": batch_size, "train_images": len(labels), "seed": seed,
-               "data_dir": str(data_dir)}
+               "train_cpu_seconds": round(train_cpu_seconds, 1), "steps": steps, "batch_size": batch_size,
+               "train_images": len(labels), "seed": seed, "data_dir": str(data_dir)}
     probe.metrics = metrics
     if log:
         log("probe val accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics["val"].items() if k != "n")

@@ -45,7 +45,8 @@ def train_toy(schedule: NoiseSchedule, steps: int = 4000, batch_size: int = 256,
         t = torch.randint(0, schedule.num_train_timesteps, (batch_size,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
         x_t = schedule.q_sample(x0, t, noise)
-        loss = diffusion_loss(model(schedule.scale_model_input(x_t, t), t.float()), x0, noise, t, schedule, prediction_type)
+        loss = diffusion_loss(model(schedule.scale_model_input(x_t, t), t.float()), x0, noise, t, schedule,
+                              prediction_type)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -90,10 +91,11 @@ def run_toy(out_dir: str | Path, samplers: list[str] | None = None, step_counts:
     metrics: dict[str, Any] = {"train_steps": train_steps, "train_seconds": round(train_s, 2),
                                "train_cpu_seconds": round(train_cpu_s, 2),
                                "final_loss": sum(losses[-100:]) / len(losses[-100:]),
-                               "swd_data_vs_data": sliced_wasserstein(data, swiss_roll(n_samples, torch.Generator().manual_seed(seed + 2))),
+                               "swd_data_vs_data": sliced_wasserstein(
+                                   data, swiss_roll(n_samples, torch.Generator().manual_seed(seed + 2))),
                                "swd": {}}
-    fig, axes = plt.subplots(len(samplers), len(step_counts) + 1, figsize=(2.2 * (len(step_counts) + 1), 2.2 * len(samplers)),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(samplers), len(step_counts) + 1,
+                             figsize=(2.2 * (len(step_counts) + 1), 2.2 * len(samplers)), squeeze=False)
     for r, name in enumerate(samplers):
         axes[r][0].scatter(data[:, 0], data[:, 1], s=1, c="k")
         axes[r][0].set_title("data" if r == 0 else "", fontsize=8)
@@ -125,7 +127,8 @@ def run_toy(out_dir: str | Path, samplers: list[str] | None = None, step_counts:
     return metrics
 
 
-TOY_VE = VEScheduleConfig(sigma_min=0.01, sigma_max=4.0)  # σ_max ≈ the largest pairwise distance (Song & Ermon 2019 §4.2)
+# σ_max ≈ the largest pairwise distance (Song & Ermon 2019 §4.2)
+TOY_VE = VEScheduleConfig(sigma_min=0.01, sigma_max=4.0)
 
 
 def score_views(out_dir: str | Path, vp_model: ToyMLP, vp_schedule: DiscreteSchedule, train_steps: int = 4000,

@@ -89,7 +89,8 @@ def rebuild_from_checkpoint(ckpt_path: str | Path, data_dir: str | None = None) 
     ckpt = load_sharded_checkpoint(ckpt_path) if is_sharded_checkpoint(ckpt_path) else load_checkpoint(ckpt_path)
     name = ckpt.get(CLASS_KEY)
     if not isinstance(name, str):
-        raise PartError(f"{source} records no model class ({CLASS_KEY}); was it written by `ldm fit` with an ldm model?")
+        raise PartError(f"{source} records no model class ({CLASS_KEY}); "
+                        "was it written by `ldm fit` with an ldm model?")
     cls = training_class(name, "model", source)
     hparams = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if not str(k).startswith("_")}
     hparams = checked_arguments(cls, upgrade_hparams(cls.__name__, hparams), source)

@@ -421,7 +421,8 @@ class LatentDiffusion(PartModule):
         z0, cond = self.latents_and_conditioning(batch)
         cond = drop_for_guidance(cond, self.empty_conditioning(), self.hparams.p_uncond)
         noise = offset_noise(z0, self.hparams.offset_noise) if self.hparams.offset_noise else torch.randn_like(z0)
-        t = sample_timesteps(z0.shape[0], self.schedule.num_train_timesteps, self.hparams.stratified_timesteps, z0.device)
+        t = sample_timesteps(z0.shape[0], self.schedule.num_train_timesteps, self.hparams.stratified_timesteps,
+                             z0.device)
         loss = self.loss(z0, cond, t, noise)
         self.log("train/loss", loss, prog_bar=True, batch_size=z0.shape[0])
         return loss
@@ -499,11 +500,13 @@ class LatentDiffusion(PartModule):
             record = {"trained_from": start.get("path")} if start else {}
             return lambda out: save_lora(pipe.denoiser, out, spec, base_hash=start.get("denoiser_sha256"),
                                          record=record)
-        image_encoder = Path(self.hparams.text_encoder_path) / "image_encoder" if self.hparams.text_encoder_path else None
+        image_encoder = (Path(self.hparams.text_encoder_path) / "image_encoder"
+                         if self.hparams.text_encoder_path else None)
 
         def write(out: Path) -> None:
             pipe.save_pretrained(out)
-            if image_encoder is not None and image_encoder.is_dir():  # the CLIP image tower travels along for FD-CLIP / CLIP score
+            # the CLIP image tower travels along for FD-CLIP / CLIP score
+            if image_encoder is not None and image_encoder.is_dir():
                 shutil.copytree(image_encoder, out / "text_encoder" / "image_encoder", dirs_exist_ok=True)
 
         return write

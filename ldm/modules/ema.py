@@ -25,7 +25,8 @@ class EMA(nn.Module):
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.shadow = nn.ParameterList(
-            [nn.Parameter(p.detach().clone(), requires_grad=False) for n, p in model.named_parameters() if p.requires_grad]
+            [nn.Parameter(p.detach().clone(), requires_grad=False)
+             for n, p in model.named_parameters() if p.requires_grad]
         )
 
     def current_decay(self) -> float:

@@ -70,7 +70,8 @@ class LPIPS(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Zhang et al. 2018, eq. 1: weighted squared distance of unit-normalised features, averaged spatially."""
         if x.shape != y.shape or x.shape[1] != 3:
-            raise ValueError(f"LPIPS compares two RGB batches of the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+            raise ValueError(f"LPIPS compares two RGB batches of the same shape, "
+                             f"got {tuple(x.shape)} and {tuple(y.shape)}")
         total = 0.0
         for lin, fx, fy in zip(self.lin, self.taps(x), self.taps(y)):
             total = total + lin((_normalize(fx) - _normalize(fy)).pow(2)).mean(dim=(2, 3), keepdim=True)
@@ -80,13 +81,15 @@ class LPIPS(nn.Module):
     def from_file(cls, path: str | Path) -> "LPIPS":
         """Load VGG16 + linear-head weights from a file or a folder of files (see the module docstring)."""
         path = Path(path)
-        files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".pth", ".pt")) if path.is_dir() else [path]
+        files = (sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".pth", ".pt"))
+                 if path.is_dir() else [path])
         if not files or not all(f.is_file() for f in files):
             raise FileNotFoundError(f"LPIPS weights not found at {path}: give lpips_path a .safetensors/.pth file or a "
                                     "folder with torchvision's VGG16 weights and the lpips package's vgg.pth")
         state: dict[str, torch.Tensor] = {}
         for f in files:
-            raw = load_file(str(f)) if f.suffix == ".safetensors" else torch.load(f, map_location="cpu", weights_only=True)
+            raw = (load_file(str(f)) if f.suffix == ".safetensors"
+                   else torch.load(f, map_location="cpu", weights_only=True))
             state.update(_canonical_keys(raw))
         model = cls()
         expected = set(model.state_dict())

@@ -53,7 +53,8 @@ class ExtraConditionEmbedding(nn.Module):
         for name in self.names:
             value = extras[name]
             if value.shape != (batch, self.sizes[name]):
-                raise ValueError(f"cond.extras[{name!r}] must be (B={batch}, {self.sizes[name]}), got {tuple(value.shape)}")
+                raise ValueError(f"cond.extras[{name!r}] must be (B={batch}, {self.sizes[name]}), "
+                                 f"got {tuple(value.shape)}")
             columns.append(value.to(self.linear_1.weight.device, torch.float32))
         scalars = torch.cat(columns, dim=1)                                    # (B, S)
         features = timestep_embedding(scalars.reshape(-1), self.fourier_dim)   # one sinusoid per scalar
@@ -86,7 +87,8 @@ def with_default_extras(denoiser: nn.Module, cond: Conditioning, height: int, wi
         return cond
     unknown = sorted(set(missing) - set(SIZE_CONDITIONS))
     if unknown:
-        raise ValueError(f"the denoiser asks for extras {unknown} that have no default: pass them in Conditioning.extras")
+        raise ValueError(f"the denoiser asks for extras {unknown} that have no default: "
+                         "pass them in Conditioning.extras")
     b = cond.batch_size
     size = torch.tensor([[height, width]], dtype=torch.float32).expand(b, 2)
     defaults = size_extras(size, torch.zeros(b, 2), (height, width), missing)

@@ -394,7 +394,8 @@ class CLIPTextConditioner(nn.Module):
                             ".safetensors/.bin/.pt file; nothing is downloaded)")
         text_cfg = dict(model_cfg.get("text_cfg", {}))
         unsupported = {k: v for k, v in text_cfg.items() if k not in _OPEN_CLIP_TEXT_KEYS and v not in (None, False)}
-        if text_cfg.get("pool_type", "argmax") not in ("argmax", "eos") or text_cfg.get("proj_type", "linear") != "linear":
+        if (text_cfg.get("pool_type", "argmax") not in ("argmax", "eos")
+                or text_cfg.get("proj_type", "linear") != "linear"):
             unsupported.update({k: text_cfg[k] for k in ("pool_type", "proj_type") if k in text_cfg})
         if unsupported:
             raise PartError(f"open_clip model {model}: text tower options {unsupported} are not supported "

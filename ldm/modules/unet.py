@@ -179,8 +179,9 @@ class Level(nn.Module):
                  resample: nn.Module | None):
         super().__init__()
         emb_dim = 4 * config.model_channels
-        self.res = nn.ModuleList(ResBlock(c, channels, emb_dim, config.dropout, config.num_groups, config.scale_shift_norm)
-                                 for c in in_channels)
+        self.res = nn.ModuleList(
+            ResBlock(c, channels, emb_dim, config.dropout, config.num_groups, config.scale_shift_norm)
+            for c in in_channels)
         self.attn = nn.ModuleList(
             SpatialTransformer(channels, config.context_dim, config.heads_for(channels), config.transformer_depth,
                                config.num_groups, config.ff_mult)

@@ -40,4 +40,5 @@ from ldm.training.sharded import ShardedStrategy
 __all__ = ["AtomicCheckpointIO", "CheckpointLoadError", "SafeFSDPStrategy", "atomic_torch_save",
            "resume_checkpoint_path", "save_resume_checkpoint", "NonFiniteLossError", "SkipNonFiniteSteps",
            "Preempted", "PreemptionCheckpoint", "AllReduceTimer", "StepTimer", "ResumableLoader", "SeedEveryStep",
-           "step_seed", "CompileModules", "ContinueFrom", "ShardedStrategy", "FitToTimeBudget", "planned_steps", "warmup_cosine"]
+           "step_seed", "CompileModules", "ContinueFrom", "ShardedStrategy", "FitToTimeBudget", "planned_steps",
+           "warmup_cosine"]

@@ -97,6 +97,7 @@ class SafeFSDPStrategy(FSDPStrategy):
         path = Path(self.broadcast(checkpoint_path))
         if path.is_dir():
             raise CheckpointLoadError(f"{path} is a sharded FSDP checkpoint, whose metadata torch reads with pickle; "
-                                      "ldm resumes FSDP runs from full checkpoints only (strategy state_dict_type: full)")
+                                      "ldm resumes FSDP runs from full checkpoints only "
+                                      "(strategy state_dict_type: full)")
         load_checkpoint(path)  # weights-only check of the whole file before Lightning's own loader touches it
         return super().load_checkpoint(path, weights_only=True)

@@ -113,8 +113,9 @@ class ContinueFrom(Callback):
         self.report = {"step": step, "reinitialised": changed, "not_in_checkpoint": missing,
                        "optimizer_params_loaded": loaded}
         if changed or missing:
-            warnings.warn(f"--continue-from {self.ckpt_path}: kept the fresh initialisation of {len(changed)} tensor(s) "
-                          f"whose shape changed ({', '.join(changed[:6])}{' …' if len(changed) > 6 else ''}) and "
+            warnings.warn(f"--continue-from {self.ckpt_path}: kept the fresh initialisation of "
+                          f"{len(changed)} tensor(s) whose shape changed "
+                          f"({', '.join(changed[:6])}{' …' if len(changed) > 6 else ''}) and "
                           f"{len(missing)} the checkpoint lacks", UserWarning, stacklevel=2)
         if trainer.is_global_zero:
             print(f"continuing {self.ckpt_path} from step {step}: {len(merged) - len(changed) - len(missing)} tensors "

@@ -8,10 +8,10 @@ Lightning's checkpoint restores weights, optimizer and LR-scheduler state, the s
   and posterior samples of batch *n* are then a function of *n* alone, whatever ran before (validation,
   sample logging, a restart). It also gives each DDP rank its own stream: with one global seed every rank
   would draw the *same* noise for its different images.
-* **Data position.** :class:`~ldm.data.resumable.ResumableLoader` is a DataLoader with ``state_dict``/``load_state_dict``, so
-  Lightning saves its pass number and the batches already trained in the checkpoint and restores them
-  before creating the iterator. The pass number seeds the shuffle (and a ``ShardDataset``'s ``epoch``), and
-  the resumed pass skips the batches already trained. Skipping re-reads them (exact with any number of
+* **Data position.** :class:`~ldm.data.resumable.ResumableLoader` is a DataLoader with
+  ``state_dict``/``load_state_dict``, so Lightning saves its pass number and the batches already trained in the
+  checkpoint and restores them before creating the iterator. The pass number seeds the shuffle (and a ``ShardDataset``'s
+  ``epoch``), and the resumed pass skips the batches already trained. Skipping re-reads them (exact with any number of
   workers, costs the loading time of those batches, not their training).
 """
 
