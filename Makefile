@@ -201,7 +201,7 @@ gpu-check: $(STAMP)
 
 # ---- lint and tests -----------------------------------------------------------------------------------
 lint: $(STAMP)
-	$(VENV)/bin/ruff check ldm tests
+	$(VENV)/bin/ruff check .
 
 
 # pytest exits 5 when it collects nothing: that is a failure here, as is any other non-zero exit.
