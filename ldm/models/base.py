@@ -250,6 +250,24 @@ class PartModule(pl.LightningModule, abc.ABC):
 
         log_skip_reasons(self, "val")
 
+    # ---- the validation sample grid (modules that draw samples set val_prompts and sample_every_n_val) ----
+    val_prompts: list[str] | None = None
+    _val_runs = 0
+
+    def sample_prompts(self) -> list[str]:
+        """The validation grid's prompts: ``val_prompts``, else the training dataset's own (or none)."""
+        if self.val_prompts is not None:
+            return self.val_prompts
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        benchmark = getattr(dm, "benchmark", None)
+        return list(benchmark.val_prompts()) if benchmark is not None else []
+
+    def wants_samples(self) -> bool:
+        """Count a validation run; True on every ``sample_every_n_val``-th one when there are prompts to draw."""
+        self._val_runs += 1
+        every = self.hparams.get("sample_every_n_val", 0)
+        return bool(every and self._val_runs % every == 0 and self.sample_prompts())
+
     # ---- checkpoints -----------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CLASS_KEY] = class_path(self)

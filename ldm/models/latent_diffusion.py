@@ -299,7 +299,6 @@ class LatentDiffusion(PartModule):
         self.track_ema(self.denoiser, ema_decay)
         self.val_prompts = None if val_prompts is None else list(val_prompts)
         self._empty: Conditioning | None = None
-        self._val_runs = 0
         self.fast: FastPath | None = None  # the training fast path, chosen on the first training batch
 
     def check_denoiser(self, latent_size: int, learned_variance: bool = False) -> None:
@@ -443,19 +442,9 @@ class LatentDiffusion(PartModule):
         self.log("val/loss", loss, prog_bar=True, batch_size=z0.shape[0], sync_dist=True)
         return loss
 
-    def sample_prompts(self) -> list[str]:
-        """The validation grid's prompts: ``val_prompts``, else the training dataset's own (or none)."""
-        if self.val_prompts is not None:
-            return self.val_prompts
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        benchmark = getattr(dm, "benchmark", None)
-        return list(benchmark.val_prompts()) if benchmark is not None else []
-
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
-        self._val_runs += 1
-        every = self.hparams.sample_every_n_val
-        if not (every and self._val_runs % every == 0 and self.sample_prompts()):
+        if not self.wants_samples():
             return
         if self.sharded:  # gathering the sharded weights is a collective: every rank builds the pipeline
             pipe = self.pipeline()

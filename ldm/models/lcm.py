@@ -117,7 +117,6 @@ class LatentConsistencyDistillation(PartModule):
         self.track_ema(self.denoiser, ema_decay)
         self.val_prompts = None if val_prompts is None else list(val_prompts)
         self._empty: Conditioning | None = None
-        self._val_runs = 0
 
     # ---- frozen parts (and the teacher) stay out of checkpoints ------------------------------------
     _FROZEN = ("vae.", "text_encoder.", "teacher.")
@@ -239,18 +238,9 @@ class LatentConsistencyDistillation(PartModule):
         self.log("val/loss", loss, prog_bar=True, batch_size=z0.shape[0], sync_dist=True)
         return loss
 
-    def sample_prompts(self) -> list[str]:
-        if self.val_prompts is not None:
-            return self.val_prompts
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        benchmark = getattr(dm, "benchmark", None)
-        return list(benchmark.val_prompts()) if benchmark is not None else []
-
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
-        self._val_runs += 1
-        every = self.hparams.sample_every_n_val
-        if every and self._val_runs % every == 0 and self.trainer.is_global_zero and self.sample_prompts():
+        if self.wants_samples() and self.trainer.is_global_zero:
             prompts = self.sample_prompts()
             images = self.pipeline()(prompts, n_per_prompt=4, seed=0, progress=False)
             self.log_image("val/samples", image_grid(images, rows=len(prompts), scale=2))
