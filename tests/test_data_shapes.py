@@ -147,7 +147,7 @@ def test_cli_build_is_deterministic_across_process_counts(tmp_path):
             assert (tmp_path / "a" / split / f).read_bytes() == (tmp_path / "b" / split / f).read_bytes()
     info = json.loads((tmp_path / "a" / "info.json").read_text())
     assert info["counts"] == {"train": 48, "val": 16} and info["resolution"] == 32
-    assert info["generator"] == {"version": shapes.VERSION, "seed": 5, "two_object_fraction": 0.25}
+    assert info["generator"] == {"version": shapes.VERSION, "seed": 5, "two_object_fraction": 0.4}
     assert "license" in info and "source" in info
     with tarfile.open(tmp_path / "a" / "train" / "train-00000.tar") as tar:
         assert tar.getnames()[:3] == ["train_00000000.json", "train_00000000.png", "train_00000000.txt"]

@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _common(p, 32)
     p.add_argument("--train", type=checks.int_at_least(0), default=50_000, help="number of training samples")
     p.add_argument("--val", type=checks.int_at_least(0), default=2_000, help="number of validation samples")
-    p.add_argument("--two-object-fraction", type=checks.float_in(0, 1), default=0.25,
+    p.add_argument("--two-object-fraction", type=checks.float_in(0, 1), default=0.4,
                    help="fraction of scenes with two objects (the rest have one)")
 
     p = sub.add_parser("folder", formatter_class=fmt,

@@ -139,7 +139,7 @@ def overlaps(o1: dict[str, Any], o2: dict[str, Any]) -> bool:
     return gap < 1 / 32  # keep at least a pixel (at 32 px) between the two shapes
 
 
-def sample_scene(rng: random.Random, two_object_fraction: float = 0.25) -> dict[str, Any]:
+def sample_scene(rng: random.Random, two_object_fraction: float = 0.4) -> dict[str, Any]:
     """Draw a scene: ``{"objects": [...], "background": name}``.
 
     Each object is ``{"shape", "color", "size", "position", "center": [x, y], "radius"}`` with centre and
@@ -262,7 +262,7 @@ def caption(scene: dict[str, Any], rng: random.Random) -> str:
     return caption_and_template(scene, rng)[0]
 
 
-def make_sample(rng: random.Random, size: int = 32, two_object_fraction: float = 0.25
+def make_sample(rng: random.Random, size: int = 32, two_object_fraction: float = 0.4
                 ) -> tuple[Image.Image, str, dict[str, Any]]:
     """One (image, caption, metadata) triple; the metadata holds every attribute of the scene."""
     scene = sample_scene(rng, two_object_fraction)
@@ -373,7 +373,7 @@ def _build_shard(task: tuple[str, str, int, int, int, int, int, float]) -> int:
 
 
 def build_shapes(out_dir: str | Path, train: int = 50_000, val: int = 2_000, size: int = 32, seed: int = 0,
-                 shard_size: int = 1_000, two_object_fraction: float = 0.25,
+                 shard_size: int = 1_000, two_object_fraction: float = 0.4,
                  processes: int | None = None) -> dict[str, Any]:
     """Render the shapes dataset into ``out_dir/{train,val}/*.tar`` + ``info.json``; returns the info.
 
