@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -27,20 +26,10 @@ from typing import Any
 import torch
 
 from ldm import table
+from ldm.fastpath import cpu_model
 from ldm.io import write_json
 from ldm.pipeline import TextToImagePipeline
 from ldm.table import percent
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``lscpu``'s), or the platform's processor string."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 @dataclasses.dataclass

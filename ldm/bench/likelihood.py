@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import torch
 
 from ldm.evaluation.fid import CLIPImageFeatures, extract_features, frechet_distance, load_split, to_uint8
 from ldm.evaluation.likelihood import elbo_bits_per_dim, ode_nll_bits_per_dim, pilot_proposal
+from ldm.fastpath import cpu_model
 from ldm.pipeline import TextToImagePipeline
 from ldm.table import format_table
 
@@ -37,15 +37,6 @@ VARIANTS = {  # name -> (run, DDPM variance)
     "L_simple, β": ("simple", "fixed_large"),
 }
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def timed(fn, *args, **kwargs) -> tuple[Any, float, float]:
