@@ -142,6 +142,9 @@ def export_problems(config: UNetConfig) -> list[str]:
     if config.position_embedding:
         problems.append("U-Net position features (position_embedding: true; SD U-Nets have no spatial position "
                         "embedding)")
+    if config.context_refiner_layers:
+        problems.append(f"a context refiner (context_refiner_layers={config.context_refiner_layers}; SD U-Nets "
+                        "cross-attend to the text encoder's tokens as they are)")
     if config.ff_mult != 4:
         problems.append(f"U-Net feed-forward ff_mult={config.ff_mult} (SD has a fixed 4x GEGLU)")
     return problems

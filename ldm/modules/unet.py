@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ldm.conditioning import Conditioning
 from ldm.modules.attention import SpatialTransformer
+from ldm.modules.context_refiner import ContextRefiner
 from ldm.modules.denoiser import check_inputs, guidance_features
 from ldm.modules.embeddings import PooledTextEmbedding, TimestepEmbedding, spatial_position_embedding
 from ldm.modules.micro import ExtraConditionEmbedding
@@ -63,6 +64,9 @@ class UNetConfig:
     # size/crop micro-conditioning is {original_size: 2, crop_coords: 2, target_size: 2}); None: off
     extra_conditions: dict[str, int] | None = None
     guidance_embed_dim: int | None = None  # w-conditioning: cond.extras["guidance_scale"] joins the time embedding
+    # bidirectional transformer layers over cond.tokens, trained with the denoiser, before every cross-attention
+    # reads them (ldm.modules.context_refiner; not in SD); 0: off
+    context_refiner_layers: int = 0
 
     def __post_init__(self) -> None:
         self.channel_mult = tuple(int(m) for m in self.channel_mult)
@@ -77,6 +81,11 @@ class UNetConfig:
         if not self.channel_mult or min(self.num_res_blocks, self.transformer_depth, self.ff_mult) < 1:
             raise ValueError("UNetConfig: channel_mult must be non-empty, num_res_blocks, transformer_depth and "
                              "ff_mult >= 1")
+        if self.context_refiner_layers < 0:
+            raise ValueError(f"UNetConfig: context_refiner_layers must be >= 0, got {self.context_refiner_layers}")
+        if self.context_refiner_layers and self.context_dim % (self.head_dim or self.num_heads):
+            raise ValueError(f"UNetConfig: the context refiner's {self.context_dim}-d tokens do not split into heads "
+                             f"of {'head_dim' if self.head_dim else 'num_heads'}={self.head_dim or self.num_heads}")
         factors = {2**i for i in range(len(self.channel_mult))}
         bad = sorted(set(self.attention_resolutions) - factors)
         if bad:
@@ -216,6 +225,9 @@ class UNet(nn.Module):
         self.pooled_embed = PooledTextEmbedding(config.pooled_dim, 4 * mc) if config.pooled_dim else None
         self.extra_embed = (ExtraConditionEmbedding(config.extra_conditions, 4 * mc)
                             if config.extra_conditions else None)
+        self.context_refiner = (ContextRefiner(config.context_dim, config.context_refiner_layers,
+                                               config.heads_for(config.context_dim))
+                                if config.context_refiner_layers else None)
 
         skip_channels = [mc]  # channels of every tensor the encoder hands to the decoder, in order
         ch = mc
@@ -257,10 +269,13 @@ class UNet(nn.Module):
         (B, pooled_dim) joins the time embedding; required iff ``config.pooled_dim`` is set, and so do the
         ``cond.extras`` named by ``config.extra_conditions`` (SDXL's size/crop micro-conditioning). With
         ``config.guidance_embed_dim`` the CFG scale ``cond.extras["guidance_scale"]`` (B,) joins it too (w-conditioning,
-        Meng et al. 2023), through a zero-initialised projection.
+        Meng et al. 2023), through a zero-initialised projection. With ``config.context_refiner_layers`` the tokens
+        pass through a :class:`~ldm.modules.context_refiner.ContextRefiner` first.
         """
         t, attn_mask = check_inputs("UNet", self.config, x, t, cond)
         context = cond.tokens
+        if self.context_refiner is not None:  # the tokens, refined once per call, feed every cross-attention
+            context = self.context_refiner(context, attn_mask)
         emb = self.time_embed(t, guidance_features("UNet", self.config, cond, x))
         if self.pooled_embed is not None:
             emb = emb + self.pooled_embed(cond.pooled)
