@@ -48,12 +48,15 @@ CACHE := $(RUN_DIR)/cache/info.json
 PIPELINE_PART := $(PIPELINE)/unet/model.safetensors
 
 # value stamps: a file holding a variable's value, rewritten (when make reads this file) only when the value
-# changed, so what depends on it is rebuilt when that value changes (another TEXT_ENCODER, other CACHE_ARGS)
+# changed, so what depends on it is rebuilt when that value changes (another TEXT_ENCODER, other CACHE_ARGS).
+# A missing stamp of an empty (default) value is written dated 1970: what was made without one (by `make
+# train-clip`, or `ldm fit` + `ldm export` by hand) was made with the default, so it is not made again.
 equal = $(and $(findstring x$(1)y,x$(2)y),$(findstring x$(2)y,x$(1)y))
-value_stamp = $(if $(and $(wildcard $(1)),$(call equal,$(2),$(file < $(1)))),,$(shell mkdir -p $(dir $(1)))$(file > $(1),$(2)))
+write_stamp = $(shell mkdir -p $(dir $(1)))$(file > $(1),$(2))$(if $(3),,$(shell touch -d @0 $(1)))
+value_stamp = $(if $(and $(wildcard $(1)),$(call equal,$(2),$(file < $(1)))),,$(call write_stamp,$(1),$(2),$(or $(wildcard $(1)),$(2))))
 TEXT_SOURCE := $(RUN_DIR)/.text-encoder-source
 CACHE_STAMP := $(RUN_DIR)/.cache-args
-ifneq ($(filter train-ldm train-lcm train-lcm-lora generate adherence fid export-sd $(TEXT_PART) $(CACHE) $(PIPELINE_PART),$(MAKECMDGOALS)),)
+ifneq ($(filter train-vae train-clip cache train-ldm train-lcm train-lcm-lora generate adherence fid export-sd $(TEXT_PART) $(CACHE) $(PIPELINE_PART),$(MAKECMDGOALS)),)
 $(call value_stamp,$(TEXT_SOURCE),$(TEXT_ENCODER))
 $(call value_stamp,$(CACHE_STAMP),$(CACHE_ARGS))
 endif

@@ -57,3 +57,8 @@ def test_fresh_clone_train_vae_then_train_ldm(tmp_path):
     assert " cache " in run("-n", "train-ldm", "CACHE_ARGS=--batch-size 32")
     os.utime(parts / "vae" / "model.safetensors")
     assert " cache " in run("-n", "train-ldm", "CACHE_ARGS=--batch-size 64")
+    # a text encoder trained on its own (no value stamps yet) is not trained again by the next train-ldm
+    other = "RUN_DIR=checkpoints/other"
+    run(other, "train-clip")
+    plan = run("-n", other, "train-ldm", "CACHE_ARGS=--batch-size 64")
+    assert "fit --config configs/vae/shapes.yaml" in plan and "fit --config configs/clip/shapes.yaml" not in plan
