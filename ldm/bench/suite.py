@@ -23,7 +23,7 @@ Groups (each row: ours and the reference at the same config and weights, the wei
 * ``data``: shard loader and cached-latent img/s vs what the training step consumes;
 * ``fastpath``: each fast-path switch on vs off on the mid config (precision, attention kernel, fused QKV,
   channels_last, inference mode, the mask check's sync, threads);
-* ``compile``: torch.compile vs eager on the mid config, with the compile time and the calls that repay it.
+* ``compile``: torch.compile vs eager on the shapes and mid configs, with the compile time and the calls that repay it.
 
 ``--install`` (separate, slow): ``make install`` wall time in a fresh venv, pip vs uv (``ldm.bench.install``).
 The CPU is shared on some machines: the JSON records the load average and CPU seconds; ratios measured
@@ -495,31 +495,29 @@ def mask_sync_row(model: UNet, data: dict, s: Settings) -> dict[str, Any]:
 
 
 def compile_rows(s: Settings, ctx: dict) -> list[dict[str, Any]]:
-    """torch.compile (inductor) vs eager on the mid config, each run on the default fast path; the compile time
-    (the first call) is reported, and how many calls repay it."""
+    """torch.compile (inductor) vs eager on the shapes and mid configs, each run on the default fast path; the
+    compile time (the first call) is reported, and how many calls repay it."""
     if not s.compile:
         return []
-    config, size = denoiser_configs(s)["mid"]
-    model, _ = unet_pair(config, s.device)
-    data = make_batch(config, s.batch, size, s.tokens, s.device)
-    fast = choose("auto", denoiser_workload(model, data["x"], data["cond"], "train"),
-                  train_step_probe(model, data["x"], data["t"], data["cond"]), s.device)
     rows = []
-    for kind in ("forward", "train step"):
-        eager_model = copy.deepcopy(model)
-        compiled = torch.compile(copy.deepcopy(model))
-        eager = Contender(eager_model, ours_call, data, fast, s.device)
-        comp = Contender(compiled, ours_call, data, fast, s.device)
-        step = comp.forward if kind == "forward" else comp.train
-        compile_s, compile_cpu_s = timed(step, s.device)
-        times = interleaved({"on": step, "off": eager.forward if kind == "forward" else eager.train},
-                            s.rounds, s.warmup, s.device)
-        saved = times["off"]["wall_s"] - times["on"]["wall_s"]
-        rows.append(_switch_row("torch.compile", f"{kind} mid", times["on"], times["off"], s.batch, times=times,
-                                compile_s=compile_s, compile_cpu_s=compile_cpu_s,
-                                calls_to_repay=compile_s / saved if saved > 0 else None,
-                                note=f"on vs off; compile {compile_s:.0f} s ({compile_cpu_s:.0f} CPU-s)",
-                                ran_as=fast.name))
+    for name, (config, size) in denoiser_configs(s).items():
+        model, _ = unet_pair(config, s.device)
+        data = make_batch(config, s.batch, size, s.tokens, s.device)
+        fast = choose("auto", denoiser_workload(model, data["x"], data["cond"], "train"),
+                      train_step_probe(model, data["x"], data["t"], data["cond"]), s.device)
+        for kind in ("forward", "train step"):
+            eager = Contender(copy.deepcopy(model), ours_call, data, fast, s.device)
+            comp = Contender(torch.compile(copy.deepcopy(model)), ours_call, data, fast, s.device)
+            step = comp.forward if kind == "forward" else comp.train
+            compile_s, compile_cpu_s = timed(step, s.device)
+            times = interleaved({"on": step, "off": eager.forward if kind == "forward" else eager.train},
+                                s.rounds, s.warmup, s.device)
+            saved = times["off"]["wall_s"] - times["on"]["wall_s"]
+            rows.append(_switch_row("torch.compile", f"{kind} {name}", times["on"], times["off"], s.batch,
+                                    times=times, compile_s=compile_s, compile_cpu_s=compile_cpu_s,
+                                    calls_to_repay=compile_s / saved if saved > 0 else None,
+                                    note=f"on vs off; compile {compile_s:.0f} s ({compile_cpu_s:.0f} CPU-s)",
+                                    ran_as=fast.name))
     return rows
 
 

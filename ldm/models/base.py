@@ -111,6 +111,9 @@ class PartModule(pl.LightningModule, abc.ABC):
 
     default_optimizer: dict[str, Any] = {}
     default_lr_schedule: dict[str, Any] = {}
+    # state-dict prefixes of frozen parts (a VAE, a text encoder, a teacher): exported parts with files of their
+    # own, kept out of checkpoints and taken from the module itself when a checkpoint is loaded
+    frozen_prefixes: tuple[str, ...] = ()
 
     def __init__(self, optimizer: dict[str, Any] | None = None, lr_schedule: dict[str, Any] | None = None) -> None:
         super().__init__()
@@ -274,6 +277,16 @@ class PartModule(pl.LightningModule, abc.ABC):
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if dm is not None:
             checkpoint[DATAMODULE_KEY] = {"class_path": class_path(dm), "init_args": dict(dm.hparams)}
+        if self.frozen_prefixes:
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                        if not k.startswith(self.frozen_prefixes)}
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True, assign: bool = False):
+        """The frozen parts (``frozen_prefixes``) come from the module itself, everything else from ``state_dict``."""
+        if self.frozen_prefixes:
+            own = super().state_dict()
+            state_dict = {**{k: v for k, v in own.items() if k.startswith(self.frozen_prefixes)}, **state_dict}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # ---- export ----------------------------------------------------------------------------------------
     @abc.abstractmethod

@@ -319,7 +319,7 @@ class LatentDiffusion(PartModule):
                               "leave these fields out to take them from the parts")
 
     # ---- frozen parts stay out of checkpoints: they are exported parts with their own files ----------
-    _FROZEN = ("vae.", "text_encoder.")
+    frozen_prefixes = ("vae.", "text_encoder.")
 
     def trainable_parameters(self):
         return ((n, p) for n, p in self.denoiser.named_parameters() if p.requires_grad)
@@ -329,14 +329,11 @@ class LatentDiffusion(PartModule):
         checkpoint[PARTS_KEY] = self.parts_provenance()
         if self.init_source is not None:
             checkpoint[INIT_KEY] = self.init_source
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(self._FROZEN)}
 
     def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True, assign: bool = False):
         # checkpoints written before the denoiser protocol name the denoiser "unet"
         state_dict = {("denoiser." + k[5:] if k.startswith("unet.") else k): v for k, v in state_dict.items()}
-        own = super().state_dict()
-        merged = {**{k: v for k, v in own.items() if k.startswith(self._FROZEN)}, **state_dict}
-        return super().load_state_dict(merged, strict=strict, assign=assign)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # ---- provenance: a cache or a resumed run must come from the configured parts ---------------------
     def setup(self, stage: str) -> None:

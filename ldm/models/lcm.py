@@ -119,7 +119,7 @@ class LatentConsistencyDistillation(PartModule):
         self._empty: Conditioning | None = None
 
     # ---- frozen parts (and the teacher) stay out of checkpoints ------------------------------------
-    _FROZEN = ("vae.", "text_encoder.", "teacher.")
+    frozen_prefixes = ("vae.", "text_encoder.", "teacher.")
 
     @property
     def w_conditioned(self) -> bool:
@@ -132,18 +132,12 @@ class LatentConsistencyDistillation(PartModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint[TEACHER_KEY] = self.teacher_hash
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(self._FROZEN)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         recorded = checkpoint.get(TEACHER_KEY)
         if recorded and self.teacher_hash and recorded != self.teacher_hash:
             raise PartError(f"this checkpoint distils another teacher (sha256 {recorded[:12]}…) than "
                             f"model.teacher ({self.teacher_hash[:12]}…): point teacher at the pipeline it was run with")
-
-    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True, assign: bool = False):
-        own = super().state_dict()
-        merged = {**{k: v for k, v in own.items() if k.startswith(self._FROZEN)}, **state_dict}
-        return super().load_state_dict(merged, strict=strict, assign=assign)
 
     def setup(self, stage: str) -> None:
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
