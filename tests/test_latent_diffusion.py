@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from tiny_parts import TINY_UNET, export_tiny_parts
 
 from ldm.conditioning import Conditioning, drop_for_guidance
+from ldm.errors import UsageError
 from ldm.io import PartError
 from ldm.models.latent_diffusion import LatentDiffusion, sample_timesteps
 from ldm.pipeline import TextToImagePipeline
@@ -84,6 +87,27 @@ def test_stratified_timesteps_cover_every_stratum():
     t = sample_timesteps(10, 1000, stratified=True, device=torch.device("cpu"))
     assert sorted((t // 100).tolist()) == list(range(10))
     assert t.min() >= 0 and t.max() <= 999
+
+
+def test_logit_normal_timesteps_follow_the_sd3_density():
+    # P(t < k) = P(sigmoid(m + s n) < k / T) = Phi((logit(k / T) - m) / s); stratified u makes the sample quantiles
+    # within a stratum (1 / batch) of the exact ones
+    torch.manual_seed(0)
+    mean, std, batch = 0.5, 1.0, 20000
+    t = sample_timesteps(batch, 1000, stratified=True, device=torch.device("cpu"), logit_normal=(mean, std))
+    for k in (100, 300, 500, 700, 900):
+        expected = 0.5 * (1 + math.erf((math.log(k / (1000 - k)) - mean) / (std * math.sqrt(2))))
+        assert abs((t < k).float().mean().item() - expected) < 2e-3
+    assert t.min() >= 0 and t.max() <= 999
+    uniform = sample_timesteps(batch, 1000, stratified=True, device=torch.device("cpu"))
+    assert (t >= 500).float().mean() > 0.65 > (uniform >= 500).float().mean()  # m = 0.5 trains noisier steps more
+
+
+def test_logit_normal_needs_l_simple(parts):
+    with pytest.raises(UsageError, match="timestep_sampling"):
+        make_model(parts, timestep_sampling="cosine")
+    with pytest.raises(UsageError, match="logit_normal needs loss: simple"):
+        make_model(parts, timestep_sampling="logit_normal", learned_variance=True, loss="hybrid")
 
 
 def test_checkpoint_excludes_frozen_parts_and_reloads(parts):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -52,6 +53,7 @@ from ldm.registry import denoiser_class
 from ldm.visual import image_grid
 
 LOSSES = ("simple", "hybrid")
+TIMESTEP_SAMPLING = ("uniform", "logit_normal")
 PARTS_KEY = "ldm_parts"  # checkpoint key: the weight hashes of the frozen parts the run trains with
 INIT_KEY = "ldm_init_from"  # checkpoint key: the pipeline a fine-tuning started from (provenance)
 
@@ -66,12 +68,22 @@ def load_frozen_part(path: str | None, kind: str, what: str, make_target: str) -
     return part.requires_grad_(False).eval()
 
 
-def sample_timesteps(batch: int, num_train_timesteps: int, stratified: bool, device: torch.device) -> torch.Tensor:
-    """t ~ U{0..T−1}; ``stratified`` draws one t per equal-width stratum (same marginal, lower variance)."""
-    if not stratified:
-        return torch.randint(0, num_train_timesteps, (batch,), device=device)
-    u = (torch.arange(batch, device=device) + torch.rand(batch, device=device)) / batch
-    return (u * num_train_timesteps).long().clamp_(max=num_train_timesteps - 1)[torch.randperm(batch, device=device)]
+def sample_timesteps(batch: int, num_train_timesteps: int, stratified: bool, device: torch.device,
+                     logit_normal: tuple[float, float] | None = None) -> torch.Tensor:
+    """t ~ U{0..T−1}; ``stratified`` draws one t per equal-width stratum of the quantile u (same marginal, lower
+    variance). ``logit_normal`` = (m, s): t = ⌊T·σ(m + s·n)⌋ with n ~ N(0, 1), i.e. t/T has the logit-normal density
+    π_ln(x; m, s) = 1 / (s√(2π)) · 1 / (x(1−x)) · exp(−(logit(x) − m)² / (2s²)) (Esser et al. 2024, SD3, eq. 19):
+    m > 0 trains the noisier steps, where the layout is decided, more often; n = Φ⁻¹(u) keeps the strata."""
+    if stratified:
+        u = (torch.arange(batch, device=device) + torch.rand(batch, device=device)) / batch
+        u = u[torch.randperm(batch, device=device)]
+    else:
+        u = torch.rand(batch, device=device)
+    if logit_normal is not None:
+        mean, std = logit_normal
+        n = math.sqrt(2.0) * torch.erfinv(2 * u.clamp(1e-6, 1 - 1e-6) - 1)
+        u = torch.sigmoid(mean + std * n)
+    return (u * num_train_timesteps).long().clamp_(0, num_train_timesteps - 1)
 
 
 def empty_prompt_conditioning(module: pl.LightningModule, text_encoder: nn.Module) -> Conditioning:
@@ -191,6 +203,8 @@ class LatentDiffusion(PartModule):
         p_uncond: caption dropout probability for classifier-free guidance.
         ema_decay: EMA of the denoiser weights, with warm-up min(decay, (1+n)/(10+n)); used for sampling/export.
         stratified_timesteps: stratified t sampling per batch.
+        timestep_sampling / logit_mean / logit_std: "uniform" t, or "logit_normal": t/T logit-normal with this mean
+            and standard deviation (SD3's timestep density; :func:`sample_timesteps`), L_simple only.
         resolution: image size (the denoiser runs at resolution / vae factor); default 32, or init_from's.
         val_prompts / sample_every_n_val / sample_steps / sample_guidance: the validation sample grid
             (``val_prompts`` None: the training dataset's own prompts, when its module has some).
@@ -236,7 +250,8 @@ class LatentDiffusion(PartModule):
                  pixel_channels: int | None = None, unconditional: bool = False,
                  learned_variance: bool = False, loss: str = "simple", vlb_weight: float = 0.001,
                  lora: dict[str, Any] | None = None, size_conditioning: bool = False,
-                 precision: str = "auto"):
+                 precision: str = "auto", timestep_sampling: str = "uniform", logit_mean: float = 0.0,
+                 logit_std: float = 1.0):
         super().__init__(optimizer, lr_schedule)
         check_precision(precision, "model.init_args.precision")
         self.save_hyperparameters()
@@ -244,6 +259,12 @@ class LatentDiffusion(PartModule):
             raise ValueError(f"p_uncond must be in [0, 1], got {p_uncond}")
         if loss not in LOSSES:
             raise UsageError(f"loss must be one of {list(LOSSES)}, got {loss!r}")
+        if timestep_sampling not in TIMESTEP_SAMPLING:
+            raise UsageError(f"model.init_args.timestep_sampling must be one of {list(TIMESTEP_SAMPLING)}, "
+                             f"got {timestep_sampling!r}")
+        if timestep_sampling != "uniform" and (loss != "simple" or logit_std <= 0):
+            raise UsageError("timestep_sampling: logit_normal needs loss: simple (L_vlb's estimate assumes uniform t) "
+                             f"and logit_std > 0 (got loss {loss!r}, logit_std {logit_std})")
         if (loss == "hybrid") != learned_variance:
             raise UsageError("loss: hybrid trains the learned variance and a learned variance needs its L_vlb term: "
                              "set both learned_variance: true and loss: hybrid, or neither")
@@ -417,8 +438,10 @@ class LatentDiffusion(PartModule):
         z0, cond = self.latents_and_conditioning(batch)
         cond = drop_for_guidance(cond, self.empty_conditioning(), self.hparams.p_uncond)
         noise = offset_noise(z0, self.hparams.offset_noise) if self.hparams.offset_noise else torch.randn_like(z0)
-        t = sample_timesteps(z0.shape[0], self.schedule.num_train_timesteps, self.hparams.stratified_timesteps,
-                             z0.device)
+        h = self.hparams
+        logit_normal = (h.logit_mean, h.logit_std) if h.timestep_sampling == "logit_normal" else None
+        t = sample_timesteps(z0.shape[0], self.schedule.num_train_timesteps, h.stratified_timesteps, z0.device,
+                             logit_normal)
         loss = self.loss(z0, cond, t, noise)
         self.log("train/loss", loss, prog_bar=True, batch_size=z0.shape[0])
         return loss
