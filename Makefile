@@ -171,7 +171,7 @@ export-sd: $(STAMP) $(PIPELINE_PART)
 # seconds — counted from the moment `make demo` started, install included — after DEMO_AFTER_LDM_S for its
 # start-up, the export and the adherence measurement.
 DEMO_BUDGET_S ?= 870
-DEMO_AFTER_LDM_S ?= 105
+DEMO_AFTER_LDM_S ?= 125
 DEMO_START := $(shell date +%s)
 DEMO_VAE_TIME ?= 00:00:03:00
 DEMO_VAE_STEPS ?= 4000
