@@ -75,13 +75,15 @@ def test_fit_with_a_bad_data_dir_names_it(tmp_path):
 
 
 # ---- robustness defaults live in the code, configs resolve from the package --------------------------------
-ROBUST = ("AtomicCheckpointIO", "SeedEveryStep", "PreemptionCheckpoint", "SkipNonFiniteSteps", "FitToTimeBudget")
+ROBUST = ("AtomicCheckpointIO", "SeedEveryStep", "PreemptionCheckpoint", "FinalCheckpoint", "SkipNonFiniteSteps",
+          "FitToTimeBudget")
 
 
 def test_fit_without_a_trainer_config_still_has_every_fault_tolerance_piece(tmp_path, shapes_dir, monkeypatch, capsys):
     from ldm.cli.train import build_cli
     from ldm.training import (
         AtomicCheckpointIO,
+        FinalCheckpoint,
         FitToTimeBudget,
         PreemptionCheckpoint,
         SeedEveryStep,
@@ -99,11 +101,11 @@ def test_fit_without_a_trainer_config_still_has_every_fault_tolerance_piece(tmp_
     monkeypatch.setenv("LDM_TRAINER_CONFIG", "")  # no trainer config at all
     cli = build_cli(fit_args(tmp_path / "run", shapes_dir))
     callbacks = cli.trainer.callbacks
-    for cls in (SeedEveryStep, PreemptionCheckpoint, SkipNonFiniteSteps, FitToTimeBudget):
+    for cls in (SeedEveryStep, PreemptionCheckpoint, FinalCheckpoint, SkipNonFiniteSteps, FitToTimeBudget):
         assert sum(isinstance(cb, cls) for cb in callbacks) == 1, cls
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
     assert saved and all(str(p).endswith(".ckpt") for p in saved) and os.path.isfile(saved[-1])
-    assert ("ldm fit: on: atomic checkpoints, per-step seeds, preemption checkpoint, NaN guard, "
+    assert ("ldm fit: on: atomic checkpoints, per-step seeds, preemption checkpoint, final last.ckpt, NaN guard, "
             "time-budget planning") in capsys.readouterr().out
 
 

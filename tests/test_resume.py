@@ -28,13 +28,14 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from safetensors.torch import save_file
 from tiny_parts import TINY_UNET, export_tiny_parts
 
+from ldm.cli.train import add_robustness
 from ldm.data.latents import LatentDataModule
 from ldm.data.webdata import WebDataModule
 from ldm.io import load_checkpoint
 from ldm.models.autoencoder import AutoencoderModule
 from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.models.text_encoder import ContrastiveCLIP
-from ldm.training import Preempted, PreemptionCheckpoint, SeedEveryStep
+from ldm.training import FinalCheckpoint, Preempted, PreemptionCheckpoint, SeedEveryStep
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -195,6 +196,27 @@ def test_sigterm_checkpoint_then_resume_equals_uninterrupted_ldm(tmp_path):
     assert seen_after == seen_full[stop_at:]  # the data stream continues where it stopped
     assert_same_state(training_state(trainer, model), reference)
     assert int(model.ema.num_updates) == steps
+
+
+def test_a_fit_that_ends_between_validations_leaves_its_final_state_in_last_ckpt(tmp_path):
+    # validation (and Lightning's last.ckpt) at step 5; the run ends at 7: without FinalCheckpoint last.ckpt said 5
+    parts = export_tiny_parts(tmp_path / "parts")
+    cache = write_latent_cache(tmp_path / "cache", parts)
+    val = dict(limit_val_batches=1, val_check_interval=5, check_val_every_n_epoch=None, enable_checkpointing=True)
+    results = {}
+    for name, extra in (("lightning", []), ("ldm", [FinalCheckpoint()])):
+        root = tmp_path / name
+        keeper = ModelCheckpoint(dirpath=str(root / "checkpoints"), monitor="val/loss", save_last=True)
+        model = tiny_ldm(parts)
+        trainer = make_trainer(root, 7, [*extra, keeper], **val)
+        fit(trainer, model, LatentDataModule(str(cache), batch_size=8))
+        saved = load_checkpoint(root / "checkpoints" / "last.ckpt")
+        results[name] = saved["global_step"]
+        if name == "ldm":
+            final = {k: v for k, v in model.state_dict().items() if k.startswith("denoiser.")}
+            assert all(torch.equal(saved["state_dict"][k], v) for k, v in final.items())
+    assert results == {"lightning": 5, "ldm": 7}
+    assert any(isinstance(cb, FinalCheckpoint) for cb in add_robustness([], [])[0])
 
 
 def test_crash_after_periodic_checkpoint_then_resume_equals_uninterrupted_vae(tmp_path, small_shapes):

@@ -37,7 +37,14 @@ from pytorch_lightning.plugins.io import CheckpointIO
 from pytorch_lightning.utilities import rank_zero_only
 
 from ldm.errors import UsageError
-from ldm.training import AtomicCheckpointIO, FitToTimeBudget, PreemptionCheckpoint, SeedEveryStep, SkipNonFiniteSteps
+from ldm.training import (
+    AtomicCheckpointIO,
+    FinalCheckpoint,
+    FitToTimeBudget,
+    PreemptionCheckpoint,
+    SeedEveryStep,
+    SkipNonFiniteSteps,
+)
 
 CONFIG_ROOT = Path(str(resources.files("ldm") / "configs"))   # ldm/configs, shipped as package data
 DEFAULT_TRAINER_CONFIG = CONFIG_ROOT / "trainer" / "cpu.yaml"
@@ -47,6 +54,7 @@ TRAINER_CONFIG_ENV = "LDM_TRAINER_CONFIG"
 ROBUSTNESS_CALLBACKS: list[tuple[str, type[Callback], Callable[[], Callback]]] = [
     ("per-step seeds", SeedEveryStep, SeedEveryStep),
     ("preemption checkpoint", PreemptionCheckpoint, PreemptionCheckpoint),
+    ("final last.ckpt", FinalCheckpoint, FinalCheckpoint),
     ("NaN guard", SkipNonFiniteSteps, SkipNonFiniteSteps),
     ("time-budget planning", FitToTimeBudget, FitToTimeBudget),
 ]

@@ -1,10 +1,11 @@
 """Training at scale and through faults: Lightning callbacks and plugins for any ldm LightningModule.
 
-``ldm fit`` switches on AtomicCheckpointIO, PreemptionCheckpoint, SkipNonFiniteSteps, SeedEveryStep and
+``ldm fit`` switches on AtomicCheckpointIO, FinalCheckpoint, PreemptionCheckpoint, SkipNonFiniteSteps, SeedEveryStep and
 FitToTimeBudget itself (``ldm.cli.train.add_robustness``), whatever the config says; the rest are opt-in:
 
 - :class:`AtomicCheckpointIO` (plugin): checkpoints are written to a temp file and renamed, so a crash never
   leaves a corrupt ``last.ckpt``; loads are ``weights_only=True`` and a failure names the file.
+- :class:`FinalCheckpoint`: a fit that ends between two validations still leaves its final state in ``last.ckpt``.
 - :class:`PreemptionCheckpoint`: SIGTERM/SIGUSR1 → ``last.ckpt`` at the next batch end on all ranks → exit.
 - :class:`SkipNonFiniteSteps`: a NaN/inf loss or gradient skips the optimizer step on all ranks (counted);
   too many in a row stop the run with the last good weights in ``last.ckpt``.
@@ -24,6 +25,7 @@ from ldm.training.budget import FitToTimeBudget, planned_steps, warmup_cosine
 from ldm.training.checkpoint_io import (
                                         AtomicCheckpointIO,
                                         CheckpointLoadError,
+                                        FinalCheckpoint,
                                         SafeFSDPStrategy,
                                         atomic_torch_save,
                                         resume_checkpoint_path,
@@ -37,7 +39,7 @@ from ldm.training.progressive import ContinueFrom
 from ldm.training.resume import SeedEveryStep, step_seed
 from ldm.training.sharded import ShardedStrategy
 
-__all__ = ["AtomicCheckpointIO", "CheckpointLoadError", "SafeFSDPStrategy", "atomic_torch_save",
+__all__ = ["AtomicCheckpointIO", "CheckpointLoadError", "FinalCheckpoint", "SafeFSDPStrategy", "atomic_torch_save",
            "resume_checkpoint_path", "save_resume_checkpoint", "NonFiniteLossError", "SkipNonFiniteSteps",
            "Preempted", "PreemptionCheckpoint", "AllReduceTimer", "StepTimer", "ResumableLoader", "SeedEveryStep",
            "step_seed", "CompileModules", "ContinueFrom", "ShardedStrategy", "FitToTimeBudget", "planned_steps",

@@ -101,3 +101,24 @@ class SafeFSDPStrategy(FSDPStrategy):
                                       "(strategy state_dict_type: full)")
         load_checkpoint(path)  # weights-only check of the whole file before Lightning's own loader touches it
         return super().load_checkpoint(path, weights_only=True)
+
+
+class FinalCheckpoint(pl.Callback):
+    """At the end of a completed fit, ``last.ckpt`` holds the final state.
+
+    Lightning's ModelCheckpoint writes ``last.ckpt`` with its validation checkpoints and, at the end of training,
+    only when it never wrote one: a run that stops between two validations (``max_steps`` or a time budget that
+    is not a multiple of ``val_check_interval``) kept the state of its last validation, and ``ldm export`` of
+    ``last.ckpt`` dropped the steps after it (up to a fifth of a ``make demo`` U-Net's). Every rank calls this
+    hook; nothing is written when checkpointing is off (no ModelCheckpoint with ``save_last``) or when one was
+    written at this very step. A fit that ends in an exception or a preemption keeps its own checkpoint."""
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        keepers = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.save_last]
+        if not keepers or trainer.global_step == 0:
+            return
+        if any(getattr(cb, "_last_global_step_saved", None) == trainer.global_step for cb in keepers):
+            return
+        save_resume_checkpoint(trainer)
+        for cb in keepers:  # so that another end-of-training hook does not write it again
+            cb._last_global_step_saved = trainer.global_step
