@@ -120,5 +120,3 @@ class FinalCheckpoint(pl.Callback):
         if any(getattr(cb, "_last_global_step_saved", None) == trainer.global_step for cb in keepers):
             return
         save_resume_checkpoint(trainer)
-        for cb in keepers:  # so that another end-of-training hook does not write it again
-            cb._last_global_step_saved = trainer.global_step
