@@ -6,7 +6,8 @@ Whether bf16 pays depends on the processor (AVX512-BF16/AMX CPUs and tensor-core
 times faster; others not at all), on the torch build and on the tensor sizes (at small sizes the casts cost more
 than the math saves), so nothing is assumed: :func:`choose` with the setting "auto" times every candidate on the
 actual workload (a few interleaved rounds, the fastest round of each: CPU seconds on a CPU, where waiting for a
-core on a shared machine does not count, wall seconds on a GPU), keeps fp32 + SDPA unless another
+core on a shared machine does not count, wall seconds on a GPU; a candidate twice as slow as the fastest after one
+round is timed no further), keeps fp32 + SDPA unless another
 candidate is at least ``MIN_GAIN`` faster, and caches the answer per machine and workload in a JSON file
 (``$LDM_FASTPATH_CACHE``, default ``~/.cache/ldm/fastpath.json``), so the measurement runs once per machine.
 
@@ -18,8 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import json
+import math
 import os
 import platform
 import time
@@ -34,6 +37,7 @@ from ldm.errors import UsageError
 
 PRECISIONS = ("auto", "fp32", "bf16")
 MIN_GAIN = 1.1        # a candidate other than fp32 + sdpa must be this much faster to be chosen
+DROP_FACTOR = 2.0     # a candidate this much slower than the fastest after one round is timed no further
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
@@ -136,11 +140,52 @@ def _write_cache(path: Path, key: str, entry: dict[str, Any]) -> None:
         pass  # a read-only home: the choice is measured again next time
 
 
+@functools.cache
+def bf16_kernel_speedup(device: str = "cpu", repeats: int = 5) -> float:
+    """How much faster bf16 runs this device's two workhorse kernels than fp32: the better of a 512² matmul and
+    a 3×3 convolution (64 channels, 16×16, batch 8), fp32 time over bf16 time, best of ``repeats`` (~0.1 s on a
+    CPU; once per process). Below 1 no bf16 candidate can win: the processor has no fast bf16 and every cast
+    only adds (on an AVX2-only CPU one bf16 training step of the shapes U-Net cost 17 fp32 ones)."""
+    dev = torch.device(device)
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(512, 512, generator=gen).to(dev), torch.randn(512, 512, generator=gen).to(dev)
+    x, w = torch.randn(8, 64, 16, 16, generator=gen).to(dev), torch.randn(64, 64, 3, 3, generator=gen).to(dev)
+    kernels = {"matmul": lambda a, b: a @ b, "conv": lambda x, w: torch.nn.functional.conv2d(x, w, padding=1)}
+    inputs = {"matmul": (a, b), "conv": (x, w)}
+
+    def best(fn: Callable[..., torch.Tensor], args: tuple[torch.Tensor, ...], enough: float = math.inf) -> float:
+        """Fastest of ``repeats`` timed calls after one untimed one (primitive creation); stops early once a call
+        takes longer than ``enough`` seconds."""
+        fastest = math.inf
+        for i in range(repeats + 1):
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            start = time.perf_counter()
+            with torch.inference_mode():
+                fn(*args)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            if i:
+                fastest = min(fastest, time.perf_counter() - start)
+                if fastest > enough:
+                    break
+        return fastest
+
+    ratios = []
+    for name, fn in kernels.items():
+        fp32 = best(fn, inputs[name])
+        ratios.append(fp32 / best(fn, tuple(t.bfloat16() for t in inputs[name]), enough=4 * fp32))
+    return max(ratios)
+
+
 def time_candidates(run: Callable[[FastPath], None], candidates: tuple[FastPath, ...], device: torch.device | str,
-                    rounds: int = 3, warmup: int = 1) -> dict[str, dict[str, float]]:
+                    rounds: int = 3, warmup: int = 1, metric: str = "cpu_s",
+                    drop_factor: float = DROP_FACTOR) -> dict[str, dict[str, float]]:
     """Wall and CPU seconds per call of ``run(candidate)`` inside each candidate's context, each the fastest of
     ``rounds`` rounds (candidates interleaved, so load from other processes hits all alike), after ``warmup``
-    calls each."""
+    calls each. A candidate whose first round took more than ``drop_factor`` times the fastest first round (in
+    ``metric``) sits out the later rounds: it cannot win, and on a CPU without fast bf16 one bf16 training step
+    can cost 17 fp32 ones (its one-round time is still reported)."""
     device = torch.device(device)
 
     def once(c: FastPath) -> tuple[float, float]:
@@ -157,10 +202,14 @@ def time_candidates(run: Callable[[FastPath], None], candidates: tuple[FastPath,
         for _ in range(warmup):
             once(c)
     best = {c.name: {"wall_s": float("inf"), "cpu_s": float("inf")} for c in candidates}
-    for _ in range(rounds):
-        for c in candidates:
+    running = list(candidates)
+    for r in range(rounds):
+        for c in running:
             wall, cpu = once(c)
             best[c.name] = {"wall_s": min(best[c.name]["wall_s"], wall), "cpu_s": min(best[c.name]["cpu_s"], cpu)}
+        if r == 0:
+            fastest = min(best[c.name][metric] for c in running)
+            running = [c for c in running if best[c.name][metric] <= drop_factor * fastest]
     return best
 
 
@@ -179,7 +228,8 @@ def choose(setting: str, workload: dict[str, Any], run: Callable[[FastPath], Non
     """The fast path for ``workload`` (a JSON-able description: model config, shapes, train or sample).
 
     ``setting`` "fp32" is fp32 + SDPA (nothing measured), "bf16" measures the bf16 candidates (everywhere or in
-    the attention blocks only, each attention kernel), "auto" measures every candidate. A measured choice is cached
+    the attention blocks only, each attention kernel), "auto" measures every candidate where bf16 kernels beat
+    fp32 on the device (:func:`bf16_kernel_speedup`), else keeps fp32 + SDPA. A measured choice is cached
     per machine and workload; ``run(candidate)`` performs one representative call (run inside the candidate's
     context).
     """
@@ -188,6 +238,10 @@ def choose(setting: str, workload: dict[str, Any], run: Callable[[FastPath], Non
                                                              == (setting == "fp32"))
     if len(candidates) == 1:
         return candidates[0]
+    if setting == "auto" and (speedup := bf16_kernel_speedup(str(torch.device(device)))) < 1.0:
+        if log:
+            log(f"fast path: {REFERENCE.name} (bf16 kernels run at {speedup:.2f}x fp32 here: bf16 not timed)")
+        return REFERENCE
     key_data = {"machine": machine(device), "workload": workload, "setting": setting,
                 "candidates": [c.name for c in candidates]}
     key = hashlib.sha256(json.dumps(key_data, sort_keys=True, default=str).encode()).hexdigest()[:20]
@@ -196,8 +250,8 @@ def choose(setting: str, workload: dict[str, Any], run: Callable[[FastPath], Non
         cached = _read_cache(path).get(key)
         if cached and cached.get("choice") in {c.name for c in candidates}:
             return next(c for c in candidates if c.name == cached["choice"])
-    measured = time_candidates(run, candidates, device, rounds=rounds)
     metric = "wall_s" if torch.device(device).type == "cuda" else "cpu_s"
+    measured = time_candidates(run, candidates, device, rounds=rounds, metric=metric)
     times = {name: m[metric] for name, m in measured.items()}
     choice = pick(times)
     if log:

@@ -139,6 +139,7 @@ def test_pick_keeps_fp32_unless_another_path_is_clearly_faster():
 def test_choose_measures_once_then_reads_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LDM_FASTPATH_CACHE", str(tmp_path / "fp.json"))
     monkeypatch.delenv("LDM_PRECISION", raising=False)
+    monkeypatch.setattr(fastpath, "bf16_kernel_speedup", lambda device: 2.0)  # a CPU with fast bf16
     calls: list[str] = []
     speed = {"fp32-sdpa": 3e-3, "bf16-sdpa": 2e-3, "bf16-math": 1e-4, "mixed-sdpa": 2e-3, "mixed-math": 1e-3}
 
@@ -154,12 +155,53 @@ def test_choose_measures_once_then_reads_the_cache(tmp_path, monkeypatch):
     workload = {"model": "test", "x": [2, 4, 8, 8]}
     choice = fastpath.choose("auto", workload, run, rounds=2)
     assert choice == fastpath.FastPath("bf16", "math")
-    assert set(calls) == set(speed) and len(calls) == 15  # 1 warm-up + 2 rounds each
+    # 1 warm-up + 1 round each, then only bf16-math (the others are over 2x slower than it) a second round
+    assert set(calls) == set(speed) and len(calls) == 11 and calls[-1] == "bf16-math"
     entry = next(iter(json.loads((tmp_path / "fp.json").read_text()).values()))
     assert entry["choice"] == "bf16-math" and entry["workload"] == workload and "cpu" in entry["machine"]
     calls.clear()
     assert fastpath.choose("auto", workload, run) == choice and calls == []  # from the cache
     assert fastpath.choose("auto", {**workload, "x": [4, 4, 8, 8]}, run, rounds=1) == choice and calls  # new shape
+
+
+def test_auto_times_nothing_where_bf16_kernels_are_slower_than_fp32(tmp_path, monkeypatch):
+    monkeypatch.setenv("LDM_FASTPATH_CACHE", str(tmp_path / "fp.json"))
+    monkeypatch.delenv("LDM_PRECISION", raising=False)
+    monkeypatch.setattr(fastpath, "bf16_kernel_speedup", lambda device: 0.05)
+    logged: list[str] = []
+    never = lambda c: pytest.fail("no candidate is timed where bf16 kernels are 20x slower")  # noqa: E731
+    assert fastpath.choose("auto", {"model": "test"}, never, log=logged.append) == fastpath.REFERENCE
+    assert "0.05x" in logged[0] and not (tmp_path / "fp.json").exists()
+    seen: list[str] = []  # an explicit bf16 setting is measured all the same
+    fastpath.choose("bf16", {"model": "test"}, lambda c: seen.append(c.name), rounds=1)
+    assert set(seen) == {"bf16-sdpa", "bf16-math", "mixed-sdpa", "mixed-math"}
+    monkeypatch.setattr(fastpath, "bf16_kernel_speedup", lambda device: 3.0)
+    seen.clear()
+    fastpath.choose("auto", {"model": "test2"}, lambda c: seen.append(c.name), rounds=1)
+    assert set(seen) == {c.name for c in fastpath.CANDIDATES}
+
+
+def test_bf16_kernel_speedup_is_a_measured_ratio():
+    fastpath.bf16_kernel_speedup.cache_clear()
+    speedup = fastpath.bf16_kernel_speedup("cpu", repeats=1)
+    assert 0 < speedup < 100 and fastpath.bf16_kernel_speedup("cpu", repeats=1) == speedup  # once per process
+
+
+def test_candidates_far_slower_than_the_fastest_sit_out_later_rounds():
+    calls: list[str] = []
+    speed = {"fp32-sdpa": 1e-3, "bf16-sdpa": 5e-3, "mixed-sdpa": 1.5e-3}  # bf16 5x slower: dropped after a round
+
+    def run(c: fastpath.FastPath) -> None:
+        calls.append(c.name)
+        end = time.process_time() + speed[c.name]
+        while time.process_time() < end:
+            pass
+
+    candidates = tuple(c for c in fastpath.CANDIDATES if c.name in speed)
+    times = fastpath.time_candidates(run, candidates, "cpu", rounds=3, warmup=1)
+    assert calls.count("bf16-sdpa") == 2 and calls.count("fp32-sdpa") == 4 and calls.count("mixed-sdpa") == 4
+    assert times["bf16-sdpa"]["cpu_s"] >= 5e-3 > times["fp32-sdpa"]["cpu_s"]  # its one round is still reported
+    assert fastpath.pick({n: m["cpu_s"] for n, m in times.items()}) == fastpath.REFERENCE
 
 
 def test_fixed_settings_and_the_environment_override(tmp_path, monkeypatch):
