@@ -58,7 +58,8 @@ def test_uv_installs_with_pips_sources(capsys):
     assert install.main(["--installer", "uv", "--python", "/v/bin/python", "-e", ".[test]"], runner=runner) == 0
     assert runner.commands[0] == ["/v/bin/python", "-m", "pip", "install", "-q", "uv"]
     uv = runner.commands[-1]
-    assert uv[:5] == ["/v/bin/uv", "pip", "install", "-q", "--python"] and uv[-2:] == ["-e", ".[test]"]
+    assert uv[:6] == ["/v/bin/uv", "pip", "install", "-q", "--compile-bytecode", "--python"]
+    assert uv[-2:] == ["-e", ".[test]"]
     assert "--constraint" in uv and "file:///opt/b/simple" in uv
     assert not any(c[1:4] == ["-m", "pip", "install"] and c[-1] == ".[test]" for c in runner.commands)
     assert "instead" not in capsys.readouterr().out
