@@ -10,8 +10,8 @@ The stages, each one or two ``ldm`` commands run as child processes (their outpu
    first ``cache_samples`` training images.
 4. ``unet``: the U-Net trains data-parallel in 2 processes (``configs/trainer/ddp-cpu.yaml``) for what is left
    of ``budget_s``, counted from ``start_time`` (``make demo`` passes its own start, so the install counts),
-   less ``after_ldm_s`` for its start-up, the export and the adherence measurement; then it is exported as
-   the pipeline.
+   less what its start-up, the export and the adherence measurement will take (``after_ldm_s``, measured on the
+   machine at hand unless given: :func:`planned_after_ldm_s`); then it is exported as the pipeline.
 5. ``adherence``: once the probe is done, ``ldm adherence`` of the pipeline: grids and the figures, for single
    objects and for two.
 
@@ -46,7 +46,7 @@ class DemoSettings:
     """The demo's budgets and places (the defaults are ``make demo``'s DEMO_* variables)."""
 
     budget_s: float = 870            # DEMO_BUDGET_S: the whole demo, from start_time
-    after_ldm_s: float = 125         # DEMO_AFTER_LDM_S: the U-Net's start-up, export, adherence (100-122 s measured)
+    after_ldm_s: float | None = None  # DEMO_AFTER_LDM_S: the U-Net's start-up, export, adherence (None: measured)
     min_ldm_s: float = 60            # fewer seconds than this left for the U-Net: stop with an error
     start_time: float | None = None  # epoch seconds the budget counts from (None: when run_demo starts)
     vae_time: str = "00:00:03:00"    # DEMO_VAE_TIME (trainer.max_time, DD:HH:MM:SS)
@@ -98,9 +98,63 @@ def max_time(seconds: float) -> str:
     return f"{s // 86400:02d}:{s // 3600 % 24:02d}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
-def unet_seconds(settings: DemoSettings, start: float, now: float) -> int:
-    """What is left of the budget for the U-Net: start + budget_s − after_ldm_s − now, whole seconds."""
-    return int(start + settings.budget_s - settings.after_ldm_s - now)
+def unet_seconds(settings: DemoSettings, start: float, now: float, after_ldm_s: float | None = None) -> int:
+    """What is left of the budget for the U-Net: start + budget_s − after_ldm_s − now, whole seconds
+    (``after_ldm_s``: the settings' unless given)."""
+    after = settings.after_ldm_s if after_ldm_s is None else after_ldm_s
+    return int(start + settings.budget_s - (after or 0.0) - now)
+
+
+def seconds_of(max_time_text: str) -> int:
+    """The seconds of a ``trainer.max_time`` DD:HH:MM:SS."""
+    days, hours, minutes, secs = (int(v) for v in max_time_text.split(":"))
+    return ((days * 24 + hours) * 60 + minutes) * 60 + secs
+
+
+# after the U-Net's training, in units of a fit stage's overhead (its wall time beyond its max_time: start-up,
+# last checkpoint, export): the U-Net's stage (a second DDP process to start) ~1.35 of them, the adherence stage
+# (start-up, loading the pipeline, probe and detector, the grids) ~1.1; measured on an AVX2 EPYC (2 runs, fit
+# overheads 33 and 53 s). Its sampling is measured apart (:func:`sampling_seconds`) and counted 1.2 times.
+AFTER_OVERHEADS = 2.5
+AFTER_SAMPLING = 1.2
+
+
+def planned_after_ldm_s(fit_overhead_s: float, sampling_s: float) -> float:
+    """Seconds to keep for after the U-Net's training: ``AFTER_OVERHEADS`` fit overheads + ``AFTER_SAMPLING`` ×
+    the adherence's sampling time, both measured in this run."""
+    return AFTER_OVERHEADS * max(fit_overhead_s, 0.0) + AFTER_SAMPLING * sampling_s
+
+
+def sampling_seconds(settings: DemoSettings, images: int, steps: int = 20, batch_size: int = 100,
+                     config: str = "configs/ldm/shapes.yaml") -> float:
+    """CPU seconds (one thread: an upper bound on the adherence's two-thread wall time, and blind to the stages
+    running beside it) to sample ``images`` images like ``ldm adherence`` (dpmpp-2m, ``steps`` steps, CFG, batches
+    of ``batch_size``) with the demo's U-Net config, randomly initialised, on the exported VAE and text encoder:
+    a 1-step and a 3-step batch are timed after a warm-up and the cost split into a per-batch and a per-step part."""
+    import torch
+    import yaml
+
+    from ldm.data.shapes import eval_prompts
+    from ldm.models.latent_diffusion import LatentDiffusion
+
+    torch.set_num_threads(1)
+    init = dict(yaml.safe_load(Path(config).read_text())["model"]["init_args"])
+    init.update(vae_path=str(settings.parts / "vae"), text_encoder_path=str(settings.parts / "text_encoder"))
+    pipe = LatentDiffusion(**init).pipeline(use_ema=False)
+    prompts = [p for p, _ in eval_prompts(min(batch_size, images), 0)]
+
+    def cpu_seconds(n_steps: int) -> float:
+        begin = time.process_time()
+        pipe.generate(prompts, steps=n_steps, guidance=4.0, sampler="dpmpp-2m", batch_size=batch_size,
+                      progress=False)
+        return time.process_time() - begin
+
+    cpu_seconds(1)  # warm-up: kernels, the fast-path choice
+    one, three = cpu_seconds(1), cpu_seconds(3)
+    per_step = max(three - one, 0.0) / 2
+    per_batch = max(one - per_step, 0.0)
+    batches = -(-images // batch_size)
+    return batches * (per_batch + steps * per_step) * batch_size / len(prompts)
 
 
 def _fit(config: str, settings: DemoSettings, time_limit: str, steps: int, *overrides: str) -> list[str]:
@@ -128,7 +182,7 @@ def plan(settings: DemoSettings, unet_s: int | None = None) -> dict[str, Stage]:
     """Every stage with its commands; the U-Net's ``max_time`` is ``unet_s`` seconds (known only once the
     stages before it have run; None plans it with the whole budget less ``after_ldm_s``)."""
     run, parts, logs = Path(settings.run_dir), settings.parts, settings.logs
-    unet_s = int(settings.budget_s - settings.after_ldm_s) if unet_s is None else unet_s
+    unet_s = int(settings.budget_s - (settings.after_ldm_s or 0)) if unet_s is None else unet_s
     return {
         "data": Stage("data", [ldm_command("data", "shapes", "--out", settings.data_dir, *settings.data_args)],
                       logs / "data.log"),
@@ -172,16 +226,19 @@ class Job:
 
     def __init__(self, stage: Stage) -> None:
         self.stage, self.returncode, self.failed_command = stage, None, None
+        self.seconds = 0.0  # wall time of the stage's commands, once it has ended
         self._proc: subprocess.Popen | None = None
         self._stopped = False
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
+        begin = time.monotonic()
         try:
             self._run_commands()
         except OSError as e:  # the log cannot be written, the interpreter cannot be started, ...
             self.returncode, self.failed_command = 127, [f"({type(e).__name__}: {e})"]
+        self.seconds = time.monotonic() - begin
 
     def _run_commands(self) -> None:
         env = dict(os.environ)
@@ -264,11 +321,27 @@ def run_demo(settings: DemoSettings, echo: Callable[[str], None] = print,
         say(f"training the VAE and the text encoder side by side (logs: {vae.stage.log}, {clip.stage.log})")
         finish(clip, f"text encoder trained and exported to {settings.parts / 'text_encoder'}")
         finish(vae, f"VAE trained and exported to {settings.parts / 'vae'}")
+        # a fit stage's wall time beyond its training time: start-up, last checkpoint, export
+        fit_overhead = max(clip.seconds - seconds_of(settings.clip_time), vae.seconds - seconds_of(settings.vae_time))
         probe, cache = launch("probe"), launch("cache")
         say(f"training the shapes probe beside the latent cache (logs: {probe.stage.log}, {cache.stage.log})")
+        sampling: list[float] = []
+        if settings.after_ldm_s is None:  # measured beside the cache: CPU time, blind to the stages beside it
+            timing = threading.Thread(target=lambda: sampling.append(
+                sampling_seconds(settings, 2 * settings.adherence_n)), daemon=True)
+            timing.start()
         finish(cache, f"latent cache of {settings.cache_samples} training images written to "
                       f"{Path(settings.run_dir) / 'cache'}")
-        left = unet_seconds(settings, start, clock())
+        after = settings.after_ldm_s
+        if after is None:
+            timing.join()
+            if not sampling:
+                raise DemoStageError("timing the adherence's sampling failed (see the lines above); "
+                                     "give --after-ldm-s (make demo: DEMO_AFTER_LDM_S) to skip it")
+            after = planned_after_ldm_s(fit_overhead, sampling[0])
+            say(f"keeping {after:.0f} s for after the U-Net: a fit stage's start-up and export took "
+                f"{fit_overhead:.0f} s here, the adherence's sampling will take ~{sampling[0]:.0f} s")
+        left = unet_seconds(settings, start, clock(), after)
         if left < settings.min_ldm_s:
             raise UsageError(f"only {left} s of the --budget-s {settings.budget_s:.0f} s are left for the U-Net "
                              f"(at least {settings.min_ldm_s:.0f} s needed); "

@@ -12,7 +12,18 @@ from pathlib import Path
 import pytest
 
 from ldm.cli import main as ldm_main
-from ldm.demo import DemoSettings, DemoStageError, Stage, max_time, plan, run_demo, unet_seconds
+from ldm.demo import (
+    DemoSettings,
+    DemoStageError,
+    Stage,
+    max_time,
+    plan,
+    planned_after_ldm_s,
+    run_demo,
+    sampling_seconds,
+    seconds_of,
+    unet_seconds,
+)
 from ldm.errors import UsageError
 
 LDM = [sys.executable, "-m", "ldm.cli"]
@@ -51,7 +62,7 @@ def test_the_stages_run_the_commands_make_demo_ran():
 
 
 def test_the_unet_gets_what_is_left_of_the_budget_counted_from_the_start():
-    assert DemoSettings().after_ldm_s == 125  # start-up + export 50-60 s, single + two-object adherence 40-62 s
+    assert DemoSettings().after_ldm_s is None  # measured in the run (below)
     settings = DemoSettings(after_ldm_s=60)  # 870 s in all, 60 s kept for after the U-Net
     assert unet_seconds(settings, start=1_000.0, now=1_300.0) == 510
     assert unet_seconds(settings, start=1_000.0, now=1_000.0 + 809.5) == 0
@@ -62,6 +73,32 @@ def test_the_unet_gets_what_is_left_of_the_budget_counted_from_the_start():
                                   "--trainer.max_time", "00:00:08:30", "--trainer.max_steps", "10000"]
     assert unet[1][len(LDM):] == ["export", "--ckpt", "checkpoints/shapes/ldm/checkpoints/last.ckpt",
                                   "--out", "checkpoints/shapes/pipeline"]
+
+
+def test_the_time_after_the_unet_comes_from_what_the_run_measured():
+    # 2.5 fit overheads (the U-Net's start-up with its second process and export; the adherence's start-up and
+    # loading) + 1.2 times the adherence's timed sampling
+    assert planned_after_ldm_s(fit_overhead_s=30.0, sampling_s=40.0) == pytest.approx(2.5 * 30 + 1.2 * 40)
+    assert planned_after_ldm_s(fit_overhead_s=-3.0, sampling_s=10.0) == pytest.approx(12.0)  # never negative
+    settings = DemoSettings()
+    assert unet_seconds(settings, start=1_000.0, now=1_300.0, after_ldm_s=123.0) == 870 - 300 - 123
+    assert seconds_of("00:00:03:00") == 180 and seconds_of(max_time(90061)) == 90061
+
+
+def test_sampling_time_is_measured_on_a_random_unet_of_the_config_and_the_exported_parts(tmp_path):
+    from tiny_parts import TINY_UNET, export_tiny_parts
+
+    settings = DemoSettings(run_dir=str(tmp_path))
+    export_tiny_parts(settings.parts)
+    config = tmp_path / "ldm.yaml"
+    config.write_text(json.dumps({"model": {"init_args": {
+        "vae_path": "unused", "text_encoder_path": "unused", "resolution": 32,
+        "denoiser": {"type": "unet", **TINY_UNET}}}}))  # JSON is YAML
+    four = sampling_seconds(settings, images=4, steps=5, batch_size=2, config=str(config))
+    assert 0 < four < 60
+    # twice the images in twice the batches, at the same per-batch and per-step costs: about twice the time
+    eight = sampling_seconds(settings, images=8, steps=5, batch_size=2, config=str(config))
+    assert 1.2 * four < eight < 3.5 * four
 
 
 def test_other_folders_and_extra_flags_reach_every_command(tmp_path):
@@ -105,12 +142,16 @@ def test_the_runner_keeps_the_order_prints_one_line_per_stage_and_shows_the_resu
 
     monkeypatch.setattr(ldm.demo, "plan", fake_plan(tmp_path))
     lines = []
-    ended = run_demo(DemoSettings(run_dir=str(tmp_path), budget_s=3600, after_ldm_s=0), echo=lines.append)
+    monkeypatch.setattr(ldm.demo, "sampling_seconds", lambda settings, images: 10.0)
+    ended = run_demo(DemoSettings(run_dir=str(tmp_path), budget_s=3600), echo=lines.append)
     assert list(ended) == ["data", "text encoder", "vae", "cache", "unet", "probe", "adherence"]
     order = (tmp_path / "order.txt").read_text().split()
     assert order[0] == "data" and order[-1] == "adherence" and order.index("unet") > order.index("cache")
     progress = [line for line in lines if line.startswith("demo [")]
-    assert len(progress) == 7 + 5  # one per finished stage; the start, two "side by side", the U-Net's budget, done
+    # one per finished stage; the start, two "side by side", the time kept after the U-Net, its budget, done
+    assert len(progress) == 7 + 6
+    kept = next(line for line in progress if "keeping" in line)
+    assert "the adherence's sampling will take ~10 s" in kept
     # adherence's tables, single and two objects, printed at the end
     assert "sampler  steps\nddim     20\n\ntwo objects:\nsampler  all\nddim    0.5" in lines
     assert progress[-1].split("] ")[1].startswith("done in")
