@@ -5,7 +5,7 @@ The stages, each one or two ``ldm`` commands run as child processes (their outpu
 1. ``data``: ``ldm data shapes`` (all cores).
 2. ``vae`` ∥ ``text encoder``: the VAE and the CLIP text encoder train side by side, one core each
    (``OMP_NUM_THREADS=1``), each for its wall-clock budget (``trainer.max_time``; ``FitToTimeBudget`` fits the
-   step count to it, the step counts are only ceilings), then each is exported as a part.
+   step count to it, the step counts are only ceilings), then each is exported as a part (``ldm fit --export-to``).
 3. ``probe`` ∥ ``cache``: the shapes probe, then the two-object detector, train beside the latent cache of the
    first ``cache_samples`` training images.
 4. ``unet``: the U-Net trains data-parallel in 2 processes (``configs/trainer/ddp-cpu.yaml``) for what is left
@@ -112,11 +112,12 @@ def seconds_of(max_time_text: str) -> int:
 
 
 # after the U-Net's training, in units of a fit stage's overhead (its wall time beyond its max_time: start-up,
-# last checkpoint, export): the U-Net's stage (a second DDP process to start) ~1.35 of them, the adherence stage
-# (start-up, loading the pipeline, probe and detector, the grids) ~1.1; measured on an AVX2 EPYC (2 runs, fit
-# overheads 33 and 53 s). Its sampling is measured apart (:func:`sampling_seconds`) and counted 1.2 times.
+# last checkpoint, export): the U-Net's stage (a second DDP process to start) and the adherence stage (start-up,
+# loading the pipeline, probe and detector, the grids) took 2.1-2.45 of them on an AVX2 EPYC (3 runs, fit
+# overheads 28-53 s). The adherence's sampling is timed apart (:func:`sampling_seconds`: one-thread CPU time, which
+# came out 0.95-1.9x the two-thread wall time it stands for, the more so the busier the machine).
 AFTER_OVERHEADS = 2.5
-AFTER_SAMPLING = 1.2
+AFTER_SAMPLING = 1.0
 
 
 def planned_after_ldm_s(fit_overhead_s: float, sampling_s: float) -> float:
@@ -188,15 +189,11 @@ def plan(settings: DemoSettings, unet_s: int | None = None) -> dict[str, Stage]:
                       logs / "data.log"),
         "vae": Stage("vae", [
             _fit("configs/vae/shapes.yaml", settings, settings.vae_time, settings.vae_steps,
-                 *_place_overrides(settings, "vae")),
-            ldm_command("export", "--ckpt", str(run / "vae" / "checkpoints" / "last.ckpt"),
-                        "--out", str(parts / "vae")),
+                 *_place_overrides(settings, "vae"), "--export-to", str(parts / "vae")),
         ], logs / "train-vae.log", threads=1),
         "text encoder": Stage("text encoder", [
             _fit("configs/clip/shapes.yaml", settings, settings.clip_time, settings.clip_steps,
-                 *_place_overrides(settings, "clip")),
-            ldm_command("export", "--ckpt", str(run / "clip" / "checkpoints" / "last.ckpt"),
-                        "--out", str(parts / "text_encoder")),
+                 *_place_overrides(settings, "clip"), "--export-to", str(parts / "text_encoder")),
         ], logs / "train-clip.log", threads=1),
         "probe": Stage("probe", [ldm_command("probe", "--data-dir", settings.data_dir, "--out", str(parts / "probe"),
                                              "--steps", str(settings.probe_steps),
@@ -209,9 +206,8 @@ def plan(settings: DemoSettings, unet_s: int | None = None) -> dict[str, Stage]:
                        logs / "cache.log", threads=1),
         "unet": Stage("unet", [
             _fit("configs/ldm/shapes.yaml", settings, max_time(unet_s), settings.ldm_steps,
-                 "--config", "configs/trainer/ddp-cpu.yaml", *_place_overrides(settings, "ldm")),
-            ldm_command("export", "--ckpt", str(run / "ldm" / "checkpoints" / "last.ckpt"),
-                        "--out", str(settings.pipeline)),
+                 "--config", "configs/trainer/ddp-cpu.yaml", *_place_overrides(settings, "ldm"),
+                 "--export-to", str(settings.pipeline)),
         ], logs / "train-ldm.log", threads=1),
         "adherence": Stage("adherence", [ldm_command(
             "adherence", "--pipeline", str(settings.pipeline), "--probe", str(parts / "probe"), "--data",

@@ -36,14 +36,11 @@ def test_the_stages_run_the_commands_make_demo_ran():
     assert all(c[:len(LDM)] == LDM for stage in stages.values() for c in stage.commands)
     assert commands["data"] == [["data", "shapes", "--out", "datasets/shapes"]]
     assert commands["vae"] == [
-        ["fit", "--config", "configs/vae/shapes.yaml",
-         "--trainer.max_time", "00:00:03:00", "--trainer.max_steps", "4000"],
-        ["export", "--ckpt", "checkpoints/shapes/vae/checkpoints/last.ckpt", "--out", "checkpoints/shapes/parts/vae"]]
+        ["fit", "--config", "configs/vae/shapes.yaml", "--export-to", "checkpoints/shapes/parts/vae",
+         "--trainer.max_time", "00:00:03:00", "--trainer.max_steps", "4000"]]
     assert commands["text encoder"] == [
-        ["fit", "--config", "configs/clip/shapes.yaml",
-         "--trainer.max_time", "00:00:02:45", "--trainer.max_steps", "5000"],
-        ["export", "--ckpt", "checkpoints/shapes/clip/checkpoints/last.ckpt",
-         "--out", "checkpoints/shapes/parts/text_encoder"]]
+        ["fit", "--config", "configs/clip/shapes.yaml", "--export-to", "checkpoints/shapes/parts/text_encoder",
+         "--trainer.max_time", "00:00:02:45", "--trainer.max_steps", "5000"]]
     assert commands["probe"] == [["probe", "--data-dir", "datasets/shapes", "--out", "checkpoints/shapes/parts/probe",
                                   "--steps", "800", "--detector-steps", "600"]]
     assert commands["cache"] == [["cache", "--vae", "checkpoints/shapes/parts/vae", "--text-encoder",
@@ -68,18 +65,16 @@ def test_the_unet_gets_what_is_left_of_the_budget_counted_from_the_start():
     assert unet_seconds(settings, start=1_000.0, now=1_000.0 + 809.5) == 0
     assert max_time(510) == "00:00:08:30" and max_time(3725) == "00:01:02:05" and max_time(90061) == "01:01:01:01"
     unet = plan(settings, 510)["unet"].commands
-    assert unet[0][len(LDM):] == ["fit", "--config", "configs/ldm/shapes.yaml",
-                                  "--config", "configs/trainer/ddp-cpu.yaml",
-                                  "--trainer.max_time", "00:00:08:30", "--trainer.max_steps", "10000"]
-    assert unet[1][len(LDM):] == ["export", "--ckpt", "checkpoints/shapes/ldm/checkpoints/last.ckpt",
-                                  "--out", "checkpoints/shapes/pipeline"]
+    assert unet == [LDM + ["fit", "--config", "configs/ldm/shapes.yaml", "--config", "configs/trainer/ddp-cpu.yaml",
+                           "--export-to", "checkpoints/shapes/pipeline",
+                           "--trainer.max_time", "00:00:08:30", "--trainer.max_steps", "10000"]]
 
 
 def test_the_time_after_the_unet_comes_from_what_the_run_measured():
     # 2.5 fit overheads (the U-Net's start-up with its second process and export; the adherence's start-up and
-    # loading) + 1.2 times the adherence's timed sampling
-    assert planned_after_ldm_s(fit_overhead_s=30.0, sampling_s=40.0) == pytest.approx(2.5 * 30 + 1.2 * 40)
-    assert planned_after_ldm_s(fit_overhead_s=-3.0, sampling_s=10.0) == pytest.approx(12.0)  # never negative
+    # loading) + the adherence's timed sampling
+    assert planned_after_ldm_s(fit_overhead_s=30.0, sampling_s=40.0) == pytest.approx(2.5 * 30 + 40)
+    assert planned_after_ldm_s(fit_overhead_s=-3.0, sampling_s=10.0) == pytest.approx(10.0)  # never negative
     settings = DemoSettings()
     assert unet_seconds(settings, start=1_000.0, now=1_300.0, after_ldm_s=123.0) == 870 - 300 - 123
     assert seconds_of("00:00:03:00") == 180 and seconds_of(max_time(90061)) == 90061

@@ -71,10 +71,15 @@ def test_tiny_demo_trains_exports_and_generates(tmp_path, shapes_dir):
                      "--data", "ldm.data.latents.LatentDataModule", "--data.cache_dir", str(cache),
                      "--data.batch_size", "32", "--trainer.default_root_dir", str(run), "--trainer.max_steps", "6",
                      "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "1",
-                     "--trainer.enable_progress_bar", "false"]) == 0
+                     "--trainer.enable_progress_bar", "false", "--export-to", str(tmp_path / "exported")]) == 0
     last = run / "checkpoints" / "last.ckpt"
     assert list((run / "version_0" / "images").glob("val_samples_*.png"))  # validation sample grids
     assert ldm_main(["export", "--ckpt", str(last), "--out", str(pipe_dir)]) == 0
+    # `ldm fit --export-to` wrote the same pipeline from the same final last.ckpt, file for file
+    written = sorted(p.relative_to(pipe_dir) for p in pipe_dir.rglob("*") if p.is_file())
+    assert written and written == sorted(p.relative_to(tmp_path / "exported")
+                                         for p in (tmp_path / "exported").rglob("*") if p.is_file())
+    assert all((pipe_dir / f).read_bytes() == (tmp_path / "exported" / f).read_bytes() for f in written)
     pipe = TextToImagePipeline.from_pretrained(pipe_dir)
     assert pipe.config.height == 32
     out = tmp_path / "grid.png"

@@ -28,11 +28,17 @@ def run(args: argparse.Namespace) -> int:
     checks.output_dir("--out", args.out)
     if args.data_dir is not None:
         checks.shard_dataset("--data-dir", args.data_dir, ["train"])
+    export_checkpoint(args.ckpt, args.out, args.data_dir)
+    return 0
+
+
+def export_checkpoint(ckpt: str | Path, out: str | Path, data_dir: str | None = None) -> Path:
+    """The part of training checkpoint ``ckpt`` exported to ``out`` (``ldm export``; ``ldm fit --export-to``)."""
     from ldm.models.checkpoint import rebuild_from_checkpoint
 
-    model, datamodule, note = rebuild_from_checkpoint(args.ckpt, args.data_dir)
+    model, datamodule, note = rebuild_from_checkpoint(str(ckpt), data_dir)
     if note:
         print(note)
-    out = model.export(Path(args.out), datamodule)
-    print(f"exported {type(model).__name__} from {args.ckpt} -> {out}")
-    return 0
+    written = model.export(Path(out), datamodule)
+    print(f"exported {type(model).__name__} from {ckpt} -> {written}")
+    return written

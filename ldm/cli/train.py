@@ -12,6 +12,9 @@ not already have one of the same class, and ``ldm fit`` prints which are on. Run
 ``trainer.default_root_dir``: TensorBoard + CSV logs in ``version_N/``, checkpoints in ``checkpoints/``
 (``last.ckpt`` + the best by ``val/loss``), so ``--ckpt_path last`` resumes.
 
+``ldm fit --export-to DIR`` exports the final ``last.ckpt`` as a part when the fit ends (``ldm export`` in the
+same process: one start-up fewer).
+
 ``ldm fit --continue-from CKPT`` starts a new stage of a run (another resolution, another cache) from the
 previous stage's checkpoint: weights, optimizer state, LR-schedule step and step count carry over where shapes
 match (:class:`ldm.training.ContinueFrom`); ``trainer.max_steps`` then counts the whole run.
@@ -36,6 +39,7 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.plugins.io import CheckpointIO
 from pytorch_lightning.utilities import rank_zero_only
 
+from ldm.cli import checks
 from ldm.errors import UsageError
 from ldm.training import (
     AtomicCheckpointIO,
@@ -158,22 +162,27 @@ def _announce(on: list[str]) -> None:
     print(f"ldm fit: on: {', '.join(on)}", flush=True)
 
 
-def pop_continue_from(argv: list[str]) -> tuple[list[str], str | None]:
-    """``argv`` without ``--continue-from X`` / ``--continue-from=X``, and X (None when absent)."""
+def pop_flag(argv: list[str], flag: str, example: str) -> tuple[list[str], str | None]:
+    """``argv`` without ``FLAG X`` / ``FLAG=X``, and X (None when absent)."""
     out, found, i = [], None, 0
     while i < len(argv):
         arg = argv[i]
-        if arg == "--continue-from":
+        if arg == flag:
             if i + 1 >= len(argv):
-                raise UsageError("--continue-from needs a checkpoint path "
-                                 "(e.g. checkpoints/shapes/ldm/checkpoints/last.ckpt)")
+                raise UsageError(f"{flag} needs a path (e.g. {example})")
             found, i = argv[i + 1], i + 2
             continue
-        if arg.startswith("--continue-from="):
+        if arg.startswith(flag + "="):
             found = arg.partition("=")[2]
         else:
             out.append(arg)
         i += 1
+    return out, found
+
+
+def pop_continue_from(argv: list[str]) -> tuple[list[str], str | None]:
+    """``argv`` without ``--continue-from X`` / ``--continue-from=X``, and X (None when absent)."""
+    out, found = pop_flag(argv, "--continue-from", "checkpoints/shapes/ldm/checkpoints/last.ckpt")
     if found is not None and not Path(found).is_file():
         raise UsageError(f"--continue-from {found}: no such checkpoint file")
     return out, found
@@ -230,6 +239,24 @@ def build_cli(argv: list[str]) -> LDMCLI:
 
 
 def run_lightning(argv: list[str]) -> int:
-    """Run ``fit``/``validate`` with LightningCLI; ``argv`` starts with the subcommand."""
-    build_cli(argv)
+    """Run ``fit``/``validate`` with LightningCLI; ``argv`` starts with the subcommand. ``--export-to DIR`` (fit
+    only): rank 0 exports the final ``last.ckpt`` to DIR once the fit has ended."""
+    argv, export_to = pop_flag(argv, "--export-to", "checkpoints/shapes/parts/vae")
+    if export_to is not None:
+        if argv[:1] != ["fit"]:
+            raise UsageError("--export-to is a flag of `ldm fit`")
+        checks.output_dir("--export-to", export_to)
+    cli = build_cli(argv)
+    if export_to is not None and cli.trainer.is_global_zero:
+        import torch.distributed
+
+        from ldm.cli.export import export_checkpoint
+        from ldm.training.checkpoint_io import resume_checkpoint_path
+
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # the other ranks have left: export as `ldm export` would
+        last = resume_checkpoint_path(cli.trainer)
+        if not last.is_file():
+            raise UsageError(f"--export-to {export_to}: the fit left no {last} to export")
+        export_checkpoint(last, export_to)
     return 0
