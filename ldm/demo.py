@@ -155,7 +155,7 @@ def sampling_seconds(settings: DemoSettings, images: int, steps: int = 20, batch
     per_step = max(three - one, 0.0) / 2
     per_batch = max(one - per_step, 0.0)
     batches = -(-images // batch_size)
-    return batches * (per_batch + steps * per_step) * batch_size / len(prompts)
+    return batches * (per_batch + steps * per_step)
 
 
 def _fit(config: str, settings: DemoSettings, time_limit: str, steps: int, *overrides: str) -> list[str]:

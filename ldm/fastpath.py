@@ -143,9 +143,9 @@ def _write_cache(path: Path, key: str, entry: dict[str, Any]) -> None:
 @functools.cache
 def bf16_kernel_speedup(device: str = "cpu", repeats: int = 5) -> float:
     """How much faster bf16 runs this device's two workhorse kernels than fp32: the better of a 512² matmul and
-    a 3×3 convolution (64 channels, 16×16, batch 8), fp32 time over bf16 time, best of ``repeats`` (~0.1 s on a
-    CPU; once per process). Below 1 no bf16 candidate can win: the processor has no fast bf16 and every cast
-    only adds (on an AVX2-only CPU one bf16 training step of the shapes U-Net cost 17 fp32 ones)."""
+    a 3×3 convolution (64 channels, 16×16, batch 8), fp32 time over bf16 time, best of ``repeats`` (under a
+    second on a CPU; once per process). Below 1 no bf16 candidate can win: the processor has no fast bf16 and
+    every cast only adds (on an AVX2-only CPU one bf16 training step of the shapes U-Net cost 17 fp32 ones)."""
     dev = torch.device(device)
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(512, 512, generator=gen).to(dev), torch.randn(512, 512, generator=gen).to(dev)
@@ -228,17 +228,18 @@ def choose(setting: str, workload: dict[str, Any], run: Callable[[FastPath], Non
     """The fast path for ``workload`` (a JSON-able description: model config, shapes, train or sample).
 
     ``setting`` "fp32" is fp32 + SDPA (nothing measured), "bf16" measures the bf16 candidates (everywhere or in
-    the attention blocks only, each attention kernel), "auto" measures every candidate where bf16 kernels beat
-    fp32 on the device (:func:`bf16_kernel_speedup`), else keeps fp32 + SDPA. A measured choice is cached
-    per machine and workload; ``run(candidate)`` performs one representative call (run inside the candidate's
-    context).
+    the attention blocks only, each attention kernel), "auto" measures every candidate, except on a CPU whose
+    bf16 kernels are slower than fp32 (:func:`bf16_kernel_speedup`): there it keeps fp32 + SDPA. A measured choice
+    is cached per machine and workload; ``run(candidate)`` performs one representative call (run inside the
+    candidate's context).
     """
     setting = resolve_setting(setting)
     candidates = CANDIDATES if setting == "auto" else tuple(c for c in CANDIDATES if (c.precision == "fp32")
                                                              == (setting == "fp32"))
     if len(candidates) == 1:
         return candidates[0]
-    if setting == "auto" and (speedup := bf16_kernel_speedup(str(torch.device(device)))) < 1.0:
+    cpu = torch.device(device).type == "cpu"  # (a GPU's kernels at these sizes only time launches: always measured)
+    if setting == "auto" and cpu and (speedup := bf16_kernel_speedup("cpu")) < 1.0:
         if log:
             log(f"fast path: {REFERENCE.name} (bf16 kernels run at {speedup:.2f}x fp32 here: bf16 not timed)")
         return REFERENCE
