@@ -209,6 +209,7 @@ CASES: list[tuple[str, list[str], str, dict[str, str]]] = [
     ("fit-unknown-model", ["fit", "--model", "NoSuchModel", "--data", "ldm.data.webdata.WebDataModule"],
      "NoSuchModel", {}),
     ("fit-trainer-config-env", ["fit", *FIT], "LDM_TRAINER_CONFIG", {"LDM_TRAINER_CONFIG": "{w}/no_trainer.yaml"}),
+    ("fit-bad-max-time", ["fit", *FIT, "--trainer.max_time", "00:00:00:420"], "00:00:00:420", {}),
     ("fit-export-to-no-value", ["fit", *FIT, "--export-to"], "--export-to needs a path", {}),
     ("validate-export-to", ["validate", *FIT, "--export-to", "{w}/scratch/x"], "--export-to is a flag of `ldm fit`",
      {}),

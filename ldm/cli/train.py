@@ -217,6 +217,7 @@ class LDMCLI(LightningCLI):
 def build_cli(argv: list[str]) -> LDMCLI:
     """Parse ``argv`` (starting with ``fit``/``validate``), build the model, data and trainer, and run it."""
     from jsonargparse import ArgumentError
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
 
     argv, LDMCLI.continue_from = pop_continue_from(resolve_config_args(argv))
     defaults = default_config_files()
@@ -235,6 +236,8 @@ def build_cli(argv: list[str]) -> LDMCLI:
             seed_everything_default=0,
         )
     except ArgumentError as e:
+        raise UsageError(str(e)) from e
+    except MisconfigurationException as e:  # Lightning's verdict on a setting (a bad trainer.max_time, ...)
         raise UsageError(str(e)) from e
 
 
