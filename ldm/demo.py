@@ -6,8 +6,8 @@ The stages, each one or two ``ldm`` commands run as child processes (their outpu
 2. ``vae`` ∥ ``text encoder``: the VAE and the CLIP text encoder train side by side, one core each
    (``OMP_NUM_THREADS=1``), each for its wall-clock budget (``trainer.max_time``; ``FitToTimeBudget`` fits the
    step count to it, the step counts are only ceilings), then each is exported as a part (``ldm fit --export-to``).
-3. ``probe`` ∥ ``cache``: the shapes probe, then the two-object detector, train beside the latent cache of the
-   first ``cache_samples`` training images.
+3. ``probe`` ∥ ``cache``: the shapes probe, then the two-object detector, train (from when the first of the two
+   parts is done: they need only the data) beside the latent cache of the first ``cache_samples`` training images.
 4. ``unet``: the U-Net trains data-parallel in 2 processes (``configs/trainer/ddp-cpu.yaml``) for what is left
    of ``budget_s``, counted from ``start_time`` (``make demo`` passes its own start, so the install counts),
    less what its start-up, the export and the adherence measurement will take (``after_ldm_s``, measured on the
@@ -315,12 +315,18 @@ def run_demo(settings: DemoSettings, echo: Callable[[str], None] = print,
         finish(launch("data"), f"data: {settings.data_dir} built (log: {stages['data'].log})")
         vae, clip = launch("vae"), launch("text encoder")
         say(f"training the VAE and the text encoder side by side (logs: {vae.stage.log}, {clip.stage.log})")
-        finish(clip, f"text encoder trained and exported to {settings.parts / 'text_encoder'}")
-        finish(vae, f"VAE trained and exported to {settings.parts / 'vae'}")
+        first = clip if seconds_of(settings.clip_time) <= seconds_of(settings.vae_time) else vae
+        second = vae if first is clip else clip
+        done = {clip: f"text encoder trained and exported to {settings.parts / 'text_encoder'}",
+                vae: f"VAE trained and exported to {settings.parts / 'vae'}"}
+        finish(first, done[first])
+        probe = launch("probe")  # it needs only the data: on the core the first part left
+        say(f"training the shapes probe (log: {probe.stage.log})")
+        finish(second, done[second])
         # a fit stage's wall time beyond its training time: start-up, last checkpoint, export
         fit_overhead = max(clip.seconds - seconds_of(settings.clip_time), vae.seconds - seconds_of(settings.vae_time))
-        probe, cache = launch("probe"), launch("cache")
-        say(f"training the shapes probe beside the latent cache (logs: {probe.stage.log}, {cache.stage.log})")
+        cache = launch("cache")
+        say(f"writing the latent cache beside the probe (log: {cache.stage.log})")
         sampling: list[float] = []
         if settings.after_ldm_s is None:  # measured beside the cache: CPU time, blind to the stages beside it
             timing = threading.Thread(target=lambda: sampling.append(

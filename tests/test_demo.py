@@ -114,12 +114,15 @@ def test_other_folders_and_extra_flags_reach_every_command(tmp_path):
     assert all(str(tmp_path / "r" / "logs") in str(st.log) for st in stages.values())
 
 
-def fake_plan(tmp_path: Path, fail: str | None = None, slow: str | None = None):
-    """plan() with stand-in commands: each stage appends its name to order.txt; ``fail`` exits 3."""
+def fake_plan(tmp_path: Path, fail: str | None = None, slow: str | None = None, delays: dict | None = None):
+    """plan() with stand-in commands: each stage appends its name to order.txt (after ``delays[name]`` seconds);
+    ``fail`` exits 3."""
     def make(settings: DemoSettings, unet_s: int | None = None) -> dict[str, Stage]:
         stages = {}
         for name in ("data", "vae", "text encoder", "probe", "cache", "unet", "adherence"):
             code = f"open({str(tmp_path / 'order.txt')!r}, 'a').write({name!r} + '\\n')"
+            if delays and name in delays:
+                code = f"import time; time.sleep({delays[name]}); " + code
             if name == slow:
                 code = "import time; time.sleep(60)"
             if name == fail:
@@ -135,16 +138,18 @@ def fake_plan(tmp_path: Path, fail: str | None = None, slow: str | None = None):
 def test_the_runner_keeps_the_order_prints_one_line_per_stage_and_shows_the_results(tmp_path, monkeypatch):
     import ldm.demo
 
-    monkeypatch.setattr(ldm.demo, "plan", fake_plan(tmp_path))
+    monkeypatch.setattr(ldm.demo, "plan", fake_plan(tmp_path, delays={"vae": 2.0}))
     lines = []
     monkeypatch.setattr(ldm.demo, "sampling_seconds", lambda settings, images: 10.0)
     ended = run_demo(DemoSettings(run_dir=str(tmp_path), budget_s=3600), echo=lines.append)
     assert list(ended) == ["data", "text encoder", "vae", "cache", "unet", "probe", "adherence"]
     order = (tmp_path / "order.txt").read_text().split()
     assert order[0] == "data" and order[-1] == "adherence" and order.index("unet") > order.index("cache")
+    assert order.index("probe") < order.index("vae")  # started once the text encoder (the shorter part) was done
     progress = [line for line in lines if line.startswith("demo [")]
-    # one per finished stage; the start, two "side by side", the time kept after the U-Net, its budget, done
-    assert len(progress) == 7 + 6
+    # one per finished stage; the start, "side by side", the probe's start, the cache's, the time kept after the
+    # U-Net, its budget, done
+    assert len(progress) == 7 + 7
     kept = next(line for line in progress if "keeping" in line)
     assert "the adherence's sampling will take ~10 s" in kept
     # adherence's tables, single and two objects, printed at the end

@@ -212,3 +212,16 @@ def test_corrupt_samples_and_a_truncated_and_a_vanishing_shard_are_skipped_and_c
     assert t.callback_metrics["train/skipped/unknown_format"].item() == 12
     assert t.callback_metrics["train/skipped/unreadable_shard"].item() == 2
     assert math.isfinite(t.callback_metrics["train/loss"].item())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_all_finite_finds_one_bad_element_among_many_tensors_of_mixed_dtypes(bad):
+    from ldm.training.nonfinite import all_finite
+
+    good = [torch.zeros(()), torch.randn(3, 4), torch.full((7,), 60000.0, dtype=torch.float16),  # fp16 near its max
+            torch.full((2, 2), 3e38, dtype=torch.bfloat16), torch.ones(5, dtype=torch.float64)]
+    assert all_finite(good) and all_finite([])
+    for i in range(len(good)):
+        tensors = [t.clone() for t in good]
+        tensors[i].view(-1)[0] = bad
+        assert not all_finite(tensors), (i, bad)

