@@ -166,11 +166,12 @@ export-sd: $(STAMP) $(PIPELINE_PART)
 # Each training runs for its wall-clock budget (trainer.max_time) and FitToTimeBudget (on in every `ldm fit`)
 # fits its step count to it, so every LR schedule runs to its end on a slow machine and a fast one does more
 # steps; the DEMO_*_STEPS are only ceilings. The VAE and the text encoder train side by side (one core each),
-# the probe trains beside the latent cache (the first DEMO_CACHE_SAMPLES training images), and the U-Net
-# trains data-parallel in 2 processes (configs/trainer/ddp-cpu.yaml) for whatever is left of DEMO_BUDGET_S
-# seconds — counted from the moment `make demo` started, install included — less what its start-up, the export
-# and the adherence measurement will take, measured on the machine at hand (the VAE's and text encoder's start-up
-# and export, and the adherence's sampling timed on a random U-Net; DEMO_AFTER_LDM_S=SECONDS fixes it instead).
+# the probe trains once the first of them is done and beside the latent cache (the first DEMO_CACHE_SAMPLES
+# training images), and the U-Net trains data-parallel in 2 processes (configs/trainer/ddp-cpu.yaml) until the
+# end of DEMO_BUDGET_S seconds (`ldm fit --end-by`: its start-up comes out of it) — counted from the moment `make
+# demo` started, install included — less what the export and the adherence measurement will take, measured on the
+# machine at hand (the VAE's and text encoder's start-up and export, and the adherence's sampling timed on a random
+# U-Net; DEMO_AFTER_LDM_S=SECONDS fixes it instead).
 DEMO_BUDGET_S ?= 870
 DEMO_AFTER_LDM_S ?=
 DEMO_START := $(shell date +%s)

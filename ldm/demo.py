@@ -8,10 +8,11 @@ The stages, each one or two ``ldm`` commands run as child processes (their outpu
    step count to it, the step counts are only ceilings), then each is exported as a part (``ldm fit --export-to``).
 3. ``probe`` ∥ ``cache``: the shapes probe, then the two-object detector, train (from when the first of the two
    parts is done: they need only the data) beside the latent cache of the first ``cache_samples`` training images.
-4. ``unet``: the U-Net trains data-parallel in 2 processes (``configs/trainer/ddp-cpu.yaml``) for what is left
-   of ``budget_s``, counted from ``start_time`` (``make demo`` passes its own start, so the install counts),
-   less what its start-up, the export and the adherence measurement will take (``after_ldm_s``, measured on the
-   machine at hand unless given: :func:`planned_after_ldm_s`); then it is exported as the pipeline.
+4. ``unet``: the U-Net trains data-parallel in 2 processes (``configs/trainer/ddp-cpu.yaml``) until the end of
+   ``budget_s``, counted from ``start_time`` (``make demo`` passes its own start, so the install counts), less
+   what its export and the adherence measurement will take (``after_ldm_s``, measured on the machine at hand
+   unless given: :func:`planned_after_ldm_s`): a time of day (``ldm fit --end-by``), so its own start-up comes
+   out of its training time; then it is exported as the pipeline.
 5. ``adherence``: once the probe is done, ``ldm adherence`` of the pipeline: grids and the figures, for single
    objects and for two.
 
@@ -111,19 +112,26 @@ def seconds_of(max_time_text: str) -> int:
     return ((days * 24 + hours) * 60 + minutes) * 60 + secs
 
 
-# after the U-Net's training, in units of a fit stage's overhead (its wall time beyond its max_time: start-up,
-# last checkpoint, export): the U-Net's stage (a second DDP process to start) and the adherence stage (start-up,
-# loading the pipeline, probe and detector, the grids) took 2.1-2.45 of them on an AVX2 EPYC (3 runs, fit
-# overheads 28-53 s). The adherence's sampling is timed apart (:func:`sampling_seconds`: one-thread CPU time, which
-# came out 0.95-1.9x the two-thread wall time it stands for, the more so the busier the machine).
-AFTER_OVERHEADS = 2.5
+# after the U-Net's training, in units of a fit stage's overhead (its wall time beyond its max_time: start-up, last
+# checkpoint, export): the U-Net's last checkpoint and export, the adherence stage's start-up, loading and reading
+# back. The U-Net's own start-up is not in it: it trains until a time of day (--end-by). On an AVX2 EPYC
+# (2026-12-07, fit overhead 12 s) that came to ~25 s beside ~65 s of sampling (the 400 measured images, 41 s, and
+# the grids' 320, 24 s). The sampling is timed apart (:func:`sampling_seconds`: one-thread CPU time, which came out
+# 0.95-1.9x the two-thread wall time it stands for, the more so the busier the machine).
+AFTER_OVERHEADS = 2.0
 AFTER_SAMPLING = 1.0
+GRID_PROMPTS, GRID_IMAGES_PER_PROMPT = 40, 4  # `ldm adherence --grid/--pair-grid`: the first 40 prompts, 4 images
 
 
 def planned_after_ldm_s(fit_overhead_s: float, sampling_s: float) -> float:
     """Seconds to keep for after the U-Net's training: ``AFTER_OVERHEADS`` fit overheads + ``AFTER_SAMPLING`` ×
     the adherence's sampling time, both measured in this run."""
     return AFTER_OVERHEADS * max(fit_overhead_s, 0.0) + AFTER_SAMPLING * sampling_s
+
+
+def adherence_images(settings: DemoSettings) -> int:
+    """Images the adherence stage samples: one per single-object and per two-object prompt, and the two grids."""
+    return 2 * settings.adherence_n + 2 * GRID_IMAGES_PER_PROMPT * min(GRID_PROMPTS, settings.adherence_n)
 
 
 def sampling_seconds(settings: DemoSettings, images: int, steps: int = 20, batch_size: int = 100,
@@ -179,9 +187,10 @@ def _place_overrides(settings: DemoSettings, kind: str) -> list[str]:
     return flags
 
 
-def plan(settings: DemoSettings, unet_s: int | None = None) -> dict[str, Stage]:
-    """Every stage with its commands; the U-Net's ``max_time`` is ``unet_s`` seconds (known only once the
-    stages before it have run; None plans it with the whole budget less ``after_ldm_s``)."""
+def plan(settings: DemoSettings, unet_s: int | None = None, unet_end: float | None = None) -> dict[str, Stage]:
+    """Every stage with its commands; the U-Net's ``max_time`` is ``unet_s`` seconds and its ``--end-by``
+    ``unet_end`` (known only once the stages before it have run; None plans it with the whole budget less
+    ``after_ldm_s`` and no end time)."""
     run, parts, logs = Path(settings.run_dir), settings.parts, settings.logs
     unet_s = int(settings.budget_s - (settings.after_ldm_s or 0)) if unet_s is None else unet_s
     return {
@@ -207,7 +216,7 @@ def plan(settings: DemoSettings, unet_s: int | None = None) -> dict[str, Stage]:
         "unet": Stage("unet", [
             _fit("configs/ldm/shapes.yaml", settings, max_time(unet_s), settings.ldm_steps,
                  "--config", "configs/trainer/ddp-cpu.yaml", *_place_overrides(settings, "ldm"),
-                 "--export-to", str(settings.pipeline)),
+                 "--export-to", str(settings.pipeline), *([] if unet_end is None else ["--end-by", f"{unet_end:.0f}"])),
         ], logs / "train-ldm.log", threads=1),
         "adherence": Stage("adherence", [ldm_command(
             "adherence", "--pipeline", str(settings.pipeline), "--probe", str(parts / "probe"), "--data",
@@ -330,7 +339,7 @@ def run_demo(settings: DemoSettings, echo: Callable[[str], None] = print,
         sampling: list[float] = []
         if settings.after_ldm_s is None:  # measured beside the cache: CPU time, blind to the stages beside it
             timing = threading.Thread(target=lambda: sampling.append(
-                sampling_seconds(settings, 2 * settings.adherence_n)), daemon=True)
+                sampling_seconds(settings, adherence_images(settings))), daemon=True)
             timing.start()
         finish(cache, f"latent cache of {settings.cache_samples} training images written to "
                       f"{Path(settings.run_dir) / 'cache'}")
@@ -348,8 +357,11 @@ def run_demo(settings: DemoSettings, echo: Callable[[str], None] = print,
             raise UsageError(f"only {left} s of the --budget-s {settings.budget_s:.0f} s are left for the U-Net "
                              f"(at least {settings.min_ldm_s:.0f} s needed); "
                              "raise --budget-s (make demo: DEMO_BUDGET_S)")
-        stages["unet"] = plan(settings, left)["unet"]
-        say(f"training the U-Net for {left} s, what is left of the budget (log: {stages['unet'].log})")
+        end = start + settings.budget_s - after
+        stages["unet"] = plan(settings, left, end)["unet"]
+        clock_time = time.strftime("%H:%M:%S", time.localtime(end))
+        say(f"training the U-Net until {clock_time} ({left} s from now, start-up included): what is left of the "
+            f"budget (log: {stages['unet'].log})")
         finish(launch("unet"), f"U-Net trained; pipeline exported to {settings.pipeline}")
         finish(probe, f"probe trained and exported to {settings.parts / 'probe'}")
         finish(launch("adherence"), f"adherence measured (log: {stages['adherence'].log})")

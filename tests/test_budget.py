@@ -106,3 +106,28 @@ def test_without_max_time_the_plan_is_untouched(tmp_path):
     trainer.fit(model, data)
     assert trainer.global_step == trainer.max_steps == 30
     assert model.factors[-1] == pytest.approx(warmup_cosine(29, 5, 30))
+
+
+def test_a_deadline_alone_ends_the_run_and_its_cosine_before_it(tmp_path):
+    data = DataLoader(TensorDataset(torch.randn(64, 2)), batch_size=4)
+    model = SlowRegression(delay=0.01)
+    deadline = time.time() + 3.0
+    trainer = pl.Trainer(max_steps=100_000, callbacks=[FitToTimeBudget(every=10, margin=0.1, deadline=deadline)],
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(model, data)  # the deadline counts the trainer's set-up too, unlike max_time
+    assert trainer.global_step == trainer.max_steps < 100_000
+    assert 50 < trainer.global_step < 300
+    assert time.time() < deadline + 0.3
+    assert model.factors[-1] < 0.05
+
+
+def test_a_deadline_earlier_than_max_time_wins_and_a_passed_one_stops_at_the_next_check(tmp_path):
+    data = DataLoader(TensorDataset(torch.randn(64, 2)), batch_size=4)
+    model = SlowRegression(delay=0.0)
+    trainer = pl.Trainer(max_steps=1_000, max_time={"seconds": 60},
+                         callbacks=[FitToTimeBudget(every=5, deadline=time.time() - 1)], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)
+    trainer.fit(model, data)
+    assert trainer.global_step == 5

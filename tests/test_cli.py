@@ -167,3 +167,24 @@ def test_no_module_finds_configs_relative_to_its_own_file():
     offenders = [str(p) for p in root.rglob("*.py") if "parents[2]" in p.read_text()
                  or ("parents[1]" in p.read_text() and "configs" in p.read_text())]
     assert offenders == []
+
+
+def test_end_by_gives_the_time_budget_planner_its_deadline(tmp_path, shapes_dir, capsys, monkeypatch):
+    import datetime
+    import time
+
+    from ldm.training import FitToTimeBudget
+
+    when = int(time.time()) + 600
+    seen = []
+    original = FitToTimeBudget.on_train_start
+
+    def recording(self, trainer, pl_module):
+        seen.append(self.deadline)
+        return original(self, trainer, pl_module)
+
+    monkeypatch.setattr(FitToTimeBudget, "on_train_start", recording)
+    assert ldm_main(fit_args(tmp_path / "run", shapes_dir, "--end-by", str(when))) == 0
+    assert seen == [when]
+    clock = datetime.datetime.fromtimestamp(when).isoformat(sep=" ", timespec="seconds")
+    assert f"time-budget planning (training ends by {clock})" in capsys.readouterr().out

@@ -16,6 +16,7 @@ from ldm.demo import (
     DemoSettings,
     DemoStageError,
     Stage,
+    adherence_images,
     max_time,
     plan,
     planned_after_ldm_s,
@@ -68,16 +69,20 @@ def test_the_unet_gets_what_is_left_of_the_budget_counted_from_the_start():
     assert unet == [LDM + ["fit", "--config", "configs/ldm/shapes.yaml", "--config", "configs/trainer/ddp-cpu.yaml",
                            "--export-to", "checkpoints/shapes/pipeline",
                            "--trainer.max_time", "00:00:08:30", "--trainer.max_steps", "10000"]]
+    # in the run, the U-Net trains until a time of day: its start-up comes out of its training time
+    unet = plan(settings, 510, unet_end=1_810.4)["unet"].commands[0]
+    assert unet[unet.index("--end-by") + 1] == "1810" and unet[unet.index("--trainer.max_time") + 1] == "00:00:08:30"
 
 
 def test_the_time_after_the_unet_comes_from_what_the_run_measured():
-    # 2.5 fit overheads (the U-Net's start-up with its second process and export; the adherence's start-up and
-    # loading) + the adherence's timed sampling
-    assert planned_after_ldm_s(fit_overhead_s=30.0, sampling_s=40.0) == pytest.approx(2.5 * 30 + 40)
+    # 2 fit overheads (the U-Net's export; the adherence's start-up and loading) + the adherence's timed sampling
+    assert planned_after_ldm_s(fit_overhead_s=30.0, sampling_s=40.0) == pytest.approx(2 * 30 + 40)
     assert planned_after_ldm_s(fit_overhead_s=-3.0, sampling_s=10.0) == pytest.approx(10.0)  # never negative
     settings = DemoSettings()
     assert unet_seconds(settings, start=1_000.0, now=1_300.0, after_ldm_s=123.0) == 870 - 300 - 123
     assert seconds_of("00:00:03:00") == 180 and seconds_of(max_time(90061)) == 90061
+    # the sampling timed: 200 single-object and 200 two-object prompts, and 2 grids of 40 prompts x 4 images
+    assert adherence_images(settings) == 400 + 320 and adherence_images(DemoSettings(adherence_n=10)) == 20 + 80
 
 
 def test_sampling_time_is_measured_on_a_random_unet_of_the_config_and_the_exported_parts(tmp_path):
@@ -117,7 +122,7 @@ def test_other_folders_and_extra_flags_reach_every_command(tmp_path):
 def fake_plan(tmp_path: Path, fail: str | None = None, slow: str | None = None, delays: dict | None = None):
     """plan() with stand-in commands: each stage appends its name to order.txt (after ``delays[name]`` seconds);
     ``fail`` exits 3."""
-    def make(settings: DemoSettings, unet_s: int | None = None) -> dict[str, Stage]:
+    def make(settings: DemoSettings, unet_s: int | None = None, unet_end: float | None = None) -> dict[str, Stage]:
         stages = {}
         for name in ("data", "vae", "text encoder", "probe", "cache", "unet", "adherence"):
             code = f"open({str(tmp_path / 'order.txt')!r}, 'a').write({name!r} + '\\n')"

@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget-s", type=seconds, default=d.budget_s,
                         help="seconds for the whole demo, counted from --start-time (DEMO_BUDGET_S)")
     parser.add_argument("--after-ldm-s", type=checks.float_in(0), default=d.after_ldm_s,
-                        help="seconds kept for the U-Net's start-up, export and adherence (DEMO_AFTER_LDM_S; "
+                        help="seconds kept for the U-Net's export and the adherence (DEMO_AFTER_LDM_S; "
                              "default: measured in the run, from the VAE's and text encoder's start-up and export "
                              "and the adherence's sampling timed on a random U-Net)")
     parser.add_argument("--min-ldm-s", type=checks.float_in(0), default=d.min_ldm_s,

@@ -15,6 +15,10 @@ not already have one of the same class, and ``ldm fit`` prints which are on. Run
 ``ldm fit --export-to DIR`` exports the final ``last.ckpt`` as a part when the fit ends (``ldm export`` in the
 same process: one start-up fewer).
 
+``ldm fit --end-by WHEN`` (epoch seconds or an ISO 8601 time) ends training, and its LR schedule, by that time of
+day: unlike ``trainer.max_time``, which counts from the start of training, the process's start-up and set-up
+come out of it (a scheduler's wall-clock limit; ``make demo``'s budget).
+
 ``ldm fit --continue-from CKPT`` starts a new stage of a run (another resolution, another cache) from the
 previous stage's checkpoint: weights, optimizer state, LR-schedule step and step count carry over where shapes
 match (:class:`ldm.training.ContinueFrom`); ``trainer.max_steps`` then counts the whole run.
@@ -25,7 +29,9 @@ one line on stderr through ``ldm.cli.main``.
 
 from __future__ import annotations
 
+import datetime
 import os
+import time
 import warnings
 from collections.abc import Callable
 from importlib import resources
@@ -169,7 +175,7 @@ def pop_flag(argv: list[str], flag: str, example: str) -> tuple[list[str], str |
         arg = argv[i]
         if arg == flag:
             if i + 1 >= len(argv):
-                raise UsageError(f"{flag} needs a path (e.g. {example})")
+                raise UsageError(f"{flag} needs a value (e.g. {example})")
             found, i = argv[i + 1], i + 2
             continue
         if arg.startswith(flag + "="):
@@ -188,11 +194,33 @@ def pop_continue_from(argv: list[str]) -> tuple[list[str], str | None]:
     return out, found
 
 
+def pop_end_by(argv: list[str]) -> tuple[list[str], float | None]:
+    """``argv`` without ``--end-by WHEN``, and WHEN as epoch seconds (None when absent). WHEN is epoch seconds
+    (``date +%s``) or an ISO 8601 time (``2026-12-07T04:30:00``; local time unless it names a zone)."""
+    out, found = pop_flag(argv, "--end-by", "$(date -d '+30 min' +%s) or 2026-12-07T04:30:00")
+    if found is None:
+        return out, None
+    try:
+        when = float(found)
+    except ValueError:
+        try:
+            when = datetime.datetime.fromisoformat(found).timestamp()
+        except ValueError:
+            raise UsageError(f"--end-by {found}: not epoch seconds or an ISO 8601 time "
+                             "(e.g. 1796963400 or 2026-12-07T04:30:00)") from None
+    if "LOCAL_RANK" not in os.environ and when <= time.time():  # the launching process (a DDP child re-parses)
+        raise UsageError(f"--end-by {found}: that time has passed "
+                         f"({datetime.datetime.fromtimestamp(when).isoformat(timespec='seconds')})")
+    return out, when
+
+
 class LDMCLI(LightningCLI):
     """LightningCLI whose loggers and checkpoint folder live under ``default_root_dir`` and whose trainer
-    always has the fault-tolerance callbacks and atomic checkpoint IO (:func:`add_robustness`)."""
+    always has the fault-tolerance callbacks and atomic checkpoint IO (:func:`add_robustness`); ``end_by``
+    (``--end-by``) is the time-budget planner's deadline."""
 
     continue_from: str | None = None
+    end_by: float | None = None
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         config = self._get(self.config_init, "trainer", default={})
@@ -204,6 +232,11 @@ class LDMCLI(LightningCLI):
             if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
                 cb.dirpath = str(ckpt_dir)
         kwargs["callbacks"], kwargs["plugins"], on = add_robustness(config.get("callbacks"), config.get("plugins"))
+        if self.end_by is not None:
+            budget = next(cb for cb in kwargs["callbacks"] if isinstance(cb, FitToTimeBudget))
+            budget.deadline = self.end_by
+            clock = datetime.datetime.fromtimestamp(self.end_by).isoformat(sep=" ", timespec="seconds")
+            on[on.index("time-budget planning")] = f"time-budget planning (training ends by {clock})"
         if self.continue_from and self.subcommand == "fit":
             from ldm.training import ContinueFrom
 
@@ -212,6 +245,13 @@ class LDMCLI(LightningCLI):
         if self.subcommand == "fit":
             _announce(on)
         return super().instantiate_trainer(**kwargs)
+
+
+FIT_EPILOG = ("ldm's own flags of `ldm fit`, anywhere on the line. --export-to DIR: export the final last.ckpt "
+              "as a part to DIR when the fit ends (`ldm export` in the same process). --end-by WHEN: end training, "
+              "and its LR schedule, by WHEN, epoch seconds or an ISO 8601 time (2026-12-07T04:30:00, local time); "
+              "unlike --trainer.max_time, the start-up counts. --continue-from CKPT: start a new stage of a run from "
+              "CKPT (weights, optimizer, LR step, where shapes match).")
 
 
 def build_cli(argv: list[str]) -> LDMCLI:
@@ -224,6 +264,7 @@ def build_cli(argv: list[str]) -> LDMCLI:
     # `ldm` hands LightningCLI its own command line as `args`, which Lightning warns about when sys.argv is set too
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     sub_kwargs = {"default_config_files": defaults, "exit_on_error": False}
+    fit_kwargs = {**sub_kwargs, "epilog": FIT_EPILOG}
     try:
         return LDMCLI(
             pl.LightningModule,
@@ -231,7 +272,7 @@ def build_cli(argv: list[str]) -> LDMCLI:
             subclass_mode_model=True,
             subclass_mode_data=True,
             args=argv,
-            parser_kwargs={"exit_on_error": False, "fit": sub_kwargs, "validate": dict(sub_kwargs)},
+            parser_kwargs={"exit_on_error": False, "fit": fit_kwargs, "validate": dict(sub_kwargs)},
             save_config_kwargs={"overwrite": True},
             seed_everything_default=0,
         )
@@ -243,11 +284,14 @@ def build_cli(argv: list[str]) -> LDMCLI:
 
 def run_lightning(argv: list[str]) -> int:
     """Run ``fit``/``validate`` with LightningCLI; ``argv`` starts with the subcommand. ``--export-to DIR`` (fit
-    only): rank 0 exports the final ``last.ckpt`` to DIR once the fit has ended."""
+    only): rank 0 exports the final ``last.ckpt`` to DIR once the fit has ended. ``--end-by WHEN`` (fit only):
+    training (with its LR schedule) ends by that time of day (:class:`ldm.training.FitToTimeBudget`)."""
     argv, export_to = pop_flag(argv, "--export-to", "checkpoints/shapes/parts/vae")
+    argv, LDMCLI.end_by = pop_end_by(argv)
+    for flag, value in (("--export-to", export_to), ("--end-by", LDMCLI.end_by)):
+        if value is not None and argv[:1] != ["fit"]:
+            raise UsageError(f"{flag} is a flag of `ldm fit`")
     if export_to is not None:
-        if argv[:1] != ["fit"]:
-            raise UsageError("--export-to is a flag of `ldm fit`")
         checks.output_dir("--export-to", export_to)
     cli = build_cli(argv)
     if export_to is not None and cli.trainer.is_global_zero:
