@@ -171,7 +171,7 @@ export-sd: $(STAMP) $(PIPELINE_PART)
 # end of DEMO_BUDGET_S seconds (`ldm fit --end-by`: its start-up comes out of it) — counted from the moment `make
 # demo` started, install included — less what the export and the adherence measurement will take, measured on the
 # machine at hand (the VAE's and text encoder's start-up and export, and the adherence's sampling timed on a random
-# U-Net; DEMO_AFTER_LDM_S=SECONDS fixes it instead).
+# pipeline while the machine is quiet; DEMO_AFTER_LDM_S=SECONDS fixes it instead).
 DEMO_BUDGET_S ?= 870
 DEMO_AFTER_LDM_S ?=
 DEMO_START := $(shell date +%s)

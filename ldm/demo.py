@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ldm.errors import LdmError, UsageError
 
@@ -115,12 +116,13 @@ def seconds_of(max_time_text: str) -> int:
 # after the U-Net's training, in units of a fit stage's overhead (its wall time beyond its max_time: start-up, last
 # checkpoint, export): the U-Net's last checkpoint and export, the adherence stage's start-up, loading and reading
 # back. The U-Net's own start-up is not in it: it trains until a time of day (--end-by). On an AVX2 EPYC
-# (2026-12-07, fit overhead 12 s) that came to ~25 s beside ~65 s of sampling (the 400 measured images, 41 s, and
-# the grids' 320, 24 s). The sampling is timed apart (:func:`sampling_seconds`: one-thread CPU time, which came out
-# 0.95-1.9x the two-thread wall time it stands for, the more so the busier the machine).
+# (2026-12-07, fit overheads 12-13 s) that came to 15-25 s beside 50-65 s of sampling (the 400 measured images and
+# the grids' 320). The sampling is timed apart, on the quiet machine before the data stage
+# (:func:`sampling_seconds`); AFTER_SAMPLING leaves room for the machine's drift over the run (~10 %).
 AFTER_OVERHEADS = 2.0
-AFTER_SAMPLING = 1.0
+AFTER_SAMPLING = 1.1
 GRID_PROMPTS, GRID_IMAGES_PER_PROMPT = 40, 4  # `ldm adherence --grid/--pair-grid`: the first 40 prompts, 4 images
+ADHERENCE_THREADS = 2  # the adherence stage's (it runs alone, with the machine's 2 cores)
 
 
 def planned_after_ldm_s(fit_overhead_s: float, sampling_s: float) -> float:
@@ -134,32 +136,61 @@ def adherence_images(settings: DemoSettings) -> int:
     return 2 * settings.adherence_n + 2 * GRID_IMAGES_PER_PROMPT * min(GRID_PROMPTS, settings.adherence_n)
 
 
-def sampling_seconds(settings: DemoSettings, images: int, steps: int = 20, batch_size: int = 100,
-                     config: str = "configs/ldm/shapes.yaml") -> float:
-    """CPU seconds (one thread: an upper bound on the adherence's two-thread wall time, and blind to the stages
-    running beside it) to sample ``images`` images like ``ldm adherence`` (dpmpp-2m, ``steps`` steps, CFG, batches
-    of ``batch_size``) with the demo's U-Net config, randomly initialised, on the exported VAE and text encoder:
-    a 1-step and a 3-step batch are timed after a warm-up and the cost split into a per-batch and a per-step part."""
+SHAPES_CONFIGS = ("configs/vae/shapes.yaml", "configs/clip/shapes.yaml", "configs/ldm/shapes.yaml")
+
+
+def random_pipeline(configs: tuple[str, str, str] = SHAPES_CONFIGS) -> Any:
+    """The pipeline the demo trains, randomly initialised from its (VAE, text encoder, denoiser) ``configs``: it
+    costs what the trained one will (the cost of a pipeline depends on its shapes, not its weights)."""
+    import tempfile
+
     import torch
     import yaml
 
-    from ldm.data.shapes import eval_prompts
+    from ldm.io import save_part
+    from ldm.models.autoencoder import AutoencoderModule
     from ldm.models.latent_diffusion import LatentDiffusion
+    from ldm.models.text_encoder import CLIPTextConditioner, ContrastiveCLIP
 
-    torch.set_num_threads(1)
-    init = dict(yaml.safe_load(Path(config).read_text())["model"]["init_args"])
-    init.update(vae_path=str(settings.parts / "vae"), text_encoder_path=str(settings.parts / "text_encoder"))
-    pipe = LatentDiffusion(**init).pipeline(use_ema=False)
+    def init_args(config: str) -> dict:
+        return dict(yaml.safe_load(Path(config).read_text())["model"]["init_args"])
+
+    with tempfile.TemporaryDirectory() as parts, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        vae_args, clip_args = init_args(configs[0]), init_args(configs[1])
+        save_part(AutoencoderModule(vae=vae_args.get("vae")).vae, Path(parts) / "vae")
+        text = ContrastiveCLIP(text=clip_args.get("text"), image=clip_args.get("image")).text
+        save_part(CLIPTextConditioner(text.config), Path(parts) / "text_encoder")
+        init = {**init_args(configs[2]), "vae_path": str(Path(parts) / "vae"),
+                "text_encoder_path": str(Path(parts) / "text_encoder")}
+        return LatentDiffusion(**init).pipeline(use_ema=False)
+
+
+def sampling_seconds(pipe: Any, images: int, steps: int = 20, batch_size: int = 100,
+                     threads: int = ADHERENCE_THREADS) -> float:
+    """Wall seconds ``pipe`` takes to sample ``images`` images like ``ldm adherence`` (dpmpp-2m, ``steps`` steps,
+    CFG, batches of ``batch_size``, ``threads`` threads): a 1-step and a 3-step batch are timed after a warm-up and
+    the cost split into a per-batch and a per-step part. Meant for a quiet machine (the demo times it before its
+    first training)."""
+    import torch
+
+    from ldm.data.shapes import eval_prompts
+
     prompts = [p for p, _ in eval_prompts(min(batch_size, images), 0)]
 
-    def cpu_seconds(n_steps: int) -> float:
-        begin = time.process_time()
+    def seconds(n_steps: int) -> float:
+        begin = time.perf_counter()
         pipe.generate(prompts, steps=n_steps, guidance=4.0, sampler="dpmpp-2m", batch_size=batch_size,
                       progress=False)
-        return time.process_time() - begin
+        return time.perf_counter() - begin
 
-    cpu_seconds(1)  # warm-up: kernels, the fast-path choice
-    one, three = cpu_seconds(1), cpu_seconds(3)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        seconds(1)  # warm-up: kernels, the fast-path choice
+        one, three = seconds(1), seconds(3)
+    finally:
+        torch.set_num_threads(previous)
     per_step = max(three - one, 0.0) / 2
     per_batch = max(one - per_step, 0.0)
     batches = -(-images // batch_size)
@@ -321,7 +352,19 @@ def run_demo(settings: DemoSettings, echo: Callable[[str], None] = print,
 
     try:
         say(f"budget {settings.budget_s:.0f} s; logs in {settings.logs}/")
+        built: list[Any] = []
+        if settings.after_ldm_s is None:  # built beside the data stage, timed on the quiet machine after it
+            builder = threading.Thread(target=lambda: built.append(random_pipeline()), daemon=True)
+            builder.start()
         finish(launch("data"), f"data: {settings.data_dir} built (log: {stages['data'].log})")
+        sampling = 0.0
+        if settings.after_ldm_s is None:
+            builder.join()
+            if not built:
+                raise DemoStageError("building a pipeline to time the adherence's sampling failed (see the lines "
+                                     "above); give --after-ldm-s (make demo: DEMO_AFTER_LDM_S) to skip it")
+            sampling = sampling_seconds(built.pop(), adherence_images(settings))
+            say(f"the adherence's sampling will take ~{sampling:.0f} s here (timed on a random pipeline)")
         vae, clip = launch("vae"), launch("text encoder")
         say(f"training the VAE and the text encoder side by side (logs: {vae.stage.log}, {clip.stage.log})")
         first = clip if seconds_of(settings.clip_time) <= seconds_of(settings.vae_time) else vae
@@ -336,22 +379,13 @@ def run_demo(settings: DemoSettings, echo: Callable[[str], None] = print,
         fit_overhead = max(clip.seconds - seconds_of(settings.clip_time), vae.seconds - seconds_of(settings.vae_time))
         cache = launch("cache")
         say(f"writing the latent cache beside the probe (log: {cache.stage.log})")
-        sampling: list[float] = []
-        if settings.after_ldm_s is None:  # measured beside the cache: CPU time, blind to the stages beside it
-            timing = threading.Thread(target=lambda: sampling.append(
-                sampling_seconds(settings, adherence_images(settings))), daemon=True)
-            timing.start()
         finish(cache, f"latent cache of {settings.cache_samples} training images written to "
                       f"{Path(settings.run_dir) / 'cache'}")
         after = settings.after_ldm_s
         if after is None:
-            timing.join()
-            if not sampling:
-                raise DemoStageError("timing the adherence's sampling failed (see the lines above); "
-                                     "give --after-ldm-s (make demo: DEMO_AFTER_LDM_S) to skip it")
-            after = planned_after_ldm_s(fit_overhead, sampling[0])
+            after = planned_after_ldm_s(fit_overhead, sampling)
             say(f"keeping {after:.0f} s for after the U-Net: a fit stage's start-up and export took "
-                f"{fit_overhead:.0f} s here, the adherence's sampling will take ~{sampling[0]:.0f} s")
+                f"{fit_overhead:.0f} s here, the adherence's sampling ~{sampling:.0f} s")
         left = unet_seconds(settings, start, clock(), after)
         if left < settings.min_ldm_s:
             raise UsageError(f"only {left} s of the --budget-s {settings.budget_s:.0f} s are left for the U-Net "

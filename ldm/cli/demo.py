@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--after-ldm-s", type=checks.float_in(0), default=d.after_ldm_s,
                         help="seconds kept for the U-Net's export and the adherence (DEMO_AFTER_LDM_S; "
                              "default: measured in the run, from the VAE's and text encoder's start-up and export "
-                             "and the adherence's sampling timed on a random U-Net)")
+                             "and the adherence's sampling timed on a random pipeline after the data stage)")
     parser.add_argument("--min-ldm-s", type=checks.float_in(0), default=d.min_ldm_s,
                         help="stop with an error when fewer seconds than this are left for the U-Net")
     parser.add_argument("--start-time", type=checks.float_in(0), default=None,
