@@ -29,12 +29,18 @@ class NonFiniteLossError(RuntimeError):
 
 
 def all_finite(tensors: list[torch.Tensor]) -> bool:
-    """Whether every element of every tensor is finite: the largest magnitude over all of them (max-abs norms,
-    which keep NaN and inf and cannot overflow, one kernel per tensor) is finite; one device sync. 10x faster
-    than an ``isfinite().all()`` per tensor on a U-Net's ~400 gradients (23 -> 2.3 ms on one CPU thread)."""
+    """Whether every element of every tensor is finite: the sum of their L2 norms, each computed in fp32 or wider (an
+    fp16 tensor's cannot overflow), is finite; one device sync. NaN and inf carry through a norm; a finite tensor whose
+    fp32 norm overflows (elements beyond ~1e19) counts as non-finite too, which is what gradient clipping would make
+    of it. 5x faster than an ``isfinite().all()`` per tensor on the shapes U-Net's 378 gradients (4 vs 19-23 ms on
+    one CPU thread; a max-abs norm, 18 ms, is not)."""
     if not tensors:
         return True
-    return bool(torch.isfinite(torch.nn.utils.get_total_norm(tensors, norm_type=float("inf"))))
+    wide = (torch.float32, torch.float64)
+    norms = [torch.linalg.vector_norm(t, dtype=None if t.dtype in wide else torch.float32).to(tensors[0].device,
+                                                                                              torch.float32)
+             for t in tensors]
+    return bool(torch.isfinite(torch.stack(norms).sum()))
 
 
 class SkipNonFiniteSteps(Callback):
