@@ -117,11 +117,10 @@ def seconds_of(max_time_text: str) -> int:
 # checkpoint, export): the U-Net's last checkpoint and export, the adherence stage's start-up, loading and reading
 # back. The U-Net's own start-up is not in it: it trains until a time of day (--end-by). On an AVX2 EPYC
 # (2026-12-07, fit overheads 12-13 s) that came to 15-25 s beside 50-65 s of sampling (the 400 measured images and
-# the grids' 320). The sampling is timed apart, on the quiet machine before the data stage
+# the grids' 320). The sampling is timed apart, on the quiet machine right after the data stage
 # (:func:`sampling_seconds`); AFTER_SAMPLING leaves room for the machine's drift over the run (~10 %).
 AFTER_OVERHEADS = 2.0
 AFTER_SAMPLING = 1.1
-GRID_PROMPTS, GRID_IMAGES_PER_PROMPT = 40, 4  # `ldm adherence --grid/--pair-grid`: the first 40 prompts, 4 images
 ADHERENCE_THREADS = 2  # the adherence stage's (it runs alone, with the machine's 2 cores)
 
 
@@ -133,6 +132,8 @@ def planned_after_ldm_s(fit_overhead_s: float, sampling_s: float) -> float:
 
 def adherence_images(settings: DemoSettings) -> int:
     """Images the adherence stage samples: one per single-object and per two-object prompt, and the two grids."""
+    from ldm.evaluation.adherence import GRID_IMAGES_PER_PROMPT, GRID_PROMPTS
+
     return 2 * settings.adherence_n + 2 * GRID_IMAGES_PER_PROMPT * min(GRID_PROMPTS, settings.adherence_n)
 
 

@@ -37,9 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sampler name(s), comma-separated to sweep")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and the noise")
     parser.add_argument("--batch-size", type=checks.int_at_least(1), default=100, help="images sampled together")
-    parser.add_argument("--grid", default=None, help="also write a grid PNG of the first 40 prompts' images here")
+    parser.add_argument("--grid", default=None, help="also write a grid PNG of the first 40 prompts' images (4 each) "
+                                                     "here")
     parser.add_argument("--pair-grid", default=None,
-                        help="also write a grid PNG of the first 40 two-object prompts' images here")
+                        help="also write a grid PNG of the first 40 two-object prompts' images (4 each) here")
     parser.add_argument("--out", default=None, help="JSON file for the results (default: <pipeline>/adherence.json)")
     parser.add_argument("--allow-mismatch", action="store_true",
                         help="load a pipeline whose parts were not trained together (a warning instead of an error)")
@@ -84,20 +85,22 @@ def run(args: argparse.Namespace) -> int:
                                "results": rows}, indent=2) + "\n")
     print(f"wrote {out}")
     from ldm.data.shapes import eval_prompts, pair_eval_prompts
+    from ldm.evaluation.adherence import GRID_PROMPTS
 
     for path, prompts in ((args.grid, lambda: eval_prompts(args.n, args.seed)),
                           (args.pair_grid, lambda: pair_eval_prompts(max(args.pair_n, 1), args.seed))):
         if path:
-            _grid(pipe, [p for p, _ in prompts()][:40], args, path)
+            _grid(pipe, [p for p, _ in prompts()][:GRID_PROMPTS], args, path)
     return 0
 
 
 def _grid(pipe, prompts: list[str], args: argparse.Namespace, path: str) -> None:
     """Four images per prompt (one row each) at the first sweep point, with the prompts in PATH.txt beside it."""
+    from ldm.evaluation.adherence import GRID_IMAGES_PER_PROMPT
     from ldm.visual import image_grid
 
     images = pipe(prompts, steps=args.steps[0], guidance=args.guidance[0], sampler=args.sampler[0],
-                  seed=args.seed, n_per_prompt=4, progress=False)
+                  seed=args.seed, n_per_prompt=GRID_IMAGES_PER_PROMPT, progress=False)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     image_grid(images, rows=len(prompts), scale=4, row_labels=prompts).save(path)
     Path(path).with_suffix(".txt").write_text("\n".join(prompts) + "\n")

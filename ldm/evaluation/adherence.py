@@ -17,6 +17,8 @@ from ldm.evaluation.shapes_probe import ShapesProbe, adherence
 from ldm.pipeline import TextToImagePipeline
 from ldm.table import percent
 
+GRID_PROMPTS, GRID_IMAGES_PER_PROMPT = 40, 4  # `ldm adherence --grid/--pair-grid`: the first 40 prompts, 4 images each
+
 
 def measure_adherence(pipe: TextToImagePipeline, probe: ShapesProbe, n: int = 200, steps: int = 20,
                       guidance: float = 4.0, sampler: str = "dpmpp-2m", seed: int = 0, batch_size: int = 100,
