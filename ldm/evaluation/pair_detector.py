@@ -17,6 +17,7 @@ An exported part (``ldm.io``): ``save_part(detector, dir)`` / ``load_detector(di
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -259,14 +260,20 @@ def detector_scene(rng: random.Random, max_objects: int = 3) -> dict[str, Any]:
 
 def _surely_overlapping(cells: Sequence[str], sizes: Sequence[str]) -> bool:
     """Whether two of these objects overlap (``shapes.overlaps``) wherever the jitter puts their centres."""
-    for i in range(len(cells)):
-        for j in range(i + 1, len(cells)):
-            ri, rj = shapes_data.SIZES[sizes[i]], shapes_data.SIZES[sizes[j]]
-            farthest = math.dist(shapes_data.cell_center(cells[i], ri), shapes_data.cell_center(cells[j], rj)) \
-                + 2 * math.sqrt(2) * shapes_data.JITTER
-            if farthest - shapes_data.BOUND * (ri + rj) < 1 / 32:
-                return True
-    return False
+    return any(_pair_surely_overlaps(cells[i], sizes[i], cells[j], sizes[j])
+               for i in range(len(cells)) for j in range(i + 1, len(cells)))
+
+
+@functools.cache
+def _pair_surely_overlaps(cell_a: str, size_a: str, cell_b: str, size_b: str) -> bool:
+    """``shapes.overlaps`` of two objects with their centres pushed apart by the most the jitter can move them
+    (``JITTER`` along x and y each); cached: 9 cells x 2 sizes each side."""
+    (xa, ya), (xb, yb) = (shapes_data.cell_center(c, shapes_data.SIZES[s]) for c, s in ((cell_a, size_a),
+                                                                                           (cell_b, size_b)))
+    push = math.sqrt(2) * shapes_data.JITTER / max(math.dist((xa, ya), (xb, yb)), 1e-12)
+    a = {"center": [xa - push * (xb - xa), ya - push * (yb - ya)], "radius": shapes_data.SIZES[size_a]}
+    b = {"center": [xb + push * (xb - xa), yb + push * (yb - ya)], "radius": shapes_data.SIZES[size_b]}
+    return shapes_data.overlaps(a, b)
 
 
 _COLOUR_NAMES, _POSITION_NAMES = list(shapes_data.COLORS), list(shapes_data.POSITIONS)
