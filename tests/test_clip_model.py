@@ -250,26 +250,34 @@ def test_few_steps_on_a_fixed_batch_reduce_the_loss():
     assert losses[-1] < 0.7 * losses[0]
 
 
-def test_shapes_config_hard_negatives_swap_only_the_shape():
-    """configs/clip/shapes.yaml: every caption's one hard negative names another shape, nothing else changes."""
+def test_shapes_config_gives_every_caption_all_its_negatives():
+    """configs/clip/shapes.yaml: a one-object caption gets its shape swap; a relation caption all four of its
+    negatives (shape swap, relation swap, colours exchanged, shapes exchanged), not one drawn among them."""
     import re
 
     import yaml
 
-    from ldm.data.shapes import SHAPES
+    from ldm.data.shapes import RELATIONS, SHAPES
 
     config = Path(__file__).parents[1] / "configs" / "clip" / "shapes.yaml"
     init = yaml.safe_load(config.read_text())["model"]["init_args"]
-    module = tiny_module(hard_negatives=init["hard_negatives"], hard_negative_weight=init["hard_negative_weight"])
+    module = tiny_module(**{k: init[k] for k in ("hard_negatives", "hard_negative_weight", "hard_negatives_per_caption",
+                                                 "exchange_negatives")})
     captions = ["a large red circle on the left", "a small blue star at the top, on a gray background",
-                "an orange square in the centre"]
+                "a red circle left of a blue square"]
     random.seed(3)
-    negatives = module._hard_negatives(captions)
-    assert [len(n) for n in negatives] == [1, 1, 1]
+    single_a, single_b, pair = module._hard_negatives(captions)
     pattern = "|".join(SHAPES)
-    for caption, (negative,) in zip(captions, negatives):
+    for caption, negatives in zip(captions, (single_a, single_b)):
+        (negative,) = negatives
         shape, other = re.search(pattern, caption).group(), re.search(pattern, negative).group()
         assert other != shape and negative == caption.replace(shape, other)
+    assert len(pair) == 4
+    shape_swap, relation_swap = pair[0], pair[1]
+    assert re.fullmatch(rf"a red ({pattern}) left of a blue square", shape_swap) and "circle" not in shape_swap
+    assert relation_swap in [pair_caption for r in RELATIONS if r != "left of"
+                             for pair_caption in [captions[2].replace("left of", r)]]
+    assert pair[2:] == ["a blue circle left of a red square", "a red square left of a blue circle"]
 
 
 def test_logit_scale_is_clamped_at_ln_100():
