@@ -147,7 +147,8 @@ def test_cli_build_is_deterministic_across_process_counts(tmp_path):
             assert (tmp_path / "a" / split / f).read_bytes() == (tmp_path / "b" / split / f).read_bytes()
     info = json.loads((tmp_path / "a" / "info.json").read_text())
     assert info["counts"] == {"train": 48, "val": 16} and info["resolution"] == 32
-    assert info["generator"] == {"version": shapes.VERSION, "seed": 5, "two_object_fraction": 0.4}
+    assert info["generator"] == {"version": shapes.VERSION, "seed": 5,
+                                 "two_object_fraction": shapes.TWO_OBJECT_FRACTION}
     assert "license" in info and "source" in info
     with tarfile.open(tmp_path / "a" / "train" / "train-00000.tar") as tar:
         assert tar.getnames()[:3] == ["train_00000000.json", "train_00000000.png", "train_00000000.txt"]
@@ -168,3 +169,9 @@ def test_build_rejects_bad_arguments(tmp_path):
         shapes.build_shapes(tmp_path, train=1, val=1, size=4)
     with pytest.raises(ValueError, match="--two-object-fraction"):
         shapes.build_shapes(tmp_path, train=1, val=1, two_object_fraction=1.5)
+
+
+def test_cli_help_states_the_two_object_default(capsys):
+    with pytest.raises(SystemExit):
+        ldm_main(["data", "shapes", "--help"])
+    assert f"default: {shapes.TWO_OBJECT_FRACTION}," in " ".join(capsys.readouterr().out.split())

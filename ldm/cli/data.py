@@ -43,8 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _common(p, 32)
     p.add_argument("--train", type=checks.int_at_least(0), default=50_000, help="number of training samples")
     p.add_argument("--val", type=checks.int_at_least(0), default=2_000, help="number of validation samples")
-    p.add_argument("--two-object-fraction", type=checks.float_in(0, 1), default=0.4,
-                   help="fraction of scenes with two objects (the rest have one)")
+    p.add_argument("--two-object-fraction", type=checks.float_in(0, 1), default=None,
+                   help="fraction of scenes with two objects, the rest have one (default: 0.5, "
+                        "ldm.data.shapes.TWO_OBJECT_FRACTION)")
 
     p = sub.add_parser("folder", formatter_class=fmt,
                        help="your images + captions (name.jpg + name.txt, or a CSV/TSV/parquet of path,caption)",
@@ -128,11 +129,11 @@ def run(args: argparse.Namespace) -> int:
     check(args)
     start = time.perf_counter()
     if args.dataset == "shapes":
-        from ldm.data.shapes import build_shapes
+        from ldm.data.shapes import TWO_OBJECT_FRACTION, build_shapes
 
+        fraction = TWO_OBJECT_FRACTION if args.two_object_fraction is None else args.two_object_fraction
         info = build_shapes(args.out, train=args.train, val=args.val, size=args.size, seed=args.seed,
-                            shard_size=args.shard_size, two_object_fraction=args.two_object_fraction,
-                            processes=args.processes)
+                            shard_size=args.shard_size, two_object_fraction=fraction, processes=args.processes)
     elif args.dataset == "folder":
         from ldm.data.buckets import BucketSpec
         from ldm.data.folder import build_folder
