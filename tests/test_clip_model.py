@@ -275,8 +275,7 @@ def test_shapes_config_gives_every_caption_all_its_negatives():
     assert len(pair) == 4
     shape_swap, relation_swap = pair[0], pair[1]
     assert re.fullmatch(rf"a red ({pattern}) left of a blue square", shape_swap) and "circle" not in shape_swap
-    assert relation_swap in [pair_caption for r in RELATIONS if r != "left of"
-                             for pair_caption in [captions[2].replace("left of", r)]]
+    assert relation_swap in {captions[2].replace("left of", r) for r in RELATIONS if r != "left of"}
     assert pair[2:] == ["a blue circle left of a red square", "a red square left of a blue circle"]
 
 
