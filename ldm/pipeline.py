@@ -52,6 +52,7 @@ from ldm.io import (
     write_json,
 )
 from ldm.modules.denoiser import check_compatible, conditioning_for, latent_size_problem
+from ldm.modules.reuse import reuse_text_work
 from ldm.visual import to_pil
 
 PIPELINE_FILE = "pipeline.json"
@@ -323,7 +324,7 @@ class TextToImagePipeline:
                     model_fn, lambda x, t, y=batch_targets: classifier.log_prob(x, t, y), classifier_scale,
                     self.schedule)
             sample_gen = torch.Generator(device=self.device).manual_seed(seed + 1 + start)
-            with fast.context(self.device):
+            with fast.context(self.device), reuse_text_work():  # text-only work once per batch, not per step
                 z0 = self._sample_batch(model_fn, x, ts, steps, sampler, sample_gen, edit, resample, reporter, start,
                                         sampler_options)
             out = self.vae.decode_latents(z0)

@@ -14,7 +14,8 @@ The kernel is chosen by :func:`attention_backend` (``ldm.fastpath`` picks it by 
 (``F.scaled_dot_product_attention``, the default) or "math" (two matmuls and a softmax: the same formula;
 on CPU in bf16 torch's fused kernel has a slow backward). Self-attention computes Q, K, V with one matmul
 against the concatenated weights (``Attention.fused_qkv``): the parameters stay ``q``, ``k``, ``v``, so
-checkpoints and the diffusers conversion are unchanged.
+checkpoints and the diffusers conversion are unchanged. Cross-attention's keys and values depend on the text
+alone: a sampling run computes them once (``ldm.modules.reuse``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ldm.modules.reuse import reused
 
 BACKENDS = ("sdpa", "math")
 _backend = "sdpa"
@@ -116,10 +119,12 @@ class Attention(nn.Module):
         if context is None and self.fused_qkv and all(type(m) is nn.Linear for m in (self.q, self.k, self.v)):
             q, k, v = self.qkv(x)  # (a LoRA-wrapped projection is not a plain Linear: it takes the path below)
         else:
-            source = x if context is None else context
             q = split_heads(self.q(x), self.num_heads)
-            k = split_heads(self.k(source), self.num_heads)
-            v = split_heads(self.v(source), self.num_heads)
+            if context is None:
+                k, v = split_heads(self.k(x), self.num_heads), split_heads(self.v(x), self.num_heads)
+            else:  # text-only: computed once per sampling run (ldm.modules.reuse)
+                k, v = reused(self, (context,), lambda: (split_heads(self.k(context), self.num_heads),
+                                                         split_heads(self.v(context), self.num_heads)))
         return self.out(merge_heads(attention(q, k, v, attn_mask)))
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -30,6 +30,7 @@ from ldm.modules.context_refiner import ContextRefiner
 from ldm.modules.denoiser import check_inputs, guidance_features
 from ldm.modules.embeddings import PooledTextEmbedding, TimestepEmbedding, spatial_position_embedding
 from ldm.modules.micro import ExtraConditionEmbedding
+from ldm.modules.reuse import reused
 
 
 @dataclass
@@ -274,8 +275,9 @@ class UNet(nn.Module):
         """
         t, attn_mask = check_inputs("UNet", self.config, x, t, cond)
         context = cond.tokens
-        if self.context_refiner is not None:  # the tokens, refined once per call, feed every cross-attention
-            context = self.context_refiner(context, attn_mask)
+        if self.context_refiner is not None:  # refined once per call (once per sampling run: ldm.modules.reuse)
+            context = reused(self.context_refiner, (context, cond.mask),
+                             lambda: self.context_refiner(cond.tokens, attn_mask))
         emb = self.time_embed(t, guidance_features("UNet", self.config, cond, x))
         if self.pooled_embed is not None:
             emb = emb + self.pooled_embed(cond.pooled)
