@@ -35,8 +35,9 @@ def test_cache_matches_the_encoders(tmp_path, shapes_dir):
         post = vae.encode(first["image"][[0, 5]])
         tokens, pooled, mask = te.encode_text(batch["caption"], return_mask=True)
     scale, shift = vae.config.scaling_factor, vae.config.shift_factor
-    torch.testing.assert_close(batch["latent_mean"], (post.mean - shift) * scale, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(batch["latent_std"], post.std * scale, atol=1e-5, rtol=1e-5)
+    # (batches of 50 and of 2 may take different oneDNN kernels: float rounding of ~1e-5, hence 1e-4)
+    torch.testing.assert_close(batch["latent_mean"], (post.mean - shift) * scale, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(batch["latent_std"], post.std * scale, atol=1e-4, rtol=1e-4)
     cond = batch["cond"]
     keep = cond.length
     assert torch.equal(cond.mask, mask[:, :keep]) and mask[:, keep:].sum() == 0

@@ -155,13 +155,37 @@ def test_choose_measures_once_then_reads_the_cache(tmp_path, monkeypatch):
     workload = {"model": "test", "x": [2, 4, 8, 8]}
     choice = fastpath.choose("auto", workload, run, rounds=2)
     assert choice == fastpath.FastPath("bf16", "math")
-    # 1 warm-up + 1 round each, then only bf16-math (the others are over 2x slower than it) a second round
-    assert set(calls) == set(speed) and len(calls) == 11 and calls[-1] == "bf16-math"
+    # 1 warm-up + 1 round each, then only bf16-math (the others are over 2x slower than it) a second round, then
+    # the confirming trial: bf16-math against fp32-sdpa, whose one round is again 30x slower (it sits out round 2)
+    assert set(calls) == set(speed) and len(calls) == 14
+    assert calls[-4:] == ["bf16-math", "bf16-math", "fp32-sdpa", "bf16-math"]
     entry = next(iter(json.loads((tmp_path / "fp.json").read_text()).values()))
     assert entry["choice"] == "bf16-math" and entry["workload"] == workload and "cpu" in entry["machine"]
+    assert set(entry["confirmation"]) == {"bf16-math", "fp32-sdpa"}
     calls.clear()
     assert fastpath.choose("auto", workload, run) == choice and calls == []  # from the cache
     assert fastpath.choose("auto", {**workload, "x": [4, 4, 8, 8]}, run, rounds=1) == choice and calls  # new shape
+
+
+def test_a_winner_the_second_trial_does_not_confirm_is_not_chosen(tmp_path, monkeypatch):
+    monkeypatch.setenv("LDM_FASTPATH_CACHE", str(tmp_path / "fp.json"))
+    monkeypatch.delenv("LDM_PRECISION", raising=False)
+    monkeypatch.setattr(fastpath, "bf16_kernel_speedup", lambda device: 2.0)
+    calls: list[str] = []
+    first = {"fp32-sdpa": 2e-3, "bf16-sdpa": 6e-3, "bf16-math": 6e-3, "mixed-sdpa": 1e-3, "mixed-math": 6e-3}
+
+    def run(c: fastpath.FastPath) -> None:  # mixed-sdpa looks 3x faster at first, then runs as fast as fp32
+        calls.append(c.name)
+        seconds = first[c.name] if len(calls) <= 12 else 3e-3
+        end = time.process_time() + seconds
+        while time.process_time() < end:
+            pass
+
+    logged: list[str] = []
+    assert fastpath.choose("auto", {"model": "noisy"}, run, rounds=2, log=logged.append) == fastpath.REFERENCE
+    assert len(calls) == 16 and calls[-4:] == ["mixed-sdpa", "fp32-sdpa"] * 2 and "again" in logged[0]
+    entry = next(iter(json.loads((tmp_path / "fp.json").read_text()).values()))
+    assert entry["choice"] == "fp32-sdpa" and entry["seconds"]["mixed-sdpa"] < entry["seconds"]["fp32-sdpa"] / 1.5
 
 
 def test_auto_times_nothing_where_bf16_kernels_are_slower_than_fp32(tmp_path, monkeypatch):

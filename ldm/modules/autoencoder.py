@@ -20,6 +20,7 @@ knows them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -224,6 +225,15 @@ class Decoder(nn.Module):
         return F.pixel_shuffle(h, self.patch_size) if self.patch_size > 1 else h
 
 
+def inference_layout(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``run(x)``; on a CPU without autograd, with ``x`` in channels_last (NHWC) memory, oneDNN's fast layout for
+    3x3 convolutions (``ldm bench --only vae``: encode 1.4x, decode 1.27x at the shapes geometry, even at SD's),
+    and the result handed back contiguous (NCHW). The same function: only the memory order of the sums differs."""
+    if x.device.type != "cpu" or torch.is_grad_enabled():
+        return run(x)
+    return run(x.contiguous(memory_format=torch.channels_last)).contiguous()
+
+
 class AutoencoderKL(nn.Module):
     """The exportable VAE part: ``encode`` -> DiagonalGaussian, ``decode``, and the scaled-latent API."""
 
@@ -262,7 +272,7 @@ class AutoencoderKL(nn.Module):
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """q(z|x) for images in [-1, 1] (Rombach et al. 2022, Sec. 3.1: z = E(x))."""
         self.check_images(x)
-        moments = self.quant_conv(self.encoder(x))
+        moments = inference_layout(lambda h: self.quant_conv(self.encoder(h)), x)
         if self.config.double_z:
             return DiagonalGaussian.from_parameters(moments)
         return DiagonalGaussian(moments)
@@ -272,7 +282,7 @@ class AutoencoderKL(nn.Module):
         zc = self.config.z_channels
         if z.dim() != 4 or z.shape[1] != zc:
             raise ValueError(f"expected latents shaped (B, {zc}, h, w), got {tuple(z.shape)}")
-        return self.decoder(self.post_quant_conv(z))
+        return inference_layout(lambda h: self.decoder(self.post_quant_conv(h)), z)
 
     def forward(self, x: torch.Tensor, sample_posterior: bool = True,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, DiagonalGaussian]:
