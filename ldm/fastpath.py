@@ -39,6 +39,7 @@ from ldm.errors import UsageError
 PRECISIONS = ("auto", "fp32", "bf16")
 MIN_GAIN = 1.1        # a candidate other than fp32 + sdpa must be this much faster to be chosen
 DROP_FACTOR = 2.0     # a candidate this much slower than the fastest after one round is timed no further
+PROBE_VERSION = 2     # part of the cache key: choices made by an older way of measuring are measured again
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
@@ -245,7 +246,7 @@ def choose(setting: str, workload: dict[str, Any], run: Callable[[FastPath], Non
             log(f"fast path: {REFERENCE.name} (bf16 kernels run at {speedup:.2f}x fp32 here: bf16 not timed)")
         return REFERENCE
     key_data = {"machine": machine(device), "workload": workload, "setting": setting,
-                "candidates": [c.name for c in candidates]}
+                "candidates": [c.name for c in candidates], "probe": PROBE_VERSION}
     key = hashlib.sha256(json.dumps(key_data, sort_keys=True, default=str).encode()).hexdigest()[:20]
     path = cache_path()
     if use_cache:

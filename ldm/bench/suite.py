@@ -22,7 +22,8 @@ Groups (each row: ours and the reference at the same config and weights, the wei
   the row records the largest pixel difference of the two sides' images;
 * ``data``: shard loader and cached-latent img/s vs what the training step consumes;
 * ``fastpath``: each fast-path switch on vs off on the mid config (precision, attention kernel, fused QKV,
-  channels_last, inference mode, the mask check's sync, threads);
+  channels_last, inference mode, the mask check's sync, threads), and the sampling path's at the shapes config
+  (the text-only work kept for the whole run, the VAE's channels_last layout);
 * ``compile``: torch.compile vs eager on the shapes and mid configs, with the compile time and the calls that repay it.
 
 ``--install`` (separate, slow): ``make install`` wall time in a fresh venv, pip vs uv (``ldm.bench.install``).
@@ -297,14 +298,10 @@ def text_encoder(context_dim: int, tokens: int, mask_padding: bool = True) -> to
                                                          layers=2, embed_dim=context_dim, mask_padding=mask_padding))
 
 
-def generation_pair(config: UNetConfig, size: int, s: Settings, folder: Path) -> tuple[Any, Any, int]:
-    """Our TextToImagePipeline and diffusers' StableDiffusionPipeline built from the same weights: ours is saved
-    under ``folder`` and converted by ``ldm.interop`` (``ldm convert --to diffusers``), text encoder and tokenizer
-    included, then loaded by ``StableDiffusionPipeline.from_pretrained``; both sample with DDIM."""
-    from diffusers import StableDiffusionPipeline
-
+def our_pipeline(config: UNetConfig, size: int, s: Settings) -> tuple[Any, int]:
+    """Our TextToImagePipeline (random weights: the SD-compatible shapes VAE, a 2-layer text encoder, the U-Net
+    ``config`` on ``size``² latents, DDIM with CFG) and its image size."""
     from ldm.diffusion.schedules import DiscreteSchedule, ScheduleConfig
-    from ldm.interop.diffusers_pipeline import export_diffusers
     from ldm.modules.autoencoder import AutoencoderKL
     from ldm.pipeline import PipelineConfig, TextToImagePipeline
 
@@ -312,11 +309,28 @@ def generation_pair(config: UNetConfig, size: int, s: Settings, folder: Path) ->
     resolution = size * vae_config.downsample_factor
     torch.manual_seed(0)
     vae = AutoencoderKL(dataclasses.replace(vae_config, resolution=resolution, scaling_factor=0.5))
-    unet, _ = unet_pair(config, "cpu")
+    torch.manual_seed(0)
+    unet = UNet(config)
+    for p in unet.parameters():  # zero-initialised outputs (conv_out, proj_out, a refiner's) would skip real work
+        if not p.detach().abs().sum():
+            torch.nn.init.normal_(p, std=0.02)
     schedule = DiscreteSchedule(ScheduleConfig(name="scaled_linear"))
     pipe = TextToImagePipeline(vae, text_encoder(config.context_dim, s.tokens, mask_padding=False), unet, schedule,
                                PipelineConfig(height=resolution, width=resolution, steps=s.gen_steps,
                                               guidance=s.guidance, sampler="ddim"))
+    return pipe, resolution
+
+
+def generation_pair(config: UNetConfig, size: int, s: Settings, folder: Path) -> tuple[Any, Any, int]:
+    """Our TextToImagePipeline (:func:`our_pipeline`) and diffusers' StableDiffusionPipeline built from the same
+    weights: ours is saved under ``folder`` and converted by ``ldm.interop`` (``ldm convert --to diffusers``), text
+    encoder and tokenizer included, then loaded by ``StableDiffusionPipeline.from_pretrained``; both sample with
+    DDIM."""
+    from diffusers import StableDiffusionPipeline
+
+    from ldm.interop.diffusers_pipeline import export_diffusers
+
+    pipe, resolution = our_pipeline(config, size, s)
     pipe.save_pretrained(folder / "ours")
     export_diffusers(folder / "ours", folder / "diffusers")
     d_pipe = StableDiffusionPipeline.from_pretrained(folder / "diffusers", local_files_only=True).to(s.device)
@@ -429,7 +443,8 @@ def _switch_row(name: str, kind: str, on: dict[str, float], off: dict[str, float
 
 
 def fastpath_rows(s: Settings, ctx: dict) -> list[dict[str, Any]]:
-    """Each switch on vs off on the mid config, training step and forward, interleaved in pairs."""
+    """Each switch on vs off on the mid config, training step and forward, interleaved in pairs; then the sampling
+    path's switches (:func:`sampling_switch_rows`)."""
     config, size = denoiser_configs(s)["mid"]
     ours, _ = unet_pair(config, s.device)
     data = make_batch(config, s.batch, size, s.tokens, s.device)
@@ -476,6 +491,62 @@ def fastpath_rows(s: Settings, ctx: dict) -> list[dict[str, Any]]:
     rows.append(mask_sync_row(ours, data, s))
     for row in rows:
         row["ran_as"] = default.name
+    return rows + sampling_switch_rows(s)
+
+
+@contextlib.contextmanager
+def module_switch(module: Any, name: str, on: bool) -> Iterator[None]:
+    """``module.name`` set to ``on`` inside the block (a fast-path switch such as ``ldm.modules.reuse.ENABLED``)."""
+    previous = getattr(module, name)
+    setattr(module, name, on)
+    try:
+        yield
+    finally:
+        setattr(module, name, previous)
+
+
+def sampling_switch_rows(s: Settings) -> list[dict[str, Any]]:
+    """The switches of the sampling path, on vs off, at the shapes config: the text-only work kept for the whole
+    run (``ldm.modules.reuse``; end to end, with and without a context refiner) and the VAE's channels_last
+    inference layout (``ldm.modules.autoencoder.inference_layout``: decode of a generation batch, encode)."""
+    from ldm.modules import autoencoder, reuse
+
+    config, size = denoiser_configs(s)["shapes"]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(s.gen_images)]
+    rows = []
+    for label, cfg in (("generate shapes", config),
+                       ("generate shapes + refiner", dataclasses.replace(config, context_refiner_layers=2))):
+        pipe, _ = our_pipeline(cfg, size, s)
+        pipe = pipe.to(s.device)
+
+        def generate(on: bool, pipe: Any = pipe) -> Callable[[], None]:
+            def call() -> None:
+                with module_switch(reuse, "ENABLED", on):
+                    pipe.generate(prompts, seed=0, batch_size=len(prompts), progress=False, precision="fp32")
+            return call
+
+        times = interleaved({"on": generate(True), "off": generate(False)}, max(1, s.rounds - 2), 1, s.device)
+        rows.append(_switch_row("text work once per run", f"{label}, {s.gen_steps} steps CFG", times["on"],
+                                times["off"], len(prompts), times=times))
+    vae_config, _ = vae_configs(s)["shapes-sd 32px"]
+    torch.manual_seed(0)
+    vae = autoencoder.AutoencoderKL(vae_config).eval().to(s.device)
+    f, n = vae_config.downsample_factor, s.gen_images
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(n, 3, vae_config.resolution, vae_config.resolution, generator=g) * 2 - 1).to(s.device)
+    z = torch.randn(n, vae_config.z_channels, vae_config.resolution // f, vae_config.resolution // f, generator=g)
+    for kind, fn in (("decode", lambda: vae.decode(z.to(s.device))), ("encode", lambda: vae.encode(x).mode())):
+        def run(on: bool, fn: Callable[[], Any] = fn) -> Callable[[], None]:
+            def call() -> None:
+                with module_switch(autoencoder, "INFERENCE_CHANNELS_LAST", on), torch.inference_mode():
+                    fn()
+            return call
+
+        times = interleaved({"on": run(True), "off": run(False)}, s.rounds, s.warmup, s.device)
+        rows.append(_switch_row("VAE channels_last", f"{kind} shapes-sd b{n}", times["on"], times["off"], n,
+                                times=times))
+    for row in rows[-4:]:
+        row["ran_as"] = "fp32-sdpa"
     return rows
 
 

@@ -225,11 +225,14 @@ class Decoder(nn.Module):
         return F.pixel_shuffle(h, self.patch_size) if self.patch_size > 1 else h
 
 
+INFERENCE_CHANNELS_LAST = True  # a switch for the on/off benchmark (``ldm bench --only fastpath``)
+
+
 def inference_layout(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """``run(x)``; on a CPU without autograd, with ``x`` in channels_last (NHWC) memory, oneDNN's fast layout for
     3x3 convolutions (``ldm bench --only vae``: encode 1.4x, decode 1.27x at the shapes geometry, even at SD's),
     and the result handed back contiguous (NCHW). The same function: only the memory order of the sums differs."""
-    if x.device.type != "cpu" or torch.is_grad_enabled():
+    if x.device.type != "cpu" or torch.is_grad_enabled() or not INFERENCE_CHANNELS_LAST:
         return run(x)
     return run(x.contiguous(memory_format=torch.channels_last)).contiguous()
 
