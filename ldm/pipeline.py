@@ -13,7 +13,9 @@ guidance (``ldm.diffusion.guidance``) and an image edit (``ldm.editing``: img2im
 colourisation), and a per-step callback.
 
 The denoiser runs in inference mode on the fast path of ``ldm.fastpath`` (``precision``: "auto" measures fp32
-against bf16 autocast and the attention kernels once per machine and batch shape; "fp32" / "bf16" fix it).
+against bf16 autocast and the attention kernels once per machine and batch shape; "fp32" / "bf16" fix it). What the
+denoiser computes from the text alone (a context refiner, cross-attention keys and values) is computed once per batch
+of prompts, not once per step (``ldm.modules.reuse``).
 """
 
 from __future__ import annotations

@@ -229,9 +229,10 @@ INFERENCE_CHANNELS_LAST = True  # a switch for the on/off benchmark (``ldm bench
 
 
 def inference_layout(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """``run(x)``; on a CPU without autograd, with ``x`` in channels_last (NHWC) memory, oneDNN's fast layout for
-    3x3 convolutions (``ldm bench --only vae``: encode 1.4x, decode 1.27x at the shapes geometry, even at SD's),
-    and the result handed back contiguous (NCHW). The same function: only the memory order of the sums differs."""
+    """``run(x)``; on a CPU without autograd, with ``x`` in channels_last (NHWC) memory, oneDNN's faster layout for
+    small 3x3 convolutions (encode 1.14x, decode 1.13-1.19x at the shapes geometry, SD's kl-f8 unchanged:
+    docs/results/bench.md), the result handed back contiguous (NCHW). The same function; only the order of the
+    sums differs (float rounding, ~1e-6)."""
     if x.device.type != "cpu" or torch.is_grad_enabled() or not INFERENCE_CHANNELS_LAST:
         return run(x)
     return run(x.contiguous(memory_format=torch.channels_last)).contiguous()
