@@ -414,15 +414,15 @@ def data_rows(s: Settings, ctx: dict) -> list[dict[str, Any]]:
 
 # ---- fast-path switches, each on vs off -------------------------------------------------------------------------
 @contextlib.contextmanager
-def fused_qkv(on: bool) -> Iterator[None]:
-    from ldm.modules.attention import Attention
-
-    previous = Attention.fused_qkv
-    Attention.fused_qkv = on
+def module_switch(module: Any, name: str, on: bool) -> Iterator[None]:
+    """``module.name`` set to ``on`` inside the block: a fast-path switch (``Attention.fused_qkv``,
+    ``ldm.modules.reuse.ENABLED``, ``ldm.modules.autoencoder.INFERENCE_CHANNELS_LAST``)."""
+    previous = getattr(module, name)
+    setattr(module, name, on)
     try:
         yield
     finally:
-        Attention.fused_qkv = previous
+        setattr(module, name, previous)
 
 
 @contextlib.contextmanager
@@ -445,6 +445,8 @@ def _switch_row(name: str, kind: str, on: dict[str, float], off: dict[str, float
 def fastpath_rows(s: Settings, ctx: dict) -> list[dict[str, Any]]:
     """Each switch on vs off on the mid config, training step and forward, interleaved in pairs; then the sampling
     path's switches (:func:`sampling_switch_rows`)."""
+    from ldm.modules.attention import Attention
+
     config, size = denoiser_configs(s)["mid"]
     ours, _ = unet_pair(config, s.device)
     data = make_batch(config, s.batch, size, s.tokens, s.device)
@@ -471,7 +473,8 @@ def fastpath_rows(s: Settings, ctx: dict) -> list[dict[str, Any]]:
                                                      else "math")), contender(REFERENCE)),
         ("attention math vs sdpa, bf16", contender(FastPath("bf16", "math")), contender(FastPath("bf16", "sdpa"))),
         ("attention math vs sdpa, fp32", contender(FastPath("fp32", "math")), contender(REFERENCE)),
-        ("fused QKV", contender(default, lambda: fused_qkv(True)), contender(default, lambda: fused_qkv(False))),
+        ("fused QKV", contender(default, lambda: module_switch(Attention, "fused_qkv", True)),
+         contender(default, lambda: module_switch(Attention, "fused_qkv", False))),
     ]
     cl_model = copy.deepcopy(ours).to(memory_format=torch.channels_last)
     cl_data = {**data, "x": data["x"].contiguous(memory_format=torch.channels_last)}
@@ -492,17 +495,6 @@ def fastpath_rows(s: Settings, ctx: dict) -> list[dict[str, Any]]:
     for row in rows:
         row["ran_as"] = default.name
     return rows + sampling_switch_rows(s)
-
-
-@contextlib.contextmanager
-def module_switch(module: Any, name: str, on: bool) -> Iterator[None]:
-    """``module.name`` set to ``on`` inside the block (a fast-path switch such as ``ldm.modules.reuse.ENABLED``)."""
-    previous = getattr(module, name)
-    setattr(module, name, on)
-    try:
-        yield
-    finally:
-        setattr(module, name, previous)
 
 
 def sampling_switch_rows(s: Settings) -> list[dict[str, Any]]:
