@@ -20,7 +20,7 @@ import torch
 T = TypeVar("T")
 
 ENABLED = True  # a switch for the on/off benchmark (``ldm bench --only fastpath``); off: every call computes afresh
-_kept: dict[tuple, tuple[tuple[torch.Tensor | None, ...], object]] | None = None  # None: not inside reuse_text_work
+_kept: dict[tuple, tuple[tuple[object, ...], object]] | None = None  # None: not inside reuse_text_work
 
 
 @contextmanager
@@ -42,10 +42,11 @@ def reused(owner: object, sources: tuple[torch.Tensor | None, ...], compute: Cal
         return compute()
     device = next(s for s in sources if s is not None).device.type
     autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-    key = (id(owner), *map(id, sources), autocast)
+    held = (owner, *sources)
+    key = (*map(id, held), autocast)
     hit = _kept.get(key)
-    if hit is not None and all(a is b for a, b in zip(hit[0], sources, strict=True)):
+    if hit is not None and all(a is b for a, b in zip(hit[0], held, strict=True)):
         return hit[1]  # type: ignore[return-value]
     value = compute()
-    _kept[key] = (sources, value)  # the entry holds the sources alive: their ids cannot be reused in the scope
+    _kept[key] = (held, value)  # the entry holds owner and sources alive: their ids cannot be reused in the scope
     return value
