@@ -262,7 +262,8 @@ def choose(setting: str, workload: dict[str, Any], run: Callable[[FastPath], Non
         # good, so one noisy trial must not make it (a probe once picked a path that sampled 1.2x slower)
         again = time_candidates(run, (choice, REFERENCE), device, rounds=rounds, warmup=0, metric=metric)
         confirm = {name: m[metric] for name, m in again.items()}
-        choice = pick(confirm) if pick(confirm) == choice else REFERENCE
+        if pick(confirm) != choice:
+            choice = REFERENCE
     if log:
         log(f"fast path: {choice.name} (" + ", ".join(f"{n} {1e3 * s:.0f} ms" for n, s in times.items())
             + (f"; again {', '.join(f'{n} {1e3 * s:.0f} ms' for n, s in confirm.items())}" if confirm else "")

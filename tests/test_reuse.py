@@ -107,3 +107,20 @@ def test_generate_gives_the_images_it_gave_without_reuse(monkeypatch, guidance):
     plain = pipe.generate(prompts, steps=4, seed=3, batch_size=2, guidance=guidance, progress=False)
     assert calls["refiner"] == 2 + 2 * 4
     assert torch.equal(kept, plain)
+
+
+def test_each_thread_keeps_its_own_scope():
+    import threading
+
+    source, seen = torch.ones(2), []
+    with torch.no_grad(), reuse_text_work():
+        kept = reused("owner", (source,), lambda: source * 2)
+
+        def other_thread() -> None:  # outside any scope of its own: computes afresh, sees nothing of this one
+            seen.append(reused("owner", (source,), lambda: source * 3))
+
+        worker = threading.Thread(target=other_thread)
+        worker.start()
+        worker.join()
+        assert reused("owner", (source,), lambda: None) is kept
+    assert torch.equal(seen[0], source * 3)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import TypeVar
 
 import torch
@@ -20,33 +21,35 @@ import torch
 T = TypeVar("T")
 
 ENABLED = True  # a switch for the on/off benchmark (``ldm bench --only fastpath``); off: every call computes afresh
-_kept: dict[tuple, tuple[tuple[object, ...], object]] | None = None  # None: not inside reuse_text_work
+# what this thread's (or task's) open scope keeps; None: not inside reuse_text_work
+_kept: ContextVar[dict[tuple, tuple[tuple[object, ...], object]] | None] = ContextVar("ldm_reuse", default=None)
 
 
 @contextmanager
 def reuse_text_work() -> Iterator[None]:
-    """Inside the block, :func:`reused` computes each text-only result once per source tensor."""
-    global _kept
-    previous, _kept = _kept, ({} if ENABLED else None)
+    """Inside the block, :func:`reused` computes each text-only result once per source tensor (per thread: two
+    threads sampling at once keep their own)."""
+    token = _kept.set({} if ENABLED else None)
     try:
         yield
     finally:
-        _kept = previous
+        _kept.reset(token)
 
 
 def reused(owner: object, sources: tuple[torch.Tensor | None, ...], compute: Callable[[], T]) -> T:
     """``compute()``, or what it returned for the same ``owner`` and the very same ``sources`` (the tensors it
     reads, e.g. tokens and mask) earlier in this :func:`reuse_text_work` scope under the same autocast setting.
     Outside a scope, or with autograd recording, always ``compute()``."""
-    if _kept is None or torch.is_grad_enabled():
+    kept = _kept.get()
+    if kept is None or torch.is_grad_enabled():
         return compute()
     device = next(s for s in sources if s is not None).device.type
     autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
     held = (owner, *sources)
     key = (*map(id, held), autocast)
-    hit = _kept.get(key)
+    hit = kept.get(key)
     if hit is not None and all(a is b for a, b in zip(hit[0], held, strict=True)):
         return hit[1]  # type: ignore[return-value]
     value = compute()
-    _kept[key] = (held, value)  # the entry holds owner and sources alive: their ids cannot be reused in the scope
+    kept[key] = (held, value)  # the entry holds owner and sources alive: their ids cannot be reused in the scope
     return value
