@@ -48,6 +48,9 @@ def test_tiny_bench_writes_every_row_and_the_markdown_page(tmp_path, capsys):
                 assert math.isfinite(r[key]) and r[key] > 0, (key, r)
     for r in by_group["denoiser"] + by_group["vae"] + by_group["generate"]:
         assert r["speedup"] is not None and r["reference"] is not None
+    for r in by_group["denoiser"] + by_group["vae"] + by_group["generate"] + by_group["fastpath"]:
+        lo, hi = r["speedup_range"]  # one round each in --tiny: the range is that round's ratio
+        assert math.isfinite(lo) and 0 < lo <= hi
     for r in by_group["denoiser"]:
         assert r["mem_ratio"] is not None and r["ran_as"] in {"fp32-sdpa", "bf16-sdpa", "bf16-math"}
         assert set(r["times"]) >= {"ours", "ours fp32", "diffusers"}
@@ -104,3 +107,16 @@ def test_every_benchmark_is_an_ldm_bench_subcommand_with_its_flags_explained(cap
     from ldm.bench.suite import GROUPS
 
     assert all(group in text for group in GROUPS) and "--install" in text and "make bench" in text
+
+
+def test_round_range_pairs_the_rounds_of_both_sides():
+    from ldm.bench.measure import round_range
+
+    assert round_range({"wall_rounds": [2.0, 4.0]}, {"wall_rounds": [1.0, 2.0]}) == [2.0, 2.0]
+    assert round_range({"wall_rounds": [3.0, 2.0, 2.0]}, {"wall_rounds": [1.0, 2.0, 4.0]}) == [0.5, 3.0]
+    assert round_range({"wall_s": 1.0}, {"wall_s": 1.0}) is None  # no per-round times recorded
+
+
+def test_denoiser_rows_print_without_the_kernels_group(tmp_path, capsys):
+    assert ldm_main(["bench", "--tiny", "--only", "denoiser", "--out", str(tmp_path / "b.json")]) == 0
+    assert "no peak measured: add the kernels group" in capsys.readouterr().out

@@ -38,7 +38,8 @@ def timed(fn: Callable[[], Any], device: torch.device | str = "cpu") -> tuple[fl
 def interleaved(fns: dict[str, Callable[[], Any]], rounds: int = 5, warmup: int = 1,
                 device: torch.device | str = "cpu") -> dict[str, dict[str, float]]:
     """Each contender ``warmup`` times, then ``rounds`` rounds of one call each (order rotated every round);
-    per contender the median and the minimum wall time and the median CPU time, in seconds."""
+    per contender the median and the minimum wall time, the median CPU time, in seconds, and every round's wall
+    time (``wall_rounds``, for :func:`round_range`)."""
     names = list(fns)
     for name in names:
         for _ in range(warmup):
@@ -48,7 +49,16 @@ def interleaved(fns: dict[str, Callable[[], Any]], rounds: int = 5, warmup: int 
         for name in names[r % len(names):] + names[:r % len(names)]:
             samples[name].append(timed(fns[name], device))
     return {n: {"wall_s": statistics.median(w for w, _ in s), "wall_min_s": min(w for w, _ in s),
-                "cpu_s": statistics.median(c for _, c in s)} for n, s in samples.items()}
+                "cpu_s": statistics.median(c for _, c in s), "wall_rounds": [w for w, _ in s]}
+            for n, s in samples.items()}
+
+
+def round_range(reference: dict[str, Any], ours: dict[str, Any]) -> list[float] | None:
+    """The lowest and highest speedup (reference time / ours) among the rounds of one :func:`interleaved` run,
+    each round's two calls taken together: how far one round's ratio strays (None without per-round times)."""
+    pairs = list(zip(reference.get("wall_rounds", []), ours.get("wall_rounds", []), strict=False))
+    ratios = [r / o for r, o in pairs if o > 0]
+    return [min(ratios), max(ratios)] if ratios else None
 
 
 class _LiveBytes(TorchDispatchMode):

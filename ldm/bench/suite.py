@@ -48,7 +48,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ldm.bench.measure import forward_flops, interleaved, peak_memory, peak_throughput, run_context, timed
+from ldm.bench.measure import (
+    forward_flops,
+    interleaved,
+    peak_memory,
+    peak_throughput,
+    round_range,
+    run_context,
+    timed,
+)
 from ldm.conditioning import Conditioning
 from ldm.fastpath import REFERENCE, FastPath, choose, denoiser_workload, forward_probe, train_step_probe
 from ldm.modules.unet import UNet, UNetConfig
@@ -229,6 +237,7 @@ def denoiser_rows(s: Settings, ctx: dict) -> list[dict[str, Any]]:
             row = {"group": "denoiser", "row": f"{kind} {name} b{s.batch}", "unit": "img/s",
                    "ours": s.batch / times["ours"]["wall_s"], "reference": s.batch / times["diffusers"]["wall_s"],
                    "speedup": ratio(times["diffusers"]["wall_s"], times["ours"]["wall_s"]),
+                   "speedup_range": round_range(times["diffusers"], times["ours"]),
                    "cpu_speedup": ratio(times["diffusers"]["cpu_s"], times["ours"]["cpu_s"]),
                    "mem_ratio": ratio(mem["ours"], mem["diffusers"]), "ran_as": fast.name,
                    "same_precision_speedup": ratio(times["diffusers"]["wall_s"], times["ours fp32"]["wall_s"]),
@@ -282,6 +291,7 @@ def vae_rows(s: Settings, ctx: dict) -> list[dict[str, Any]]:
             rows.append({"group": "vae", "row": f"vae {kind} {name} b{batch}", "unit": "img/s",
                          "ours": batch / times["ours"]["wall_s"], "reference": batch / times["diffusers"]["wall_s"],
                          "speedup": ratio(times["diffusers"]["wall_s"], times["ours"]["wall_s"]),
+                         "speedup_range": round_range(times["diffusers"], times["ours"]),
                          "cpu_speedup": ratio(times["diffusers"]["cpu_s"], times["ours"]["cpu_s"]), "ran_as": "fp32",
                          "times": times, "config": dataclasses.asdict(config)})
     return rows
@@ -374,6 +384,7 @@ def generation_rows(s: Settings, ctx: dict) -> list[dict[str, Any]]:
                      "unit": "s/img", "ours": times["ours"]["wall_s"] / n,
                      "reference": times["diffusers"]["wall_s"] / n,
                      "speedup": ratio(times["diffusers"]["wall_s"], times["ours"]["wall_s"]),
+                     "speedup_range": round_range(times["diffusers"], times["ours"]),
                      "cpu_speedup": ratio(times["diffusers"]["cpu_s"], times["ours"]["cpu_s"]),
                      "ran_as": fast, "images": n, "max_abs_diff": diff,
                      "note": f"StableDiffusionPipeline from `ldm convert --to diffusers`; DDIM both; "
@@ -439,7 +450,8 @@ def _switch_row(name: str, kind: str, on: dict[str, float], off: dict[str, float
                 ) -> dict[str, Any]:
     return {"group": "fastpath", "row": f"{name} ({kind})", "unit": "img/s", "ours": batch / on["wall_s"],
             "reference": batch / off["wall_s"], "speedup": ratio(off["wall_s"], on["wall_s"]),
-            "cpu_speedup": ratio(off["cpu_s"], on["cpu_s"]), "note": "on vs off", **extra}
+            "speedup_range": round_range(off, on), "cpu_speedup": ratio(off["cpu_s"], on["cpu_s"]),
+            "note": "on vs off", **extra}
 
 
 def fastpath_rows(s: Settings, ctx: dict) -> list[dict[str, Any]]:
@@ -630,11 +642,18 @@ def _value(key: str) -> Callable[[dict[str, Any]], str]:
     return cell
 
 
+def _range(row: dict[str, Any]) -> str:
+    lo_hi = row.get("speedup_range")
+    return f"{lo_hi[0]:.2f}-{lo_hi[1]:.2f}" if lo_hi else "-"
+
+
 def _forward_extra(row: dict[str, Any]) -> str:
     if row.get("gflops") is None:
         return row.get("note", "")
-    text = (f"{row['gflop_per_img']:.3f} GFLOP/img, {row['gflops']:.0f} GFLOP/s = {100 * row['pct_fp32_peak']:.0f} % "
-            "fp32 peak")
+    text = f"{row['gflop_per_img']:.3f} GFLOP/img, {row['gflops']:.0f} GFLOP/s"
+    if row.get("pct_fp32_peak") is None:  # the kernels group did not run: no peak to compare with
+        return text + " (no peak measured: add the kernels group)"
+    text += f" = {100 * row['pct_fp32_peak']:.0f} % fp32 peak"
     if row.get("ran_as", "").startswith("bf16") and row.get("pct_bf16_peak"):
         text += f", {100 * row['pct_bf16_peak']:.0f} % bf16 peak"
     if row.get("pct_fp32_peak_cpu") is not None:
@@ -647,6 +666,7 @@ def _forward_extra(row: dict[str, Any]) -> str:
 
 COLUMNS = [("row", "row", ""), ("ours", "ours", _value("ours")), ("reference", "reference", _value("reference")),
            ("unit", "unit", ""), ("speedup", "speedup", _num("speedup", ".2f")),
+           ("speedup_range", "rounds' range", _range),
            ("cpu_speedup", "cpu-s speedup", _num("cpu_speedup", ".2f")),
            ("mem_ratio", "peak mem", _num("mem_ratio", ".2f")),
            ("ran_as", "ours ran as", ""), ("note", "note", _forward_extra)]
@@ -672,7 +692,9 @@ def markdown_report(result: dict[str, Any], command: str, kept: str = "") -> str
         f"{', '.join(f'{v:.1f}' for v in result.get('load_average_after', []))}; "
         f"run {result.get('wall_s', 0):.0f} s wall, {result.get('cpu_s', 0):.0f} CPU-s",
         f"- command: `{command}`", "",
-        "speedup = reference time / ours (higher is better for ours); cpu-s speedup the same in CPU seconds; "
+        "speedup = reference time / ours (higher is better for ours), from the medians; rounds' range = the lowest "
+        "and highest speedup of single rounds (each round times both sides once): the noise; cpu-s speedup the same "
+        "in CPU seconds; "
         "peak mem = ours / reference (allocator peak, parameters + gradients + optimizer state + activations). "
         "Reference: "
         "diffusers at its defaults (fp32); fastpath rows: the switch on vs off. 'ours ran as': the fast path "
