@@ -41,6 +41,10 @@ def test_tiny_bench_writes_every_row_and_the_markdown_page(tmp_path, capsys):
     assert sampling == ["text work once per run (generate shapes, 2 steps CFG)",
                         "text work once per run (generate shapes + refiner, 2 steps CFG)",
                         "VAE channels_last (decode shapes-sd b1)", "VAE channels_last (encode shapes-sd b1)"]
+    allocator = [r for r in by_group["fastpath"] if r["row"].startswith("allocator")]  # child processes per side
+    assert [r["row"] for r in allocator] == ["allocator keeps freed memory (forward shapes b2)",
+                                             "allocator keeps freed memory (train step shapes b2)"]
+    assert all(set(r["faults_per_call"]) == {"on", "off"} and len(r["times"]["on"]) == 1 for r in allocator)
     for r in rows:
         assert math.isfinite(r["ours"]) and r["ours"] > 0, r
         for key in ("reference", "speedup", "cpu_speedup", "mem_ratio"):

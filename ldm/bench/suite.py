@@ -23,7 +23,8 @@ Groups (each row: ours and the reference at the same config and weights, the wei
 * ``data``: shard loader and cached-latent img/s vs what the training step consumes;
 * ``fastpath``: each fast-path switch on vs off on the mid config (precision, attention kernel, fused QKV,
   channels_last, inference mode, the mask check's sync, threads), and the sampling path's at the shapes config
-  (the text-only work kept for the whole run, the VAE's channels_last layout);
+  (the text-only work kept for the whole run, the VAE's channels_last layout), and the host allocator keeping
+  freed memory (``ldm.allocator``; each side in its own processes, ``ldm.bench.allocator``);
 * ``compile``: torch.compile vs eager on the shapes and mid configs, with the compile time and the calls that repay it.
 
 ``--install`` (separate, slow): ``make install`` wall time in a fresh venv, pip vs uv (``ldm.bench.install``).
@@ -48,6 +49,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ldm.bench.allocator import allocator_rows
 from ldm.bench.measure import (
     forward_flops,
     interleaved,
@@ -122,13 +124,20 @@ def unet_pair(config: UNetConfig, device: str, seed: int = 0) -> tuple[UNet, tor
 
     from ldm.interop.diffusers_unet import diffusers_config, ldm_to_diffusers
 
-    torch.manual_seed(seed)
-    ours = UNet(config)
-    for p in (ours.conv_out.weight, ours.conv_out.bias, *(b.proj_out.weight for b in _transformers(ours))):
-        torch.nn.init.normal_(p, std=0.02)  # not zero: the backward pass does real work through every block
+    ours = our_unet(config, seed)
     theirs = UNet2DConditionModel(**diffusers_config(config))
     theirs.load_state_dict(ldm_to_diffusers(ours.state_dict(), config))
     return ours.to(device), theirs.to(device)
+
+
+def our_unet(config: UNetConfig, seed: int = 0) -> UNet:
+    """Our U-Net with random weights, the zero-initialised output layers too (so the backward pass does real work
+    through every block)."""
+    torch.manual_seed(seed)
+    ours = UNet(config)
+    for p in (ours.conv_out.weight, ours.conv_out.bias, *(b.proj_out.weight for b in _transformers(ours))):
+        torch.nn.init.normal_(p, std=0.02)
+    return ours
 
 
 def _transformers(unet: UNet) -> list[torch.nn.Module]:
@@ -506,7 +515,8 @@ def fastpath_rows(s: Settings, ctx: dict) -> list[dict[str, Any]]:
     rows.append(mask_sync_row(ours, data, s))
     for row in rows:
         row["ran_as"] = default.name
-    return rows + sampling_switch_rows(s)
+    pairs_run = 1 if s.tiny else 3
+    return rows + sampling_switch_rows(s) + allocator_rows(s.batch, 2 * s.rounds, s.warmup, pairs_run, s.tiny)
 
 
 def sampling_switch_rows(s: Settings) -> list[dict[str, Any]]:

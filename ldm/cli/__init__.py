@@ -9,6 +9,9 @@ Errors (see ``ldm.errors``): a user mistake (:class:`~ldm.errors.LdmError`, argp
 errors included) prints one line ``ldm <command>: error: <message>`` on stderr and exits with status 2;
 ``ldm --debug <command>`` or ``LDM_DEBUG=1`` raises it instead, traceback and all. Any other exception is
 a bug and keeps its traceback.
+
+Before any work the host allocator is told to keep freed memory (``ldm.allocator``; ``LDM_ALLOCATOR=system``
+leaves it alone).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import os
 import sys
 from typing import NoReturn
 
+from ldm.allocator import keep_freed_memory
 from ldm.errors import LdmError, UsageError
 
 # name -> module under ldm.cli; order is the order shown in --help
@@ -115,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         debug = True
         argv = argv[1:]
     command = _command_of(argv)
+    keep_freed_memory()  # before any tensor: freed activations are reused, not page-faulted back (ldm.allocator)
     try:
         return _dispatch(argv)
     except LdmError as e:
