@@ -1,7 +1,9 @@
 """The fast path: numeric precision and attention kernel chosen by measurement on the machine at hand.
 
-A :class:`FastPath` is a precision ("fp32", or "bf16": ``torch.autocast`` with bfloat16, fp32 weights and
-optimizer state) and an attention kernel (``ldm.modules.attention.attention_backend``: "sdpa" or "math").
+A :class:`FastPath` is a precision ("fp32"; "bf16": ``torch.autocast`` with bfloat16, fp32 weights and optimizer
+state; "mixed": autocast in the attention blocks only; for sampling also "pure-bf16": a whole-bfloat16 copy of the
+denoiser, no casts between ops, :class:`BFloat16Denoiser`) and an attention kernel
+(``ldm.modules.attention.attention_backend``: "sdpa" or "math").
 Whether bf16 pays depends on the processor (AVX512-BF16/AMX CPUs and tensor-core GPUs run bf16 matmuls several
 times faster; others not at all), on the torch build and on the tensor sizes (at small sizes the casts cost more
 than the math saves), so nothing is assumed: :func:`choose` with the setting "auto" times every candidate on the
@@ -39,17 +41,23 @@ from ldm.errors import UsageError
 PRECISIONS = ("auto", "fp32", "bf16")
 MIN_GAIN = 1.1        # a candidate other than fp32 + sdpa must be this much faster to be chosen
 DROP_FACTOR = 2.0     # a candidate this much slower than the fastest after one round is timed no further
-PROBE_VERSION = 2     # part of the cache key: choices made by an older way of measuring are measured again
+PROBE_VERSION = 3     # part of the cache key: choices made by an older way of measuring are measured again
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
 @dataclass(frozen=True)
 class FastPath:
     """One way to run a model: ``precision`` "fp32" | "bf16" (autocast everywhere) | "mixed" (autocast in the
-    attention blocks only: linears and attention in bf16, convolutions in fp32) and the ``attention`` kernel."""
+    attention blocks only: linears and attention in bf16, convolutions in fp32) | "pure-bf16" (sampling only: the
+    whole denoiser in bfloat16, :class:`BFloat16Denoiser`, made by :meth:`prepare`) and the ``attention`` kernel."""
 
     precision: str = "fp32"
     attention: str = "sdpa"
+
+    def prepare(self, denoiser: torch.nn.Module) -> torch.nn.Module:
+        """The module that runs ``denoiser`` on this path: a :class:`BFloat16Denoiser` copy for "pure-bf16" (make
+        it once per sampling run: the copy costs a pass over the weights), else ``denoiser`` itself."""
+        return BFloat16Denoiser(denoiser) if self.precision == "pure-bf16" else denoiser
 
     @property
     def name(self) -> str:
@@ -67,9 +75,43 @@ class FastPath:
             yield
 
 
+class BFloat16Denoiser(torch.nn.Module):
+    """A bfloat16 copy of a denoiser ``model(x, t, cond)`` for sampling: weights and floating buffers cast once
+    (no transient fp32 duplicate; the original is untouched), every activation bf16 from input to output, so no
+    per-op casts as under autocast; ``x`` and the conditioning's floating tensors are cast in, the output back to
+    ``x``'s dtype (the sampler's arithmetic stays fp32). ``config`` is the original's (what the sampler reads)."""
+
+    def __init__(self, denoiser: torch.nn.Module):
+        super().__init__()
+        memo: dict[int, Any] = {}
+        for p in denoiser.parameters():
+            if p.is_floating_point():
+                memo[id(p)] = torch.nn.Parameter(p.detach().to(torch.bfloat16), requires_grad=False)
+        for b in denoiser.buffers():
+            if b.is_floating_point():
+                memo[id(b)] = b.detach().to(torch.bfloat16)
+        self.inner = copy.deepcopy(denoiser, memo).eval()
+        self.config = getattr(denoiser, "config", None)
+        self._cast: dict[int, tuple[Any, Any]] = {}  # id(cond) -> (cond, its bf16 cast): the same tensors every step
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        return self.inner(x.to(torch.bfloat16), t, self._bf16(cond)).to(x.dtype)
+
+    def _bf16(self, cond: Any) -> Any:
+        """``cond`` cast to bf16, the same cast tensors for the same ``cond`` (so the text-only work a sampling run
+        keeps, ``ldm.modules.reuse``, is found again on the next step)."""
+        hit = self._cast.get(id(cond))
+        if hit is None or hit[0] is not cond:
+            if len(self._cast) >= 8:
+                self._cast.clear()
+            hit = self._cast[id(cond)] = (cond, cond.to(dtype=torch.bfloat16))
+        return hit[1]
+
+
 REFERENCE = FastPath("fp32", "sdpa")
 CANDIDATES = (REFERENCE, FastPath("bf16", "sdpa"), FastPath("bf16", "math"), FastPath("mixed", "sdpa"),
-              FastPath("mixed", "math"))
+              FastPath("mixed", "math"), FastPath("pure-bf16", "sdpa"))
+SAMPLING_ONLY = ("pure-bf16",)  # precisions that keep no fp32 weights: never candidates for a training step
 
 
 def check_precision(value: str, what: str = "precision") -> str:
@@ -236,8 +278,8 @@ def choose(setting: str, workload: dict[str, Any], run: Callable[[FastPath], Non
     candidate's context).
     """
     setting = resolve_setting(setting)
-    candidates = CANDIDATES if setting == "auto" else tuple(c for c in CANDIDATES if (c.precision == "fp32")
-                                                             == (setting == "fp32"))
+    pool = tuple(c for c in CANDIDATES if workload.get("mode") != "train" or c.precision not in SAMPLING_ONLY)
+    candidates = pool if setting == "auto" else tuple(c for c in pool if (c.precision == "fp32") == (setting == "fp32"))
     if len(candidates) == 1:
         return candidates[0]
     cpu = torch.device(device).type == "cpu"  # (a GPU's kernels at these sizes only time launches: always measured)
@@ -305,9 +347,14 @@ def train_step_probe(denoiser: torch.nn.Module, x: torch.Tensor, t: torch.Tensor
 
 def forward_probe(denoiser: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Any
                   ) -> Callable[[FastPath], None]:
-    """One inference forward of ``denoiser`` on this batch (no weights change)."""
-    def run(_: FastPath) -> None:
+    """One inference forward of ``denoiser`` on this batch (no weights change), as each candidate prepares it
+    (:meth:`FastPath.prepare`, once per candidate: the copy is a per-run cost, not a per-step one)."""
+    prepared: dict[str, torch.nn.Module] = {}
+
+    def run(c: FastPath) -> None:
+        if c.name not in prepared:
+            prepared[c.name] = c.prepare(denoiser)
         with torch.inference_mode():
-            denoiser(x, t, cond)
+            prepared[c.name](x, t, cond)
 
     return run

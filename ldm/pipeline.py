@@ -310,16 +310,17 @@ class TextToImagePipeline:
         inverting = edit is not None and edit.mode == "invert"
         total = len(starts) * (len(ts) * (1 + inverting) + resample * (len(ts) - len(ts) // 2))
         reporter = StepReporter(total, callback, progress, f"sampling ({sampler}, {len(ts)} steps)")
-        images, fast = [], None
+        images, fast, denoiser = [], None, self.denoiser
         for start in starts:
             end = min(start + batch_size, len(all_prompts))
             cond = self.condition(all_prompts[start:end], height, width)
-            model_fn = self.model_fn(cond, uncond, guidance, rescale,
-                                     clip=c.clip_denoised if clip_denoised is None else clip_denoised)
             x = noise[start:end].to(self.device, self.dtype)
             if fast is None:  # chosen on the first batch, kept for the whole call
-                fast = self.fast_path(model_fn, x, cond, precision or self.precision,
-                                      guided=not (guidance == 1.0 and rescale == 0.0))
+                fast = self.fast_path(cond, uncond, guidance, rescale, x, precision or self.precision)
+                denoiser = fast.prepare(self.denoiser)
+            model_fn = self.model_fn(cond, uncond, guidance, rescale,
+                                     clip=c.clip_denoised if clip_denoised is None else clip_denoised,
+                                     denoiser=denoiser)
             if targets is not None:
                 batch_targets = {k: v[start:end] for k, v in targets.items()}
                 model_fn = classifier_guidance(
@@ -388,11 +389,13 @@ class TextToImagePipeline:
             return self.vae.decode_latents(latents.to(self.device, self.dtype)).clamp(-1, 1).float().cpu()
 
     def model_fn(self, cond: Conditioning, uncond: Conditioning | None = None, guidance: float = 1.0,
-                 rescale: float = 0.0, clip: bool = False) -> ModelFn:
+                 rescale: float = 0.0, clip: bool = False, denoiser: torch.nn.Module | None = None) -> ModelFn:
         """The samplers' ``model_fn(x_t, t)``: the (guided) denoiser fed ``schedule.scale_model_input(x_t, t)``
         (the identity for VP schedules), with x̂0 clipped to [−1, 1] when ``clip`` (``guidance.clip_denoised``).
-        The one place the pipeline turns its denoiser into a model function; likelihoods use it unclipped."""
-        guided = guided_model(self.denoiser, cond, uncond if uncond is not None else cond, guidance, rescale)
+        The one place the pipeline turns its denoiser into a model function; likelihoods use it unclipped.
+        ``denoiser``: the one to run (default the pipeline's; a fast path's :meth:`~ldm.fastpath.FastPath.prepare`)."""
+        guided = guided_model(denoiser if denoiser is not None else self.denoiser, cond,
+                              uncond if uncond is not None else cond, guidance, rescale)
         schedule = self.schedule
 
         def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -400,13 +403,23 @@ class TextToImagePipeline:
 
         return clip_denoised(fn, schedule, schedule.prediction_type) if clip else fn
 
-    def fast_path(self, model_fn: Any, x: torch.Tensor, cond: Conditioning, precision: str,
-                  guided: bool = True) -> FastPath:
-        """The fast path of the sampler's ``model_fn`` on latents like ``x`` (measured once per machine and shape)."""
-        workload = {**denoiser_workload(self.denoiser, x, cond, "sample"), "guided": guided}
+    def fast_path(self, cond: Conditioning, uncond: Conditioning, guidance: float, rescale: float, x: torch.Tensor,
+                  precision: str) -> FastPath:
+        """The fast path of sampling with this guidance on latents like ``x`` (measured once per machine and shape:
+        each candidate times the guided model function on its own prepared denoiser)."""
+        workload = {**denoiser_workload(self.denoiser, x, cond, "sample"),
+                    "guided": not (guidance == 1.0 and rescale == 0.0)}
         workload["tokens"] = workload["tokens"][2:]  # the prompts' length varies from call to call: not part of it
         t = torch.full((x.shape[0],), self.schedule.num_train_timesteps / 2, device=x.device)
-        return choose(precision, workload, lambda _: model_fn(x, t), self.device)
+        fns: dict[str, ModelFn] = {}
+
+        def run(candidate: FastPath) -> None:
+            if candidate.name not in fns:
+                fns[candidate.name] = self.model_fn(cond, uncond, guidance, rescale,
+                                                    denoiser=candidate.prepare(self.denoiser))
+            fns[candidate.name](x, t)
+
+        return choose(precision, workload, run, self.device)
 
     def condition(self, prompts: Sequence[str], height: int | None = None, width: int | None = None) -> Conditioning:
         """The denoiser's conditioning for ``prompts``, padding columns cut (exact: masked cross-attention and a

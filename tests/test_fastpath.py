@@ -129,6 +129,80 @@ def test_unet_output_is_the_same_on_every_fp32_path():
     assert not torch.equal(mixed, reference)
 
 
+def _random_unet(seed: int = 0) -> UNet:
+    torch.manual_seed(seed)
+    unet = UNet(TINY).eval()
+    for name, p in unet.named_parameters():
+        if name.endswith(("conv_out.weight", "proj_out.weight")):
+            torch.nn.init.normal_(p, std=0.1)
+    return unet
+
+
+def test_the_whole_bf16_copy_runs_in_bf16_and_leaves_the_original_alone():
+    unet = _random_unet()
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10.0, 900.0])
+    cond = Conditioning(torch.randn(2, 3, 6, generator=g), torch.tensor([[True, True, False], [True, True, True]]))
+    pure = fastpath.FastPath("pure-bf16", "sdpa").prepare(unet)
+    assert isinstance(pure, fastpath.BFloat16Denoiser) and pure.config is unet.config
+    assert fastpath.REFERENCE.prepare(unet) is unet and fastpath.FastPath("bf16", "sdpa").prepare(unet) is unet
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in pure.parameters())
+    after = unet.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+    inner_dtypes: list[torch.dtype] = []  # every convolution and linear sees bf16 inputs: no casts between ops
+    hooks = [m.register_forward_pre_hook(lambda m, a: inner_dtypes.append(a[0].dtype)) for m in pure.inner.modules()
+             if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    with torch.no_grad():
+        reference, out = unet(x, t, cond), pure(x, t, cond)
+    for h in hooks:
+        h.remove()
+    assert inner_dtypes and set(inner_dtypes) == {torch.bfloat16}
+    assert out.dtype == torch.float32 and reference.abs().max() > 0.05
+    torch.testing.assert_close(out, reference, atol=0.05, rtol=0.05)  # bf16's 8-bit mantissa: close, not equal
+    assert not torch.equal(out, reference)
+
+
+def test_the_bf16_copy_casts_a_conditioning_once_so_text_work_is_reused():
+    from ldm.modules.reuse import reuse_text_work
+
+    pure = fastpath.BFloat16Denoiser(_random_unet())
+    keys = [m.k for m in pure.inner.modules() if isinstance(m, Attention) and m.k.in_features == 6]
+    calls: list[int] = []
+    for k in keys:
+        k.register_forward_hook(lambda *a: calls.append(1))
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 900.0])
+    cond = Conditioning(torch.randn(2, 3, 6), None)
+    with torch.inference_mode(), reuse_text_work():
+        first = pure(x, t, cond)
+        assert pure(x, t, cond).equal(first) and len(calls) == len(keys) > 0  # once per cross-attention, not per call
+        pure(x, t, Conditioning(cond.tokens + 1, None))
+    assert len(calls) == 2 * len(keys)  # new tokens: new keys
+
+
+def test_pipeline_samples_on_the_whole_bf16_copy_when_it_is_chosen(tmp_path, monkeypatch):
+    from tiny_parts import tiny_pipeline
+
+    monkeypatch.setenv("LDM_FASTPATH_CACHE", str(tmp_path / "fp.json"))
+    pure = fastpath.FastPath("pure-bf16", "sdpa")
+    monkeypatch.setattr(fastpath, "CANDIDATES", (fastpath.REFERENCE, pure))  # "bf16": the only non-fp32 candidate
+    pipe = tiny_pipeline()
+    weights = {k: v.clone() for k, v in pipe.denoiser.state_dict().items()}
+    fp32 = pipe.generate(["a red circle", "a blue square"], steps=3, progress=False, precision="fp32")
+    made: list[torch.nn.Module] = []
+
+    class Counted(fastpath.BFloat16Denoiser):
+        def __init__(self, denoiser: torch.nn.Module):
+            made.append(denoiser)
+            super().__init__(denoiser)
+
+    monkeypatch.setattr(fastpath, "BFloat16Denoiser", Counted)
+    out = pipe.generate(["a red circle", "a blue square"], steps=3, progress=False, precision="bf16", batch_size=1)
+    assert pipe.last_fast_path == pure and out.dtype == torch.float32 and len(made) == 1  # one copy per call
+    assert (out - fp32).abs().max() < 0.1 and not torch.equal(out, fp32)
+    assert all(torch.equal(pipe.denoiser.state_dict()[k], v) for k, v in weights.items())
+
+
 # ---- the measured choice --------------------------------------------------------------------------------------
 def test_pick_keeps_fp32_unless_another_path_is_clearly_faster():
     assert fastpath.pick({"fp32-sdpa": 1.0, "bf16-sdpa": 0.95, "bf16-math": 0.93}) == fastpath.REFERENCE
@@ -141,7 +215,8 @@ def test_choose_measures_once_then_reads_the_cache(tmp_path, monkeypatch):
     monkeypatch.delenv("LDM_PRECISION", raising=False)
     monkeypatch.setattr(fastpath, "bf16_kernel_speedup", lambda device: 2.0)  # a CPU with fast bf16
     calls: list[str] = []
-    speed = {"fp32-sdpa": 3e-3, "bf16-sdpa": 2e-3, "bf16-math": 1e-4, "mixed-sdpa": 2e-3, "mixed-math": 1e-3}
+    speed = {"fp32-sdpa": 3e-3, "bf16-sdpa": 2e-3, "bf16-math": 1e-4, "mixed-sdpa": 2e-3, "mixed-math": 1e-3,
+             "pure-bf16-sdpa": 2e-3}
 
     def run(c: fastpath.FastPath) -> None:
         calls.append(c.name)
@@ -157,7 +232,7 @@ def test_choose_measures_once_then_reads_the_cache(tmp_path, monkeypatch):
     assert choice == fastpath.FastPath("bf16", "math")
     # 1 warm-up + 1 round each, then only bf16-math (the others are over 2x slower than it) a second round, then
     # the confirming trial: bf16-math against fp32-sdpa, whose one round is again 30x slower (it sits out round 2)
-    assert set(calls) == set(speed) and len(calls) == 14
+    assert set(calls) == set(speed) and len(calls) == 16
     assert calls[-4:] == ["bf16-math", "bf16-math", "fp32-sdpa", "bf16-math"]
     entry = next(iter(json.loads((tmp_path / "fp.json").read_text()).values()))
     assert entry["choice"] == "bf16-math" and entry["workload"] == workload and "cpu" in entry["machine"]
@@ -172,19 +247,20 @@ def test_a_winner_the_second_trial_does_not_confirm_is_not_chosen(tmp_path, monk
     monkeypatch.delenv("LDM_PRECISION", raising=False)
     monkeypatch.setattr(fastpath, "bf16_kernel_speedup", lambda device: 2.0)
     calls: list[str] = []
-    first = {"fp32-sdpa": 1.5e-3, "bf16-sdpa": 6e-3, "bf16-math": 6e-3, "mixed-sdpa": 1e-3, "mixed-math": 6e-3}
+    first = {"fp32-sdpa": 1.5e-3, "bf16-sdpa": 6e-3, "bf16-math": 6e-3, "mixed-sdpa": 1e-3, "mixed-math": 6e-3,
+             "pure-bf16-sdpa": 6e-3}
     second = {"fp32-sdpa": 2.5e-3, "mixed-sdpa": 3e-3}
 
     def run(c: fastpath.FastPath) -> None:  # mixed-sdpa looks 1.5x faster at first, then runs slower than fp32
         calls.append(c.name)
-        seconds = first[c.name] if len(calls) <= 12 else second[c.name]
+        seconds = first[c.name] if len(calls) <= 14 else second[c.name]
         end = time.process_time() + seconds
         while time.process_time() < end:
             pass
 
     logged: list[str] = []
     assert fastpath.choose("auto", {"model": "noisy"}, run, rounds=2, log=logged.append) == fastpath.REFERENCE
-    assert len(calls) == 16 and calls[-4:] == ["mixed-sdpa", "fp32-sdpa"] * 2 and "again" in logged[0]
+    assert len(calls) == 18 and calls[-4:] == ["mixed-sdpa", "fp32-sdpa"] * 2 and "again" in logged[0]
     entry = next(iter(json.loads((tmp_path / "fp.json").read_text()).values()))
     assert entry["choice"] == "fp32-sdpa" and entry["seconds"]["mixed-sdpa"] < entry["seconds"]["fp32-sdpa"] / 1.2
 
@@ -199,7 +275,7 @@ def test_auto_times_nothing_where_bf16_kernels_are_slower_than_fp32(tmp_path, mo
     assert "0.05x" in logged[0] and not (tmp_path / "fp.json").exists()
     seen: list[str] = []  # an explicit bf16 setting is measured all the same
     fastpath.choose("bf16", {"model": "test"}, lambda c: seen.append(c.name), rounds=1)
-    assert set(seen) == {"bf16-sdpa", "bf16-math", "mixed-sdpa", "mixed-math"}
+    assert set(seen) == {"bf16-sdpa", "bf16-math", "mixed-sdpa", "mixed-math", "pure-bf16-sdpa"}
     monkeypatch.setattr(fastpath, "bf16_kernel_speedup", lambda device: 3.0)
     seen.clear()
     fastpath.choose("auto", {"model": "test2"}, lambda c: seen.append(c.name), rounds=1)
@@ -236,7 +312,10 @@ def test_fixed_settings_and_the_environment_override(tmp_path, monkeypatch):
     monkeypatch.setenv("LDM_PRECISION", "fp32")
     assert fastpath.choose("auto", {}, never) == fastpath.REFERENCE
     seen: list[str] = []
-    assert fastpath.choose("bf16", {}, lambda c: seen.append(c.name), rounds=1).precision in ("bf16", "mixed")
+    assert fastpath.choose("bf16", {}, lambda c: seen.append(c.name), rounds=1).precision != "fp32"
+    assert set(seen) == {"bf16-sdpa", "bf16-math", "mixed-sdpa", "mixed-math", "pure-bf16-sdpa"}
+    seen.clear()  # a training step keeps fp32 weights: the sampling-only whole-bf16 copy is no candidate
+    fastpath.choose("bf16", {"mode": "train"}, lambda c: seen.append(c.name), rounds=1)
     assert set(seen) == {"bf16-sdpa", "bf16-math", "mixed-sdpa", "mixed-math"}
     monkeypatch.setenv("LDM_PRECISION", "fp16")
     with pytest.raises(UsageError, match="LDM_PRECISION"):
@@ -253,7 +332,7 @@ def test_pipeline_runs_the_precision_it_is_asked_for(tmp_path, monkeypatch):
     fp32 = pipe.generate(["a red circle"], steps=2, progress=False, precision="fp32")
     assert pipe.last_fast_path == fastpath.REFERENCE
     bf16 = pipe.generate(["a red circle"], steps=2, progress=False, precision="bf16")
-    assert pipe.last_fast_path.precision in ("bf16", "mixed") and bf16.dtype == torch.float32
+    assert pipe.last_fast_path.precision != "fp32" and bf16.dtype == torch.float32
     assert (bf16 - fp32).abs().max() < 0.1
 
 

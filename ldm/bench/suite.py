@@ -166,6 +166,7 @@ class Contender:
                  fast: FastPath = REFERENCE, device: str = "cpu", optimizer: torch.optim.Optimizer | None = None):
         self.model, self.call, self.data, self.fast, self.device = model, call, data, fast, device
         self.opt = optimizer or torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        self._prepared: tuple[FastPath, torch.nn.Module] | None = None  # the fast path's model, made once
 
     def train(self) -> None:
         self.model.train()
@@ -178,9 +179,16 @@ class Contender:
 
     def forward(self, grad_mode: str = "inference") -> None:
         self.model.eval()
+        if self._prepared is None or self._prepared[0] != self.fast:  # a sampling run's once-per-run cost
+            self._prepared = (self.fast, self.fast.prepare(self.model))
         mode = torch.inference_mode() if grad_mode == "inference" else torch.no_grad()
         with mode, self.fast.context(self.device):
-            self.call(self.model, self.data)
+            self.call(self._prepared[1], self.data)
+
+    def weights(self) -> tuple[torch.nn.Module, ...]:
+        """The modules whose weights a forward keeps in memory: the model, and the fast path's copy when it has one."""
+        copy_ = self._prepared[1] if self._prepared is not None else self.model
+        return (self.model,) if copy_ is self.model else (self.model, copy_)
 
 
 def ours_call(model: torch.nn.Module, d: dict) -> torch.Tensor:
@@ -189,6 +197,12 @@ def ours_call(model: torch.nn.Module, d: dict) -> torch.Tensor:
 
 def diffusers_call(model: torch.nn.Module, d: dict) -> torch.Tensor:
     return model(d["x"], d["t"], d["cond"].tokens, encoder_attention_mask=d["cond"].mask).sample
+
+
+def diffusers_bf16_call(model: torch.nn.Module, d: dict) -> torch.Tensor:
+    """diffusers' model cast to bfloat16 as a whole (inputs in, output back to fp32): ours' pure-bf16 reference."""
+    tokens = d["cond"].tokens.bfloat16()
+    return model(d["x"].bfloat16(), d["t"], tokens, encoder_attention_mask=d["cond"].mask).sample.float()
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -237,8 +251,10 @@ def denoiser_rows(s: Settings, ctx: dict) -> list[dict[str, Any]]:
         train = interleaved({k: v.train for k, v in c.items()}, s.rounds, s.warmup, s.device)
         memory = {k: peak_memory(v.train, (v.model, v.opt), s.device) for k, v in c.items()}
         c["ours"].fast = fast_fwd
+        if fast_fwd.precision == "pure-bf16":  # the same-precision reference of a whole-bf16 forward
+            c["diffusers pure-bf16"] = Contender(copy.deepcopy(theirs).to(torch.bfloat16), diffusers_bf16_call, data)
         fwd = interleaved({k: v.forward for k, v in c.items()}, s.rounds, s.warmup, s.device)
-        fwd_memory = {k: peak_memory(v.forward, (v.model,), s.device) for k, v in c.items()}
+        fwd_memory = {k: peak_memory(v.forward, v.weights(), s.device) for k, v in c.items()}
         flops = denoiser_flops(ours, data)
         ctx.setdefault("train_img_s", {})[name] = s.batch / train["ours"]["wall_s"]
         for kind, times, mem, fast in (("train step", train, memory, fast_train),
@@ -251,8 +267,10 @@ def denoiser_rows(s: Settings, ctx: dict) -> list[dict[str, Any]]:
                    "mem_ratio": ratio(mem["ours"], mem["diffusers"]), "ran_as": fast.name,
                    "same_precision_speedup": ratio(times["diffusers"]["wall_s"], times["ours fp32"]["wall_s"]),
                    "times": times, "peak_bytes": mem, "config": dataclasses.asdict(config), "latent": size}
-            if "diffusers bf16" in times:
-                row["bf16_vs_diffusers_bf16"] = ratio(times["diffusers bf16"]["wall_s"], times["ours"]["wall_s"])
+            for key, ref in (("bf16_vs_diffusers_bf16", "diffusers bf16"),
+                             ("pure_bf16_vs_diffusers_pure_bf16", "diffusers pure-bf16")):
+                if ref in times:
+                    row[key] = ratio(times[ref]["wall_s"], times["ours"]["wall_s"])
             if kind == "forward":
                 row["gflop_per_img"] = flops / s.batch / 1e9
                 achieved = flops / times["ours"]["wall_s"] / 1e9
@@ -385,7 +403,12 @@ def generation_rows(s: Settings, ctx: dict) -> list[dict[str, Any]]:
                                              guidance_scale=s.guidance, height=resolution, width=resolution,
                                              output_type="pt").images.cpu()
 
-        times = interleaved({"ours": ours, "diffusers": diffusers}, max(1, s.rounds - 2), 1, s.device)
+        contenders = {"ours": ours, "diffusers": diffusers}
+        ours()  # chooses the fast path; not fp32: ours in fp32 is timed too (the same-precision ratio)
+        if pipe.last_fast_path is not None and pipe.last_fast_path != REFERENCE:
+            contenders["ours fp32"] = lambda: pipe.generate(prompts, seed=0, batch_size=len(prompts), progress=False,
+                                                            precision="fp32")
+        times = interleaved(contenders, max(1, s.rounds - 2), 1, s.device)
         n = len(prompts)
         diff = (images["ours"] - images["diffusers"]).abs().max().item()
         fast = pipe.last_fast_path.name if pipe.last_fast_path else None
@@ -396,6 +419,8 @@ def generation_rows(s: Settings, ctx: dict) -> list[dict[str, Any]]:
                      "speedup_range": round_range(times["diffusers"], times["ours"]),
                      "cpu_speedup": ratio(times["diffusers"]["cpu_s"], times["ours"]["cpu_s"]),
                      "ran_as": fast, "images": n, "max_abs_diff": diff,
+                     "same_precision_speedup": ratio(times["diffusers"]["wall_s"],
+                                                     times.get("ours fp32", times["ours"])["wall_s"]),
                      "note": f"StableDiffusionPipeline from `ldm convert --to diffusers`; DDIM both; "
                              f"max abs image diff {diff:.1e}", "times": times})
     return rows
@@ -658,18 +683,33 @@ def _range(row: dict[str, Any]) -> str:
     return f"{lo_hi[0]:.2f}-{lo_hi[1]:.2f}" if lo_hi else "-"
 
 
+def _same_precision(row: dict[str, Any]) -> str:
+    """For a row ours ran on another precision than fp32: the ratios at the same precision on both sides."""
+    if row.get("ran_as", "fp32").startswith("fp32") or row.get("same_precision_speedup") is None:
+        return ""
+    text = f"; both fp32: {row['same_precision_speedup']:.2f}x"
+    for key, name in (("bf16_vs_diffusers_bf16", "bf16 autocast"), ("pure_bf16_vs_diffusers_pure_bf16", "pure bf16")):
+        if row.get(key) is not None:
+            text += f", both {name}: {row[key]:.2f}x"
+    return text
+
+
 def _forward_extra(row: dict[str, Any]) -> str:
+    return _forward_figures(row) + _same_precision(row)
+
+
+def _forward_figures(row: dict[str, Any]) -> str:
     if row.get("gflops") is None:
         return row.get("note", "")
     text = f"{row['gflop_per_img']:.3f} GFLOP/img, {row['gflops']:.0f} GFLOP/s"
     if row.get("pct_fp32_peak") is None:  # the kernels group did not run: no peak to compare with
         return text + " (no peak measured: add the kernels group)"
     text += f" = {100 * row['pct_fp32_peak']:.0f} % fp32 peak"
-    if row.get("ran_as", "").startswith("bf16") and row.get("pct_bf16_peak"):
+    if "bf16" in row.get("ran_as", "") and row.get("pct_bf16_peak"):
         text += f", {100 * row['pct_bf16_peak']:.0f} % bf16 peak"
     if row.get("pct_fp32_peak_cpu") is not None:
         text += f" (per CPU-s: {100 * row['pct_fp32_peak_cpu']:.0f} % fp32 peak"
-        if row.get("ran_as", "").startswith("bf16") and row.get("pct_bf16_peak_cpu"):
+        if "bf16" in row.get("ran_as", "") and row.get("pct_bf16_peak_cpu"):
             text += f", {100 * row['pct_bf16_peak_cpu']:.0f} % bf16"
         text += ")"
     return text
