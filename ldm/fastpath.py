@@ -268,14 +268,15 @@ def pick(times: dict[str, float], min_gain: float = MIN_GAIN) -> FastPath:
 
 def choose(setting: str, workload: dict[str, Any], run: Callable[[FastPath], None],
            device: torch.device | str = "cpu", rounds: int = 3, use_cache: bool = True,
-           log: Callable[[str], None] | None = None) -> FastPath:
+           log: Callable[[str], None] | None = None, memory: Callable[[FastPath], int] | None = None) -> FastPath:
     """The fast path for ``workload`` (a JSON-able description: model config, shapes, train or sample).
 
     ``setting`` "fp32" is fp32 + SDPA (nothing measured), "bf16" measures the bf16 candidates (everywhere or in
     the attention blocks only, each attention kernel), "auto" measures every candidate, except on a CPU whose
     bf16 kernels are slower than fp32 (:func:`bf16_kernel_speedup`): there it keeps fp32 + SDPA. A measured choice
     is cached per machine and workload; ``run(candidate)`` performs one representative call (run inside the
-    candidate's context).
+    candidate's context). ``memory(candidate)``, when given, is the peak bytes of one such call including what the
+    path holds (a weight copy): a candidate that would need more than fp32 + SDPA does is not chosen, however fast.
     """
     setting = resolve_setting(setting)
     pool = tuple(c for c in CANDIDATES if workload.get("mode") != "train" or c.precision not in SAMPLING_ONLY)
@@ -298,7 +299,9 @@ def choose(setting: str, workload: dict[str, Any], run: Callable[[FastPath], Non
     metric = "wall_s" if torch.device(device).type == "cuda" else "cpu_s"
     measured = time_candidates(run, candidates, device, rounds=rounds, metric=metric)
     times = {name: m[metric] for name, m in measured.items()}
-    choice, confirm = pick(times), None
+    peaks = _peaks(memory, candidates, times) if memory is not None and REFERENCE.name in times else {}
+    fitting = {n: s for n, s in times.items() if n not in peaks or peaks[n] <= peaks[REFERENCE.name]}
+    choice, confirm = pick(fitting), None
     if choice != REFERENCE and REFERENCE.name in times:
         # a second, independent trial of the winner against fp32 + SDPA, winner first: the choice is cached for
         # good, so one noisy trial must not make it (a probe once picked a path that sampled 1.2x slower)
@@ -309,11 +312,22 @@ def choose(setting: str, workload: dict[str, Any], run: Callable[[FastPath], Non
     if log:
         log(f"fast path: {choice.name} (" + ", ".join(f"{n} {1e3 * s:.0f} ms" for n, s in times.items())
             + (f"; again {', '.join(f'{n} {1e3 * s:.0f} ms' for n, s in confirm.items())}" if confirm else "")
-            + f", {metric[:-2]} time per call)")
+            + f", {metric[:-2]} time per call"
+            + "".join(f"; {n} needs {peaks[n] / 2**20:.1f} MiB vs {peaks[REFERENCE.name] / 2**20:.1f}: not taken"
+                      for n in times if n not in fitting) + ")")
     if use_cache:
         _write_cache(path, key, {"choice": choice.name, "seconds": times, "confirmation": confirm, "metric": metric,
-                                 "measured": measured, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **key_data})
+                                 "measured": measured, "peak_bytes": peaks,
+                                 "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **key_data})
     return choice
+
+
+def _peaks(memory: Callable[[FastPath], int], candidates: tuple[FastPath, ...], times: dict[str, float]
+           ) -> dict[str, int]:
+    """Peak bytes of fp32 + SDPA and of every candidate fast enough to be chosen over it."""
+    reference = times[REFERENCE.name]
+    return {c.name: memory(c) for c in candidates
+            if c == REFERENCE or (c.name in times and times[c.name] * MIN_GAIN <= reference)}
 
 
 # ---- the two workloads every model has: a training step and a sampling forward -----------------------------
@@ -343,6 +357,21 @@ def train_step_probe(denoiser: torch.nn.Module, x: torch.Tensor, t: torch.Tensor
         twin.zero_grad(set_to_none=True)
 
     return run
+
+
+def forward_memory(denoiser: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Any,
+                   device: torch.device | str = "cpu") -> Callable[[FastPath], int]:
+    """``memory`` for :func:`choose`: the peak bytes of preparing a candidate's model (a weight copy) and running
+    one inference forward on it (:func:`ldm.memory.peak_bytes`)."""
+    from ldm.memory import peak_bytes
+
+    def measure(c: FastPath) -> int:
+        def call() -> None:
+            with torch.inference_mode(), c.context(device):
+                c.prepare(denoiser)(x, t, cond)
+        return peak_bytes(call, device)
+
+    return measure
 
 
 def forward_probe(denoiser: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Any

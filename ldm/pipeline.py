@@ -53,6 +53,7 @@ from ldm.io import (
     weights_hash,
     write_json,
 )
+from ldm.memory import peak_bytes
 from ldm.modules.denoiser import check_compatible, conditioning_for, latent_size_problem
 from ldm.modules.reuse import reuse_text_work
 from ldm.visual import to_pil
@@ -406,7 +407,8 @@ class TextToImagePipeline:
     def fast_path(self, cond: Conditioning, uncond: Conditioning, guidance: float, rescale: float, x: torch.Tensor,
                   precision: str) -> FastPath:
         """The fast path of sampling with this guidance on latents like ``x`` (measured once per machine and shape:
-        each candidate times the guided model function on its own prepared denoiser)."""
+        each candidate times the guided model function on its own prepared denoiser; one that needs more memory
+        than fp32 is not taken)."""
         workload = {**denoiser_workload(self.denoiser, x, cond, "sample"),
                     "guided": not (guidance == 1.0 and rescale == 0.0)}
         workload["tokens"] = workload["tokens"][2:]  # the prompts' length varies from call to call: not part of it
@@ -419,7 +421,13 @@ class TextToImagePipeline:
                                                     denoiser=candidate.prepare(self.denoiser))
             fns[candidate.name](x, t)
 
-        return choose(precision, workload, run, self.device)
+        def memory(candidate: FastPath) -> int:  # the candidate's peak: its prepared denoiser made inside the call
+            def call() -> None:
+                with torch.inference_mode(), candidate.context(self.device):
+                    self.model_fn(cond, uncond, guidance, rescale, denoiser=candidate.prepare(self.denoiser))(x, t)
+            return peak_bytes(call, self.device)
+
+        return choose(precision, workload, run, self.device, memory=memory)
 
     def condition(self, prompts: Sequence[str], height: int | None = None, width: int | None = None) -> Conditioning:
         """The denoiser's conditioning for ``prompts``, padding columns cut (exact: masked cross-attention and a

@@ -265,6 +265,42 @@ def test_a_winner_the_second_trial_does_not_confirm_is_not_chosen(tmp_path, monk
     assert entry["choice"] == "fp32-sdpa" and entry["seconds"]["mixed-sdpa"] < entry["seconds"]["fp32-sdpa"] / 1.2
 
 
+def test_a_faster_path_that_needs_more_memory_than_fp32_is_not_taken(tmp_path, monkeypatch):
+    monkeypatch.setenv("LDM_FASTPATH_CACHE", str(tmp_path / "fp.json"))
+    monkeypatch.delenv("LDM_PRECISION", raising=False)
+    monkeypatch.setattr(fastpath, "bf16_kernel_speedup", lambda device: 2.0)
+    speed = {"fp32-sdpa": 4e-3, "bf16-sdpa": 3e-3, "bf16-math": 2e-3, "mixed-sdpa": 4e-3, "mixed-math": 4e-3,
+             "pure-bf16-sdpa": 1e-3}
+    peak = {"fp32-sdpa": 1000, "pure-bf16-sdpa": 1500, "bf16-math": 700, "bf16-sdpa": 900}
+    asked: list[str] = []
+
+    def run(c: fastpath.FastPath) -> None:
+        end = time.process_time() + speed[c.name]
+        while time.process_time() < end:
+            pass
+
+    def memory(c: fastpath.FastPath) -> int:
+        asked.append(c.name)
+        return peak[c.name]
+
+    logged: list[str] = []
+    choice = fastpath.choose("auto", {"model": "mem"}, run, rounds=2, log=logged.append, memory=memory)
+    assert choice == fastpath.FastPath("bf16", "math")  # the fastest, pure-bf16, holds a weight copy: 1.5x fp32's peak
+    assert set(asked) == {"fp32-sdpa", "pure-bf16-sdpa", "bf16-math", "bf16-sdpa"}  # only those that could win
+    assert "pure-bf16-sdpa needs" in logged[0]
+    entry = next(iter(json.loads((tmp_path / "fp.json").read_text()).values()))
+    assert entry["peak_bytes"]["pure-bf16-sdpa"] == 1500
+
+
+def test_forward_memory_counts_the_weight_copy_of_the_whole_bf16_path():
+    unet = _random_unet()
+    x, t, cond = torch.randn(1, 4, 8, 8), torch.tensor([10.0]), Conditioning(torch.randn(1, 3, 6), None)
+    memory = fastpath.forward_memory(unet, x, t, cond)
+    copy_bytes = sum(p.numel() * 2 for p in unet.parameters())
+    fp32, pure = memory(fastpath.REFERENCE), memory(fastpath.FastPath("pure-bf16", "sdpa"))
+    assert 0 < fp32 < copy_bytes <= pure  # batch 1: the copy outweighs every activation of the fp32 forward
+
+
 def test_auto_times_nothing_where_bf16_kernels_are_slower_than_fp32(tmp_path, monkeypatch):
     monkeypatch.setenv("LDM_FASTPATH_CACHE", str(tmp_path / "fp.json"))
     monkeypatch.delenv("LDM_PRECISION", raising=False)

@@ -10,15 +10,13 @@ from __future__ import annotations
 import os
 import statistics
 import time
-import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
-from torch.utils.weak import WeakIdKeyDictionary
+
+from ldm.memory import peak_bytes
 
 
 def sync(device: torch.device | str) -> None:
@@ -61,46 +59,11 @@ def round_range(reference: dict[str, Any], ours: dict[str, Any]) -> list[float] 
     return [min(ratios), max(ratios)] if ratios else None
 
 
-class _LiveBytes(TorchDispatchMode):
-    """Counts the bytes of every storage an op creates until Python frees it; keeps the peak of the sum."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = self.peak = 0
-        self.seen = WeakIdKeyDictionary()
-
-    def _free(self, nbytes: int) -> None:
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                storage = t.untyped_storage()
-                if storage not in self.seen:
-                    nbytes = storage.nbytes()
-                    self.seen[storage] = nbytes
-                    self.live += nbytes
-                    weakref.finalize(storage, self._free, nbytes)
-        self.peak = max(self.peak, self.live)
-        return out
-
-
 def peak_memory(fn: Callable[[], Any], modules: tuple[Any, ...] = (), device: torch.device | str = "cpu") -> int:
     """Peak bytes during one call of ``fn``: the persistent state of ``modules`` (parameters, optimizer state)
-    plus the largest sum of tensors created by the call and alive at once (activations, gradients, temporaries).
-    On CUDA the allocator's own peak, on other devices counted op by op (a dispatch mode), so it is exact,
-    deterministic and blind to other processes, unlike an RSS delta."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn()
-        return torch.cuda.max_memory_allocated(device) - base + _state_bytes(modules)
-    counter = _LiveBytes()
-    with counter:
-        fn()
-    return counter.peak + _state_bytes(modules)
+    plus the largest sum of tensors created by the call and alive at once (:func:`ldm.memory.peak_bytes`: the
+    allocator's peak on CUDA, counted op by op elsewhere: exact, deterministic, blind to other processes)."""
+    return peak_bytes(fn, device) + _state_bytes(modules)
 
 
 def _state_bytes(modules: tuple[Any, ...]) -> int:

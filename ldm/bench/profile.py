@@ -15,7 +15,15 @@ from typing import Any
 
 import torch
 
-from ldm.fastpath import REFERENCE, FastPath, choose, denoiser_workload, forward_probe, train_step_probe
+from ldm.fastpath import (
+    REFERENCE,
+    FastPath,
+    choose,
+    denoiser_workload,
+    forward_memory,
+    forward_probe,
+    train_step_probe,
+)
 
 
 def profile_steps(step: Any, steps: int, warmup: int) -> dict[str, float]:
@@ -42,8 +50,10 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     if args.precision == "auto":
         probe = (train_step_probe(ours, data["x"], data["t"], data["cond"]) if args.kind == "train"
                  else forward_probe(ours.eval(), data["x"], data["t"], data["cond"]))
+        memory = None if args.kind == "train" else forward_memory(ours, data["x"], data["t"], data["cond"])
         fast = choose("auto", denoiser_workload(ours, data["x"], data["cond"],
-                                                "train" if args.kind == "train" else "sample"), probe, "cpu")
+                                                "train" if args.kind == "train" else "sample"), probe, "cpu",
+                      memory=memory)
     else:
         fast = REFERENCE if args.precision == "fp32" else FastPath(args.precision, "sdpa")
     sides = {"ours": Contender(ours, ours_call, data, fast), "diffusers": Contender(theirs, diffusers_call, data)}

@@ -60,7 +60,15 @@ from ldm.bench.measure import (
     timed,
 )
 from ldm.conditioning import Conditioning
-from ldm.fastpath import REFERENCE, FastPath, choose, denoiser_workload, forward_probe, train_step_probe
+from ldm.fastpath import (
+    REFERENCE,
+    FastPath,
+    choose,
+    denoiser_workload,
+    forward_memory,
+    forward_probe,
+    train_step_probe,
+)
 from ldm.modules.unet import UNet, UNetConfig
 from ldm.table import format_table
 
@@ -240,7 +248,8 @@ def denoiser_rows(s: Settings, ctx: dict) -> list[dict[str, Any]]:
         fast_train = choose("auto", denoiser_workload(ours, data["x"], data["cond"], "train"),
                             train_step_probe(ours, data["x"], data["t"], data["cond"]), s.device)
         fast_fwd = choose("auto", denoiser_workload(ours, data["x"], data["cond"], "sample"),
-                          forward_probe(ours.eval(), data["x"], data["t"], data["cond"]), s.device)
+                          forward_probe(ours.eval(), data["x"], data["t"], data["cond"]), s.device,
+                          memory=forward_memory(ours, data["x"], data["t"], data["cond"], s.device))
         opt = torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=True)
         c = {"ours": Contender(ours, ours_call, data, fast_train, s.device, opt),
              "ours fp32": Contender(ours, ours_call, data, REFERENCE, s.device, opt),
