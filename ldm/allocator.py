@@ -4,10 +4,11 @@ glibc's malloc serves a request above ``M_MMAP_THRESHOLD`` with a fresh ``mmap``
 the kernel once more than ``M_TRIM_THRESHOLD`` bytes there are free (both start at 128 KiB and rise at run time,
 the first to at most 32 MiB). A model step allocates and frees megabytes of activations in a pattern that keeps
 crossing these limits, so memory goes back to the kernel and comes back as fresh pages, each zeroed in a page
-fault: measured here on the shapes U-Net forward at batch 32, 2,600-4,500 minor faults per call (10-18 MB) and
-ours and diffusers' forward 13-22 % faster without them (``ldm bench --only fastpath``, row "allocator keeps
-freed memory"). :func:`keep_freed_memory` raises both limits (``mallopt``), so freed blocks are reused; the price
-is that the process keeps its peak heap instead of shrinking after it, as jemalloc and tcmalloc also do.
+fault: measured here on the shapes U-Net forward at batch 32, up to 4,650 minor faults per call (18 MB); with
+them gone (19-26 per call) that forward ran 1.08-1.33x faster in three on/off runs, diffusers' alike (``ldm bench
+--only fastpath``, row "allocator keeps freed memory"). :func:`keep_freed_memory` raises both limits (``mallopt``),
+so freed blocks are reused; the price is that the process keeps its peak heap instead of shrinking after it, as
+jemalloc and tcmalloc also do.
 
 The ``ldm`` command calls it before any work. It changes nothing when ``LDM_ALLOCATOR=system`` is set, when the
 user set glibc's own ``MALLOC_*_`` tunables, or where the C library is not glibc (macOS, musl, Windows).
