@@ -163,6 +163,27 @@ def test_the_whole_bf16_copy_runs_in_bf16_and_leaves_the_original_alone():
     assert not torch.equal(out, reference)
 
 
+@pytest.mark.parametrize("kind", ["dit", "lora"])
+def test_the_whole_bf16_copy_runs_every_denoiser_kind(kind: str):
+    from ldm.modules.dit import DiT, DiTConfig
+    from ldm.modules.lora import LoraSpec, add_lora
+
+    torch.manual_seed(0)
+    if kind == "dit":
+        model = DiT(DiTConfig(context_dim=6, input_size=8, hidden_size=16, depth=2, num_heads=2, out_channels=8))
+    else:
+        model = add_lora(_random_unet(), LoraSpec(rank=2))
+    for name, p in model.named_parameters():  # zero-initialised outputs and adapters would hide a wrong path
+        if not p.detach().abs().sum():
+            torch.nn.init.normal_(p, std=0.1)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 900.0])
+    cond = Conditioning(torch.randn(2, 3, 6), torch.tensor([[True, True, False], [True, True, True]]))
+    with torch.inference_mode():
+        reference, out = model.eval()(x, t, cond), fastpath.BFloat16Denoiser(model)(x, t, cond)
+    assert out.dtype == torch.float32 and out.shape == reference.shape and reference.abs().max() > 0.05
+    torch.testing.assert_close(out, reference, atol=0.1, rtol=0.05)
+
+
 def test_the_bf16_copy_casts_a_conditioning_once_so_text_work_is_reused():
     from ldm.modules.reuse import reuse_text_work
 
