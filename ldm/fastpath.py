@@ -297,6 +297,9 @@ def choose(setting: str, workload: dict[str, Any], run: Callable[[FastPath], Non
         if cached and cached.get("choice") in {c.name for c in candidates}:
             return next(c for c in candidates if c.name == cached["choice"])
     metric = "wall_s" if torch.device(device).type == "cuda" else "cpu_s"
+    if log:
+        log(f"fast path: timing {len(candidates)} ways to run this once for this machine and shape "
+            f"(the choice is kept in {path})")
     measured = time_candidates(run, candidates, device, rounds=rounds, metric=metric)
     times = {name: m[metric] for name, m in measured.items()}
     peaks = _peaks(memory, candidates, times) if memory is not None and REFERENCE.name in times else {}

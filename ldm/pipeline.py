@@ -24,6 +24,7 @@ import contextlib
 import functools
 import inspect
 import math
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -317,7 +318,8 @@ class TextToImagePipeline:
             cond = self.condition(all_prompts[start:end], height, width)
             x = noise[start:end].to(self.device, self.dtype)
             if fast is None:  # chosen on the first batch, kept for the whole call
-                fast = self.fast_path(cond, uncond, guidance, rescale, x, precision or self.precision)
+                fast = self.fast_path(cond, uncond, guidance, rescale, x, precision or self.precision,
+                                      log=reporter.write if progress else None)
                 denoiser = fast.prepare(self.denoiser)
             model_fn = self.model_fn(cond, uncond, guidance, rescale,
                                      clip=c.clip_denoised if clip_denoised is None else clip_denoised,
@@ -405,7 +407,7 @@ class TextToImagePipeline:
         return clip_denoised(fn, schedule, schedule.prediction_type) if clip else fn
 
     def fast_path(self, cond: Conditioning, uncond: Conditioning, guidance: float, rescale: float, x: torch.Tensor,
-                  precision: str) -> FastPath:
+                  precision: str, log: Callable[[str], None] | None = None) -> FastPath:
         """The fast path of sampling with this guidance on latents like ``x`` (measured once per machine and shape:
         each candidate times the guided model function on its own prepared denoiser; one that needs more memory
         than fp32 is not taken)."""
@@ -427,7 +429,7 @@ class TextToImagePipeline:
                     self.model_fn(cond, uncond, guidance, rescale, denoiser=candidate.prepare(self.denoiser))(x, t)
             return peak_bytes(call, self.device)
 
-        return choose(precision, workload, run, self.device, memory=memory)
+        return choose(precision, workload, run, self.device, log=log, memory=memory)
 
     def condition(self, prompts: Sequence[str], height: int | None = None, width: int | None = None) -> Conditioning:
         """The denoiser's conditioning for ``prompts``, padding columns cut (exact: masked cross-attention and a
@@ -477,6 +479,12 @@ class StepReporter:
             self.bar.update(1)
         if self.callback is not None:
             self.callback({**info, **self.context, "step": self.done, "total": self.total})
+
+    def write(self, message: str) -> None:
+        """A line on stderr that leaves the progress bar intact."""
+        from tqdm.auto import tqdm
+
+        tqdm.write(message, file=sys.stderr)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -393,6 +393,20 @@ def test_pipeline_runs_the_precision_it_is_asked_for(tmp_path, monkeypatch):
     assert (bf16 - fp32).abs().max() < 0.1
 
 
+def test_generate_says_when_it_measures_the_fast_path_and_is_quiet_once_cached(tmp_path, monkeypatch, capsys):
+    from tiny_parts import tiny_pipeline
+
+    monkeypatch.setenv("LDM_FASTPATH_CACHE", str(tmp_path / "fp.json"))
+    monkeypatch.delenv("LDM_PRECISION", raising=False)
+    monkeypatch.setattr(fastpath, "bf16_kernel_speedup", lambda device: 2.0)
+    pipe = tiny_pipeline()
+    pipe.generate(["a red circle"], steps=2, progress=True, precision="auto")
+    err = capsys.readouterr().err
+    assert "fast path: timing 6 ways" in err and f"fast path: {pipe.last_fast_path.name} (" in err
+    pipe.generate(["a red circle"], steps=2, progress=True, precision="auto")
+    assert "fast path" not in capsys.readouterr().err
+
+
 # ---- the mask check -------------------------------------------------------------------------------------------
 def test_mask_check_is_remembered_per_tensor_and_version():
     good = torch.tensor([[True, False], [False, True]])
