@@ -281,7 +281,7 @@ def test_a_winner_the_second_trial_does_not_confirm_is_not_chosen(tmp_path, monk
 
     logged: list[str] = []
     assert fastpath.choose("auto", {"model": "noisy"}, run, rounds=2, log=logged.append) == fastpath.REFERENCE
-    assert len(calls) == 18 and calls[-4:] == ["mixed-sdpa", "fp32-sdpa"] * 2 and "again" in logged[0]
+    assert len(calls) == 18 and calls[-4:] == ["mixed-sdpa", "fp32-sdpa"] * 2 and "again" in logged[-1]
     entry = next(iter(json.loads((tmp_path / "fp.json").read_text()).values()))
     assert entry["choice"] == "fp32-sdpa" and entry["seconds"]["mixed-sdpa"] < entry["seconds"]["fp32-sdpa"] / 1.2
 
@@ -308,7 +308,7 @@ def test_a_faster_path_that_needs_more_memory_than_fp32_is_not_taken(tmp_path, m
     choice = fastpath.choose("auto", {"model": "mem"}, run, rounds=2, log=logged.append, memory=memory)
     assert choice == fastpath.FastPath("bf16", "math")  # the fastest, pure-bf16, holds a weight copy: 1.5x fp32's peak
     assert set(asked) == {"fp32-sdpa", "pure-bf16-sdpa", "bf16-math", "bf16-sdpa"}  # only those that could win
-    assert "pure-bf16-sdpa needs" in logged[0]
+    assert "pure-bf16-sdpa needs" in logged[-1]
     entry = next(iter(json.loads((tmp_path / "fp.json").read_text()).values()))
     assert entry["peak_bytes"]["pure-bf16-sdpa"] == 1500
 
