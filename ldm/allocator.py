@@ -5,10 +5,10 @@ the kernel once more than ``M_TRIM_THRESHOLD`` bytes there are free (both start 
 the first to at most 32 MiB). A model step allocates and frees megabytes of activations in a pattern that keeps
 crossing these limits, so memory goes back to the kernel and comes back as fresh pages, each zeroed in a page
 fault: measured here on the shapes U-Net forward at batch 32, up to 4,650 minor faults per call (18 MB); with
-them gone (19-26 per call) that forward ran 1.08-1.33x faster in three on/off runs, diffusers' alike (``ldm bench
---only fastpath``, row "allocator keeps freed memory"). :func:`keep_freed_memory` raises both limits (``mallopt``),
-so freed blocks are reused; the price is that the process keeps its peak heap instead of shrinking after it, as
-jemalloc and tcmalloc also do.
+them gone (19-26 per call) that forward ran 0.98-1.33x as fast in four on/off runs, about 1.1x, diffusers' alike
+(``ldm bench --only fastpath``, row "allocator keeps freed memory"; processes differ by as much).
+:func:`keep_freed_memory` raises both limits (``mallopt``), so freed blocks are reused; the price is that the
+process keeps its peak heap instead of shrinking after it, as jemalloc and tcmalloc also do.
 
 The ``ldm`` command calls it before any work. It changes nothing when ``LDM_ALLOCATOR=system`` is set, when the
 user set glibc's own ``MALLOC_*_`` tunables, or where the C library is not glibc (macOS, musl, Windows).
