@@ -4,7 +4,8 @@ The setting belongs to the whole process and cannot be undone inside it, so each
 process (``python -m ldm.bench.allocator``), the two kinds alternating (off, on, off, on, ...) so that a slow phase
 of a shared machine falls on both. Every child builds the shapes U-Net of the denoiser rows at the same seed and
 times its forward (inference) and training step; the parent pools the children's round times per side and reports
-medians, with the minor page faults per call (memory the kernel had to hand over, zeroed, during the call).
+medians, with the minor page faults per call (memory the kernel had to hand over, zeroed, during the call) and the
+CPU time the kernel spent per call (``ru_stime``: what the faults cost, steadier than wall time between processes).
 """
 
 from __future__ import annotations
@@ -35,10 +36,12 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
     for kind, fn in (("forward", c.forward), ("train step", c.train)):
         for _ in range(args.warmup):
             fn()
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        before = resource.getrusage(resource.RUSAGE_SELF)
         times = interleaved({"x": fn}, args.rounds, 0)["x"]
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-        result[kind] = {"wall_rounds": times["wall_rounds"], "faults_per_call": faults / args.rounds}
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        result[kind] = {"wall_rounds": times["wall_rounds"], "cpu_s": times["cpu_s"],
+                        "sys_s": (after.ru_stime - before.ru_stime) / args.rounds,
+                        "faults_per_call": (after.ru_minflt - before.ru_minflt) / args.rounds}
     return result
 
 
@@ -59,11 +62,15 @@ def allocator_rows(batch: int, rounds: int, warmup: int, pairs: int, tiny: bool 
         per = [statistics.median(off[kind]["wall_rounds"]) / statistics.median(on[kind]["wall_rounds"])
                for off, on in zip(runs["off"], runs["on"], strict=True)]  # each pair of processes alone
         faults = {side: statistics.median(r[kind]["faults_per_call"] for r in rs) for side, rs in runs.items()}
+        cpu = {side: statistics.median(r[kind]["cpu_s"] for r in rs) for side, rs in runs.items()}
+        sys_ms = {side: 1e3 * statistics.median(r[kind]["sys_s"] for r in rs) for side, rs in runs.items()}
         rows.append({"group": "fastpath", "row": f"allocator keeps freed memory ({kind} shapes b{batch})",
                      "unit": "img/s", "ours": batch / wall["on"], "reference": batch / wall["off"],
                      "speedup": wall["off"] / wall["on"], "ran_as": "fp32-sdpa", "speedup_range": [min(per), max(per)],
+                     "cpu_speedup": cpu["off"] / cpu["on"] if cpu["on"] > 0 else None,
                      "note": f"on vs off, {pairs} processes each; page faults/call {faults['on']:.0f} vs "
-                             f"{faults['off']:.0f}", "faults_per_call": faults,
+                             f"{faults['off']:.0f}, kernel CPU ms/call {sys_ms['on']:.1f} vs {sys_ms['off']:.1f}",
+                     "faults_per_call": faults, "sys_ms_per_call": sys_ms,
                      "times": {side: [r[kind]["wall_rounds"] for r in rs] for side, rs in runs.items()}})
     return rows
 
