@@ -229,8 +229,10 @@ def time_candidates(run: Callable[[FastPath], None], candidates: tuple[FastPath,
     ``rounds`` rounds (candidates interleaved, so load from other processes hits all alike), after ``warmup``
     calls each. A candidate whose first round took more than ``drop_factor`` times the fastest first round (in
     ``metric``) sits out the later rounds: it cannot win, and on a CPU without fast bf16 one bf16 training step
-    can cost 17 fp32 ones (its one-round time is still reported)."""
+    can cost 17 fp32 ones (its one-round time is still reported). A candidate other than fp32 + SDPA that raises
+    (a bf16 kernel this device lacks) is timed no further: its entry carries the ``error`` and no times."""
     device = torch.device(device)
+    failed: dict[str, str] = {}
 
     def once(c: FastPath) -> tuple[float, float]:
         if device.type == "cuda":
@@ -242,18 +244,30 @@ def time_candidates(run: Callable[[FastPath], None], candidates: tuple[FastPath,
             torch.cuda.synchronize(device)
         return time.perf_counter() - start, time.process_time() - cpu
 
-    for c in candidates:
-        for _ in range(warmup):
-            once(c)
-    best = {c.name: {"wall_s": float("inf"), "cpu_s": float("inf")} for c in candidates}
+    def attempt(c: FastPath) -> tuple[float, float] | None:
+        try:
+            return once(c)
+        except (RuntimeError, NotImplementedError) as e:
+            if c == REFERENCE:
+                raise
+            failed[c.name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+            return None
+
     running = list(candidates)
+    for _ in range(warmup):
+        running = [c for c in running if attempt(c) is not None]
+    best = {c.name: {"wall_s": float("inf"), "cpu_s": float("inf")} for c in candidates}
     for r in range(rounds):
         for c in running:
-            wall, cpu = once(c)
-            best[c.name] = {"wall_s": min(best[c.name]["wall_s"], wall), "cpu_s": min(best[c.name]["cpu_s"], cpu)}
-        if r == 0:
+            if (times := attempt(c)) is not None:
+                best[c.name] = {"wall_s": min(best[c.name]["wall_s"], times[0]),
+                                "cpu_s": min(best[c.name]["cpu_s"], times[1])}
+        running = [c for c in running if c.name not in failed]
+        if r == 0 and running:
             fastest = min(best[c.name][metric] for c in running)
             running = [c for c in running if best[c.name][metric] <= drop_factor * fastest]
+    for name, error in failed.items():
+        best[name] = {"wall_s": None, "cpu_s": None, "error": error}
     return best
 
 
@@ -301,7 +315,10 @@ def choose(setting: str, workload: dict[str, Any], run: Callable[[FastPath], Non
         log(f"fast path: timing {len(candidates)} ways to run this once for this machine and shape "
             f"(the choice is kept in {path})")
     measured = time_candidates(run, candidates, device, rounds=rounds, metric=metric)
-    times = {name: m[metric] for name, m in measured.items()}
+    times = {name: m[metric] for name, m in measured.items() if "error" not in m}
+    if not times:
+        raise UsageError(f"precision {setting!r}: no way to run this works on {torch.device(device)} ("
+                         + "; ".join(f"{n}: {m['error']}" for n, m in measured.items()) + "); use fp32")
     peaks = _peaks(memory, candidates, times) if memory is not None and REFERENCE.name in times else {}
     fitting = {n: s for n, s in times.items() if n not in peaks or peaks[n] <= peaks[REFERENCE.name]}
     choice, confirm = pick(fitting), None
@@ -309,7 +326,7 @@ def choose(setting: str, workload: dict[str, Any], run: Callable[[FastPath], Non
         # a second, independent trial of the winner against fp32 + SDPA, winner first: the choice is cached for
         # good, so one noisy trial must not make it (a probe once picked a path that sampled 1.2x slower)
         again = time_candidates(run, (choice, REFERENCE), device, rounds=rounds, warmup=0, metric=metric)
-        confirm = {name: m[metric] for name, m in again.items()}
+        confirm = {name: m[metric] for name, m in again.items() if "error" not in m}
         if pick(confirm) != choice:
             choice = REFERENCE
     if log:
@@ -317,7 +334,8 @@ def choose(setting: str, workload: dict[str, Any], run: Callable[[FastPath], Non
             + (f"; again {', '.join(f'{n} {1e3 * s:.0f} ms' for n, s in confirm.items())}" if confirm else "")
             + f", {metric[:-2]} time per call"
             + "".join(f"; {n} needs {peaks[n] / 2**20:.1f} MiB vs {peaks[REFERENCE.name] / 2**20:.1f}: not taken"
-                      for n in times if n not in fitting) + ")")
+                      for n in times if n not in fitting)
+            + "".join(f"; {n} failed here ({m['error']})" for n, m in measured.items() if "error" in m) + ")")
     if use_cache:
         _write_cache(path, key, {"choice": choice.name, "seconds": times, "confirmation": confirm, "metric": metric,
                                  "measured": measured, "peak_bytes": peaks,

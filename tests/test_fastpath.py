@@ -322,6 +322,35 @@ def test_forward_memory_counts_the_weight_copy_of_the_whole_bf16_path():
     assert 0 < fp32 < copy_bytes <= pure  # batch 1: the copy outweighs every activation of the fp32 forward
 
 
+def test_a_candidate_that_fails_on_this_device_is_not_chosen(tmp_path, monkeypatch):
+    monkeypatch.setenv("LDM_FASTPATH_CACHE", str(tmp_path / "fp.json"))
+    monkeypatch.delenv("LDM_PRECISION", raising=False)
+    monkeypatch.setattr(fastpath, "bf16_kernel_speedup", lambda device: 2.0)
+    calls: list[str] = []
+
+    def run(c: fastpath.FastPath) -> None:  # the bf16 kernels "do not exist" here; they would have been fastest
+        calls.append(c.name)
+        if c.precision != "fp32":
+            raise RuntimeError("\"addmm_impl_cpu_\" not implemented for 'BFloat16'")
+        end = time.process_time() + 1e-3
+        while time.process_time() < end:
+            pass
+
+    logged: list[str] = []
+    assert fastpath.choose("auto", {"model": "no-bf16"}, run, rounds=2, log=logged.append) == fastpath.REFERENCE
+    assert calls.count("fp32-sdpa") == 3 and all(calls.count(c.name) == 1 for c in fastpath.CANDIDATES[1:])
+    assert "bf16-math failed here (RuntimeError" in logged[-1]
+    entry = next(iter(json.loads((tmp_path / "fp.json").read_text()).values()))
+    assert entry["measured"]["bf16-sdpa"]["error"].startswith("RuntimeError") and entry["choice"] == "fp32-sdpa"
+    with pytest.raises(UsageError, match="no way to run this works"):  # asked for bf16 alone: a clear error
+        fastpath.choose("bf16", {"model": "no-bf16"}, run, rounds=1)
+
+    def broken(c: fastpath.FastPath) -> None:
+        raise RuntimeError("a real bug")
+    with pytest.raises(RuntimeError, match="a real bug"):  # fp32 + SDPA failing is never hidden
+        fastpath.choose("auto", {"model": "broken"}, broken, rounds=1)
+
+
 def test_auto_times_nothing_where_bf16_kernels_are_slower_than_fp32(tmp_path, monkeypatch):
     monkeypatch.setenv("LDM_FASTPATH_CACHE", str(tmp_path / "fp.json"))
     monkeypatch.delenv("LDM_PRECISION", raising=False)
