@@ -285,8 +285,9 @@ def choose(setting: str, workload: dict[str, Any], run: Callable[[FastPath], Non
            log: Callable[[str], None] | None = None, memory: Callable[[FastPath], int] | None = None) -> FastPath:
     """The fast path for ``workload`` (a JSON-able description: model config, shapes, train or sample).
 
-    ``setting`` "fp32" is fp32 + SDPA (nothing measured), "bf16" measures the bf16 candidates (everywhere or in
-    the attention blocks only, each attention kernel), "auto" measures every candidate, except on a CPU whose
+    ``setting`` "fp32" is fp32 + SDPA (nothing measured), "bf16" measures the bf16 candidates (autocast everywhere
+    or in the attention blocks only, each attention kernel; for sampling also the whole-bf16 copy; one that raises
+    on this device is left out), "auto" measures every candidate, except on a CPU whose
     bf16 kernels are slower than fp32 (:func:`bf16_kernel_speedup`): there it keeps fp32 + SDPA. A measured choice
     is cached per machine and workload; ``run(candidate)`` performs one representative call (run inside the
     candidate's context). ``memory(candidate)``, when given, is the peak bytes of one such call including what the
