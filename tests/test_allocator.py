@@ -15,18 +15,20 @@ from ldm import allocator
 GLIBC = allocator._glibc() is not None
 
 # Allocates, touches and frees a 64 MiB tensor (above glibc's largest automatic mmap threshold, 32 MiB) ten times
-# (after five for warm-up) and prints whether keep_freed_memory() took effect and the minor page faults per round.
+# after ten for warm-up (the heap settles in the first few) and prints whether keep_freed_memory() took effect and
+# each round's minor page faults.
 CHILD = """
 import json, resource, sys, torch
 from ldm.allocator import keep_freed_memory
 applied = keep_freed_memory()
-for _ in range(5):
-    torch.ones(16 << 20).sum()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(10):
     torch.ones(16 << 20).sum()
-print(json.dumps({"applied": applied,
-                  "faults": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10}))
+faults = []
+for _ in range(10):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(16 << 20).sum()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"applied": applied, "faults": faults}))
 """
 
 
@@ -42,8 +44,12 @@ def test_freed_memory_is_reused_instead_of_faulted_back():
     kept, system = run_child(), run_child(LDM_ALLOCATOR="system")
     assert kept["applied"] and not system["applied"]
     pages = (64 << 20) // os.sysconf("SC_PAGE_SIZE")
-    assert system["faults"] > 0.5 * pages   # the C library's default: every round maps fresh, zeroed pages
-    assert kept["faults"] < 0.05 * pages    # kept: the same heap block is handed out again
+
+    def faulted(run: dict) -> int:  # rounds whose 64 MiB came as fresh pages from the kernel
+        return sum(f > pages / 2 for f in run["faults"])
+
+    assert faulted(system) >= 9  # the C library's default: (nearly) every round maps fresh, zeroed pages
+    assert faulted(kept) <= 2    # kept: the same heap block is handed out again (the heap may move once or twice)
 
 
 @pytest.mark.skipif(not GLIBC, reason="the allocator setting is glibc's (Linux)")
