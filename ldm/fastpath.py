@@ -381,31 +381,39 @@ def train_step_probe(denoiser: torch.nn.Module, x: torch.Tensor, t: torch.Tensor
     return run
 
 
+def prepared_probes(denoiser: torch.nn.Module, make: Callable[[torch.nn.Module], Callable[[], Any]],
+                    device: torch.device | str = "cpu") -> tuple[Callable[[FastPath], None], Callable[[FastPath], int]]:
+    """The ``run`` and ``memory`` of :func:`choose` for an inference call ``make(model)()`` on each candidate's
+    prepared denoiser (:meth:`FastPath.prepare`). ``run`` prepares once per candidate (the copy is a per-run cost,
+    not a per-step one); ``memory`` prepares inside the counted call, so a weight copy counts
+    (:func:`ldm.memory.peak_bytes`)."""
+    from ldm.memory import peak_bytes
+
+    calls: dict[str, Callable[[], Any]] = {}
+
+    def run(c: FastPath) -> None:
+        if c.name not in calls:
+            calls[c.name] = make(c.prepare(denoiser))
+        with torch.inference_mode():
+            calls[c.name]()
+
+    def memory(c: FastPath) -> int:
+        def once() -> None:
+            with torch.inference_mode(), c.context(device):
+                make(c.prepare(denoiser))()
+        return peak_bytes(once, device)
+
+    return run, memory
+
+
 def forward_memory(denoiser: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Any,
                    device: torch.device | str = "cpu") -> Callable[[FastPath], int]:
     """``memory`` for :func:`choose`: the peak bytes of preparing a candidate's model (a weight copy) and running
-    one inference forward on it (:func:`ldm.memory.peak_bytes`)."""
-    from ldm.memory import peak_bytes
-
-    def measure(c: FastPath) -> int:
-        def call() -> None:
-            with torch.inference_mode(), c.context(device):
-                c.prepare(denoiser)(x, t, cond)
-        return peak_bytes(call, device)
-
-    return measure
+    one inference forward on it."""
+    return prepared_probes(denoiser, lambda model: functools.partial(model, x, t, cond), device)[1]
 
 
 def forward_probe(denoiser: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Any
                   ) -> Callable[[FastPath], None]:
-    """One inference forward of ``denoiser`` on this batch (no weights change), as each candidate prepares it
-    (:meth:`FastPath.prepare`, once per candidate: the copy is a per-run cost, not a per-step one)."""
-    prepared: dict[str, torch.nn.Module] = {}
-
-    def run(c: FastPath) -> None:
-        if c.name not in prepared:
-            prepared[c.name] = c.prepare(denoiser)
-        with torch.inference_mode():
-            prepared[c.name](x, t, cond)
-
-    return run
+    """One inference forward of ``denoiser`` on this batch (no weights change), as each candidate prepares it."""
+    return prepared_probes(denoiser, lambda model: functools.partial(model, x, t, cond))[0]

@@ -42,7 +42,7 @@ from ldm.diffusion.samplers import SAMPLERS, ModelFn, sample
 from ldm.diffusion.schedules import NoiseSchedule, build_schedule
 from ldm.editing import ImageEdit
 from ldm.errors import UsageError
-from ldm.fastpath import FastPath, check_precision, choose, denoiser_workload
+from ldm.fastpath import FastPath, check_precision, choose, denoiser_workload, prepared_probes
 from ldm.io import (
     CONFIG_NAME,
     PartError,
@@ -54,7 +54,6 @@ from ldm.io import (
     weights_hash,
     write_json,
 )
-from ldm.memory import peak_bytes
 from ldm.modules.denoiser import check_compatible, conditioning_for, latent_size_problem
 from ldm.modules.reuse import reuse_text_work
 from ldm.visual import to_pil
@@ -415,20 +414,11 @@ class TextToImagePipeline:
                     "guided": not (guidance == 1.0 and rescale == 0.0)}
         workload["tokens"] = workload["tokens"][2:]  # the prompts' length varies from call to call: not part of it
         t = torch.full((x.shape[0],), self.schedule.num_train_timesteps / 2, device=x.device)
-        fns: dict[str, ModelFn] = {}
 
-        def run(candidate: FastPath) -> None:
-            if candidate.name not in fns:
-                fns[candidate.name] = self.model_fn(cond, uncond, guidance, rescale,
-                                                    denoiser=candidate.prepare(self.denoiser))
-            fns[candidate.name](x, t)
+        def guided_step(denoiser: torch.nn.Module) -> Callable[[], torch.Tensor]:  # one call of the sampler's model_fn
+            return functools.partial(self.model_fn(cond, uncond, guidance, rescale, denoiser=denoiser), x, t)
 
-        def memory(candidate: FastPath) -> int:  # the candidate's peak: its prepared denoiser made inside the call
-            def call() -> None:
-                with torch.inference_mode(), candidate.context(self.device):
-                    self.model_fn(cond, uncond, guidance, rescale, denoiser=candidate.prepare(self.denoiser))(x, t)
-            return peak_bytes(call, self.device)
-
+        run, memory = prepared_probes(self.denoiser, guided_step, self.device)
         return choose(precision, workload, run, self.device, log=log, memory=memory)
 
     def condition(self, prompts: Sequence[str], height: int | None = None, width: int | None = None) -> Conditioning:
