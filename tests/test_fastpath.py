@@ -81,17 +81,22 @@ def test_a_lora_adapted_self_attention_is_not_fused_past_its_adapter():
     torch.testing.assert_close(adapted, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_math_attention_kernel_equals_sdpa_with_and_without_mask():
+@pytest.mark.parametrize("queries", [5, 3])  # more queries than the 4 keys (scores kept keys-major), fewer
+def test_math_attention_kernel_equals_sdpa_with_and_without_mask_values_and_gradients(queries: int):
     torch.manual_seed(0)
     cross = Attention(12, num_heads=3, context_dim=7)
-    x, ctx = _inputs()
+    x, ctx = _inputs(tokens=queries)
     keep = torch.tensor([[True, True, False, False], [True] * 4, [True, False, False, False]])[:, None, None, :]
     for mask in (None, keep):
-        with attention_backend("sdpa"):
-            expected = cross(x, ctx, mask)
-        with attention_backend("math"):
-            got = cross(x, ctx, mask)
-        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        results = {}
+        for backend in ("sdpa", "math"):
+            xs, cs = x.clone().requires_grad_(), ctx.clone().requires_grad_()
+            with attention_backend(backend):
+                out = cross(xs, cs, mask)
+            out.square().sum().backward()
+            results[backend] = (out, xs.grad, cs.grad)
+        for got, expected in zip(results["math"], results["sdpa"], strict=True):
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert get_attention_backend() == "sdpa"  # restored after the blocks
     with pytest.raises(ValueError, match="unknown attention backend"):
         set_attention_backend("flash")
