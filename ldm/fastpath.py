@@ -109,8 +109,8 @@ class BFloat16Denoiser(torch.nn.Module):
 
 
 REFERENCE = FastPath("fp32", "sdpa")
-CANDIDATES = (REFERENCE, FastPath("bf16", "sdpa"), FastPath("bf16", "math"), FastPath("mixed", "sdpa"),
-              FastPath("mixed", "math"), FastPath("pure-bf16", "sdpa"))
+CANDIDATES = (REFERENCE, FastPath("fp32", "math"), FastPath("bf16", "sdpa"), FastPath("bf16", "math"),
+              FastPath("mixed", "sdpa"), FastPath("mixed", "math"), FastPath("pure-bf16", "sdpa"))
 SAMPLING_ONLY = ("pure-bf16",)  # precisions that keep no fp32 weights: never candidates for a training step
 
 
@@ -295,7 +295,8 @@ def choose(setting: str, workload: dict[str, Any], run: Callable[[FastPath], Non
     """
     setting = resolve_setting(setting)
     pool = tuple(c for c in CANDIDATES if workload.get("mode") != "train" or c.precision not in SAMPLING_ONLY)
-    candidates = pool if setting == "auto" else tuple(c for c in pool if (c.precision == "fp32") == (setting == "fp32"))
+    candidates = (pool if setting == "auto" else (REFERENCE,) if setting == "fp32"
+                  else tuple(c for c in pool if c.precision != "fp32"))
     if len(candidates) == 1:
         return candidates[0]
     cpu = torch.device(device).type == "cpu"  # (a GPU's kernels at these sizes only time launches: always measured)

@@ -48,8 +48,14 @@ def fully_dense(conv: nn.Conv2d, height: int, width: int) -> bool:
     structural zero), for an ungrouped, undilated, zero-padded convolution."""
     if conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return False
-    index, _, _ = tap_index(height, width, conv.kernel_size, conv.stride, conv.padding)
-    return bool((index < conv.kernel_size[0] * conv.kernel_size[1]).all())
+    return _covers(height, width, conv.kernel_size, conv.stride, conv.padding)
+
+
+@functools.lru_cache(maxsize=64)
+def _covers(height: int, width: int, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int]
+            ) -> bool:
+    index, _, _ = tap_index(height, width, kernel, stride, padding)
+    return bool((index < kernel[0] * kernel[1]).all())
 
 
 def conv_matrix(weight: torch.Tensor, height: int, width: int, stride: tuple[int, int], padding: tuple[int, int]
