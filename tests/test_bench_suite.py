@@ -37,10 +37,9 @@ def test_tiny_bench_writes_every_row_and_the_markdown_page(tmp_path, capsys):
     assert {"bf16 autocast vs fp32", "fused QKV", "channels_last", "attention math vs sdpa, bf16",
             "inference_mode vs no_grad", "mask check once per tensor vs every call", "text work once per run",
             "VAE channels_last"} <= switches
-    sampling = [r["row"] for r in by_group["fastpath"] if r["row"].startswith(("text work", "2x2-map", "VAE"))]
+    sampling = [r["row"] for r in by_group["fastpath"] if r["row"].startswith(("text work", "VAE"))]
     assert sampling == ["text work once per run (generate shapes, 2 steps CFG)",
                         "text work once per run (generate shapes + refiner, 2 steps CFG)",
-                        "2x2-map convolutions as one GEMM (generate shapes, 2 steps CFG)",
                         "VAE channels_last (decode shapes-sd b1)", "VAE channels_last (encode shapes-sd b1)"]
     allocator = [r for r in by_group["fastpath"] if r["row"].startswith("allocator")]  # child processes per side
     assert [r["row"] for r in allocator] == ["allocator keeps freed memory (forward shapes b2)",

@@ -11,7 +11,6 @@ from tiny_parts import tiny_pipeline
 
 import ldm.pipeline
 from ldm.conditioning import Conditioning
-from ldm.modules.dense_conv import Conv2d
 from ldm.modules.reuse import reuse_text_work, reused
 from ldm.modules.unet import UNet, UNetConfig
 
@@ -100,7 +99,6 @@ def test_nothing_is_kept_while_autograd_records_or_under_another_autocast_settin
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
 def test_generate_gives_the_images_it_gave_without_reuse(monkeypatch, guidance):
     pipe = tiny_pipeline(context_refiner_layers=1)
-    monkeypatch.setattr(Conv2d, "dense", False)  # the kept 2x2-map matrices round differently: test_dense_conv
     calls = counting(pipe.denoiser)
     prompts = ["a red circle", "a blue square on the left", "a star"]
     kept = pipe.generate(prompts, steps=4, seed=3, batch_size=2, guidance=guidance, progress=False)

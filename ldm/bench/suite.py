@@ -470,8 +470,7 @@ def data_rows(s: Settings, ctx: dict) -> list[dict[str, Any]]:
 @contextlib.contextmanager
 def module_switch(module: Any, name: str, on: bool) -> Iterator[None]:
     """``module.name`` set to ``on`` inside the block: a fast-path switch (``Attention.fused_qkv``,
-    ``ldm.modules.reuse.ENABLED``, ``ldm.modules.dense_conv.Conv2d.dense``,
-    ``ldm.modules.autoencoder.INFERENCE_CHANNELS_LAST``)."""
+    ``ldm.modules.reuse.ENABLED``, ``ldm.modules.autoencoder.INFERENCE_CHANNELS_LAST``)."""
     previous = getattr(module, name)
     setattr(module, name, on)
     try:
@@ -556,32 +555,27 @@ def fastpath_rows(s: Settings, ctx: dict) -> list[dict[str, Any]]:
 
 def sampling_switch_rows(s: Settings) -> list[dict[str, Any]]:
     """The switches of the sampling path, on vs off, at the shapes config: the text-only work kept for the whole
-    run (``ldm.modules.reuse``; end to end, with and without a context refiner), the 2x2 level's convolutions as one
-    matrix product each (``ldm.modules.dense_conv``, end to end) and the VAE's channels_last
+    run (``ldm.modules.reuse``; end to end, with and without a context refiner) and the VAE's channels_last
     inference layout (``ldm.modules.autoencoder.inference_layout``: decode of a generation batch, encode)."""
-    from ldm.modules import autoencoder, dense_conv, reuse
+    from ldm.modules import autoencoder, reuse
 
     config, size = denoiser_configs(s)["shapes"]
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(s.gen_images)]
     rows = []
-    refined = dataclasses.replace(config, context_refiner_layers=2)
-    for name, label, cfg, switch in (("text work once per run", "generate shapes", config, (reuse, "ENABLED")),
-                                     ("text work once per run", "generate shapes + refiner", refined,
-                                      (reuse, "ENABLED")),
-                                     ("2x2-map convolutions as one GEMM", "generate shapes", config,
-                                      (dense_conv.Conv2d, "dense"))):
+    for label, cfg in (("generate shapes", config),
+                       ("generate shapes + refiner", dataclasses.replace(config, context_refiner_layers=2))):
         pipe, _ = our_pipeline(cfg, size, s)
         pipe = pipe.to(s.device)
 
-        def generate(on: bool, pipe: Any = pipe, switch: tuple[Any, str] = switch) -> Callable[[], None]:
+        def generate(on: bool, pipe: Any = pipe) -> Callable[[], None]:
             def call() -> None:
-                with module_switch(*switch, on):
+                with module_switch(reuse, "ENABLED", on):
                     pipe.generate(prompts, seed=0, batch_size=len(prompts), progress=False, precision="fp32")
             return call
 
         times = interleaved({"on": generate(True), "off": generate(False)}, max(1, s.rounds - 2), 1, s.device)
-        rows.append(_switch_row(name, f"{label}, {s.gen_steps} steps CFG", times["on"], times["off"], len(prompts),
-                                times=times))
+        rows.append(_switch_row("text work once per run", f"{label}, {s.gen_steps} steps CFG", times["on"],
+                                times["off"], len(prompts), times=times))
     vae_config, _ = vae_configs(s)["shapes-sd 32px"]
     torch.manual_seed(0)
     vae = autoencoder.AutoencoderKL(vae_config).eval().to(s.device)

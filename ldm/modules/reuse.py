@@ -6,8 +6,7 @@ cross-attention's keys and values, K = W_K τθ(y) and V = W_V τθ(y) (LDM, Rom
 Inside :func:`reuse_text_work` such a result is kept per (module, source tensors, autocast state) and handed back
 on the next call with the very same source tensors; outside it, or whenever autograd records (training), nothing is
 kept. Exact: the kept tensor is the one the recomputation would produce. The weights must not change inside the
-scope (``TextToImagePipeline.generate`` opens it around one batch's sampling loop, where they cannot), so work that
-depends on the weights alone is kept the same way (``ldm.modules.dense_conv``: a small-map convolution's matrix).
+scope (``TextToImagePipeline.generate`` opens it around one batch's sampling loop, where they cannot).
 """
 
 from __future__ import annotations
@@ -35,11 +34,6 @@ def reuse_text_work() -> Iterator[None]:
         yield
     finally:
         _kept.reset(token)
-
-
-def keeping() -> bool:
-    """Whether :func:`reused` keeps results here: inside a :func:`reuse_text_work` scope with autograd off."""
-    return _kept.get() is not None and not torch.is_grad_enabled()
 
 
 def reused(owner: object, sources: tuple[torch.Tensor | None, ...], compute: Callable[[], T]) -> T:

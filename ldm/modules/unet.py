@@ -28,7 +28,6 @@ from ldm.conditioning import Conditioning
 from ldm.modules.attention import SpatialTransformer
 from ldm.modules.context_refiner import ContextRefiner
 from ldm.modules.denoiser import check_inputs, guidance_features
-from ldm.modules.dense_conv import Conv2d
 from ldm.modules.embeddings import PooledTextEmbedding, TimestepEmbedding, spatial_position_embedding
 from ldm.modules.micro import ExtraConditionEmbedding
 from ldm.modules.reuse import reused
@@ -140,13 +139,13 @@ class ResBlock(nn.Module):
                  scale_shift_norm: bool = False):
         super().__init__()
         self.norm1 = nn.GroupNorm(num_groups, in_channels)
-        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.scale_shift_norm = scale_shift_norm
         self.time_proj = nn.Linear(emb_dim, 2 * out_channels if scale_shift_norm else out_channels)
         self.norm2 = nn.GroupNorm(num_groups, out_channels)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
-        self.skip = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """``emb`` is SiLU(time embedding), shared by every block (computed once per forward)."""
@@ -165,7 +164,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
@@ -176,7 +175,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = Conv2d(channels, channels, 3, padding=1)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: torch.Size | tuple[int, int]) -> torch.Tensor:
         return self.conv(F.interpolate(x, size=tuple(size), mode="nearest"))
@@ -222,7 +221,7 @@ class UNet(nn.Module):
         self.config = config
         self.gradient_checkpointing = config.gradient_checkpointing
         mc, widths, nrb = config.model_channels, config.level_channels, config.num_res_blocks
-        self.conv_in = Conv2d(config.in_channels, mc, 3, padding=1)
+        self.conv_in = nn.Conv2d(config.in_channels, mc, 3, padding=1)
         self.time_embed = TimestepEmbedding(mc, 4 * mc, config.guidance_embed_dim)
         self.pooled_embed = PooledTextEmbedding(config.pooled_dim, 4 * mc) if config.pooled_dim else None
         self.extra_embed = (ExtraConditionEmbedding(config.extra_conditions, 4 * mc)
@@ -254,7 +253,7 @@ class UNet(nn.Module):
                                  Upsample(width) if i > 0 else None))
 
         self.norm_out = nn.GroupNorm(config.num_groups, mc)
-        self.conv_out = Conv2d(mc, config.out_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(mc, config.out_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
