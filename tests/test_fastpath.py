@@ -286,9 +286,35 @@ def test_a_winner_the_second_trial_does_not_confirm_is_not_chosen(tmp_path, monk
 
     logged: list[str] = []
     assert fastpath.choose("auto", {"model": "noisy"}, run, rounds=2, log=logged.append) == fastpath.REFERENCE
-    assert len(calls) == 20 and calls[-4:] == ["mixed-sdpa", "fp32-sdpa"] * 2 and "again" in logged[-1]
+    # the first trial (16 calls) and two confirming ones (4 calls each, winner first) that both say otherwise
+    assert len(calls) == 24 and calls[-8:] == ["mixed-sdpa", "fp32-sdpa"] * 4
+    assert "again" in logged[-1] and "third" in logged[-1]
     entry = next(iter(json.loads((tmp_path / "fp.json").read_text()).values()))
     assert entry["choice"] == "fp32-sdpa" and entry["seconds"]["mixed-sdpa"] < entry["seconds"]["fp32-sdpa"] / 1.2
+    assert entry["third_trial"]["mixed-sdpa"] > entry["third_trial"]["fp32-sdpa"]
+
+
+def test_where_the_first_two_trials_disagree_a_third_decides(tmp_path, monkeypatch):
+    monkeypatch.setenv("LDM_FASTPATH_CACHE", str(tmp_path / "fp.json"))
+    monkeypatch.delenv("LDM_PRECISION", raising=False)
+    monkeypatch.setattr(fastpath, "bf16_kernel_speedup", lambda device: 2.0)
+    calls: list[str] = []
+    speed = {"fp32-sdpa": 3e-3, "fp32-math": 6e-3, "bf16-sdpa": 6e-3, "bf16-math": 2e-3, "mixed-sdpa": 6e-3,
+             "mixed-math": 6e-3, "pure-bf16-sdpa": 6e-3}
+
+    def run(c: fastpath.FastPath) -> None:  # bf16-math 1.5x faster, except in one noisy confirming trial
+        calls.append(c.name)
+        noisy = 16 < len(calls) <= 20 and c.name == "bf16-math"
+        end = time.process_time() + (3.2e-3 if noisy else speed[c.name])
+        while time.process_time() < end:
+            pass
+
+    logged: list[str] = []
+    assert fastpath.choose("auto", {"model": "noisy"}, run, rounds=2, log=logged.append) == fastpath.FastPath(
+        "bf16", "math")
+    assert len(calls) == 24 and "third" in logged[-1]
+    entry = next(iter(json.loads((tmp_path / "fp.json").read_text()).values()))
+    assert entry["choice"] == "bf16-math" and entry["confirmation"]["bf16-math"] > entry["confirmation"]["fp32-sdpa"]
 
 
 def test_a_faster_path_that_needs_more_memory_than_fp32_is_not_taken(tmp_path, monkeypatch):
