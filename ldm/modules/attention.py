@@ -74,14 +74,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
               ) -> torch.Tensor:
     """``softmax(Q K^T / sqrt(d)) V`` (Vaswani et al. 2017, eq. 1) for (B, heads, N, d) queries and (B, heads, L, d)
     keys/values; ``attn_mask`` (B, 1, 1, L) bool, True where a key may be attended to.
-    Kernel: :func:`attention_backend`. The "math" kernel keeps the scores keys-major, (B, heads, L, N), when there are
-    fewer keys than queries (cross-attention to a short prompt): torch's CPU softmax vectorises along the reduced
-    dimension when it is the last one, and 10 keys fill less than one AVX-512 vector (12x slower than over the
-    queries for (48, 64, 10) scores here, 5x for the backward)."""
+    Kernel: :func:`attention_backend`. On a CPU the "math" kernel keeps the scores keys-major, (B, heads, L, N), when
+    there are fewer keys than queries (cross-attention to a short prompt): torch's CPU softmax vectorises along the
+    reduced dimension when it is the last one, and 10 keys fill less than one AVX-512 vector (12x slower than over
+    the queries for (48, 64, 10) scores here, 5x for the backward)."""
     if _backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
     scale = q.shape[-1] ** -0.5
-    if k.shape[-2] < q.shape[-2]:  # fewer keys than queries: the scores keys-major, (B, heads, L, N)
+    if k.shape[-2] < q.shape[-2] and q.device.type == "cpu":  # fewer keys than queries: scores (B, heads, L, N)
         scores = (k * scale) @ q.transpose(-1, -2)
         if attn_mask is not None:
             scores = scores.masked_fill(~attn_mask.transpose(-1, -2), float("-inf"))
