@@ -41,7 +41,7 @@ from ldm.errors import UsageError
 PRECISIONS = ("auto", "fp32", "bf16")
 MIN_GAIN = 1.1        # a candidate other than fp32 + sdpa must be this much faster to be chosen
 DROP_FACTOR = 2.0     # a candidate this much slower than the fastest after one round is timed no further
-PROBE_VERSION = 5     # part of the cache key: choices made by older probes or kernels are measured again
+PROBE_VERSION = 6     # part of the cache key: choices made by older probes or kernels are measured again
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
