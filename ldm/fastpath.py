@@ -335,7 +335,6 @@ def choose(setting: str, workload: dict[str, Any], run: Callable[[FastPath], Non
                 break
         if pick(trials[-1]) != choice:
             choice = REFERENCE
-    confirm = trials[0] if trials else None
     if log:
         log(f"fast path: {choice.name} (" + ", ".join(f"{n} {1e3 * s:.0f} ms" for n, s in times.items())
             + "".join(f"; {word} {', '.join(f'{n} {1e3 * s:.0f} ms' for n, s in trial.items())}"
@@ -345,8 +344,8 @@ def choose(setting: str, workload: dict[str, Any], run: Callable[[FastPath], Non
                       for n in times if n not in fitting)
             + "".join(f"; {n} failed here ({m['error']})" for n, m in measured.items() if "error" in m) + ")")
     if use_cache:
-        _write_cache(path, key, {"choice": choice.name, "seconds": times, "confirmation": confirm,
-                                 "third_trial": trials[1] if len(trials) > 1 else None, "metric": metric,
+        _write_cache(path, key, {"choice": choice.name, "seconds": times, "confirmation": (trials or [None])[0],
+                                 "third_trial": (trials[1:] or [None])[0], "metric": metric,
                                  "measured": measured, "peak_bytes": peaks,
                                  "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **key_data})
     return choice

@@ -20,6 +20,14 @@ TINY = UNetConfig(model_channels=8, channel_mult=(1, 2), num_res_blocks=1, atten
                   head_dim=4, context_dim=6, num_groups=4)
 
 
+@pytest.fixture
+def fast_bf16_cpu(tmp_path, monkeypatch):
+    """A fresh fast-path cache, the "auto" setting, and a CPU whose bf16 kernels are 2x fp32's (so bf16 is timed)."""
+    monkeypatch.setenv("LDM_FASTPATH_CACHE", str(tmp_path / "fp.json"))
+    monkeypatch.delenv("LDM_PRECISION", raising=False)
+    monkeypatch.setattr(fastpath, "bf16_kernel_speedup", lambda device: 2.0)
+
+
 def _inputs(batch: int = 3, dim: int = 12, tokens: int = 5, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, tokens, dim, generator=g), torch.randn(batch, 4, 7, generator=g)
@@ -236,10 +244,7 @@ def test_pick_keeps_fp32_unless_another_path_is_clearly_faster():
     assert fastpath.pick({"bf16-sdpa": 0.8, "bf16-math": 0.9}) == fastpath.FastPath("bf16", "sdpa")  # no fp32 timed
 
 
-def test_choose_measures_once_then_reads_the_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("LDM_FASTPATH_CACHE", str(tmp_path / "fp.json"))
-    monkeypatch.delenv("LDM_PRECISION", raising=False)
-    monkeypatch.setattr(fastpath, "bf16_kernel_speedup", lambda device: 2.0)  # a CPU with fast bf16
+def test_choose_measures_once_then_reads_the_cache(fast_bf16_cpu, tmp_path):
     calls: list[str] = []
     speed = {"fp32-sdpa": 3e-3, "fp32-math": 2.5e-3, "bf16-sdpa": 2e-3, "bf16-math": 1e-4, "mixed-sdpa": 2e-3,
              "mixed-math": 1e-3, "pure-bf16-sdpa": 2e-3}
@@ -268,10 +273,7 @@ def test_choose_measures_once_then_reads_the_cache(tmp_path, monkeypatch):
     assert fastpath.choose("auto", {**workload, "x": [4, 4, 8, 8]}, run, rounds=1) == choice and calls  # new shape
 
 
-def test_a_winner_the_second_trial_does_not_confirm_is_not_chosen(tmp_path, monkeypatch):
-    monkeypatch.setenv("LDM_FASTPATH_CACHE", str(tmp_path / "fp.json"))
-    monkeypatch.delenv("LDM_PRECISION", raising=False)
-    monkeypatch.setattr(fastpath, "bf16_kernel_speedup", lambda device: 2.0)
+def test_a_winner_the_second_trial_does_not_confirm_is_not_chosen(fast_bf16_cpu, tmp_path):
     calls: list[str] = []
     first = {"fp32-sdpa": 1.5e-3, "fp32-math": 6e-3, "bf16-sdpa": 6e-3, "bf16-math": 6e-3, "mixed-sdpa": 1e-3,
              "mixed-math": 6e-3, "pure-bf16-sdpa": 6e-3}
@@ -294,10 +296,7 @@ def test_a_winner_the_second_trial_does_not_confirm_is_not_chosen(tmp_path, monk
     assert entry["third_trial"]["mixed-sdpa"] > entry["third_trial"]["fp32-sdpa"]
 
 
-def test_where_the_first_two_trials_disagree_a_third_decides(tmp_path, monkeypatch):
-    monkeypatch.setenv("LDM_FASTPATH_CACHE", str(tmp_path / "fp.json"))
-    monkeypatch.delenv("LDM_PRECISION", raising=False)
-    monkeypatch.setattr(fastpath, "bf16_kernel_speedup", lambda device: 2.0)
+def test_where_the_first_two_trials_disagree_a_third_decides(fast_bf16_cpu, tmp_path):
     calls: list[str] = []
     speed = {"fp32-sdpa": 3e-3, "fp32-math": 6e-3, "bf16-sdpa": 6e-3, "bf16-math": 2e-3, "mixed-sdpa": 6e-3,
              "mixed-math": 6e-3, "pure-bf16-sdpa": 6e-3}
@@ -317,10 +316,7 @@ def test_where_the_first_two_trials_disagree_a_third_decides(tmp_path, monkeypat
     assert entry["choice"] == "bf16-math" and entry["confirmation"]["bf16-math"] > entry["confirmation"]["fp32-sdpa"]
 
 
-def test_a_faster_path_that_needs_more_memory_than_fp32_is_not_taken(tmp_path, monkeypatch):
-    monkeypatch.setenv("LDM_FASTPATH_CACHE", str(tmp_path / "fp.json"))
-    monkeypatch.delenv("LDM_PRECISION", raising=False)
-    monkeypatch.setattr(fastpath, "bf16_kernel_speedup", lambda device: 2.0)
+def test_a_faster_path_that_needs_more_memory_than_fp32_is_not_taken(fast_bf16_cpu, tmp_path):
     speed = {"fp32-sdpa": 4e-3, "fp32-math": 4e-3, "bf16-sdpa": 3e-3, "bf16-math": 2e-3, "mixed-sdpa": 4e-3,
              "mixed-math": 4e-3, "pure-bf16-sdpa": 1e-3}
     peak = {"fp32-sdpa": 1000, "pure-bf16-sdpa": 1500, "bf16-math": 700, "bf16-sdpa": 900}
@@ -353,10 +349,7 @@ def test_forward_memory_counts_the_weight_copy_of_the_whole_bf16_path():
     assert 0 < fp32 < copy_bytes <= pure  # batch 1: the copy outweighs every activation of the fp32 forward
 
 
-def test_a_candidate_that_fails_on_this_device_is_not_chosen(tmp_path, monkeypatch):
-    monkeypatch.setenv("LDM_FASTPATH_CACHE", str(tmp_path / "fp.json"))
-    monkeypatch.delenv("LDM_PRECISION", raising=False)
-    monkeypatch.setattr(fastpath, "bf16_kernel_speedup", lambda device: 2.0)
+def test_a_candidate_that_fails_on_this_device_is_not_chosen(fast_bf16_cpu, tmp_path):
     calls: list[str] = []
 
     def run(c: fastpath.FastPath) -> None:  # the bf16 kernels "do not exist" here; they would have been fastest
@@ -454,12 +447,9 @@ def test_pipeline_runs_the_precision_it_is_asked_for(tmp_path, monkeypatch):
     assert (bf16 - fp32).abs().max() < 0.1
 
 
-def test_generate_says_when_it_measures_the_fast_path_and_is_quiet_once_cached(tmp_path, monkeypatch, capsys):
+def test_generate_says_when_it_measures_the_fast_path_and_is_quiet_once_cached(fast_bf16_cpu, tmp_path, capsys):
     from tiny_parts import tiny_pipeline
 
-    monkeypatch.setenv("LDM_FASTPATH_CACHE", str(tmp_path / "fp.json"))
-    monkeypatch.delenv("LDM_PRECISION", raising=False)
-    monkeypatch.setattr(fastpath, "bf16_kernel_speedup", lambda device: 2.0)
     pipe = tiny_pipeline()
     pipe.generate(["a red circle"], steps=2, progress=True, precision="auto")
     err = capsys.readouterr().err
