@@ -33,6 +33,7 @@ def test_tiny_bench_writes_every_row_and_the_markdown_page(tmp_path, capsys):
     assert denoiser == {f"{kind} {name} b2" for kind in ("train step", "forward") for name in ("shapes", "mid")}
     assert len(by_group["vae"]) == 2 and len(by_group["generate"]) == 2 and len(by_group["data"]) == 2
     assert by_group["compile"] == []  # --tiny skips compiling
+    assert [r["row"] for r in by_group["scaling"] if "batch" in r] == [f"train step shapes b{b}" for b in (1, 2, 4)]
     switches = {r["row"].split(" (")[0] for r in by_group["fastpath"]}
     assert {"bf16 autocast vs fp32", "fused QKV", "channels_last", "attention math vs sdpa, bf16",
             "inference_mode vs no_grad", "mask check once per tensor vs every call", "text work once per run",
@@ -125,3 +126,53 @@ def test_round_range_pairs_the_rounds_of_both_sides():
 def test_denoiser_rows_print_without_the_kernels_group(tmp_path, capsys):
     assert ldm_main(["bench", "--tiny", "--only", "denoiser", "--out", str(tmp_path / "b.json")]) == 0
     assert "no peak measured: add the kernels group" in capsys.readouterr().out
+
+
+def test_fit_line_recovers_an_exact_line_and_needs_two_batches():
+    from ldm.bench.scaling import fit_line, scaling_batches
+
+    fixed, per = fit_line([8, 16, 32, 64], [0.05 + 0.002 * b for b in (8, 16, 32, 64)])
+    assert fixed == pytest.approx(0.05, abs=1e-12) and per == pytest.approx(0.002, abs=1e-14)
+    assert fit_line([1, 3], [1.0, 2.0]) == pytest.approx((0.5, 0.5))
+    with pytest.raises(ValueError, match="two different batch sizes"):
+        fit_line([4, 4], [1.0, 2.0])
+    assert scaling_batches(32) == [8, 16, 32, 64] and scaling_batches(2) == [1, 2, 4]
+
+
+def _stub_interleaved(line):
+    """An ``interleaved`` whose medians follow ``line(name, batch)`` exactly (the batch read off the contender)."""
+    def interleaved(fns, rounds=5, warmup=1, device="cpu"):
+        out = {}
+        for name, fn in fns.items():
+            t = line(name, fn.__self__.data["x"].shape[0])
+            out[name] = {"wall_s": t, "wall_min_s": t, "cpu_s": t, "wall_rounds": [t]}
+        return out
+    return interleaved
+
+
+def test_scaling_rows_split_each_sides_step_into_fixed_and_per_image_time(monkeypatch):
+    import ldm.bench.measure as measure
+    from ldm.bench.scaling import scaling_rows
+    from ldm.bench.suite import Settings
+
+    fixed = {"ours": 0.040, "ours fp32": 0.035, "diffusers": 0.045}
+    per = {"ours": 0.002, "ours fp32": 0.003, "diffusers": 0.0035}
+    monkeypatch.setattr(measure, "interleaved", _stub_interleaved(lambda n, b: fixed[n] + per[n] * b))
+    rows = scaling_rows(Settings.tiny_run(), {})
+    assert [r["row"] for r in rows] == ["train step shapes b1", "train step shapes b2", "train step shapes b4",
+                                        "train step shapes, per image (fit over b1-b4)"]
+    b4 = rows[2]
+    assert b4["ours"] == pytest.approx(4 / 0.048) and b4["speedup"] == pytest.approx(0.059 / 0.048)
+    assert b4["same_precision_speedup"] == pytest.approx(0.059 / 0.047) and b4["note"] == ""
+    fit = rows[-1]
+    assert fit["unit"] == "ms/img" and fit["ours"] == pytest.approx(2.0) and fit["reference"] == pytest.approx(3.5)
+    assert fit["speedup"] == pytest.approx(1.75)
+    assert fit["fixed_s"] == pytest.approx(fixed) and fit["per_image_s"] == pytest.approx(per)
+    assert fit["note"] == ("fixed per step (any batch): ours 40 ms (in fp32 35), diffusers 45 ms; "
+                           "per image both fp32: 1.17x")
+
+    shrinking = _stub_interleaved(lambda n, b: 0.05 - 0.001 * b if n == "ours" else fixed[n] + per[n] * b)
+    monkeypatch.setattr(measure, "interleaved", shrinking)  # faster with more images: noise, no split to show
+    rows = scaling_rows(Settings.tiny_run(), {})
+    assert len(rows) == 3
+    assert rows[-1]["note"] == "no fit: the step time did not grow with the batch on every side (noise)"

@@ -14,6 +14,8 @@ Groups (each row: ours and the reference at the same config and weights, the wei
   and for the forward the model FLOPs, GFLOP/s and percent of the kernels' peak. Ours runs its defaults
   (the fast path ``ldm.fastpath`` chooses for this machine), diffusers its own (fp32); the same-precision
   ratio is in the JSON too;
+* ``scaling``: the shapes training step at a quarter, half, one and two times the batch, and each side's step time
+  fitted to ``fixed + per_image * batch`` (``ldm.bench.scaling``): what the batch costs and what every step pays;
 * ``vae``: encode / decode img/s vs diffusers' ``AutoencoderKL`` at the SD-compatible shapes geometry (32 px)
   and at the SD kl-f8 geometry (64 px);
 * ``generate``: end-to-end latency per image (tokenizer, text encoder, 20 DDIM steps with CFG, VAE decode) of
@@ -59,6 +61,7 @@ from ldm.bench.measure import (
     run_context,
     timed,
 )
+from ldm.bench.scaling import scaling_rows
 from ldm.conditioning import Conditioning
 from ldm.fastpath import (
     REFERENCE,
@@ -72,7 +75,7 @@ from ldm.fastpath import (
 from ldm.modules.unet import UNet, UNetConfig
 from ldm.table import format_table
 
-GROUPS = ("kernels", "denoiser", "vae", "generate", "data", "fastpath", "compile")
+GROUPS = ("kernels", "denoiser", "scaling", "vae", "generate", "data", "fastpath", "compile")
 
 
 @dataclass
@@ -642,7 +645,8 @@ def compile_rows(s: Settings, ctx: dict) -> list[dict[str, Any]]:
 
 
 RUNNERS: dict[str, Callable[[Settings, dict], list[dict[str, Any]]]] = {
-    "kernels": kernel_rows, "denoiser": denoiser_rows, "vae": vae_rows, "generate": generation_rows,
+    "kernels": kernel_rows, "denoiser": denoiser_rows, "scaling": scaling_rows, "vae": vae_rows,
+    "generate": generation_rows,
     "data": data_rows, "fastpath": fastpath_rows, "compile": compile_rows}
 
 
