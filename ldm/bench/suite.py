@@ -646,8 +646,7 @@ def compile_rows(s: Settings, ctx: dict) -> list[dict[str, Any]]:
 
 RUNNERS: dict[str, Callable[[Settings, dict], list[dict[str, Any]]]] = {
     "kernels": kernel_rows, "denoiser": denoiser_rows, "scaling": scaling_rows, "vae": vae_rows,
-    "generate": generation_rows,
-    "data": data_rows, "fastpath": fastpath_rows, "compile": compile_rows}
+    "generate": generation_rows, "data": data_rows, "fastpath": fastpath_rows, "compile": compile_rows}
 
 
 def benchmark(groups: Sequence[str] | None = None, settings: Settings | None = None,
