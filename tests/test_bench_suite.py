@@ -33,7 +33,8 @@ def test_tiny_bench_writes_every_row_and_the_markdown_page(tmp_path, capsys):
     assert denoiser == {f"{kind} {name} b2" for kind in ("train step", "forward") for name in ("shapes", "mid")}
     assert len(by_group["vae"]) == 2 and len(by_group["generate"]) == 2 and len(by_group["data"]) == 2
     assert by_group["compile"] == []  # --tiny skips compiling
-    assert [r["row"] for r in by_group["scaling"] if "batch" in r] == [f"train step shapes b{b}" for b in (1, 2, 4)]
+    assert [r["row"] for r in by_group["scaling"] if "batch" in r] == [f"{kind} shapes b{b}" for kind in
+                                                                       ("train step", "forward") for b in (1, 2, 4)]
     switches = {r["row"].split(" (")[0] for r in by_group["fastpath"]}
     assert {"bf16 autocast vs fp32", "fused QKV", "channels_last", "attention math vs sdpa, bf16",
             "inference_mode vs no_grad", "mask check once per tensor vs every call", "text work once per run",
@@ -140,39 +141,52 @@ def test_fit_line_recovers_an_exact_line_and_needs_two_batches():
 
 
 def _stub_interleaved(line):
-    """An ``interleaved`` whose medians follow ``line(name, batch)`` exactly (the batch read off the contender)."""
+    """An ``interleaved`` whose medians follow ``line(side, kind, batch)`` exactly (kind and batch read off the bound
+    Contender method)."""
     def interleaved(fns, rounds=5, warmup=1, device="cpu"):
         out = {}
         for name, fn in fns.items():
-            t = line(name, fn.__self__.data["x"].shape[0])
+            t = line(name, fn.__name__, fn.__self__.data["x"].shape[0])
             out[name] = {"wall_s": t, "wall_min_s": t, "cpu_s": t, "wall_rounds": [t]}
         return out
     return interleaved
 
 
-def test_scaling_rows_split_each_sides_step_into_fixed_and_per_image_time(monkeypatch):
+def test_scaling_rows_split_each_sides_time_into_fixed_and_per_image_parts(monkeypatch):
     import ldm.bench.measure as measure
     from ldm.bench.scaling import scaling_rows
-    from ldm.bench.suite import Settings
+    from ldm.bench.suite import Settings, denoiser_configs, denoiser_flops, make_batch, our_unet
 
     fixed = {"ours": 0.040, "ours fp32": 0.035, "diffusers": 0.045}
     per = {"ours": 0.002, "ours fp32": 0.003, "diffusers": 0.0035}
-    monkeypatch.setattr(measure, "interleaved", _stub_interleaved(lambda n, b: fixed[n] + per[n] * b))
-    rows = scaling_rows(Settings.tiny_run(), {})
-    assert [r["row"] for r in rows] == ["train step shapes b1", "train step shapes b2", "train step shapes b4",
-                                        "train step shapes, per image (fit over b1-b4)"]
+    line = {"train": lambda n, b: fixed[n] + per[n] * b, "forward": lambda n, b: (fixed[n] + per[n] * b) / 4}
+    monkeypatch.setattr(measure, "interleaved", _stub_interleaved(lambda n, kind, b: line[kind](n, b)))
+    s = Settings.tiny_run()
+    rows = scaling_rows(s, {"peak": {"peak_gflops": {"float32": 100.0}}})
+    assert [r["row"] for r in rows] == [f"{kind} shapes b{b}" for kind in ("train step",) for b in (1, 2, 4)] + [
+        "train step shapes, per image (fit over b1-b4)"] + [f"forward shapes b{b}" for b in (1, 2, 4)] + [
+        "forward shapes, per image (fit over b1-b4)"]
     b4 = rows[2]
     assert b4["ours"] == pytest.approx(4 / 0.048) and b4["speedup"] == pytest.approx(0.059 / 0.048)
     assert b4["same_precision_speedup"] == pytest.approx(0.059 / 0.047) and b4["note"] == ""
-    fit = rows[-1]
+    fit = rows[3]
     assert fit["unit"] == "ms/img" and fit["ours"] == pytest.approx(2.0) and fit["reference"] == pytest.approx(3.5)
-    assert fit["speedup"] == pytest.approx(1.75)
+    assert fit["speedup"] == pytest.approx(1.75) and "per_image_gflops" not in fit
     assert fit["fixed_s"] == pytest.approx(fixed) and fit["per_image_s"] == pytest.approx(per)
     assert fit["note"] == ("fixed per step (any batch): ours 40 ms (in fp32 35), diffusers 45 ms; "
                            "per image both fp32: 1.17x")
+    forward = rows[7]  # a quarter of each time: the same ratios, and the arithmetic rate of the per-image part
+    config, size = denoiser_configs(s)["shapes"]
+    gflop = denoiser_flops(our_unet(config), make_batch(config, s.batch, size, s.tokens, "cpu")) / s.batch / 1e9
+    assert forward["ours"] == pytest.approx(0.5) and forward["speedup"] == pytest.approx(1.75)
+    assert forward["per_image_gflops"] == pytest.approx(gflop / 0.0005)
+    assert forward["per_image_pct_fp32_peak"] == pytest.approx(gflop / 0.0005 / 100.0)
+    assert forward["note"].startswith("fixed per call (any batch): ours 10 ms (in fp32 9), diffusers 11 ms; ")
+    assert forward["note"].endswith(f"at {gflop / 0.0005:.0f} GFLOP/s = {gflop / 0.0005:.0f} % of the fp32 peak")
 
-    shrinking = _stub_interleaved(lambda n, b: 0.05 - 0.001 * b if n == "ours" else fixed[n] + per[n] * b)
-    monkeypatch.setattr(measure, "interleaved", shrinking)  # faster with more images: noise, no split to show
-    rows = scaling_rows(Settings.tiny_run(), {})
-    assert len(rows) == 3
-    assert rows[-1]["note"] == "no fit: the step time did not grow with the batch on every side (noise)"
+    shrinking = lambda n, kind, b: 0.05 - 0.001 * b if n == "ours" else line[kind](n, b)  # noqa: E731
+    monkeypatch.setattr(measure, "interleaved", _stub_interleaved(shrinking))  # faster with more images: noise
+    rows = scaling_rows(s, {})
+    assert [r["row"] for r in rows] == [f"{kind} shapes b{b}" for kind in ("train step", "forward") for b in (1, 2, 4)]
+    assert [r["note"] for r in rows if r["note"]] == [
+        "no fit: the time did not grow with the batch on every side (noise)"] * 2

@@ -1,17 +1,16 @@
-"""The ``scaling`` group of ``ldm bench``: the shapes training step at four batch sizes, ours beside diffusers, and
-each side's step time split into what grows with the batch and what does not.
+"""The ``scaling`` group of ``ldm bench``: the shapes training step and forward at four batch sizes, ours beside
+diffusers, and each side's time split into what grows with the batch and what does not.
 
 Per side the medians of the interleaved rounds are fitted by least squares to ``time(b) = fixed + per_image * b``
 over the batches (``b/4, b/2, b, 2b`` of the run's ``--batch``: 8-64 by default). ``per_image`` is the arithmetic
-the batch brings (convolutions, GEMMs, elementwise work over more pixels); ``fixed`` is what every step pays whatever
-its batch: the 13,000-16,000 operator calls (views included) of a shapes forward + backward + AdamW (dispatch, oneDNN
-primitive set-up and weight reorders, allocation, OpenMP fork/join) and the optimizer's pass over the weights. A
-speedup that grows with the batch says the fixed part, the same library calls on both sides, is what holds the ratio
-down at the small batch.
-At every batch ours runs the fast path ``ldm.fastpath`` chooses for the training step at the run's ``--batch`` (the
-denoiser row's choice), diffusers fp32; ``ours fp32`` gives the same-precision ratio.
+the batch brings (convolutions, GEMMs, elementwise work over more pixels); ``fixed`` is what every call pays whatever
+its batch: the 13,000-16,000 operator calls (views included) of a shapes training step (dispatch, oneDNN primitive
+set-up and weight reorders, allocation, OpenMP fork/join) and the optimizer's pass over the weights. A speedup that
+grows with the batch says the fixed part, the same library calls on both sides, is what holds the ratio down at the
+small batch; for the forward the per-image part's GFLOP/s is set against the kernels' peak (the forward goal's
+measure without the fixed part). At every batch ours runs the fast path ``ldm.fastpath`` chooses at the run's
+``--batch`` (the denoiser rows' choices), diffusers fp32; ``ours fp32`` gives the same-precision ratio.
 """
-
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -41,53 +40,86 @@ def scaling_batches(batch: int) -> list[int]:
 
 
 def scaling_rows(s: Settings, ctx: dict) -> list[dict[str, Any]]:
-    """One row per batch (img/s, speedup vs diffusers) and the fit's row (ms per image, the fixed ms in the note)."""
-    from ldm.bench.measure import interleaved, round_range
+    """Per kind (training step, forward): one row per batch (img/s, speedup vs diffusers) and the fit's row (ms per
+    image; the fixed ms, and for the forward the per-image part's GFLOP/s against the kernels' peak, in the note)."""
+    from ldm.bench.measure import interleaved
     from ldm.bench.suite import (
         Contender,
         denoiser_configs,
+        denoiser_flops,
         diffusers_call,
         make_batch,
         ours_call,
-        ratio,
         unet_pair,
     )
-    from ldm.fastpath import REFERENCE, choose, denoiser_workload, train_step_probe
+    from ldm.fastpath import REFERENCE, choose, denoiser_workload, forward_memory, forward_probe, train_step_probe
 
     config, size = denoiser_configs(s)["shapes"]
     ours, theirs = unet_pair(config, s.device)
     probe = make_batch(config, s.batch, size, s.tokens, s.device)
-    fast = choose("auto", denoiser_workload(ours, probe["x"], probe["cond"], "train"),
-                  train_step_probe(ours, probe["x"], probe["t"], probe["cond"]), s.device)
+    x, t, cond = probe["x"], probe["t"], probe["cond"]
+    paths = {"train step": choose("auto", denoiser_workload(ours, x, cond, "train"),
+                                  train_step_probe(ours, x, t, cond), s.device),
+             "forward": choose("auto", denoiser_workload(ours, x, cond, "sample"),
+                               forward_probe(ours.eval(), x, t, cond), s.device,
+                               memory=forward_memory(ours, x, t, cond, s.device))}
     opt = torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=True)
     their_opt = torch.optim.AdamW(theirs.parameters(), lr=1e-4, fused=True)
     batches = scaling_batches(s.batch)
-    medians: dict[str, list[float]] = {"ours": [], "ours fp32": [], "diffusers": []}
-    rows = []
+    times: dict[str, list[dict[str, Any]]] = {kind: [] for kind in paths}
     for b in batches:
         data = make_batch(config, b, size, s.tokens, s.device)
-        sides = {"ours": Contender(ours, ours_call, data, fast, s.device, opt),
-                 "ours fp32": Contender(ours, ours_call, data, REFERENCE, s.device, opt),
-                 "diffusers": Contender(theirs, diffusers_call, data, REFERENCE, s.device, their_opt)}
-        times = interleaved({k: c.train for k, c in sides.items()}, s.rounds, s.warmup, s.device)
-        for k in medians:
-            medians[k].append(times[k]["wall_s"])
-        rows.append({"group": "scaling", "row": f"train step shapes b{b}", "unit": "img/s",
-                     "ours": b / times["ours"]["wall_s"], "reference": b / times["diffusers"]["wall_s"],
-                     "speedup": ratio(times["diffusers"]["wall_s"], times["ours"]["wall_s"]),
-                     "speedup_range": round_range(times["diffusers"], times["ours"]),
-                     "cpu_speedup": ratio(times["diffusers"]["cpu_s"], times["ours"]["cpu_s"]),
-                     "same_precision_speedup": ratio(times["diffusers"]["wall_s"], times["ours fp32"]["wall_s"]),
-                     "ran_as": fast.name, "times": times, "batch": b, "note": ""})
-    fits = {k: fit_line(batches, v) for k, v in medians.items()}
-    if min(f[1] for f in fits.values()) <= 0:  # a time that does not grow with the batch: noise, no split to show
-        rows[-1]["note"] = "no fit: the step time did not grow with the batch on every side (noise)"
-        return rows
-    (fixed, per), (fixed_ref, per_ref), (fixed_fp32, per_fp32) = fits["ours"], fits["diffusers"], fits["ours fp32"]
-    rows.append({"group": "scaling", "row": f"train step shapes, per image (fit over b{batches[0]}-b{batches[-1]})",
-                 "unit": "ms/img", "ours": per * 1e3, "reference": per_ref * 1e3, "speedup": per_ref / per,
-                 "ran_as": fast.name, "fixed_s": {k: f[0] for k, f in fits.items()},
-                 "per_image_s": {k: f[1] for k, f in fits.items()},
-                 "note": f"fixed per step (any batch): ours {fixed * 1e3:.0f} ms (in fp32 {fixed_fp32 * 1e3:.0f}), "
-                         f"diffusers {fixed_ref * 1e3:.0f} ms; per image both fp32: {per_ref / per_fp32:.2f}x"})
+        for kind, fast in paths.items():
+            sides = {"ours": Contender(ours, ours_call, data, fast, s.device, opt),
+                     "ours fp32": Contender(ours, ours_call, data, REFERENCE, s.device, opt),
+                     "diffusers": Contender(theirs, diffusers_call, data, REFERENCE, s.device, their_opt)}
+            calls = {k: c.train if kind == "train step" else c.forward for k, c in sides.items()}
+            times[kind].append(interleaved(calls, s.rounds, s.warmup, s.device))
+    gflop_per_img = denoiser_flops(ours, probe) / s.batch / 1e9
+    peak = ctx.get("peak", {}).get("peak_gflops", {}).get("float32")
+    rows = []
+    for kind, fast in paths.items():
+        kind_rows = [_batch_row(kind, b, times_b, fast.name) for b, times_b in zip(batches, times[kind], strict=True)]
+        fit = _fit_row(kind, batches, times[kind], fast.name, gflop_per_img if kind == "forward" else None, peak)
+        if fit is None:
+            kind_rows[-1]["note"] = "no fit: the time did not grow with the batch on every side (noise)"
+        rows += kind_rows + ([fit] if fit else [])
     return rows
+
+
+def _batch_row(kind: str, batch: int, times: dict[str, Any], ran_as: str) -> dict[str, Any]:
+    from ldm.bench.measure import round_range
+    from ldm.bench.suite import ratio
+
+    return {"group": "scaling", "row": f"{kind} shapes b{batch}", "unit": "img/s",
+            "ours": batch / times["ours"]["wall_s"], "reference": batch / times["diffusers"]["wall_s"],
+            "speedup": ratio(times["diffusers"]["wall_s"], times["ours"]["wall_s"]),
+            "speedup_range": round_range(times["diffusers"], times["ours"]),
+            "cpu_speedup": ratio(times["diffusers"]["cpu_s"], times["ours"]["cpu_s"]),
+            "same_precision_speedup": ratio(times["diffusers"]["wall_s"], times["ours fp32"]["wall_s"]),
+            "ran_as": ran_as, "times": times, "batch": batch, "note": ""}
+
+
+def _fit_row(kind: str, batches: list[int], times: list[dict[str, Any]], ran_as: str,
+             gflop_per_img: float | None, peak_gflops: float | None) -> dict[str, Any] | None:
+    """The fit's row of one kind; None when some side's time did not grow with the batch (noise: nothing to split)."""
+    fits = {side: fit_line(batches, [t[side]["wall_s"] for t in times]) for side in ("ours", "ours fp32", "diffusers")}
+    if min(per for _, per in fits.values()) <= 0:
+        return None
+    (fixed, per), (fixed_ref, per_ref), (fixed_fp32, per_fp32) = fits["ours"], fits["diffusers"], fits["ours fp32"]
+    call = "step" if kind == "train step" else "call"
+    note = (f"fixed per {call} (any batch): ours {fixed * 1e3:.0f} ms (in fp32 {fixed_fp32 * 1e3:.0f}), diffusers "
+            f"{fixed_ref * 1e3:.0f} ms; per image both fp32: {per_ref / per_fp32:.2f}x")
+    row: dict[str, Any] = {"group": "scaling", "unit": "ms/img",
+                           "row": f"{kind} shapes, per image (fit over b{batches[0]}-b{batches[-1]})",
+                           "ours": per * 1e3, "reference": per_ref * 1e3, "speedup": per_ref / per, "ran_as": ran_as,
+                           "fixed_s": {k: f[0] for k, f in fits.items()},
+                           "per_image_s": {k: f[1] for k, f in fits.items()}}
+    if gflop_per_img is not None:
+        row["per_image_gflops"] = gflop_per_img / per
+        note += f"; the per-image part at {row['per_image_gflops']:.0f} GFLOP/s"
+        if peak_gflops:
+            row["per_image_pct_fp32_peak"] = row["per_image_gflops"] / peak_gflops
+            note += f" = {100 * row['per_image_pct_fp32_peak']:.0f} % of the fp32 peak"
+    row["note"] = note
+    return row

@@ -14,8 +14,8 @@ Groups (each row: ours and the reference at the same config and weights, the wei
   and for the forward the model FLOPs, GFLOP/s and percent of the kernels' peak. Ours runs its defaults
   (the fast path ``ldm.fastpath`` chooses for this machine), diffusers its own (fp32); the same-precision
   ratio is in the JSON too;
-* ``scaling``: the shapes training step at a quarter, half, one and two times the batch, and each side's step time
-  fitted to ``fixed + per_image * batch`` (``ldm.bench.scaling``): what the batch costs and what every step pays;
+* ``scaling``: the shapes training step and forward at a quarter, half, one and two times the batch, and each side's
+  time fitted to ``fixed + per_image * batch`` (``ldm.bench.scaling``): what the batch costs and what every call pays;
 * ``vae``: encode / decode img/s vs diffusers' ``AutoencoderKL`` at the SD-compatible shapes geometry (32 px)
   and at the SD kl-f8 geometry (64 px);
 * ``generate``: end-to-end latency per image (tokenizer, text encoder, 20 DDIM steps with CFG, VAE decode) of
