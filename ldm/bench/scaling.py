@@ -45,6 +45,7 @@ def scaling_rows(s: Settings, ctx: dict) -> list[dict[str, Any]]:
     from ldm.bench.measure import interleaved
     from ldm.bench.suite import (
         Contender,
+        default_paths,
         denoiser_configs,
         denoiser_flops,
         diffusers_call,
@@ -52,17 +53,12 @@ def scaling_rows(s: Settings, ctx: dict) -> list[dict[str, Any]]:
         ours_call,
         unet_pair,
     )
-    from ldm.fastpath import REFERENCE, choose, denoiser_workload, forward_memory, forward_probe, train_step_probe
+    from ldm.fastpath import REFERENCE
 
     config, size = denoiser_configs(s)["shapes"]
     ours, theirs = unet_pair(config, s.device)
     probe = make_batch(config, s.batch, size, s.tokens, s.device)
-    x, t, cond = probe["x"], probe["t"], probe["cond"]
-    paths = {"train step": choose("auto", denoiser_workload(ours, x, cond, "train"),
-                                  train_step_probe(ours, x, t, cond), s.device),
-             "forward": choose("auto", denoiser_workload(ours, x, cond, "sample"),
-                               forward_probe(ours.eval(), x, t, cond), s.device,
-                               memory=forward_memory(ours, x, t, cond, s.device))}
+    paths = dict(zip(("train step", "forward"), default_paths(ours, probe, s.device), strict=True))
     opt = torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=True)
     their_opt = torch.optim.AdamW(theirs.parameters(), lr=1e-4, fused=True)
     batches = scaling_batches(s.batch)

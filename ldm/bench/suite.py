@@ -243,16 +243,22 @@ def kernel_rows(s: Settings, ctx: dict) -> list[dict[str, Any]]:
     return rows
 
 
+def default_paths(model: torch.nn.Module, data: dict, device: str) -> tuple[FastPath, FastPath]:
+    """The fast paths ``ldm.fastpath`` chooses for ``model`` on ``data``: (training step, forward under the memory
+    rule), as the defaults would run them."""
+    x, t, cond = data["x"], data["t"], data["cond"]
+    train = choose("auto", denoiser_workload(model, x, cond, "train"), train_step_probe(model, x, t, cond), device)
+    forward = choose("auto", denoiser_workload(model, x, cond, "sample"), forward_probe(model.eval(), x, t, cond),
+                     device, memory=forward_memory(model, x, t, cond, device))
+    return train, forward
+
+
 def denoiser_rows(s: Settings, ctx: dict) -> list[dict[str, Any]]:
     rows = []
     for name, (config, size) in denoiser_configs(s).items():
         ours, theirs = unet_pair(config, s.device)
         data = make_batch(config, s.batch, size, s.tokens, s.device)
-        fast_train = choose("auto", denoiser_workload(ours, data["x"], data["cond"], "train"),
-                            train_step_probe(ours, data["x"], data["t"], data["cond"]), s.device)
-        fast_fwd = choose("auto", denoiser_workload(ours, data["x"], data["cond"], "sample"),
-                          forward_probe(ours.eval(), data["x"], data["t"], data["cond"]), s.device,
-                          memory=forward_memory(ours, data["x"], data["t"], data["cond"], s.device))
+        fast_train, fast_fwd = default_paths(ours, data, s.device)
         opt = torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=True)
         c = {"ours": Contender(ours, ours_call, data, fast_train, s.device, opt),
              "ours fp32": Contender(ours, ours_call, data, REFERENCE, s.device, opt),
