@@ -49,7 +49,9 @@ CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 class FastPath:
     """One way to run a model: ``precision`` "fp32" | "bf16" (autocast everywhere) | "mixed" (autocast in the
     attention blocks only: linears and attention in bf16, convolutions in fp32) | "pure-bf16" (sampling only: the
-    whole denoiser in bfloat16, :class:`BFloat16Denoiser`, made by :meth:`prepare`) and the ``attention`` kernel."""
+    whole denoiser in bfloat16, :class:`BFloat16Denoiser`, made by :meth:`prepare`) | "ambient" (whatever autocast
+    is in force around the call, e.g. a Lightning Trainer's bf16-mixed: left as it is, never measured) and the
+    ``attention`` kernel."""
 
     precision: str = "fp32"
     attention: str = "sdpa"
@@ -69,8 +71,9 @@ class FastPath:
         from ldm.modules.attention import attention_backend, transformer_autocast
 
         device_type = torch.device(device).type
-        with attention_backend(self.attention), torch.autocast(device_type, torch.bfloat16,
-                                                                enabled=self.precision == "bf16"), \
+        autocast = (contextlib.nullcontext() if self.precision == "ambient"
+                    else torch.autocast(device_type, torch.bfloat16, enabled=self.precision == "bf16"))
+        with attention_backend(self.attention), autocast, \
                 transformer_autocast(torch.bfloat16 if self.precision == "mixed" else None):
             yield
 
@@ -109,6 +112,7 @@ class BFloat16Denoiser(torch.nn.Module):
 
 
 REFERENCE = FastPath("fp32", "sdpa")
+AMBIENT = FastPath("ambient", "sdpa")  # a Trainer's own mixed precision rules (not a candidate: nothing to time)
 CANDIDATES = (REFERENCE, FastPath("fp32", "math"), FastPath("bf16", "sdpa"), FastPath("bf16", "math"),
               FastPath("mixed", "sdpa"), FastPath("mixed", "math"), FastPath("pure-bf16", "sdpa"))
 SAMPLING_ONLY = ("pure-bf16",)  # precisions that keep no fp32 weights: never candidates for a training step

@@ -165,3 +165,27 @@ def test_pooled_conditioning_drops_pooled_with_the_tokens(parts):
     assert torch.equal(dropped_tokens, dropped_pooled) and 0.35 < dropped_pooled.float().mean() < 0.65
     loss = model.training_step(batch, 0)
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_the_trainers_mixed_precision_reaches_the_denoiser(parts, cached):
+    """Under a Trainer's bf16-mixed precision (the GPU overlays' setting) the denoiser runs inside the Trainer's
+    autocast, in training and validation, from image batches (bf16 latents out of the autocast VAE) and from cached
+    fp32 latents alike: the fast path must neither switch that autocast off nor meet bf16 inputs with fp32 weights."""
+    import pytorch_lightning as pl
+
+    model = make_model(parts, sample_every_n_val=0)
+    batch = image_batch()
+    if cached:
+        z0, cond = model.latents_and_conditioning(batch, sample=False)
+        batch = {"latent_mean": z0, "latent_std": torch.zeros_like(z0), "cond": cond}
+    seen = []
+    model.denoiser.register_forward_hook(lambda m, args, out: seen.append((m.training, out.dtype)))
+    trainer = pl.Trainer(accelerator="cpu", devices=1, precision="bf16-mixed", max_steps=2, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=1, num_sanity_val_steps=0, val_check_interval=2)
+    loader = torch.utils.data.DataLoader  # batch_size=None: each item is a whole batch
+    trainer.fit(model, loader([batch] * 2, batch_size=None), loader([batch], batch_size=None))
+    assert trainer.global_step == 2 and model.fast.name == "ambient-sdpa"
+    assert seen[:2] == [(True, torch.bfloat16)] * 2  # the two training steps
+    assert len(seen) > 2 and set(seen[2:]) == {(False, torch.bfloat16)}  # the validation losses

@@ -39,7 +39,7 @@ from ldm.diffusion.objectives import diffusion_loss, offset_noise
 from ldm.diffusion.schedules import build_schedule
 from ldm.diffusion.variance import split_output
 from ldm.errors import UsageError
-from ldm.fastpath import CANDIDATES, REFERENCE, FastPath, check_precision, choose, denoiser_workload, train_step_probe
+from ldm.fastpath import AMBIENT, CANDIDATES, FastPath, check_precision, choose, denoiser_workload, train_step_probe
 from ldm.io import ConfigError, PartError, config_from_dict, load_part, read_json, weights_hash
 from ldm.lora import save_lora
 from ldm.models.base import PartModule
@@ -406,7 +406,8 @@ class LatentDiffusion(PartModule):
         or the hybrid loss of a learned-variance denoiser (likelihood.hybrid_loss)."""
         x_t = self.schedule.q_sample(z0, t, noise)
         x_in, t_in = self.schedule.scale_model_input(x_t, t), t.to(z0.dtype)  # VE: c_in · x_t; VP: x_t
-        fast = self.training_fast_path(x_in, t_in, cond) if self.training and torch.is_grad_enabled() else REFERENCE
+        # evaluation (validation, likelihoods) runs as its caller set it up: under the Trainer's precision, if any
+        fast = self.training_fast_path(x_in, t_in, cond) if self.training and torch.is_grad_enabled() else AMBIENT
         with fast.context(x_t.device):
             out = self.denoiser(x_in, t_in, cond)
         h = self.hparams
@@ -422,7 +423,7 @@ class LatentDiffusion(PartModule):
         if self.fast is None:
             trainer = self._trainer
             if trainer is not None and str(trainer.precision) not in ("32", "32-true"):
-                self.fast = REFERENCE  # the Trainer's own mixed precision is in force
+                self.fast = AMBIENT  # the Trainer's own mixed precision is in force: leave its autocast on
             else:
                 name = None
                 if trainer is None or trainer.is_global_zero:
