@@ -61,7 +61,7 @@ $(call value_stamp,$(TEXT_SOURCE),$(TEXT_ENCODER))
 $(call value_stamp,$(CACHE_STAMP),$(CACHE_ARGS))
 endif
 
-.PHONY: install data train-vae train-clip train-ldm train-lcm train-lcm-lora cache generate adherence fid export-sd demo bench gpu-check lint test test-slow clean
+.PHONY: install data train-vae train-clip train-ldm train-lcm train-lcm-lora cache generate adherence fid export-sd demo bench gpu-check device-wheels lint test test-slow clean
 
 install: $(STAMP)
 
@@ -203,6 +203,11 @@ gpu-check: $(STAMP)
 	$(LDM) bench gpu --steps $(GPU_CHECK_STEPS) --work-dir checkpoints/gpu-check \
 	  --out checkpoints/gpu-check/gpu_check.json $(GPU_CHECK_ARGS)
 	$(PY) -m pytest -q -m cuda tests/
+
+# A lent GPU machine (the device tool) reaches no package index and its image lacks some dependencies: this puts
+# them in .whl/ as wheels; tools/device_check.sh installs them there and runs the GPU checks in one call.
+device-wheels: $(STAMP)
+	$(PY) tools/device_wheels.py
 
 # ---- lint and tests -----------------------------------------------------------------------------------
 lint: $(STAMP)

@@ -168,7 +168,9 @@ def test_pooled_conditioning_drops_pooled_with_the_tokens(parts):
 
 
 @pytest.mark.parametrize("cached", [False, True])
-def test_the_trainers_mixed_precision_reaches_the_denoiser(parts, cached):
+@pytest.mark.parametrize("accelerator", ["cpu", pytest.param("gpu", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_the_trainers_mixed_precision_reaches_the_denoiser(parts, cached, accelerator):
     """Under a Trainer's bf16-mixed precision (the GPU overlays' setting) the denoiser runs inside the Trainer's
     autocast, in training and validation, from image batches (bf16 latents out of the autocast VAE) and from cached
     fp32 latents alike: the fast path must neither switch that autocast off nor meet bf16 inputs with fp32 weights."""
@@ -181,7 +183,7 @@ def test_the_trainers_mixed_precision_reaches_the_denoiser(parts, cached):
         batch = {"latent_mean": z0, "latent_std": torch.zeros_like(z0), "cond": cond}
     seen = []
     model.denoiser.register_forward_hook(lambda m, args, out: seen.append((m.training, out.dtype)))
-    trainer = pl.Trainer(accelerator="cpu", devices=1, precision="bf16-mixed", max_steps=2, logger=False,
+    trainer = pl.Trainer(accelerator=accelerator, devices=1, precision="bf16-mixed", max_steps=2, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          limit_val_batches=1, num_sanity_val_steps=0, val_check_interval=2)
     loader = torch.utils.data.DataLoader  # batch_size=None: each item is a whole batch

@@ -91,11 +91,13 @@ def forward_flops(fn: Callable[[], Any]) -> int:
 
 # ---- this CPU's peak: the best of several kernels ----------------------------------------------------------
 def _kernels(dtype: torch.dtype, device: torch.device, small: bool) -> dict[str, tuple[Callable[[], Any], float]]:
-    """name -> (call, FLOPs per call). Square GEMMs at three sizes and 3x3 convolutions, counted as direct
-    convolution 2·B·Cin·Cout·H·W·9 (a Winograd kernel can exceed the GEMM rate under that count)."""
+    """name -> (call, FLOPs per call). Square GEMMs at three sizes (five on a GPU, whose peak needs larger ones) and
+    3x3 convolutions, counted as direct convolution 2·B·Cin·Cout·H·W·9 (a Winograd kernel can exceed the GEMM rate
+    under that count)."""
     out: dict[str, tuple[Callable[[], Any], float]] = {}
     g = torch.Generator(device="cpu").manual_seed(0)
-    for n in ((64, 128) if small else (512, 1024, 2048)):
+    large = (4096, 8192) if device.type == "cuda" else ()
+    for n in ((64, 128) if small else (512, 1024, 2048, *large)):
         a = torch.randn(n, n, generator=g).to(device, dtype)
         b = torch.randn(n, n, generator=g).to(device, dtype)
         out[f"gemm {n}"] = (lambda a=a, b=b: a @ b, 2.0 * n ** 3)

@@ -508,7 +508,8 @@ def _switch_row(name: str, kind: str, on: dict[str, float], off: dict[str, float
 
 def fastpath_rows(s: Settings, ctx: dict) -> list[dict[str, Any]]:
     """Each switch on vs off on the mid config, training step and forward, interleaved in pairs; then the sampling
-    path's switches (:func:`sampling_switch_rows`)."""
+    path's switches (:func:`sampling_switch_rows`) and, on a CPU run, the host allocator's (:mod:`ldm.bench.allocator`,
+    which times child processes on the CPU whatever the device)."""
     from ldm.modules.attention import Attention
 
     config, size = denoiser_configs(s)["mid"]
@@ -558,8 +559,10 @@ def fastpath_rows(s: Settings, ctx: dict) -> list[dict[str, Any]]:
     rows.append(mask_sync_row(ours, data, s))
     for row in rows:
         row["ran_as"] = default.name
-    pairs_run = 1 if s.tiny else 3
-    return rows + sampling_switch_rows(s) + allocator_rows(s.batch, 2 * s.rounds, s.warmup, pairs_run, s.tiny)
+    rows += sampling_switch_rows(s)
+    if torch.device(s.device).type == "cpu":  # the host allocator's setting: a CPU run's switch, not a GPU's
+        rows += allocator_rows(s.batch, 2 * s.rounds, s.warmup, 1 if s.tiny else 3, s.tiny)
+    return rows
 
 
 def sampling_switch_rows(s: Settings) -> list[dict[str, Any]]:
