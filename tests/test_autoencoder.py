@@ -141,6 +141,15 @@ def test_kl_of_standard_normal_is_zero_and_matches_closed_form():
     torch.testing.assert_close(q.nll(z), ref_nll)
 
 
+def test_the_kl_of_a_bf16_posterior_is_summed_in_fp32():
+    """Under autocast the encoder's moments are bf16; summed in bf16 over C·H·W the KL would round to 8 bits."""
+    torch.manual_seed(0)
+    q = DiagonalGaussian((3 * torch.randn(2, 4, 16, 16)).bfloat16(), torch.randn(2, 4, 16, 16).bfloat16())
+    exact = 0.5 * (q.mean.double().pow(2) + q.var.double() - 1.0 - q.logvar.double()).sum((1, 2, 3))
+    assert q.kl().dtype == torch.float32
+    torch.testing.assert_close(q.kl().double(), exact, rtol=1e-6, atol=0)
+
+
 def test_posterior_sampling_and_clamp():
     mean = torch.full((1, 2, 100, 100), 3.0)
     q = DiagonalGaussian(mean, torch.full_like(mean, math.log(0.25)))  # std 0.5

@@ -181,8 +181,9 @@ def test_the_trainers_mixed_precision_reaches_the_denoiser(parts, cached, accele
     if cached:
         z0, cond = model.latents_and_conditioning(batch, sample=False)
         batch = {"latent_mean": z0, "latent_std": torch.zeros_like(z0), "cond": cond}
-    seen = []
+    seen, inputs = [], []
     model.denoiser.register_forward_hook(lambda m, args, out: seen.append((m.training, out.dtype)))
+    model.denoiser.register_forward_hook(lambda m, args, out: inputs.append(args[:2]))
     trainer = pl.Trainer(accelerator=accelerator, devices=1, precision="bf16-mixed", max_steps=2, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          limit_val_batches=1, num_sanity_val_steps=0, val_check_interval=2)
@@ -191,3 +192,5 @@ def test_the_trainers_mixed_precision_reaches_the_denoiser(parts, cached, accele
     assert trainer.global_step == 2 and model.fast.name == "ambient-sdpa"
     assert seen[:2] == [(True, torch.bfloat16)] * 2  # the two training steps
     assert len(seen) > 2 and set(seen[2:]) == {(False, torch.bfloat16)}  # the validation losses
+    # what goes in stays fp32 (autocast casts inside): latents, and timesteps not rounded to bf16's 8 bits
+    assert {(x.dtype, t.dtype) for x, t in inputs} == {(torch.float32, torch.float32)}

@@ -106,7 +106,11 @@ def encode_batch(batch: dict[str, Any], vae: nn.Module, text_encoder: nn.Module,
         z0 = mean + batch["latent_std"] * torch.randn_like(mean) if sample else mean
         cond = batch["cond"]
     else:
-        z0 = vae.encode_latents(batch["image"], sample=sample)
+        image = batch["image"]
+        z0 = vae.encode_latents(image, sample=sample)
+        # under a Trainer's autocast the VAE hands back bf16: the latents (and the noise, x_t and timesteps made
+        # from them) keep the images' precision, as a cache's would; autocast applies inside the networks alone
+        z0 = z0.to(torch.promote_types(z0.dtype, image.dtype))
         cond = text_encoder.condition(batch["caption"])
     if denoiser.config.pooled_dim and cond.pooled is None:
         raise ValueError("this denoiser is conditioned on the pooled text embedding but the latent cache has none: "

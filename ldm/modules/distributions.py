@@ -61,12 +61,14 @@ class DiagonalGaussian:
         0.5 * sum((mu1 - mu2)^2 / s2^2 + s1^2 / s2^2 - 1 - log s1^2 + log s2^2).
         """
         dims = tuple(range(1, self.mean.dim()))
+        dtype = torch.promote_types(self.mean.dtype, torch.float32)  # a bf16 sum over C·H·W would round it
         if self.deterministic:
-            return torch.zeros(self.mean.shape[0], device=self.mean.device, dtype=self.mean.dtype)
+            return torch.zeros(self.mean.shape[0], device=self.mean.device, dtype=dtype)
+        mean, var, logvar = self.mean.to(dtype), self.var.to(dtype), self.logvar.to(dtype)
         if other is None:
-            return 0.5 * (self.mean.pow(2) + self.var - 1.0 - self.logvar).sum(dims)
-        return 0.5 * ((self.mean - other.mean).pow(2) / other.var + self.var / other.var
-                      - 1.0 - self.logvar + other.logvar).sum(dims)
+            return 0.5 * (mean.pow(2) + var - 1.0 - logvar).sum(dims)
+        return 0.5 * ((mean - other.mean.to(dtype)).pow(2) / other.var.to(dtype) + var / other.var.to(dtype)
+                      - 1.0 - logvar + other.logvar.to(dtype)).sum(dims)
 
     def nll(self, z: torch.Tensor) -> torch.Tensor:
         """-log q(z) summed over C, H, W, shape (B,): 0.5 * sum(log 2pi + logvar + (z - mu)^2 / var)."""
